@@ -1,0 +1,60 @@
+"""Parent argparse parsers shared by the scripts of both experiment folders."""
+from __future__ import annotations
+
+import argparse
+import os
+
+BIAS_TYPES = ("doctor_gender", "doctor_color")
+
+
+def paths_parser(root_default: str = ".") -> argparse.ArgumentParser:
+    """Where data, checkpoints, results and logs live (relative to the experiment folder)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("paths")
+    g.add_argument("--root", default=root_default,
+                   help="experiment folder that holds datasets/ checkpoints/ results/ logs/ (default: %(default)s)")
+    g.add_argument("--data_dir", default=None, help="dataset folder (default: <root>/datasets[/<bias_type>/embeddings])")
+    g.add_argument("--checkpoint_dir", default=None, help="checkpoint folder (default: <root>/checkpoints[/<bias_type>])")
+    g.add_argument("--results_dir", default=None, help="results folder (default: <root>/results[/<bias_type>])")
+    g.add_argument("--log_dir", default=None, help="log folder (default: <root>/logs[/<bias_type>])")
+    return p
+
+
+def runtime_parser() -> argparse.ArgumentParser:
+    """Seed and device."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=0, help="random seed; same seed, same results (default: %(default)s)")
+    g.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA when present, else CPU)")
+    g.add_argument("--gpu", type=int, default=None, help="GPU index, as in the seed README (same as --device cuda:G)")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
+    return p
+
+
+def model_parser(model_choices=(1, 2, 3, 4), default_model: int | None = None) -> argparse.ArgumentParser:
+    """Which IEM, its width, and the number of classes."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=int, choices=model_choices, default=default_model,
+                   required=default_model is None, help="IEM architecture: ClassificationNet{m} (SPEC §4)")
+    g.add_argument("--width", type=int, default=None,
+                   help="IEM width (paper: 512). Default: read from the checkpoint's config.json, else 512")
+    g.add_argument("--depth", type=int, default=None,
+                   help="transformer layers for the ViT nets (paper: 12 VQGAN Net4, 6 Dalle Net3); default as paper")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="number of labels. Default: datasets/dataset_info.json, else 1000 (VQGAN) / 2 (DALL-E-mini)")
+    return p
+
+
+def bias_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--bias_type", choices=BIAS_TYPES, default="doctor_gender",
+                   help="which attribute the IEM predicts (default: %(default)s)")
+    return p
+
+
+def env_int(name: str, default: int | None) -> int | None:
+    """Integer from an environment variable (e.g. SLURM_ARRAY_TASK_ID), else ``default``."""
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default

@@ -1,0 +1,104 @@
+"""Every path of SPEC §3 in one place.
+
+``ExperimentPaths`` is built from a script's arguments; scripts never join output paths by hand,
+so the VQGAN and DALL-E-mini folders (which differ only by a ``{bias_type}/`` level) share it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The paper's attribution keeps the paper's folders; others get their own (results/TIS_<name>/...).
+PAPER_ATTRIBUTION = "smoothgrad"
+
+
+@dataclass
+class ExperimentPaths:
+    """Paths of one experiment folder.
+
+    experiment: ``"vqgan"`` or ``"dalle"``; bias_type: ``doctor_gender``/``doctor_color`` (dalle only).
+    """
+
+    experiment: str = "vqgan"
+    root: Path = Path(".")
+    bias_type: str | None = None
+    data_dir: Path | None = None
+    checkpoint_dir: Path | None = None
+    results_dir: Path | None = None
+    log_dir: Path | None = None
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        sub = Path(self.bias_type) if self.experiment == "dalle" and self.bias_type else Path()
+        if self.data_dir is None:
+            self.data_dir = self.root / "datasets" / sub / ("embeddings" if self.experiment == "dalle" else "")
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.root / "checkpoints" / sub
+        if self.results_dir is None:
+            self.results_dir = self.root / "results" / sub
+        if self.log_dir is None:
+            self.log_dir = self.root / "logs" / sub
+        self.data_dir, self.checkpoint_dir = Path(self.data_dir), Path(self.checkpoint_dir)
+        self.results_dir, self.log_dir = Path(self.results_dir), Path(self.log_dir)
+
+    @classmethod
+    def from_args(cls, args, experiment: str) -> "ExperimentPaths":
+        return cls(
+            experiment=experiment,
+            root=getattr(args, "root", "."),
+            bias_type=getattr(args, "bias_type", None),
+            data_dir=getattr(args, "data_dir", None),
+            checkpoint_dir=getattr(args, "checkpoint_dir", None),
+            results_dir=getattr(args, "results_dir", None),
+            log_dir=getattr(args, "log_dir", None),
+        )
+
+    # --- IEM checkpoints and test results
+    def model_dir(self, m: int) -> Path:
+        return self.checkpoint_dir / f"ClassificationNet{m}"
+
+    def best_ckpt(self, m: int) -> Path:
+        return self.model_dir(m) / "best_model.pth"
+
+    def last_ckpt(self, m: int) -> Path:
+        return self.model_dir(m) / "model.pth"
+
+    def testing_results(self, m: int) -> Path:
+        return self.results_dir / "Classification" / f"ClassificationNet{m}" / "testing_results.csv"
+
+    # --- TIS
+    def tis_root(self, attribution: str = PAPER_ATTRIBUTION) -> Path:
+        name = "TIS" if attribution == PAPER_ATTRIBUTION else f"TIS_{attribution}"
+        return self.results_dir / name
+
+    def tis_dir(self, m: int, split: str, attribution: str = PAPER_ATTRIBUTION) -> Path:
+        return self.tis_root(attribution) / f"Net{m}" / f"TIS_value_{split}"
+
+    def tis_file(self, m: int, split: str, label: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
+        return self.tis_dir(m, split, attribution) / f"label_{label}.csv"
+
+    def stats_dir(self, m: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
+        return self.tis_root(attribution) / f"Net{m}" / "TIS_statistics_train"
+
+    def stats_file(self, m: int, label: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
+        return self.stats_dir(m, attribution) / f"label_{label}.csv"
+
+    def frequency_dir(self) -> Path:
+        return self.results_dir / "TIS" / "frequency_baseline"
+
+    def frequency_file(self, label: int) -> Path:
+        return self.frequency_dir() / f"label_{label}.csv"
+
+    # --- evaluation (VQGAN) and bias detection (DALL-E-mini)
+    def explanation_dir(self, m: int) -> Path:
+        return self.results_dir / "Explanation" / f"model_{m}"
+
+    def figures_dir(self, m: int) -> Path:
+        return self.explanation_dir(m) / "figures"
+
+    def bias_dir(self) -> Path:
+        return self.results_dir / "Bias_detection"
+
+    # --- DALL-E-mini neutral-prompt set
+    def neutral_csv(self) -> Path:
+        return self.root / "datasets" / "doctor_original" / "information" / "results_none.csv"
