@@ -1,0 +1,301 @@
+"""Reading and writing the authors' dataset layout (SPEC §3).
+
+Two layouts give identical tensors:
+
+* **files** (the authors'): ``{split}_embeddings.csv`` + one float32 ``.npy`` of shape (256, 16, 16)
+  per row in ``train/``, ``val/`` or ``test/``;
+* **compact**: the same CSVs + ``codebook.npy`` (n_codes, 256); an embedding is rebuilt as
+  ``codebook[ids].T.reshape(256, 16, 16)``. Lossless for real VQGAN data and ~1000x smaller.
+
+CSV rows look like ``0_12.npy,0,"[5, 16383, ...]"`` and are read with the csv module.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
+
+GRID = 16
+N_POS = GRID * GRID  # 256 token positions per image, row-major p = row*16 + col
+EMB_DIM = 256
+EMB_SHAPE = (EMB_DIM, GRID, GRID)
+CSV_HEADER = ["filename", "label", "indices"]
+
+# split name -> (CSV file, per-image .npy folder)
+SPLITS = {
+    "train": ("train_embeddings.csv", "train"),
+    "validation": ("validation_embeddings.csv", "val"),
+    "test": ("test_embeddings.csv", "test"),
+}
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+
+def canonical_split(split: str) -> str:
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise CortexError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    return split
+
+
+def split_csv(data_dir, split: str) -> Path:
+    return Path(data_dir) / SPLITS[canonical_split(split)][0]
+
+
+def split_npy_dir(data_dir, split: str) -> Path:
+    return Path(data_dir) / SPLITS[canonical_split(split)][1]
+
+
+@dataclass
+class Record:
+    filename: str
+    label: int
+    ids: np.ndarray  # (256,) int64 token ids, row-major
+
+
+def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Record]:
+    """Rows of ``{split}_embeddings.csv``; every problem is a CortexError naming file and line."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise CortexError(
+            f"dataset folder not found: {data_dir}. Generate one (python generate_dataset.py --source synthetic) "
+            f"or download the authors' data into it, or pass --data_dir.")
+    path = split_csv(data_dir, split)
+    if not path.exists():
+        raise CortexError(f"split CSV not found: {path}. The dataset in {data_dir} has no {split} split; "
+                          f"regenerate it or pass the right --data_dir.")
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:3]] != CSV_HEADER:
+            raise CortexError(f"{path}: header must be 'filename,label,indices', got {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            where = f"{path}:{lineno}"
+            if len(row) != 3:
+                raise CortexError(f"{where}: expected 3 fields (filename,label,\"[ids]\"), got {len(row)}; "
+                                  f"is the indices list quoted?")
+            try:
+                label = int(row[1])
+            except ValueError:
+                raise CortexError(f"{where}: label {row[1]!r} is not an integer") from None
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise CortexError(f"{where}: label {label} is outside 0..{(num_classes or 1) - 1}; "
+                                  f"pass the right --num_classes")
+            ids = parse_int_list(row[2], where=where)
+            if ids.shape != (N_POS,):
+                raise CortexError(f"{where}: expected {N_POS} token ids, got {ids.size}")
+            records.append(Record(row[0], label, ids))
+    if not records:
+        raise CortexError(f"{path}: no rows")
+    return records
+
+
+def load_codebook(data_dir) -> np.ndarray:
+    path = Path(data_dir) / "codebook.npy"
+    if not path.exists():
+        raise CortexError(f"codebook not found: {path} (needed by the compact layout). Use the per-image .npy "
+                          f"layout or regenerate with --layout compact.")
+    cb = np.load(path).astype(np.float32, copy=False)
+    if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
+        raise CortexError(f"{path}: codebook must have shape (n_codes, {EMB_DIM}), got {cb.shape}")
+    return cb
+
+
+def ids_to_embedding(codebook: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token-based embedding. codebook (n_codes, 256), ids (B, 256) -> (B, 256, 16, 16)."""
+    emb = codebook[ids]  # (B, 256 positions, 256 channels)
+    return emb.transpose(1, 2).reshape(ids.shape[0], EMB_DIM, GRID, GRID)
+
+
+def embedding_to_ids(codebook: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook entry per position. emb (B, 256, 16, 16) -> ids (B, 256)."""
+    z = emb.flatten(2).transpose(1, 2)  # (B, 256 positions, 256 channels)
+    d = torch.cdist(z, codebook.to(z)[None].expand(z.shape[0], -1, -1))  # (B, 256, n_codes)
+    return d.argmin(-1)
+
+
+def dataset_info(data_dir) -> dict:
+    path = Path(data_dir) / "dataset_info.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def resolve_num_classes(flag: int | None, data_dir, default: int) -> int:
+    """--num_classes, else datasets/dataset_info.json, else the paper's (1000 VQGAN, 2 DALL-E-mini)."""
+    if flag is not None:
+        return flag
+    return int(dataset_info(data_dir).get("num_classes", default))
+
+
+def detect_layout(data_dir, split: str) -> str:
+    if split_npy_dir(data_dir, split).is_dir():
+        return "files"
+    if (Path(data_dir) / "codebook.npy").exists():
+        return "compact"
+    raise CortexError(f"{data_dir}: neither the per-image folder {split_npy_dir(data_dir, split).name}/ "
+                      f"nor codebook.npy exists; cannot build embeddings for split {split}")
+
+
+class EmbeddingDataset(Dataset):
+    """One split as ``(embedding (256, 16, 16) float32, label, filename)`` items.
+
+    layout: ``"files"`` (per-image .npy), ``"compact"`` (codebook.npy + ids) or ``"auto"`` (files if present).
+    labels: keep only these labels (e.g. one shard's labels).
+    """
+
+    def __init__(self, data_dir, split: str, num_classes: int | None = None, layout: str = "auto",
+                 labels=None):
+        self.data_dir = Path(data_dir)
+        self.split = canonical_split(split)
+        self.records = read_split(self.data_dir, self.split, num_classes)
+        if labels is not None:
+            keep = set(int(l) for l in labels)
+            self.records = [r for r in self.records if r.label in keep]
+        self.layout = detect_layout(self.data_dir, self.split) if layout == "auto" else layout
+        if self.layout == "compact":
+            self.codebook = torch.from_numpy(load_codebook(self.data_dir))
+            n = self.codebook.shape[0]
+            for r in self.records:
+                if r.ids.max(initial=0) >= n:
+                    raise CortexError(f"{split_csv(self.data_dir, self.split)}: {r.filename} has token id "
+                                      f"{int(r.ids.max())} but codebook.npy has only {n} codes")
+            self.ids = torch.from_numpy(np.stack([r.ids for r in self.records])) if self.records else None
+        elif self.layout == "files":
+            self.npy_dir = split_npy_dir(self.data_dir, self.split)
+            if not self.npy_dir.is_dir():
+                raise CortexError(f"embedding folder not found: {self.npy_dir}")
+        else:
+            raise CortexError(f"unknown layout {layout!r}: use files, compact or auto")
+        self.labels = [r.label for r in self.records]
+
+    def __len__(self):
+        return len(self.records)
+
+    def embedding(self, i: int) -> torch.Tensor:
+        r = self.records[i]
+        if self.layout == "compact":
+            return ids_to_embedding(self.codebook, self.ids[i : i + 1])[0]
+        path = self.npy_dir / r.filename
+        if not path.exists():
+            raise CortexError(f"embedding file not found: {path} (row {r.filename} of "
+                              f"{split_csv(self.data_dir, self.split)})")
+        arr = np.load(path)
+        if arr.shape != EMB_SHAPE:
+            raise CortexError(f"{path}: embedding must have shape {EMB_SHAPE}, got {arr.shape}")
+        return torch.from_numpy(arr.astype(np.float32, copy=False))
+
+    def __getitem__(self, i: int):
+        return self.embedding(i), self.records[i].label, self.records[i].filename
+
+
+def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
+    """``{split}_token_indices.pkl`` (filename -> list of 256 ids), built from the CSV when missing."""
+    split = canonical_split(split)
+    short = {"validation": "validation"}.get(split, split)
+    path = Path(data_dir) / f"{short}_token_indices.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    cache = {r.filename: r.ids.tolist() for r in read_split(data_dir, split)}
+    with atomic_write(path, "wb") as f:
+        pickle.dump(cache, f)
+    return cache
+
+
+def image_path(data_dir, filename: str) -> Path:
+    """``datasets/images/<a>/<b>.png`` for the embedding file ``<a>_<b>.npy``."""
+    stem = Path(filename).stem
+    a, _, b = stem.partition("_")
+    return Path(data_dir) / "images" / a / f"{b}.png"
+
+
+class DatasetWriter:
+    """Writes a dataset in the authors' layout, resumably.
+
+    Rows are appended (flushed) to ``{split}_embeddings.csv.partial``; ``close()`` sorts them and
+    renames to the final CSV, then writes the token-index pickles, ``codebook.npy`` and
+    ``dataset_info.json``. ``done(split)`` lists the filenames already written, so a restarted run
+    skips them. layout: ``files`` (per-image .npy), ``compact`` (codebook only) or ``both``.
+    """
+
+    def __init__(self, data_dir, codebook: np.ndarray, layout: str = "files"):
+        if layout not in ("files", "compact", "both"):
+            raise CortexError(f"--layout {layout!r}: use files, compact or both")
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.codebook = np.asarray(codebook, dtype=np.float32)
+        self.layout = layout
+        self._files = {}
+
+    def _partial(self, split: str) -> Path:
+        return split_csv(self.data_dir, split).with_suffix(".csv.partial")
+
+    def _rows(self, split: str) -> list[list[str]]:
+        p = self._partial(split)
+        if not p.exists():
+            return []
+        with open(p, newline="", encoding="utf-8") as f:
+            return [r for r in csv.reader(f) if len(r) == 3]  # a torn last line is dropped
+
+    def done(self, split: str) -> set[str]:
+        return {r[0] for r in self._rows(canonical_split(split))}
+
+    def add(self, split: str, filename: str, label: int, ids, image: np.ndarray | None = None) -> None:
+        """ids: (256,) ints; image: (H, W, 3) uint8 or None."""
+        split = canonical_split(split)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.shape != (N_POS,):
+            raise CortexError(f"{filename}: expected {N_POS} token ids, got {ids.size}")
+        if self.layout in ("files", "both"):
+            emb = self.codebook[ids].T.reshape(EMB_SHAPE)  # (256, 16, 16)
+            atomic_save_npy(split_npy_dir(self.data_dir, split) / filename, np.ascontiguousarray(emb))
+        if image is not None:
+            from PIL import Image
+
+            out = image_path(self.data_dir, filename)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(out, "wb") as f:
+                Image.fromarray(image).save(f, format="PNG")
+        if split not in self._files:
+            self._files[split] = open(self._partial(split), "a", newline="", encoding="utf-8")
+        f = self._files[split]
+        csv.writer(f).writerow([filename, int(label), format_list(ids)])
+        f.flush()
+
+    def close(self, info: dict | None = None) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        for split in SPLITS:
+            rows = self._rows(split)
+            if not rows:
+                continue
+            rows.sort(key=lambda r: (int(r[1]), _natural_key(r[0])))
+            with atomic_write(split_csv(self.data_dir, split)) as f:
+                w = csv.writer(f)
+                w.writerow(CSV_HEADER)
+                w.writerows(rows)
+            self._partial(split).unlink()
+            if split in ("train", "test"):
+                cache = {r[0]: parse_int_list(r[2]).tolist() for r in rows}
+                with atomic_write(self.data_dir / f"{split}_token_indices.pkl", "wb") as f:
+                    pickle.dump(cache, f)
+        atomic_save_npy(self.data_dir / "codebook.npy", self.codebook)
+        if info is not None:
+            with atomic_write(self.data_dir / "dataset_info.json") as f:
+                json.dump(info, f, indent=2, sort_keys=True)
+
+
+def _natural_key(name: str):
+    """``0_2.npy`` before ``0_10.npy``."""
+    stem = Path(name).stem
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in stem.replace("-", "_").split("_"))
