@@ -1,0 +1,29 @@
+"""Token Importance Scores of every image of a split (SPEC §1 step 2, §5).
+
+    cd VQGAN_explanation
+    python TIS_computation.py --model 1 --data_type train --batch_size 25 --gpu 0
+    python TIS_computation.py --model 1 --data_type train --attribution smoothgrad_x_input
+    python TIS_computation.py --model 1 --data_type train --resume            # after a kill
+    sbatch --array=0-7 ... python TIS_computation.py --model 1 --data_type train   # 8 label shards
+
+Writes results/TIS/Net{m}/TIS_value_{split}/label_{k}.csv (header filename,label,contribution);
+other attributions under results/TIS_<attribution>/. The work is done by cortex.tis.run_tis.
+"""
+import argparse
+
+from cortex.cli import model_parser, paths_parser, runtime_parser
+from cortex.tis import run_tis, tis_parser
+
+
+def get_args_parser():
+    return argparse.ArgumentParser(
+        "TIS_computation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[paths_parser(), runtime_parser(), model_parser(), tis_parser(batch_size_default=25)])
+
+
+def main(args):
+    return run_tis(args, "vqgan")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

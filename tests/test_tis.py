@@ -1,0 +1,162 @@
+"""cortex.tis: per-label TIS files, batch-size independence, resume after a kill, label shards."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cortex import tis as T
+from cortex.attribution import image_seed, token_scores
+from cortex.data import DatasetWriter, EmbeddingDataset
+from cortex.utils import CortexError
+
+N_CLASSES, PER_LABEL = 4, 3
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(256, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, N_CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds") / "datasets"
+    rng = np.random.default_rng(0)
+    w = DatasetWriter(d, rng.normal(size=(24, 256)).astype(np.float32), layout="compact")
+    for k in range(N_CLASSES):
+        for j in range(PER_LABEL):
+            w.add("train", f"{k}_{j}.npy", k, rng.integers(0, 24, 256))
+    w.close({"num_classes": N_CLASSES})
+    return d
+
+
+def _read_all(out_dir):
+    out = {}
+    for p in sorted(out_dir.glob("label_*.csv")):
+        names, labels, scores = T.read_tis_file(p)
+        out[p.name] = (names, labels, scores)
+    return out
+
+
+def _run(data_dir, out_dir, **kw):
+    ds = EmbeddingDataset(data_dir, "train")
+    kw.setdefault("config", T.TISConfig(nsamples=3))
+    return T.compute_tis(Tiny(), ds, out_dir, progress=False, **kw)
+
+
+def test_files_and_values(data_dir, tmp_path):
+    out = tmp_path / "tis"
+    summary = _run(data_dir, out, batch_size=5)
+    assert summary["scored"] == N_CLASSES * PER_LABEL
+    files = _read_all(out)
+    assert sorted(files) == [f"label_{k}.csv" for k in range(N_CLASSES)]
+    assert not list(out.glob("*.partial"))
+    with open(out / "label_2.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["filename", "label", "contribution"]
+    assert [r[0] for r in rows[1:]] == ["2_0.npy", "2_1.npy", "2_2.npy"] and rows[1][1] == "2"
+    # equals the attribution called directly with the per-image seeds
+    ds = EmbeddingDataset(data_dir, "train", labels=[2])
+    x = torch.stack([ds[i][0] for i in range(3)])
+    ref = token_scores("smoothgrad", Tiny(), x, torch.full((3,), 2), nsamples=3,
+                       seeds=[image_seed(0, f"2_{j}.npy") for j in range(3)])
+    np.testing.assert_allclose(files["label_2.csv"][2], ref.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_batch_size_independent(data_dir, tmp_path):
+    _run(data_dir, tmp_path / "a", batch_size=1)
+    _run(data_dir, tmp_path / "b", batch_size=7)
+    a, b = _read_all(tmp_path / "a"), _read_all(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0]
+        np.testing.assert_allclose(a[k][2], b[k][2], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
+    ref_dir, out = tmp_path / "ref", tmp_path / "out"
+    _run(data_dir, ref_dir, batch_size=2)
+    calls = {"n": 0}
+    real = T.token_scores
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:  # killed during the 3rd batch: label 0 done, label 1 has one row
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "token_scores", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, out, batch_size=2)
+    monkeypatch.setattr(T, "token_scores", real)
+    assert (out / "label_0.csv").exists() and (out / "label_1.csv.partial").exists()
+    assert not (out / "label_1.csv").exists()
+    with open(out / "label_1.csv.partial", "a") as f:  # a torn row, as left by a kill mid-write
+        f.write('1_9.npy,1,"[0.1, 0.2')
+    summary = _run(data_dir, out, batch_size=2, resume=True)
+    assert summary["skipped"] == PER_LABEL + 1 and summary["scored"] == N_CLASSES * PER_LABEL - PER_LABEL - 1
+    got, ref = _read_all(out), _read_all(ref_dir)
+    assert got.keys() == ref.keys() and not list(out.glob("*.partial"))
+    for k in ref:
+        assert got[k][0] == ref[k][0]  # exactly one row per image, in order
+        np.testing.assert_allclose(got[k][2], ref[k][2], rtol=1e-5, atol=1e-7)
+    # resuming a finished run does nothing; other settings are refused
+    assert _run(data_dir, out, resume=True)["scored"] == 0
+    with pytest.raises(CortexError, match="tis_config.json"):
+        _run(data_dir, out, resume=True, config=T.TISConfig(nsamples=5))
+
+
+def test_shards_equal_unsharded(data_dir, tmp_path):
+    _run(data_dir, tmp_path / "all", batch_size=4)
+    seen = {}
+    for s in range(3):
+        d = tmp_path / f"s{s}"
+        summary = _run(data_dir, d, batch_size=4, shard=s, num_shards=3)
+        assert summary["labels"] == list(range(N_CLASSES))[s::3]
+        for p in d.glob("label_*.csv"):
+            assert p.name not in seen, f"{p.name} written by shards {seen[p.name]} and {s}"
+            seen[p.name] = s
+            a, b = T.read_tis_file(p), T.read_tis_file(tmp_path / "all" / p.name)
+            assert a[0] == b[0] and a[1] == b[1]
+            np.testing.assert_allclose(a[2], b[2], rtol=1e-5, atol=1e-7)
+    assert sorted(seen) == sorted(p.name for p in (tmp_path / "all").glob("label_*.csv"))
+
+
+def test_resolve_shard_from_slurm(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    assert T.resolve_shard(None, None) == (2, 4)
+    assert T.resolve_shard(0, 2) == (0, 2)
+    with pytest.raises(CortexError):
+        T.resolve_shard(4, 4)
+
+
+def test_nan_score_names_the_file(data_dir, tmp_path):
+    class NaNNet(Tiny):
+        def forward(self, x):
+            out = super().forward(x)
+            return out * torch.where(x[:, :1, :1, :1].flatten(1) > -1e9, float("nan"), 1.0)
+
+    ds = EmbeddingDataset(data_dir, "train", labels=[1])
+    with pytest.raises(CortexError, match=r"1_0\.npy"):
+        T.compute_tis(NaNNet(), ds, tmp_path / "nan", T.TISConfig(nsamples=1), progress=False)
+    assert not (tmp_path / "nan" / "label_1.csv").exists()
+
+
+def test_contribution_attributions_run(data_dir, tmp_path):
+    cb = np.load(data_dir / "codebook.npy")
+    for name in ("smoothgrad_x_input", "integrated_gradients", "occlusion"):
+        ds = EmbeddingDataset(data_dir, "train", labels=[0])
+        T.compute_tis(Tiny(), ds, tmp_path / name, T.TISConfig(attribution=name, nsamples=2, ig_steps=4),
+                      codebook=cb, progress=False)
+        names, labels, scores = T.read_tis_file(tmp_path / name / "label_0.csv")
+        assert scores.shape == (PER_LABEL, 256) and np.isfinite(scores).all()
