@@ -1,0 +1,15 @@
+"""Datasets of token-based embeddings (256 x 16 x 16), as the seed's ``dataset.py``.
+
+The readers live once in ``cortex.data`` (shared with ``Dalle_explanation``); this module keeps the
+seed's import path: ``from dataset import EmbeddingDataset``.
+"""
+from cortex.data import (  # noqa: F401
+    DatasetWriter,
+    EmbeddingDataset,
+    Record,
+    ids_to_embedding,
+    image_path,
+    load_codebook,
+    load_token_indices,
+    read_split,
+)

@@ -1,0 +1,38 @@
+"""Top-1/3/5/10 accuracy of a trained IEM on the test split.
+
+    python test.py --model 1 --gpu 0
+
+Writes results/Classification/ClassificationNet{m}/testing_results.csv.
+"""
+import argparse
+
+from cortex.cli import model_parser, paths_parser, runtime_parser
+from cortex.paths import ExperimentPaths
+from cortex.training import test_iem, write_csv_row
+from cortex.utils import save_run_args
+
+EXPERIMENT = "vqgan"
+KS = (1, 3, 5, 10)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Test an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), paths_parser(),
+                                                                  runtime_parser()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch_size", type=int, default=512, help="test batch size")
+    return p
+
+
+def main(args):
+    paths = ExperimentPaths.from_args(args, EXPERIMENT)
+    out = paths.testing_results(args.model)
+    save_run_args(args, out.parent, "test_args.json")
+    acc = test_iem(args, paths, EXPERIMENT, KS)
+    write_csv_row(out, [f"Top-{k} Accuracy" for k in KS], [f"{acc[k]:.2f}" for k in KS])
+    print(", ".join(f"Top-{k}: {acc[k]:.2f}%" for k in KS))
+    print(f"wrote {out}")
+    return acc
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,31 @@
+"""Train an Information Extraction Model (IEM) on VQGAN token embeddings.
+
+    python train.py --model 1                      # the paper's settings (80 epochs, batch 512)
+    python train.py --model 4 --devices 4 --strategy ddp --precision bf16-mixed
+    python train.py --model 1 --resume             # continue from checkpoints/ClassificationNet1/lightning/last.ckpt
+
+Writes checkpoints/ClassificationNet{m}/{model.pth,best_model.pth,config.json} and
+logs/training_log_<YYYYmmdd_HHMM>.txt.
+"""
+import argparse
+
+from cortex.cli import model_parser, paths_parser, runtime_parser
+from cortex.paths import ExperimentPaths
+from cortex.training import train_iem, train_parser
+
+EXPERIMENT = "vqgan"
+
+
+def get_args_parser():
+    return argparse.ArgumentParser(
+        "Train an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), train_parser(EXPERIMENT), paths_parser(),
+                                          runtime_parser()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def main(args):
+    return train_iem(args, ExperimentPaths.from_args(args, EXPERIMENT), EXPERIMENT)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
