@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install, run the whole pipeline on the embedded synthetic world
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FORCE  ?= 0
+
+.PHONY: install demo test bench clean-demo
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "CORTEX needs Python >= 3.10"'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	FORCE=$(FORCE) $(PY) -m cortex.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_loading.py
+	$(PY) bench/bench_tis.py
+
+clean-demo:
+	rm -rf VQGAN_explanation/datasets VQGAN_explanation/checkpoints VQGAN_explanation/logs VQGAN_explanation/results \
+	       Dalle_explanation/datasets Dalle_explanation/checkpoints Dalle_explanation/logs Dalle_explanation/results
