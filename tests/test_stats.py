@@ -1,0 +1,136 @@
+"""cortex.stats and the analysis scripts: sectioned format, ties, frequency baseline, concept recovery."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from cortex import stats as S
+from cortex.data import DatasetWriter
+from cortex.utils import CortexError, atomic_write, format_list
+from tests.helpers import run_script
+
+# label 0: three images; tokens at positions 0..4 (others hold token 0)
+IMAGES = {
+    "0_0.npy": (0, [7, 5, 9, 5, 0]),
+    "0_1.npy": (0, [5, 7, 9, 1, 0]),
+    "0_2.npy": (0, [9, 7, 3, 3, 0]),   # all scores equal: stable order = positions 0, 1, 2, ...
+    "1_0.npy": (1, [4, 4, 8, 2, 2]),
+}
+
+
+def _ids(head):
+    ids = np.zeros(256, dtype=np.int64)
+    ids[:5] = head
+    return ids
+
+
+@pytest.fixture()
+def world(tmp_path):
+    root = tmp_path / "exp"
+    w = DatasetWriter(root / "datasets", np.zeros((10, 256), np.float32), layout="compact")
+    for name, (label, head) in IMAGES.items():
+        w.add("train", name, label, _ids(head))
+    w.close({"num_classes": 2})
+    (root / "datasets" / "train_token_indices.pkl").unlink()  # TIS_analysis must rebuild it
+    tis = root / "results" / "TIS" / "Net1" / "TIS_value_train"
+    for label in (0, 1):
+        with atomic_write(tis / f"label_{label}.csv") as f:
+            wr = csv.writer(f)
+            wr.writerow(["filename", "label", "contribution"])
+            for name, (lab, _) in IMAGES.items():
+                if lab == label:
+                    scores = np.full(256, 0.5) if name == "0_2.npy" else (256.0 - np.arange(256)) / 7
+                    wr.writerow([name, lab, format_list(scores)])
+    return root
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_sectioned_statistics_and_ties(world):
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", world, "--no_progress"])
+    assert (world / "datasets" / "train_token_indices.pkl").exists()
+    sd = world / "results" / "TIS" / "Net1" / "TIS_statistics_train"
+    rows = _rows(sd / "label_0.csv")
+    assert rows[0] == ["Total Images: 3"]
+    assert rows[1] == ["Top 1 Tokens"] and rows[2] == ["Token", "Frequency", "Files"]
+    # top-1 tokens 7, 5, 9 once each: ties -> smaller id first
+    assert rows[3:6] == [["5", "1", "0_1.npy"], ["7", "1", "0_0.npy"], ["9", "1", "0_2.npy"]]
+    assert rows[6] == ["Top 5 Tokens"]
+    top5 = rows[8:14]
+    assert top5 == [["0", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["5", "3", "0_0.npy; 0_1.npy"],
+                    ["7", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["9", "3", "0_0.npy; 0_1.npy; 0_2.npy"],
+                    ["3", "2", "0_2.npy"], ["1", "1", "0_1.npy"]]
+    assert rows[14] == ["Top 10 Tokens"]
+    total, sections = S.read_stats(sd / "label_0.csv")
+    assert total == 3 and sorted(sections) == [1, 5, 10, 20]
+    # top-10: positions 5..9 hold token 0 in every image -> 3*5 + 3 = 18
+    assert sections[10][0] == (0, 18) and sections[20][0] == (0, 3 * 15 + 3)
+    assert S.read_stats_section(sd / "label_0.csv", 5, 3) == [0, 5, 7]
+    assert S.read_stats_section(sd / "label_1.csv", 1, 100) == [4]
+    # global: counts summed over labels, same tie rule
+    g = _rows(sd / "global_top_tokens_statistics.csv")
+    assert g[0] == ["Top N", "Token", "Frequency", "Files"]
+    assert [r[:3] for r in g[1:5]] == [["1", "4", "1"], ["1", "5", "1"], ["1", "7", "1"], ["1", "9", "1"]]
+    top5g = [r[:3] for r in g[1:] if r[0] == "5"]
+    assert top5g[:7] == [["5", "0", "3"], ["5", "5", "3"], ["5", "7", "3"], ["5", "9", "3"],
+                         ["5", "2", "2"], ["5", "3", "2"], ["5", "4", "2"]]
+    # tidy long table = rows of the sectioned files
+    long = _rows(sd / "tis_statistics_long.csv")
+    assert long[0] == ["label", "top_n", "token", "count"]
+    assert ["0", "5", "3", "2"] in long and ["1", "5", "2", "2"] in long
+    assert sum(1 for r in long[1:] if r[:2] == ["0", "1"]) == 3
+
+
+def test_read_stats_section_errors(tmp_path):
+    p = tmp_path / "label_3.csv"
+    p.write_text("Total Images: 2\r\nTop 1 Tokens\r\nToken,Frequency,Files\r\n4,2,a; b\r\n\r\n")
+    assert S.read_stats_section(p, 1, 5) == [4]
+    with pytest.raises(CortexError, match="label_3.csv.*Top 20 Tokens"):
+        S.read_stats_section(p, 20, 5)
+    with pytest.raises(CortexError, match="not found"):
+        S.read_stats_section(tmp_path / "missing.csv", 1, 5)
+
+
+def test_missing_image_in_token_indices(world):
+    tis = world / "results" / "TIS" / "Net1" / "TIS_value_train" / "label_1.csv"
+    with open(tis, "a", newline="") as f:
+        csv.writer(f).writerow(["9_9.npy", 1, format_list(np.zeros(256))])
+    with pytest.raises(CortexError, match="9_9.npy"):
+        run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", world, "--no_progress"])
+
+
+def test_frequency_baseline(world):
+    run_script("VQGAN_explanation/generate_freq_based_tokens.py", ["--root", world])
+    fd = world / "results" / "TIS" / "frequency_baseline"
+    rows = _rows(fd / "label_0.csv")
+    assert rows[0] == ["Token", "Count"]
+    # token 0 fills 251 positions x 3 images + 3; 7, 9 three times; 5 three; 3 twice; 1 once
+    assert rows[1:] == [["0", str(251 * 3 + 3)], ["5", "3"], ["7", "3"], ["9", "3"], ["3", "2"], ["1", "1"]]
+    assert S.read_frequency_baseline(fd / "label_1.csv") == [0, 2, 4, 8]
+
+
+def test_concept_recovery_on_hand_made_stats(world):
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", world, "--no_progress"])
+    run_script("VQGAN_explanation/generate_freq_based_tokens.py", ["--root", world])
+    (world / "datasets" / "ground_truth.json").write_text(json.dumps(
+        {"layout": "scattered", "num_classes": 2, "concept_tokens": {"0": [5, 7], "1": [4, 8]}}))
+    summary = run_script("VQGAN_explanation/explanation_evaluation/concept_recovery.py", ["--root", world])
+    by = {(r["method"], r["top_n"]): r["precision"] for r in summary}
+    # top-1 section, k=2: label 0 -> [5, 7] (1.0), label 1 -> [4] (0.5)
+    assert by[("smoothgrad", 1)] == pytest.approx(0.75)
+    # frequency: label 0 -> [0, 5] (0.5); label 1 -> [0, 2] (0)
+    assert by[("frequency_baseline", "")] == pytest.approx(0.25)
+    # random: label 0 occurring {0,1,3,5,7,9} -> 2/6; label 1 {0,2,4,8} -> 2/4
+    assert by[("random", "")] == pytest.approx((2 / 6 + 2 / 4) / 2)
+    rows = _rows(world / "results" / "Explanation" / "concept_recovery.csv")
+    assert rows[0] == ["model", "method", "top_n", "label", "k", "precision"]
+    assert ["1", "smoothgrad", "1", "mean", "2", "0.750000"] in rows
+
+
+def test_rank_counts_ties():
+    assert S.rank_counts([9, 3, 5, 1], [2, 2, 7, 0]) == [(5, 7), (3, 2), (9, 2)]
+    assert S.count_tokens(np.array([[4, 4, 2], [2, 9, 9]]), limit=2) == [(2, 2), (4, 2)]
