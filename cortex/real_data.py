@@ -1,0 +1,594 @@
+"""Real VQGAN datasets (SPEC §6): class-conditional sampling with taming's ``cin_transformer`` and
+encoding of image folders, written in the authors' layout through :class:`cortex.data.DatasetWriter`.
+
+Design: the writer needs the codebook when it is built, so loading and generating are two calls and
+the model is loaded once::
+
+    from cortex import real_data
+    real_data.add_real_source_args(parser)                      # flags of both real sources
+    ...
+    model, codebook = real_data.load_vq_for_dataset(args, device)   # (taming model, (n_codes, 256) float32)
+    writer = DatasetWriter(data_dir, codebook, layout)
+    info = real_data.generate_real(args, writer, device, model=model)   # resumes: skips writer.done(split)
+    writer.close(info)                                          # CSVs, pickles, codebook.npy, dataset_info.json
+
+(:func:`build_real_dataset` does these four lines, and ``generate_real(args, data_dir, device)`` with a
+folder instead of a writer builds the writer with ``args.layout`` and closes it itself.) ``args.source`` is ``"cin_transformer"`` or
+``"images"``; ``args.seed`` is read when present (default 0).
+
+* ``cin_transformer``: for each class of ``--classes`` draw ``--images_per_class`` token grids with the
+  transformer (top-k / top-p / temperature, taming's ``sample_with_past``, as taming's
+  ``scripts/sample_fast.py``), decode them with its first stage; image ``i`` of class ``c`` is
+  ``{c}_{i}.npy`` with label ``c`` (ImageNet ids are kept, so the evaluators' classes match), and the
+  first ``train`` fraction of each class's indices goes to train, the next to validation, the rest to
+  test (``--splits``). Batches never mix classes and each batch is seeded from ``(seed, class, first
+  index)``: an image depends only on the seed, the class, its index and ``--batch_size``, not on which
+  other classes are asked for, and a resumed run draws the same images.
+* ``images``: labels from the sorted sub-folder names of ``--image_dir`` (0..K-1, names saved as
+  ``class_names``) or from ``--labels_csv`` (``filename,label[,split]``, paths relative to
+  ``--image_dir``); each image is resized (shorter side) and center-cropped to the model's resolution,
+  encoded, and its decode is saved as the PNG. Image ``k`` (sorted path order) of label ``l`` is
+  ``{l}_{k}.npy``; its split is drawn per label with the seed (or taken from the CSV's ``split``
+  column). ``image_sources.csv`` in the dataset folder maps each file back to its source picture.
+
+:func:`encode_neutral_set` writes the DALL-E-mini neutral-prompt CSV (``filename,indices``) from a folder.
+Token ids are row-major (``p = row*16 + col``); only 16x16 grids with 256-d codes fit the layout.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import EMB_DIM, GRID, N_POS, canonical_split
+from .utils import CortexError, atomic_write, format_list
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SOURCES = ("cin_transformer", "images")
+
+
+# ----------------------------------------------------------------------------- flags
+
+def add_real_source_args(parser: argparse.ArgumentParser):
+    """Add the flags of ``--source cin_transformer`` and ``--source images`` to ``parser``."""
+    g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see docs/real_vqgan.md")
+    g.add_argument("--vqgan_config", default=None,
+                   help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
+    g.add_argument("--vqgan_ckpt", default=None,
+                   help="its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
+    g.add_argument("--transformer_config", default=None,
+                   help="taming Net2NetTransformer YAML for --source cin_transformer, e.g. "
+                        "2021-04-03T19-39-50_cin_transformer/configs/2021-04-03T19-39-50-project.yaml")
+    g.add_argument("--transformer_ckpt", default=None,
+                   help="its checkpoint (holds the VQGAN too), e.g. 2021-04-03T19-39-50_cin_transformer/checkpoints/last.ckpt")
+    g.add_argument("--classes", default="0-999",
+                   help="cin_transformer: class ids to sample, ranges and lists, e.g. 0-999 or 1,5,7 or 0-9,20 "
+                        "(default: %(default)s)")
+    g.add_argument("--images_per_class", type=int, default=100,
+                   help="cin_transformer: images sampled per class (default: %(default)s)")
+    g.add_argument("--top_k", type=int, default=600,
+                   help="cin_transformer: keep the k most likely tokens per step, 0 = all (default: %(default)s, "
+                        "as taming's README)")
+    g.add_argument("--top_p", type=float, default=0.92,
+                   help="cin_transformer: nucleus mass, 1.0 = off (default: %(default)s, as taming's README)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="cin_transformer: softmax temperature (default: %(default)s)")
+    g.add_argument("--batch_size", type=int, default=25,
+                   help="images per forward pass (default: %(default)s; same seed + same batch size = same images)")
+    g.add_argument("--splits", default="0.8,0.1,0.1",
+                   help="train,validation,test fractions per class (default: %(default)s)")
+    g.add_argument("--image_dir", default=None,
+                   help="images: folder with one sub-folder per label (sorted names -> labels 0..K-1), or the "
+                        "folder the --labels_csv paths are relative to")
+    g.add_argument("--labels_csv", default=None,
+                   help="images: CSV with header filename,label[,split] instead of sub-folder labels")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="images: resize (shorter side) + center-crop size (default: the VQGAN's training resolution; "
+                        "must give a 16x16 token grid)")
+    g.add_argument("--neutral_image_dir", default=None,
+                   help="DALL-E-mini: folder of neutral-prompt pictures to encode into results_none.csv")
+    g.add_argument("--no_images", action="store_true",
+                   help="do not save the decoded PNGs under images/ (faster; masking evaluations need them)")
+    return g
+
+
+def _arg(args, name, default=None):
+    v = getattr(args, name, default)
+    return default if v is None else v
+
+
+def parse_classes(text: str) -> list[int]:
+    """``"0-999"`` / ``"1,5,7"`` / ``"0-9,20"`` -> sorted unique ints."""
+    out = set()
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                a, b = int(a), int(b)
+                if b < a:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise CortexError(f"--classes {text!r}: use ids and ranges like 0-999 or 1,5,7") from None
+    if not out or min(out) < 0:
+        raise CortexError(f"--classes {text!r}: no (non-negative) class ids")
+    return sorted(out)
+
+
+def parse_splits(text: str) -> tuple[float, float, float]:
+    try:
+        fr = [float(t) for t in str(text).split(",")]
+    except ValueError:
+        fr = []
+    if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
+        raise CortexError(f"--splits {text!r}: give three non-negative fractions train,validation,test, e.g. 0.8,0.1,0.1")
+    s = sum(fr)
+    return fr[0] / s, fr[1] / s, fr[2] / s
+
+
+def split_of_index(i: int, n: int, fractions) -> str:
+    """Split of item ``i`` of ``n``: the first round(f_train*n) are train, then validation, then test."""
+    b1 = round(fractions[0] * n)
+    b2 = round((fractions[0] + fractions[1]) * n)
+    return "train" if i < b1 else ("validation" if i < b2 else "test")
+
+
+def _sub_seed(*parts) -> int:
+    h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") % (2**63)
+
+
+# ----------------------------------------------------------------------------- models
+
+def first_stage(model):
+    """The VQ model (``encode``/``decode``/``quantize``) of a VQModel or a Net2NetTransformer."""
+    return getattr(model, "first_stage_model", model)
+
+
+def codebook_of(model) -> np.ndarray:
+    """(n_codes, 256) float32 codebook of the model's quantiser."""
+    vq = first_stage(model)
+    try:
+        w = vq.quantize.embedding.weight
+    except AttributeError:
+        raise CortexError(f"{type(vq).__name__} has no quantize.embedding (not a taming VQModel?)") from None
+    cb = w.detach().float().cpu().numpy()
+    if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
+        raise CortexError(f"the VQGAN's codes are {cb.shape[1]}-d; the dataset layout (SPEC §3) needs {EMB_DIM}-d "
+                          f"codes (embed_dim: {EMB_DIM})")
+    return np.ascontiguousarray(cb)
+
+
+def model_resolution(model) -> int:
+    return int(first_stage(model).encoder.resolution)
+
+
+def token_grid(model, resolution: int | None = None) -> int:
+    enc = first_stage(model).encoder
+    res = resolution or int(enc.resolution)
+    return res // 2 ** (int(enc.num_resolutions) - 1)
+
+
+def _check_grid(model, resolution: int | None = None, what: str = "") -> None:
+    g = token_grid(model, resolution)
+    if g != GRID:
+        res = resolution or model_resolution(model)
+        raise CortexError(f"{what}at {res} px this VQGAN gives a {g}x{g} token grid; the dataset layout needs "
+                          f"{GRID}x{GRID} (256 tokens). Use --resolution {res * GRID // max(g, 1)} or a matching model.")
+
+
+def load_vq_for_dataset(args, device):
+    """Load the model ``args.source`` needs; returns ``(model, codebook (n_codes, 256) float32)``.
+
+    cin_transformer: the Net2NetTransformer of --transformer_config/--transformer_ckpt (its first stage is
+    the VQGAN). images: the VQModel of --vqgan_config/--vqgan_ckpt, else the first stage of the transformer.
+    """
+    from .taming_compat import load_taming_model
+
+    source = getattr(args, "source", None)
+    if source == "cin_transformer":
+        if not (getattr(args, "transformer_config", None) and getattr(args, "transformer_ckpt", None)):
+            raise CortexError("--source cin_transformer needs --transformer_config and --transformer_ckpt "
+                              "(taming's ImageNet cin_transformer; see docs/real_vqgan.md)")
+        model = load_taming_model(args.transformer_config, args.transformer_ckpt, device)
+        if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
+            raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
+    elif source == "images":
+        if getattr(args, "vqgan_config", None) and getattr(args, "vqgan_ckpt", None):
+            model = load_taming_model(args.vqgan_config, args.vqgan_ckpt, device)
+        elif getattr(args, "transformer_config", None) and getattr(args, "transformer_ckpt", None):
+            model = first_stage(load_taming_model(args.transformer_config, args.transformer_ckpt, device))
+        else:
+            raise CortexError("--source images needs --vqgan_config and --vqgan_ckpt (e.g. taming's "
+                              "vqgan_imagenet_f16_16384; see docs/real_vqgan.md)")
+    else:
+        raise CortexError(f"--source {source!r}: the real sources are {', '.join(SOURCES)}")
+    return model, codebook_of(model)
+
+
+# ----------------------------------------------------------------------------- encode / decode / sample
+
+def encode_ids(model, x):
+    """x (B, 3, R, R) in [-1, 1] -> token ids (B, 256) int64, row-major."""
+    import torch
+
+    vq = first_stage(model)
+    with torch.no_grad():
+        out = vq.encode(x)
+    quant, info = out[0], out[2]
+    b, _, h, w = quant.shape
+    if (h, w) != (GRID, GRID):
+        raise CortexError(f"encoding gave a {h}x{w} token grid; the layout needs {GRID}x{GRID}")
+    return info[2].reshape(b, h * w).long()
+
+
+def decode_ids(model, ids):
+    """ids (B, 256) -> images (B, 3, H, W) in about [-1, 1]."""
+    import torch
+
+    vq = first_stage(model)
+    b = ids.shape[0]
+    with torch.no_grad():
+        z = vq.quantize.get_codebook_entry(ids.reshape(-1), shape=(b, GRID, GRID, vq.quantize.e_dim))
+        return vq.decode(z)
+
+
+def to_uint8(x) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_class_conditional(model, labels, top_k=600, top_p=0.92, temperature=1.0, callback=None):
+    """Class-conditional token grids from a Net2NetTransformer, as taming's ``sample_fast.py``.
+
+    labels: (B,) class ids (LongTensor on the model's device) -> ids (B, 256) in raster order.
+    Uses the global torch RNG: seed it before calling.
+    """
+    import torch
+    from taming.modules.transformer.mingpt import sample_with_past
+
+    if getattr(model, "be_unconditional", False):
+        raise CortexError("the transformer is unconditional; --source cin_transformer needs a class-conditional one")
+    with torch.no_grad():
+        _, c = model.encode_to_c(labels)  # (B, 1) class tokens (Labelator: the label itself)
+        c = c.reshape(labels.shape[0], -1).long()
+        idx = sample_with_past(c, model.transformer, steps=N_POS, temperature=temperature,
+                               sample_logits=True, top_k=top_k if top_k else None,
+                               top_p=top_p if top_p is not None and top_p < 1.0 else None, callback=callback)
+        return model.permuter(idx, reverse=True)
+
+
+# ----------------------------------------------------------------------------- cin_transformer
+
+def _check_transformer(model, classes) -> None:
+    vocab = model.transformer.config.vocab_size
+    n = first_stage(model).quantize.n_e
+    if n > vocab:
+        raise CortexError(f"the transformer's vocabulary ({vocab}) is smaller than the VQGAN codebook ({n})")
+    n_classes = getattr(model.cond_stage_model, "n_classes", None)
+    if n_classes is not None and max(classes) >= n_classes:
+        raise CortexError(f"--classes goes up to {max(classes)} but the transformer knows {n_classes} classes")
+    if model.transformer.get_block_size() < N_POS + 1:
+        raise CortexError(f"the transformer's block_size {model.transformer.get_block_size()} is shorter than "
+                          f"1 class token + {N_POS} image tokens")
+
+
+def generate_cin(args, writer, device, model) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    _check_grid(model)
+    classes = parse_classes(_arg(args, "classes", "0-999"))
+    _check_transformer(model, classes)
+    n = int(_arg(args, "images_per_class", 100))
+    if n <= 0:
+        raise CortexError("--images_per_class must be positive")
+    bs = max(1, int(_arg(args, "batch_size", 25)))
+    fractions = parse_splits(_arg(args, "splits", "0.8,0.1,0.1"))
+    seed = int(_arg(args, "seed", 0))
+    top_k, top_p = int(_arg(args, "top_k", 600)), float(_arg(args, "top_p", 0.92))
+    temperature = float(_arg(args, "temperature", 1.0))
+    save_images = not getattr(args, "no_images", False)
+    done = set().union(*(writer.done(s) for s in ("train", "validation", "test")))
+
+    batches = []  # (class, [indices]) chunks; a chunk with anything missing is redrawn whole (same seed)
+    for c in classes:
+        for start in range(0, n, bs):
+            idx = list(range(start, min(start + bs, n)))
+            if any(f"{c}_{i}.npy" not in done for i in idx):
+                batches.append((c, idx))
+    todo = sum(sum(f"{c}_{i}.npy" not in done for i in idx) for c, idx in batches)
+    print(f"cin_transformer: {len(classes)} classes x {n} images, {len(classes) * n - todo} already done, "
+          f"{todo} to sample in {len(batches)} batches (top_k {top_k}, top_p {top_p}, temperature {temperature})")
+    t0 = time.time()
+    with tqdm(total=todo, desc="sampling", unit="img") as bar:
+        for c, idx in batches:
+            torch.manual_seed(_sub_seed(seed, "cin", c, idx[0]))
+            labels = torch.full((len(idx),), c, dtype=torch.long, device=device)
+            ids = sample_class_conditional(model, labels, top_k, top_p, temperature)
+            imgs = to_uint8(decode_ids(model, ids)) if save_images else [None] * len(idx)
+            ids = ids.cpu().numpy()
+            for j, i in enumerate(idx):
+                name = f"{c}_{i}.npy"
+                if name in done:
+                    continue
+                writer.add(split_of_index(i, n, fractions), name, c, ids[j], imgs[j])
+                bar.update(1)
+    dt = time.time() - t0
+    if todo:
+        print(f"sampled {todo} images in {dt:.1f} s ({dt / todo:.3f} s/image on {device})")
+    info = _base_info(model, "cin_transformer", args)
+    info.update({
+        "num_classes": max(classes) + 1,
+        "classes": classes,
+        "images_per_class": n,
+        "top_k": top_k, "top_p": top_p, "temperature": temperature, "batch_size": bs, "seed": seed,
+        "splits": list(fractions),
+        "transformer_config": str(_arg(args, "transformer_config", "")),
+        "transformer_ckpt": str(_arg(args, "transformer_ckpt", "")),
+    })
+    return info
+
+
+def _base_info(model, source, args) -> dict:
+    vq = first_stage(model)
+    return {
+        "source": source,
+        "n_codes": int(vq.quantize.n_e),
+        "embed_dim": int(vq.quantize.e_dim),
+        "grid": GRID,
+        "image_size": decode_size(model),
+        "layout_note": "E[c, r, k] = codebook[ids[r*16+k], c]",
+        "images_saved": not getattr(args, "no_images", False),
+    }
+
+
+# ----------------------------------------------------------------------------- images
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def list_labelled_images(image_dir, labels_csv=None):
+    """``([(path, label, split-or-None)], class_names-or-None)`` from sub-folders or a labels CSV."""
+    image_dir = Path(image_dir) if image_dir else None
+    if labels_csv:
+        csv_path = Path(labels_csv)
+        if not csv_path.is_file():
+            raise CortexError(f"--labels_csv not found: {csv_path}")
+        base = image_dir or csv_path.parent
+        items = []
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
+                raise CortexError(f"{csv_path}: header must start with filename,label (optional split column)")
+            for lineno, row in enumerate(reader, start=2):
+                try:
+                    label = int(row["label"])
+                except (TypeError, ValueError):
+                    raise CortexError(f"{csv_path}:{lineno}: label {row['label']!r} is not an integer") from None
+                if label < 0:
+                    raise CortexError(f"{csv_path}:{lineno}: negative label {label}")
+                path = base / row["filename"]
+                if not path.is_file():
+                    raise CortexError(f"{csv_path}:{lineno}: image not found: {path}")
+                split = (row.get("split") or "").strip() or None
+                items.append((path, label, canonical_split(split) if split else None))
+        if not items:
+            raise CortexError(f"{csv_path}: no rows")
+        return items, None
+    if image_dir is None or not image_dir.is_dir():
+        raise CortexError(f"--image_dir {image_dir} is not a folder; --source images needs a folder with one "
+                          f"sub-folder of pictures per label (or --labels_csv)")
+    names = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise CortexError(f"{image_dir}: no sub-folders; put each label's pictures in its own sub-folder "
+                          f"(sorted names -> labels 0..K-1) or pass --labels_csv")
+    items = []
+    for label, name in enumerate(names):
+        files = _list_images(image_dir / name)
+        if not files:
+            raise CortexError(f"{image_dir / name}: no images ({', '.join(IMAGE_EXTS)})")
+        items += [(p, label, None) for p in files]
+    return items, names
+
+
+def load_image(path, resolution: int):
+    """Picture -> (3, R, R) float tensor in [-1, 1]: shorter side resized to R (bicubic), center crop."""
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = resolution / min(w, h)
+            nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - resolution) // 2, (nh - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+            arr = np.asarray(im, dtype=np.float32)
+    except OSError as e:
+        raise CortexError(f"cannot read image {path} ({e})") from e
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def plan_image_dataset(items, fractions, seed: int):
+    """Filenames and splits: image k (sorted source order) of label l is ``{l}_{k}.npy``; splits drawn
+    per label with the seed unless the CSV gave them. Returns [(filename, label, split, path)]."""
+    by_label: dict[int, list] = {}
+    for path, label, split in sorted(items, key=lambda t: (t[1], str(t[0]))):
+        by_label.setdefault(label, []).append((path, split))
+    plan = []
+    for label, rows in sorted(by_label.items()):
+        n = len(rows)
+        order = np.random.default_rng(_sub_seed(seed, "split", label)).permutation(n)
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = np.arange(n)  # item k's place in the shuffled order
+        for k, (path, split) in enumerate(rows):
+            plan.append((f"{label}_{k}.npy", label, split or split_of_index(int(pos[k]), n, fractions), path))
+    return plan
+
+
+def _write_sources(data_dir: Path, plan, image_dir) -> None:
+    """``image_sources.csv`` (filename,label,split,source); a changed folder under an old dataset is an error."""
+    base = Path(image_dir).resolve() if image_dir else None
+    rows = []
+    for name, label, split, path in plan:
+        p = Path(path).resolve()
+        src = str(p.relative_to(base)) if base is not None and p.is_relative_to(base) else str(p)
+        rows.append([name, str(label), split, src])
+    out = data_dir / "image_sources.csv"
+    if out.exists():
+        with open(out, newline="", encoding="utf-8") as f:
+            old = [r for r in csv.reader(f)][1:]
+        if old != rows:
+            raise CortexError(f"{out}: the images or their labels/splits changed since this dataset was started "
+                              f"(resuming would mix two numberings). Use a new --data_dir, or delete the folder.")
+        return
+    with atomic_write(out) as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "label", "split", "source"])
+        w.writerows(rows)
+
+
+def generate_images(args, writer, device, model) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    resolution = int(_arg(args, "resolution", 0)) or model_resolution(model)
+    _check_grid(model, resolution, "--resolution: ")
+    items, class_names = list_labelled_images(_arg(args, "image_dir"), _arg(args, "labels_csv"))
+    fractions = parse_splits(_arg(args, "splits", "0.8,0.1,0.1"))
+    seed = int(_arg(args, "seed", 0))
+    bs = max(1, int(_arg(args, "batch_size", 25)))
+    save_images = not getattr(args, "no_images", False)
+    plan = plan_image_dataset(items, fractions, seed)
+    _write_sources(writer.data_dir, plan, _arg(args, "image_dir"))
+    done = set().union(*(writer.done(s) for s in ("train", "validation", "test")))
+    todo = [row for row in plan if row[0] not in done]
+    print(f"images: {len(plan)} pictures, {len(plan) - len(todo)} already done, {len(todo)} to encode at {resolution} px")
+    t0 = time.time()
+    with tqdm(total=len(todo), desc="encoding", unit="img") as bar:
+        for start in range(0, len(todo), bs):
+            chunk = todo[start:start + bs]
+            x = torch.stack([load_image(p, resolution) for _, _, _, p in chunk]).to(device)
+            ids = encode_ids(model, x)
+            imgs = to_uint8(decode_ids(model, ids)) if save_images else [None] * len(chunk)
+            ids = ids.cpu().numpy()
+            for j, (name, label, split, _) in enumerate(chunk):
+                writer.add(split, name, label, ids[j], imgs[j])
+            bar.update(len(chunk))
+    if todo:
+        dt = time.time() - t0
+        print(f"encoded {len(todo)} images in {dt:.1f} s ({dt / len(todo):.3f} s/image on {device})")
+    labels = sorted({row[1] for row in plan})
+    info = _base_info(model, "images", args)
+    info.update({
+        "num_classes": (len(class_names) if class_names else max(labels) + 1),
+        "class_names": class_names,
+        "image_dir": str(_arg(args, "image_dir", "")),
+        "labels_csv": str(_arg(args, "labels_csv", "")) or None,
+        "resolution": resolution,
+        "splits": list(fractions), "seed": seed,
+        "vqgan_config": str(_arg(args, "vqgan_config", _arg(args, "transformer_config", ""))),
+        "vqgan_ckpt": str(_arg(args, "vqgan_ckpt", _arg(args, "transformer_ckpt", ""))),
+    })
+    return info
+
+
+def decode_size(model) -> int:
+    """Side of a decoded image (16 tokens x the model's downsampling factor)."""
+    enc = first_stage(model).encoder
+    return GRID * 2 ** (int(enc.num_resolutions) - 1)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def generate_real(args, writer, device, model=None) -> dict:
+    """Run ``args.source`` (cin_transformer | images); returns the dataset_info dict.
+
+    writer: a :class:`cortex.data.DatasetWriter` (the caller closes it with the returned info), or a
+    dataset folder: then the writer is built here with ``args.layout`` (default ``files``) and closed
+    with the info. model: from :func:`load_vq_for_dataset` (loaded here when None). Resumable: files in
+    ``writer.done(split)`` are skipped.
+    """
+    import torch
+
+    from .data import DatasetWriter
+
+    device = torch.device(device)
+    source = getattr(args, "source", None)
+    if source not in SOURCES:
+        raise CortexError(f"--source {source!r}: the real sources are {', '.join(SOURCES)}")
+    if model is None:
+        model, codebook = load_vq_for_dataset(args, device)
+    else:
+        codebook = codebook_of(model)
+    own_writer = not isinstance(writer, DatasetWriter)
+    if own_writer:
+        writer = DatasetWriter(writer, codebook, getattr(args, "layout", None) or "files")
+    elif writer.codebook.shape != codebook.shape or not np.array_equal(writer.codebook, codebook):
+        raise CortexError(f"the DatasetWriter for {writer.data_dir} holds another codebook than the model "
+                          f"({writer.codebook.shape} vs {codebook.shape}); build it with load_vq_for_dataset's codebook")
+    if source == "cin_transformer":
+        info = generate_cin(args, writer, device, model)
+    else:
+        info = generate_images(args, writer, device, model)
+    if own_writer:
+        writer.close(info)
+    return info
+
+
+def build_real_dataset(args, data_dir, layout: str, device) -> dict:
+    """load_vq_for_dataset + DatasetWriter + generate_real + close; returns the info dict."""
+    from .data import DatasetWriter
+
+    model, codebook = load_vq_for_dataset(args, device)
+    writer = DatasetWriter(data_dir, codebook, layout)
+    info = generate_real(args, writer, device, model=model)
+    writer.close(info)
+    return info
+
+
+def encode_neutral_set(args, out_csv, model, device, image_dir=None) -> Path:
+    """Encode every picture of a folder (sorted, recursive) into ``out_csv`` with header ``filename,indices``
+    (filename relative to the folder, indices a quoted list of 256 ids): the DALL-E-mini neutral-prompt set
+    ``datasets/doctor_original/information/results_none.csv``. image_dir: default --neutral_image_dir,
+    else --image_dir. Resolution and batch size from --resolution / --batch_size."""
+    import torch
+    from tqdm import tqdm
+
+    folder = image_dir or _arg(args, "neutral_image_dir") or _arg(args, "image_dir")
+    if not folder or not Path(folder).is_dir():
+        raise CortexError(f"neutral-prompt image folder not found: {folder}; pass --neutral_image_dir")
+    folder = Path(folder)
+    files = _list_images(folder)
+    if not files:
+        raise CortexError(f"{folder}: no images ({', '.join(IMAGE_EXTS)})")
+    device = torch.device(device)
+    resolution = int(_arg(args, "resolution", 0)) or model_resolution(model)
+    _check_grid(model, resolution, "--resolution: ")
+    bs = max(1, int(_arg(args, "batch_size", 25)))
+    rows = []
+    for start in tqdm(range(0, len(files), bs), desc="neutral set", unit="batch"):
+        chunk = files[start:start + bs]
+        x = torch.stack([load_image(p, resolution) for p in chunk]).to(device)
+        ids = encode_ids(model, x).cpu().numpy()
+        rows += [[p.relative_to(folder).as_posix(), format_list(i)] for p, i in zip(chunk, ids)]
+    out = Path(out_csv)
+    with atomic_write(out) as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "indices"])
+        w.writerows(rows)
+    print(f"wrote {len(rows)} token grids to {out}")
+    return out
