@@ -134,11 +134,25 @@ def parse_splits(text: str) -> tuple[float, float, float]:
     return fr[0] / s, fr[1] / s, fr[2] / s
 
 
+def split_counts(n: int, fractions) -> tuple[int, int, int]:
+    """Items per split for ``n`` items: largest-remainder rounding, and every split with a positive
+    fraction gets at least one item when ``n`` allows it (10 items at 0.8,0.1,0.1 -> 8, 1, 1)."""
+    raw = [f * n for f in fractions]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))[: n - sum(counts)]:
+        counts[i] += 1
+    need = [i for i in range(3) if fractions[i] > 0 and counts[i] == 0]
+    if len([f for f in fractions if f > 0]) <= n:
+        for i in need:
+            counts[max(range(3), key=lambda j: counts[j])] -= 1
+            counts[i] += 1
+    return counts[0], counts[1], counts[2]
+
+
 def split_of_index(i: int, n: int, fractions) -> str:
-    """Split of item ``i`` of ``n``: the first round(f_train*n) are train, then validation, then test."""
-    b1 = round(fractions[0] * n)
-    b2 = round((fractions[0] + fractions[1]) * n)
-    return "train" if i < b1 else ("validation" if i < b2 else "test")
+    """Split of item ``i`` of ``n``: the first ``split_counts(n)[0]`` are train, then validation, then test."""
+    n_train, n_val, _ = split_counts(n, fractions)
+    return "train" if i < n_train else ("validation" if i < n_train + n_val else "test")
 
 
 def _sub_seed(*parts) -> int:
@@ -333,6 +347,8 @@ def generate_cin(args, writer, device, model) -> dict:
         "images_per_class": n,
         "top_k": top_k, "top_p": top_p, "temperature": temperature, "batch_size": bs, "seed": seed,
         "splits": list(fractions),
+        "split_sizes": dict(zip(("train", "validation", "test"),
+                                (len(classes) * k for k in split_counts(n, fractions)))),
         "transformer_config": str(_arg(args, "transformer_config", "")),
         "transformer_ckpt": str(_arg(args, "transformer_ckpt", "")),
     })
@@ -500,6 +516,7 @@ def generate_images(args, writer, device, model) -> dict:
         "labels_csv": str(_arg(args, "labels_csv", "")) or None,
         "resolution": resolution,
         "splits": list(fractions), "seed": seed,
+        "split_sizes": {sp: sum(row[2] == sp for row in plan) for sp in ("train", "validation", "test")},
         "vqgan_config": str(_arg(args, "vqgan_config", _arg(args, "transformer_config", ""))),
         "vqgan_ckpt": str(_arg(args, "vqgan_ckpt", _arg(args, "transformer_ckpt", ""))),
     })

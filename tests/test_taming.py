@@ -215,6 +215,7 @@ def test_cin_transformer_source_deterministic_and_resumable(tiny, tmp_path):
     info = real_data.generate_real(args, full, "cpu", model=model)  # folder: writer built and closed here
     assert info["source"] == "cin_transformer" and info["num_classes"] == 4 and info["classes"] == [1, 3]
     assert info["n_codes"] == N_EMBED and info["image_size"] == 32
+    assert info["split_sizes"] == {"train": 2, "validation": 2, "test": 2}
     assert json.loads((full / "dataset_info.json").read_text())["top_k"] == 20
     assert check_dataset(full, model) == 6
     names = {s: [r.filename for r in read_split(full, s)] for s in ("train", "validation", "test")}
@@ -252,6 +253,7 @@ def test_images_source_folders_csv_and_neutral_set(tiny, tmp_path):
     w.close(info)
     assert info["num_classes"] == 2 and info["class_names"] == ["cat", "dog"] and info["resolution"] == 32
     assert check_dataset(tmp_path / "ds", model) == 5
+    assert info["split_sizes"] == {"train": 3, "validation": 0, "test": 2}  # cat 2+1, dog 1+1
     with open(tmp_path / "ds" / "image_sources.csv", newline="") as f:
         src = {r["filename"]: r for r in csv.DictReader(f)}
     assert src["0_1.npy"]["source"] == "cat/img1.png" and src["1_0.npy"]["label"] == "1"
