@@ -1,0 +1,345 @@
+"""Bias detection for DALL-E-mini (SPEC §1 step 7, §5): Cliff's delta and the token-count comparison.
+
+For each label (bias attribute) of an IEM, its concept tokens are the first ``token_num`` rows of section
+``Top {top_n} Tokens`` of the label's TIS statistics. For every image of the neutral-prompt set
+(``datasets/doctor_original/information/results_none.csv``, column ``indices``) we count the positions whose
+token id is in the label's set, then compare the labels' per-image counts with Cliff's delta.
+
+Cliff's delta of samples ``x`` (n values) and ``y`` (m values) is the standard
+
+    delta = (#{(i, j): x_i > y_j} - #{(i, j): x_i < y_j}) / (n * m)      in [-1, 1]
+
+computed here in O((n + m) log(n + m)) by sorting ``y`` and two ``searchsorted`` calls (ties count in
+neither term). The seed code divided by ``2 * n * m``, i.e. returned half of the standard value; that
+value is reported too, as ``cliff_delta_seed``, for readers reproducing the paper's table.
+
+Row of label k: ``cliff_delta = delta(counts_k, counts_rest)`` where ``counts_rest`` counts, per image, the
+tokens of the other labels' sets (for the two labels of DALL-E-mini: the other label's counts). A
+positive value means the neutral-prompt images carry label k's concept tokens more often than the other
+label's: the generator leans towards attribute k. With two labels the two rows are opposite.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .utils import CortexError, atomic_write, format_list, parse_int_list
+
+BIAS_HEADER = ["total_files", "total_token_occurrences", "average_frequency_per_file", "number_of_target_tokens",
+               "label", "tokens", "cliff_delta", "cliff_delta_seed"]
+# Romano et al. (2006) thresholds on |delta| (the usual reading of Cliff's delta).
+MAGNITUDES = ((0.147, "negligible"), (0.33, "small"), (0.474, "medium"), (float("inf"), "large"))
+
+
+# ----------------------------------------------------------------------------- Cliff's delta
+
+def _sample(values, name: str) -> np.ndarray:
+    a = np.asarray(values)
+    if a.dtype == object:
+        raise CortexError(f"Cliff's delta: sample {name} must be numbers, got objects")
+    a = a.ravel()
+    if a.size == 0:
+        raise CortexError(f"Cliff's delta: sample {name} is empty; both samples need at least one value "
+                          f"(is the neutral-prompt CSV empty?)")
+    if np.issubdtype(a.dtype, np.floating) and np.isnan(a).any():
+        raise CortexError(f"Cliff's delta: sample {name} contains NaN")
+    return a
+
+
+def dominance(x, y) -> tuple[int, int]:
+    """``(#{x_i > y_j}, #{x_i < y_j})`` over all pairs, by sorting: O((n + m) log(n + m))."""
+    x, y = _sample(x, "x"), _sample(y, "y")
+    ys = np.sort(y, kind="stable")
+    below = np.searchsorted(ys, x, side="left")  # for each x_i: #y_j < x_i
+    not_above = np.searchsorted(ys, x, side="right")  # #y_j <= x_i
+    greater = int(below.sum(dtype=np.int64))
+    less = int((ys.size - not_above).sum(dtype=np.int64))
+    return greater, less
+
+
+def cliffs_delta(x, y) -> float:
+    """Standard Cliff's delta ``(#x>y - #x<y) / (n m)`` in [-1, 1]; O((n + m) log(n + m))."""
+    greater, less = dominance(x, y)
+    n, m = np.asarray(x).size, np.asarray(y).size
+    return (greater - less) / (n * m)
+
+
+def cliffs_delta_seed(x, y) -> float:
+    """The value the seed code reported: half the standard Cliff's delta (it divided by ``2 n m``)."""
+    return cliffs_delta(x, y) / 2.0
+
+
+def cliffs_delta_brute(x, y, chunk: int = 1024) -> float:
+    """Definition by comparing every pair, vectorised with numpy in chunks of ``x`` (O(n m) work)."""
+    x, y = _sample(x, "x"), _sample(y, "y")
+    dom = 0
+    for s in range(0, x.size, chunk):
+        xs = x[s:s + chunk, None]
+        dom += int((xs > y[None]).sum()) - int((xs < y[None]).sum())
+    return dom / (x.size * y.size)
+
+
+def cliffs_delta_loop(x, y) -> float:
+    """The seed's double loop in pure Python (standard normalisation), for tests and the benchmark."""
+    x, y = _sample(x, "x").tolist(), _sample(y, "y").tolist()
+    dom = 0
+    for a in x:
+        for b in y:
+            if a > b:
+                dom += 1
+            elif a < b:
+                dom -= 1
+    return dom / (len(x) * len(y))
+
+
+def magnitude(delta: float) -> str:
+    """negligible / small / medium / large (Romano et al. 2006 thresholds on |delta|)."""
+    d = abs(delta)
+    return next(name for t, name in MAGNITUDES if d < t)
+
+
+# ----------------------------------------------------------------------------- the neutral-prompt set
+
+def read_neutral_set(path) -> tuple[list[str], list[np.ndarray]]:
+    """``(filenames, [ids of each image])`` of a neutral-prompt CSV with an ``indices`` column.
+
+    ``filename`` is optional (row numbers are used when absent); other columns are ignored.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CortexError(f"neutral-prompt set not found: {path}. Build it with generate_dataset.py "
+                          f"(--source synthetic, or --source images --neutral_image_dir DIR), or pass --neutral_csv.")
+    names, ids = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [h.strip() for h in (reader.fieldnames or [])]
+        if "indices" not in fields:
+            raise CortexError(f"{path}: no 'indices' column (header {reader.fieldnames}); the neutral-prompt CSV "
+                              f"needs one quoted token-id list per image, e.g. filename,indices")
+        reader.fieldnames = fields
+        for lineno, row in enumerate(reader, start=2):
+            text = row.get("indices")
+            if text is None or not text.strip():
+                raise CortexError(f"{path}:{lineno}: empty 'indices' field")
+            ids.append(parse_int_list(text, where=f"{path}:{lineno}"))
+            names.append(row.get("filename") or f"row_{lineno - 1}")
+    if not ids:
+        raise CortexError(f"{path}: no rows; the neutral-prompt set is empty")
+    return names, ids
+
+
+def count_hits(ids_per_image, tokens) -> np.ndarray:
+    """Per image, the number of positions whose token id is in ``tokens``: ``(N,)`` int64."""
+    toks = np.asarray(sorted(set(int(t) for t in tokens)), dtype=np.int64)
+    return np.array([int(np.isin(ids, toks).sum()) for ids in ids_per_image], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- detection
+
+@dataclass
+class BiasRow:
+    label: int
+    tokens: list
+    counts: np.ndarray  # (N,) per-image occurrences of the label's tokens
+    cliff_delta: float
+    cliff_delta_seed: float
+
+    def csv_row(self) -> list:
+        n = int(self.counts.size)
+        total = int(self.counts.sum())
+        return [n, total, f"{total / n:.4f}", len(self.tokens), self.label, format_list(self.tokens),
+                f"{self.cliff_delta:.6f}", f"{self.cliff_delta_seed:.6f}"]
+
+
+def detect_bias(label_tokens: dict, ids_per_image) -> list[BiasRow]:
+    """label_tokens: ``{label: [token ids]}`` (two or more labels); ids_per_image: the neutral set.
+
+    Row of label k: Cliff's delta of its per-image counts against the counts of the other labels'
+    tokens (their union). Returns one ``BiasRow`` per label, sorted by label.
+    """
+    if len(label_tokens) < 2:
+        raise CortexError(f"bias detection needs the concept tokens of at least two labels, got {sorted(label_tokens)}")
+    labels = sorted(label_tokens)
+    rows = []
+    for k in labels:
+        own = count_hits(ids_per_image, label_tokens[k])
+        rest_tokens = set().union(*(set(label_tokens[j]) for j in labels if j != k))
+        rest = count_hits(ids_per_image, rest_tokens)
+        d = cliffs_delta(own, rest)
+        rows.append(BiasRow(int(k), [int(t) for t in label_tokens[k]], own, d, d / 2.0))
+    return rows
+
+
+def write_bias_csv(path, rows: list[BiasRow]) -> Path:
+    with atomic_write(path) as f:
+        w = csv.writer(f)
+        w.writerow(BIAS_HEADER)
+        for r in rows:
+            w.writerow(r.csv_row())
+    return Path(path)
+
+
+def read_bias_csv(path) -> list[dict]:
+    """Rows of a ``token_bias_top{n}_num{k}_cliff.csv`` (label, tokens, cliff_delta, ... as Python values)."""
+    path = Path(path)
+    if not path.exists():
+        raise CortexError(f"bias detection result not found: {path}; run bias_detection.py first")
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"label", "tokens", "cliff_delta"} - set(reader.fieldnames or [])
+        if missing:
+            raise CortexError(f"{path}: missing columns {sorted(missing)}")
+        for row in reader:
+            d = dict(row)
+            d["label"] = int(row["label"])
+            d["tokens"] = parse_int_list(row["tokens"], where=str(path)).tolist()
+            d["cliff_delta"] = float(row["cliff_delta"])
+            if row.get("cliff_delta_seed") not in (None, ""):
+                d["cliff_delta_seed"] = float(row["cliff_delta_seed"])
+            out.append(d)
+    return out
+
+
+def bias_csv_name(top_n: int, token_num: int) -> str:
+    return f"token_bias_top{top_n}_num{token_num}_cliff.csv"
+
+
+def label_names(data_dir) -> dict[int, str]:
+    """``{label: name}`` from ``ground_truth.json`` / ``dataset_info.json`` (``class_names``), else ``label k``."""
+    for name in ("ground_truth.json", "dataset_info.json"):
+        p = Path(data_dir) / name
+        if p.exists():
+            d = json.loads(p.read_text())
+            names = d.get("attribute_names") or d.get("class_names")
+            if isinstance(names, dict):
+                return {int(k): str(v) for k, v in names.items()}
+            if isinstance(names, list):
+                return {i: str(v) for i, v in enumerate(names)}
+    return {}
+
+
+def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, attribution: str = "smoothgrad",
+                       neutral_csv=None, plot: bool = True) -> dict:
+    """bias_detection.py's work: read the labels' concept tokens and the neutral set, write the CSV (and a figure).
+
+    paths: ``cortex.paths.ExperimentPaths`` of experiment ``dalle``. Returns
+    ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
+    """
+    from .stats import label_files, read_stats_section
+
+    stats_dir = paths.stats_dir(model, attribution)
+    files = label_files(stats_dir)
+    if len(files) < 2:
+        raise CortexError(f"TIS statistics of at least two labels are needed in {stats_dir} (found {len(files)}). "
+                          f"Run TIS_computation.py and TIS_analysis.py --model {model} --bias_type {paths.bias_type} first.")
+    label_tokens = {k: read_stats_section(p, top_n, token_num) for k, p in files.items()}
+    for k, toks in label_tokens.items():
+        if not toks:
+            raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
+    neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
+    _, ids = read_neutral_set(neutral)
+    rows = detect_bias(label_tokens, ids)
+    out = write_bias_csv(paths.bias_dir() / bias_csv_name(top_n, token_num), rows)
+    names = label_names(paths.data_dir)
+    for r in rows:
+        print(f"label {r.label} ({names.get(r.label, '?')}): {len(r.tokens)} tokens, "
+              f"{r.counts.mean():.2f} per neutral image; Cliff's delta {r.cliff_delta:+.4f} "
+              f"({magnitude(r.cliff_delta)}; seed's halved value {r.cliff_delta_seed:+.4f})")
+    fig = None
+    if plot:
+        fig = plot_bias(paths, top_n, token_num, rows=rows)
+    return {"csv": out, "figure": fig, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- figure
+
+def _planted(data_dir) -> dict[int, set]:
+    p = Path(data_dir) / "ground_truth.json"
+    if not p.exists():
+        return {}
+    gt = json.loads(p.read_text())
+    return {int(k): set(v) for k, v in gt.get("concept_tokens", {}).items()}
+
+
+def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = None, out=None) -> Path:
+    """Figure of the bias detection, saved (Agg) beside the CSV as ``token_bias_top{n}_num{k}_cliff.png``.
+
+    Left: Cliff's delta per label for every bias type with a result for (top_n, token_num) (this one and
+    its siblings under ``results/{bias_type}/``), the label's tokens written under each bar (``*`` = a planted
+    attribute token of the synthetic world). Right: the per-image token counts of this bias type's labels
+    over the neutral-prompt set.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cli import BIAS_TYPES
+    from .paths import ExperimentPaths
+
+    name = bias_csv_name(top_n, token_num)
+    results = {}
+    for bt in BIAS_TYPES:
+        if bt == paths.bias_type:
+            continue
+        other = ExperimentPaths(experiment="dalle", root=paths.root, bias_type=bt)
+        if (other.bias_dir() / name).exists():
+            results[bt] = (read_bias_csv(other.bias_dir() / name), label_names(other.data_dir), _planted(other.data_dir))
+    own = [dict(label=r.label, tokens=r.tokens, cliff_delta=r.cliff_delta) for r in rows] if rows is not None \
+        else read_bias_csv(paths.bias_dir() / name)
+    results[paths.bias_type] = (own, label_names(paths.data_dir), _planted(paths.data_dir))
+    results = {bt: results[bt] for bt in BIAS_TYPES if bt in results}
+
+    fig, axes = plt.subplots(1, 2 if rows is not None else 1, figsize=(13 if rows is not None else 7.5, 4.8),
+                             squeeze=False)
+    ax = axes[0, 0]
+    xt, xl, x = [], [], 0.0
+    colours = {0: "#3b6ea8", 1: "#c8553d"}
+    for bt, (rs, names, planted) in results.items():
+        for r in rs:
+            d = r["cliff_delta"]
+            ax.bar(x, d, width=0.8, color=colours.get(r["label"] % 2, "grey"),
+                   edgecolor="black" if bt == paths.bias_type else "none")
+            ax.text(x, d + (0.03 if d >= 0 else -0.03), f"{d:+.2f}", ha="center", va="bottom" if d >= 0 else "top",
+                    fontsize=8)
+            toks = [f"{t}*" if t in planted.get(r["label"], ()) else str(t) for t in r["tokens"]]
+            lines = [", ".join(toks[i:i + 4]) for i in range(0, len(toks), 4)]
+            xt.append(x)
+            xl.append(f"{bt}\nlabel {r['label']} ({names.get(r['label'], '?')})\n" + "\n".join(lines))
+            x += 1.0
+        x += 0.6
+    ax.axhline(0, color="black", lw=0.8)
+    for t in (0.147, 0.33, 0.474):
+        ax.axhline(t, color="grey", ls=":", lw=0.6)
+        ax.axhline(-t, color="grey", ls=":", lw=0.6)
+    ax.set_xticks(xt)
+    ax.set_xticklabels(xl, fontsize=6.5)
+    ax.set_ylim(-1.1, 1.1)
+    ax.set_ylabel("Cliff's delta (standard)")
+    ax.set_title(f"Bias of the neutral prompt: Top {top_n}, {token_num} tokens per label\n"
+                 f"(> 0: the label's tokens are more frequent; * planted token; dotted: small/medium/large)",
+                 fontsize=9)
+    if rows is not None:
+        ax2 = axes[0, 1]
+        names = results[paths.bias_type][1]
+        hi = max(int(r.counts.max()) for r in rows)
+        bins = np.arange(-0.5, hi + 1.5, 1.0) if hi < 60 else 40
+        for r in rows:
+            ax2.hist(r.counts, bins=bins, alpha=0.55, color=colours.get(r.label % 2, "grey"),
+                     label=f"label {r.label} ({names.get(r.label, '?')}): mean {r.counts.mean():.2f}")
+        ax2.set_xlabel("occurrences of the label's tokens per neutral-prompt image")
+        ax2.set_ylabel("images")
+        ax2.set_title(f"{paths.bias_type}: token counts over {rows[0].counts.size} neutral images", fontsize=9)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out) if out else paths.bias_dir() / name.replace(".csv", ".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,108 @@
+"""Dalle_explanation end to end on a tiny bias world: every script in-process, outputs and bad input."""
+import csv
+import json
+
+import pytest
+
+from cortex.utils import CortexError
+from tests.helpers import run_script
+
+D = "Dalle_explanation"
+BT = "doctor_gender"
+GEN = ["--train_per_class", 8, "--val_per_class", 2, "--test_per_class", 3, "--neutral_images", 24,
+       "--n_codes", 160, "--attribute_tokens", 6, "--doctor_tokens", 8, "--n_background", 24,
+       "--n_distractors", 8, "--layout", "compact", "--no_images", "--bias_ratio", 0.75]
+TINY = ["--width", 16, "--depth", 2, "--epochs", 1, "--batch_size", 8, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("dalle")
+    run_script(f"{D}/generate_dataset.py", ["--root", r, "--bias_type", "all", *GEN])
+    for m in (1, 2, 3):
+        run_script(f"{D}/train.py", ["--root", r, "--model", m, "--bias_type", BT, *TINY])
+    run_script(f"{D}/TIS_computation.py", ["--root", r, "--model", 1, "--bias_type", BT, "--nsamples", 2,
+                                           "--device", "cpu", "--no_progress"])
+    run_script(f"{D}/TIS_analysis.py", ["--root", r, "--model", 1, "--bias_type", BT, "--no_progress"])
+    return r
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_generate_dataset_layout_and_truth(root):
+    ds = root / "datasets"
+    for bt in ("doctor_gender", "doctor_color"):
+        e = ds / bt / "embeddings"
+        assert _rows(e / "train_embeddings.csv")[0] == ["filename", "label", "indices"]
+        assert {r[1] for r in _rows(e / "test_embeddings.csv")[1:]} == {"0", "1"}
+        assert json.loads((e / "dataset_info.json").read_text())["num_classes"] == 2
+        gt = json.loads((e / "ground_truth.json").read_text())
+        assert gt["bias_type"] == bt and gt["neutral_set"]["bias_ratio"] == 0.75
+        assert gt["neutral_set"]["images_per_label"] == {"0": 18, "1": 6}
+        assert gt["expected_direction"]["leans_to_label"] == 0
+        assert not set(gt["concept_tokens"]["0"]) & set(gt["concept_tokens"]["1"])
+    neutral = _rows(ds / "doctor_original" / "information" / "results_none.csv")
+    assert neutral[0][:2] == ["filename", "indices"] and len(neutral) == 25
+    # same flags: nothing to do; only a ratio changed: only the neutral set (and the truth) is rewritten
+    before = (ds / BT / "embeddings" / "train_embeddings.csv").stat().st_mtime_ns
+    run_script(f"{D}/generate_dataset.py", ["--root", root, "--bias_type", BT, *GEN, "--gender_ratio", 0.25])
+    assert (ds / BT / "embeddings" / "train_embeddings.csv").stat().st_mtime_ns == before
+    gt = json.loads((ds / BT / "embeddings" / "ground_truth.json").read_text())
+    assert gt["neutral_set"]["bias_ratio"] == 0.25 and gt["expected_direction"]["leans_to_label"] == 1
+    run_script(f"{D}/generate_dataset.py", ["--root", root, "--bias_type", "all", *GEN])  # back to 0.75
+    with pytest.raises(CortexError, match="generation_args.json"):
+        run_script(f"{D}/generate_dataset.py", ["--root", root, "--bias_type", BT, *GEN[:-2], "--seed", 3])
+    with pytest.raises(CortexError, match="--source images"):
+        run_script(f"{D}/generate_dataset.py", ["--root", root, "--bias_type", BT, "--source", "images"])
+
+
+def test_all_three_nets_train_and_test(root):
+    for m in (1, 2, 3):
+        ck = root / "checkpoints" / BT / f"ClassificationNet{m}"
+        assert (ck / "best_model.pth").exists() and (ck / "model.pth").exists()
+        acc = run_script(f"{D}/test.py", ["--root", root, "--model", m, "--bias_type", BT, "--device", "cpu"])
+        out = root / "results" / BT / "Classification" / f"ClassificationNet{m}" / "testing_results.csv"
+        rows = _rows(out)
+        assert rows[0] == ["Accuracy"] and float(rows[1][0]) == pytest.approx(acc, abs=0.01)
+    assert list((root / "logs" / BT).glob("training_log_*.txt"))
+
+
+def test_tis_files(root):
+    tis = root / "results" / BT / "TIS" / "Net1"
+    for k in (0, 1):
+        assert _rows(tis / "TIS_value_train" / f"label_{k}.csv")[0] == ["filename", "label", "contribution"]
+        assert _rows(tis / "TIS_statistics_train" / f"label_{k}.csv")[0] == ["Total Images: 8"]
+
+
+def test_bias_detection_outputs(root):
+    out = run_script(f"{D}/bias_detection.py", ["--root", root, "--model", 1, "--bias_type", BT,
+                                               "--top_n", 5, "--token_num", 4])
+    path = root / "results" / BT / "Bias_detection" / "token_bias_top5_num4_cliff.csv"
+    assert out["csv"] == path
+    rows = _rows(path)
+    assert rows[0] == ["total_files", "total_token_occurrences", "average_frequency_per_file",
+                       "number_of_target_tokens", "label", "tokens", "cliff_delta", "cliff_delta_seed"]
+    assert [r[4] for r in rows[1:]] == ["0", "1"]
+    assert all(r[0] == "24" and r[3] == "4" for r in rows[1:])
+    d0, d1 = float(rows[1][6]), float(rows[2][6])
+    assert d0 == pytest.approx(-d1, abs=1e-6) and float(rows[1][7]) == pytest.approx(d0 / 2, abs=1e-6)
+    assert out["figure"].exists() and out["figure"].suffix == ".png"
+
+
+def test_bias_detection_bad_input(root, tmp_path):
+    args = ["--root", root, "--model", 1, "--bias_type", BT, "--no_plot"]
+    missing = tmp_path / "results_none.csv"
+    with pytest.raises(CortexError, match=f"not found: {missing}"):
+        run_script(f"{D}/bias_detection.py", [*args, "--neutral_csv", missing])
+    bad = tmp_path / "no_indices.csv"
+    bad.write_text('filename,ids\nnone_0.png,"[1, 2]"\n')
+    with pytest.raises(CortexError, match=rf"{bad}: no 'indices' column"):
+        run_script(f"{D}/bias_detection.py", [*args, "--neutral_csv", bad])
+    stats = root / "results" / BT / "TIS" / "Net1" / "TIS_statistics_train" / "label_0.csv"
+    with pytest.raises(CortexError, match=rf"{stats}: no 'Top 3 Tokens' section"):
+        run_script(f"{D}/bias_detection.py", [*args, "--top_n", 3])
+    with pytest.raises(CortexError, match="TIS_statistics_train"):
+        run_script(f"{D}/bias_detection.py", ["--root", root, "--model", 2, "--bias_type", BT])
