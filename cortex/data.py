@@ -196,6 +196,14 @@ class EmbeddingDataset(Dataset):
     def __getitem__(self, i: int):
         return self.embedding(i), self.records[i].label, self.records[i].filename
 
+    def __getitems__(self, indices):
+        """Batched fetch used by DataLoader: the compact layout gathers a whole batch in one op."""
+        if self.layout != "compact":
+            return [self[i] for i in indices]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        embs = ids_to_embedding(self.codebook, self.ids[idx])  # (B, 256, 16, 16), one gather per batch
+        return [(embs[j], self.records[i].label, self.records[i].filename) for j, i in enumerate(indices)]
+
 
 def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
     """``{split}_token_indices.pkl`` (filename -> list of 256 ids), built from the CSV when missing."""
