@@ -276,7 +276,7 @@ def sample_class_conditional(model, labels, top_k=600, top_p=0.92, temperature=1
         _, c = model.encode_to_c(labels)  # (B, 1) class tokens (Labelator: the label itself)
         c = c.reshape(labels.shape[0], -1).long()
         idx = sample_with_past(c, model.transformer, steps=N_POS, temperature=temperature,
-                               sample_logits=True, top_k=top_k if top_k else None,
+                               sample_logits=True, top_k=int(top_k or 0),  # 0: no top-k (top-p still applies)
                                top_p=top_p if top_p is not None and top_p < 1.0 else None, callback=callback)
         return model.permuter(idx, reverse=True)
 
