@@ -1,0 +1,260 @@
+"""`make demo`: the whole CORTEX pipeline on the embedded synthetic worlds, then one report.
+
+Every step runs an experiment script with the flags a researcher types (``cd VQGAN_explanation; python
+train.py --model 1 ...``, printed before the step), through the script's own parser and ``main`` and with
+its progress bars; ``--subprocesses`` runs each as a separate ``python`` process instead. A step whose outputs exist is
+skipped (set ``FORCE=1`` to redo everything). The report is printed and written to
+``results/demo_report.md``; every number in it is read from the files the steps wrote.
+
+    python -m cortex.demo [--force] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VQ = REPO / "VQGAN_explanation"
+DA = REPO / "Dalle_explanation"
+
+
+@dataclass
+class Sizes:
+    """Demo size (default: minutes on a 2-core laptop) and a tiny size for the tests."""
+
+    world: list = field(default_factory=lambda: ["--num_classes", "10", "--train_per_class", "60",
+                                                 "--val_per_class", "10", "--test_per_class", "20"])
+    train: list = field(default_factory=lambda: ["--width", "64", "--epochs", "15", "--batch_size", "64"])
+    nsamples: str = "20"
+    evaluators_epochs: str = "4"
+    codebook_steps: str = "300"
+    codebook_eval_every: str = "100"
+    bias_world: list = field(default_factory=lambda: ["--train_per_class", "150", "--val_per_class", "30",
+                                                      "--test_per_class", "50", "--neutral_images", "300"])
+    bias_train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "5", "--batch_size", "64"])
+
+
+TINY = Sizes(
+    world=["--num_classes", "3", "--train_per_class", "10", "--val_per_class", "3", "--test_per_class", "4",
+           "--n_codes", "96", "--concept_tokens", "4", "--n_background", "16", "--n_distractors", "4",
+           "--object_size", "3", "4", "--patch_size", "2"],
+    train=["--width", "16", "--epochs", "3", "--batch_size", "16"],
+    nsamples="2", evaluators_epochs="1", codebook_steps="4", codebook_eval_every="2",
+    bias_world=["--train_per_class", "12", "--val_per_class", "4", "--test_per_class", "4", "--neutral_images", "24",
+                "--n_codes", "128", "--patch_size", "2"],
+    bias_train=["--width", "16", "--epochs", "2", "--batch_size", "16"],
+)
+
+
+@dataclass
+class Step:
+    name: str
+    cwd: Path  # the script's folder, as a researcher runs it
+    argv: list
+    outputs: list  # absolute paths; the step is skipped when all exist
+
+    def done(self) -> bool:
+        return all(Path(o).exists() for o in self.outputs)
+
+
+def _root_flag(root: Path, cwd: Path) -> list[str]:
+    """``--root`` as a researcher would type it: relative to the script's folder when inside it."""
+    try:
+        rel = os.path.relpath(root, cwd)
+    except ValueError:
+        rel = str(root)
+    return ["--root", rel if not rel.startswith("../..") else str(root)]
+
+
+def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
+    """The VQGAN pipeline on one synthetic world whose experiment folder is ``root``."""
+    r = _root_flag(root, VQ)
+    tis_root = lambda attr: root / "results" / ("TIS" if attr == "smoothgrad" else f"TIS_{attr}") / "Net1"
+    tis = lambda split, attr: Step(
+        f"TIS {split} ({attr}, {layout} world)", VQ,
+        ["TIS_computation.py", "--model", "1", "--data_type", split, "--batch_size", "25", "--attribution", attr,
+         "--nsamples", s.nsamples, "--resume", *r],
+        [tis_root(attr) / f"TIS_value_{split}" / "label_0.csv"])
+    steps = [
+        Step(f"generate the {layout} world", VQ,
+             ["generate_dataset.py", "--source", "synthetic", "--concept_layout", layout, "--layout", "compact",
+              *s.world, *r], [root / "datasets/generation_args.json"]),
+        Step(f"train IEM ({layout} world)", VQ, ["train.py", "--model", "1", *s.train, *r],
+             [root / "checkpoints/ClassificationNet1/best_model.pth"]),
+        Step(f"test IEM ({layout} world)", VQ, ["test.py", "--model", "1", *r],
+             [root / "results/Classification/ClassificationNet1/testing_results.csv"]),
+    ]
+    for attr in ("smoothgrad", "smoothgrad_x_input"):
+        steps.append(tis("train", attr))
+        steps.append(Step(f"TIS analysis ({attr}, {layout} world)", VQ,
+                          ["TIS_analysis.py", "--model", "1", "--attribution", attr, *r],
+                          [tis_root(attr) / "TIS_statistics_train" / "global_top_tokens_statistics.csv"]))
+    steps += [
+        Step(f"frequency baseline ({layout} world)", VQ, ["generate_freq_based_tokens.py", *r],
+             [root / "results/TIS/frequency_baseline/label_0.csv"]),
+        Step(f"concept recovery ({layout} world)", VQ / "explanation_evaluation",
+             ["concept_recovery.py", *_root_flag(root, VQ / "explanation_evaluation")],
+             [root / "results/Explanation/concept_recovery.csv"]),
+    ]
+    if full:
+        steps.insert(3, tis("test", "smoothgrad"))
+    return steps
+
+
+def dalle_steps(root: Path, s: Sizes) -> list[Step]:
+    r = _root_flag(root, DA)
+    steps = [Step("generate the bias worlds", DA,
+                  ["generate_dataset.py", "--source", "synthetic", "--bias_type", "all", "--layout", "compact",
+                   *s.bias_world, *r],
+                  [root / "datasets/doctor_original/information/results_none.csv",
+                   root / "datasets/doctor_color/embeddings/test_embeddings.csv"])]
+    for bt in ("doctor_gender", "doctor_color"):
+        b = ["--bias_type", bt, *r]
+        steps += [
+            Step(f"train IEM ({bt})", DA, ["train.py", "--model", "1", *s.bias_train, *b],
+                 [root / f"checkpoints/{bt}/ClassificationNet1/best_model.pth"]),
+            Step(f"test IEM ({bt})", DA, ["test.py", "--model", "1", *b],
+                 [root / f"results/{bt}/Classification/ClassificationNet1/testing_results.csv"]),
+            Step(f"TIS ({bt})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25", "--nsamples",
+                                     s.nsamples, "--resume", *b],
+                 [root / f"results/{bt}/TIS/Net1/TIS_value_train/label_1.csv"]),
+            Step(f"TIS analysis ({bt})", DA, ["TIS_analysis.py", "--model", "1", *b],
+                 [root / f"results/{bt}/TIS/Net1/TIS_statistics_train/global_top_tokens_statistics.csv"]),
+            Step(f"bias detection ({bt})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
+                                                "--token_num", "10", *b],
+                 [root / f"results/{bt}/Bias_detection/token_bias_top5_num10_cliff.csv"]),
+        ]
+    return steps
+
+
+@dataclass
+class Roots:
+    """Experiment folders of the demo: the repo's own by default, a scratch folder in the tests."""
+
+    vqgan: Path
+    scattered: Path
+    dalle: Path
+
+    @classmethod
+    def under(cls, work: Path) -> "Roots":
+        vq = work / "VQGAN_explanation"
+        return cls(vq, vq / "scattered_world", work / "Dalle_explanation")
+
+
+def all_steps(s: Sizes, roots: Roots) -> list[Step]:
+    return (vqgan_steps(roots.vqgan, "object", s, full=True) + vqgan_steps(roots.scattered, "scattered", s, full=False)
+            + dalle_steps(roots.dalle, s))
+
+
+def run_steps(steps: list[Step], force: bool, subprocesses: bool = False) -> list[tuple[str, float, bool]]:
+    """Run each step from its script's folder, in this process (default) or as a subprocess."""
+    from .scripts import run_script
+
+    timings = []
+    for i, st in enumerate(steps, 1):
+        header = f"[{i}/{len(steps)}] {st.name}"
+        if st.done() and not force:
+            print(f"{header}: done already, skipped (FORCE=1 to redo)")
+            timings.append((st.name, 0.0, True))
+            continue
+        argv = [str(a) for a in st.argv]
+        print(f"\n{header}\n  cd {os.path.relpath(st.cwd, REPO)} && python {' '.join(shlex.quote(a) for a in argv)}",
+              flush=True)
+        t = time.time()
+        if subprocesses:
+            subprocess.run([sys.executable, *argv], cwd=st.cwd, check=True)
+        else:
+            here = os.getcwd()
+            os.chdir(st.cwd)
+            try:
+                run_script(st.cwd / argv[0], argv[1:])
+            finally:
+                os.chdir(here)
+        timings.append((st.name, time.time() - t, False))
+    return timings
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def report(roots: Roots, out: Path) -> str:
+    """Read every number from the files the steps wrote and format one markdown report."""
+    lines = ["# CORTEX demo report", "",
+             "Synthetic worlds generated, explained and evaluated by `make demo`; every number below is read "
+             "from the files the pipeline wrote.", ""]
+    # 1. IEM accuracy
+    lines += ["## IEM accuracy (test split)", "", "| experiment | IEM | top-1 | top-3 | chance |", "|---|---|---|---|---|"]
+    for name, root in (("VQGAN, object world", roots.vqgan), ("VQGAN, scattered world", roots.scattered)):
+        r = _rows(root / "results/Classification/ClassificationNet1/testing_results.csv")[0]
+        k = json.loads((root / "datasets/dataset_info.json").read_text())["num_classes"]
+        lines.append(f"| {name} | Net1 | {float(r['Top-1 Accuracy']):.1f}% | {float(r['Top-3 Accuracy']):.1f}% | "
+                     f"{100 / k:.1f}% |")
+    for bt in ("doctor_gender", "doctor_color"):
+        r = _rows(roots.dalle / f"results/{bt}/Classification/ClassificationNet1/testing_results.csv")[0]
+        lines.append(f"| DALL-E-mini, {bt} | Net1 | {float(r['Accuracy']):.1f}% | | 50.0% |")
+    # 2. concept recovery
+    lines += ["", "## Concept recovery: precision@k of the planted concept tokens (k = planted tokens per label)", "",
+              "| method | object world | scattered world |", "|---|---|---|"]
+    table = {}
+    for world, root in (("object", roots.vqgan), ("scattered", roots.scattered)):
+        for r in _rows(root / "results/Explanation/concept_recovery.csv"):
+            if r["label"] == "mean":
+                key = r["method"] + (f" (top {r['top_n']})" if r["top_n"] not in ("", "-") else "")
+                table.setdefault(key, {})[world] = float(r["precision"])
+    for key, v in table.items():
+        lines.append(f"| {key} | {v.get('object', float('nan')):.2f} | {v.get('scattered', float('nan')):.2f} |")
+    # 3. bias detection
+    lines += ["", "## Bias detection (DALL-E-mini synthetic world)", "",
+              "| bias type | label | tokens | mean hits / image | Cliff's δ | seed's δ/2 |", "|---|---|---|---|---|---|"]
+    for bt in ("doctor_gender", "doctor_color"):
+        for r in _rows(roots.dalle / f"results/{bt}/Bias_detection/token_bias_top5_num10_cliff.csv"):
+            lines.append(f"| {bt} | {r['label']} | {r['number_of_target_tokens']} | "
+                         f"{float(r['average_frequency_per_file']):.2f} | {float(r['cliff_delta']):+.3f} | "
+                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} |")
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CORTEX demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--force", action="store_true", default=os.environ.get("FORCE", "0") not in ("", "0"),
+                   help="redo every step (also FORCE=1)")
+    p.add_argument("--tiny", action="store_true", help="a tiny world (seconds; used by the tests)")
+    p.add_argument("--subprocesses", action="store_true",
+                   help="run each script as its own `python script.py ...` process (default: in this process, "
+                        "through the script's own parser and main, which saves the start-up of every step)")
+    p.add_argument("--workdir", default=str(REPO),
+                   help="folder holding VQGAN_explanation/ and Dalle_explanation/ experiment folders (default: the repo)")
+    p.add_argument("--report", default=None, help="report path (default: <workdir>/results/demo_report.md)")
+    return p
+
+
+def main(args):
+    t = time.time()
+    sizes = TINY if args.tiny else Sizes()
+    roots = Roots.under(Path(args.workdir).resolve())
+    out = Path(args.report) if args.report else Path(args.workdir) / "results" / "demo_report.md"
+    timings = run_steps(all_steps(sizes, roots), args.force, args.subprocesses)
+    text = report(roots, out)
+    print("\n" + text)
+    print(f"demo finished in {time.time() - t:.0f} s ({sum(1 for *_, skipped in timings if skipped)} steps skipped); "
+          f"report: {out}")
+    return timings
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
