@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import time
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def train_parser(experiment: str) -> argparse.ArgumentParser:
     g.add_argument("--step_size", type=int, default=d["step_size"], help="StepLR step in epochs (default: %(default)s)")
     g.add_argument("--gamma", type=float, default=d["gamma"], help="StepLR factor (default: %(default)s)")
     g.add_argument("--resume", nargs="?", const="last", default=None,
-                   help="resume from <model_dir>/lightning/last.ckpt (no value) or from the given .ckpt")
+                   help="resume from <model_dir>/lightning/last.ckpt (no value) or from the given .ckpt; "
+                        "'--resume auto': resume if that checkpoint exists, else start fresh (SLURM requeue)")
     g = p.add_argument_group("distribution (PyTorch Lightning)")
     g.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: %(default)s)")
     g.add_argument("--devices", default="1", help="devices per node, e.g. 1, 4 or auto (default: %(default)s)")
@@ -76,11 +78,26 @@ def make_module(model, args):
         def training_step(self, batch, batch_idx):
             x, y, names = batch
             loss = F.cross_entropy(self.model(x), y)
-            if not torch.isfinite(loss):
-                print(f"\nskipping batch {batch_idx}: loss is {loss.item()} (files {names[0]} ...)")
-                return None
+            own_bad = not bool(torch.isfinite(loss))
+            world = self.trainer.world_size
+            # DDP: every rank must skip the same batches (Lightning refuses ``return None`` there, and a
+            # rank that skipped alone would leave the others waiting in the gradient all-reduce).
+            bad = self.trainer.strategy.reduce_boolean_decision(own_bad, all=False) if world > 1 else own_bad
+            self._skip_step = bad
+            if bad:
+                why = f"loss is {loss.item()} (files {names[0]} ...)" if own_bad else "non-finite loss on another rank"
+                print(f"\nskipping batch {batch_idx}: {why}")
+                if world == 1:
+                    return None
+                # a zero loss reaching every parameter keeps DDP's all-reduce in step; the update itself is
+                # dropped in on_before_optimizer_step, so the batch changes nothing (as on one process)
+                return sum(p.sum() for p in self.model.parameters()) * 0.0
             self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
             return loss
+
+        def on_before_optimizer_step(self, optimizer):
+            if getattr(self, "_skip_step", False):
+                optimizer.zero_grad(set_to_none=True)  # Adam skips parameters without a gradient
 
         def validation_step(self, batch, batch_idx):
             x, y, _ = batch
@@ -104,6 +121,14 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
     class PaperOutputs(pl.Callback):
         def __init__(self):
             self.best = math.inf
+            self.log_path = Path(log_path)
+            self.resumed = False
+
+        def on_train_start(self, trainer, module):
+            # Resumed (after a kill or a requeue): continue the run's own log, without the lines of epochs
+            # the checkpoint does not contain (written after the last checkpoint, before the kill).
+            if self.resumed and trainer.is_global_zero and self.log_path.exists():
+                trim_training_log(self.log_path, trainer.current_epoch)
 
         def on_train_epoch_end(self, trainer, module):  # runs after this epoch's validation
             if trainer.sanity_checking or not trainer.is_global_zero:
@@ -115,8 +140,8 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
             e = trainer.current_epoch + 1
             lines = [f"Epoch [{e}/{epochs}], Training Loss: {tr:.4f}", f"Validation Loss: {vl:.4f}, Accuracy: {va:.2f}%"]
             print("\n" + "\n".join(lines))
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as f:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
                 f.write("\n".join(lines) + "\n")
             state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
             save_iem(state, model_dir / "model.pth", meta)
@@ -126,12 +151,32 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
                 print(f"best validation loss so far: saved {model_dir / 'best_model.pth'}")
 
         def state_dict(self):
-            return {"best": self.best}
+            return {"best": self.best, "log_name": self.log_path.name}
 
         def load_state_dict(self, state):
             self.best = state.get("best", math.inf)
+            self.resumed = True
+            # the run's own log (by name, inside this run's --log_dir), not merely the newest one in logs/
+            own = self.log_path.parent / state.get("log_name", "")
+            if state.get("log_name") and own.exists():
+                self.log_path = own
 
     return PaperOutputs()
+
+
+def trim_training_log(path: Path, epochs_done: int) -> None:
+    """Drop the lines of epochs after ``epochs_done`` (and a torn last line) from a training log."""
+    lines = Path(path).read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        m = re.match(r"Epoch \[(\d+)/\d+\]", line)
+        if (m and int(m.group(1)) > epochs_done) or not line.endswith("\n"):
+            break
+        keep.append(line)
+    if len(keep) < len(lines):
+        print(f"{path}: resuming after epoch {epochs_done}; dropped {len(lines) - len(keep)} later line(s)")
+        with atomic_write(path) as f:
+            f.writelines(keep)
 
 
 def _accelerator_and_devices(args):
@@ -169,6 +214,10 @@ def train_iem(args, paths, experiment: str) -> dict:
     save_run_args(args, model_dir, "train_args.json")
     log_path = paths.log_dir / f"training_log_{time.strftime('%Y%m%d_%H%M')}.txt"
     ckpt_path = None
+    if args.resume == "auto":  # same command line for a first run and a requeued one (SLURM)
+        auto = model_dir / "lightning" / "last.ckpt"
+        print(f"--resume auto: {'resuming from ' + str(auto) if auto.exists() else 'no checkpoint yet, starting fresh'}")
+        args.resume = "last" if auto.exists() else None
     if args.resume:
         ckpt_path = model_dir / "lightning" / "last.ckpt" if args.resume == "last" else Path(args.resume)
         if not ckpt_path.exists():
