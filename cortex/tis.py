@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,7 +159,9 @@ def _parse_rows(rows: list[str], path) -> np.ndarray:
         return np.zeros((0, N_POS))
     body = ",".join(r.strip()[1:-1] for r in rows)
     try:
-        flat = np.array(body.split(","), dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = np.fromstring(body, dtype=np.float64, sep=",")  # text mode: one C parse per file
     except ValueError:
         flat = None
     if flat is None or flat.size != len(rows) * N_POS or not all(r.strip()[:1] == "[" for r in rows):
@@ -359,7 +362,8 @@ def run_tis(args, experiment: str) -> dict:
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
     ckpt = require_file(paths.best_ckpt(args.model), "IEM checkpoint",
                         f"Train it first (python train.py --model {args.model}) or pass --checkpoint_dir.")
-    model = load_iem(ckpt, experiment, args.model, num_classes=num_classes, width=args.width, map_location="cpu")
+    model = load_iem(ckpt, experiment, args.model, num_classes=args.num_classes, width=args.width,
+                     depth=args.depth, map_location="cpu")
     dataset = EmbeddingDataset(paths.data_dir, args.data_type, num_classes)
     codebook = None
     if ATTRIBUTIONS[args.attribution].uses_baseline:

@@ -160,3 +160,16 @@ def test_contribution_attributions_run(data_dir, tmp_path):
                       codebook=cb, progress=False)
         names, labels, scores = T.read_tis_file(tmp_path / name / "label_0.csv")
         assert scores.shape == (PER_LABEL, 256) and np.isfinite(scores).all()
+
+
+def test_read_tis_file_rejects_malformed_rows(tmp_path):
+    from cortex.utils import format_list
+
+    p = tmp_path / "label_0.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(T.TIS_HEADER)
+        w.writerow(["0_0.npy", 0, format_list(np.arange(256) / 3)])
+        w.writerow(["0_1.npy", 0, format_list(np.arange(255) / 3)])
+    with pytest.raises(CortexError, match="row 3 has 255 scores"):
+        T.read_tis_file(p)
