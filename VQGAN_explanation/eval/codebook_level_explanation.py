@@ -1,0 +1,260 @@
+"""Codebook-level explanation (SPEC §5): optimise a region's tokens so that the IEM sees the target label.
+
+    cd VQGAN_explanation/eval
+    python codebook_level_explanation.py --model 1 --steps 5000 --lr 0.01 --optimization_type token
+    python codebook_level_explanation.py --model 1 --optimization_type embedding
+    # the synthetic world (10 classes): pairs as flags, fewer steps
+    python codebook_level_explanation.py --model 1 --pairs 0:5,1:6,2:7,3:8,4:9 --steps 300 --lr 0.1 \\
+        --eval_every 100 --evaluators synthetic
+
+Test images of labels 10..20 except 15 (--labels), target label 30 - label (--target_sum; or explicit
+--pairs source:target,...). Only the token rows 7..10 x cols 7..10 (--rows/--cols, inclusive) change.
+Token mode: logits (region positions x n_codes), random init, one hard straight-through Gumbel-softmax
+sample (temperature --tau) per step, embedding = one_hot @ codebook, loss = -IEM target logit, Adam; the
+positions outside the region keep their ids. Embedding mode: Adam on the embedding, gradient masked to the
+region. Every --eval_every steps and at the end the image is decoded (nearest code -> VQ decoder) and scored
+by the evaluators; each evaluator's best target prob (over those checkpoints) is kept per image.
+
+The VQ decoder: the synthetic world's (datasets/synthetic_vq.pt) when present, else the taming VQGAN in
+VQGAN_directory below (or --vqgan_config / --vqgan_ckpt).
+
+Writes results/Explanation/model_{m}/
+  codebook_level_results_{type}_{steps}_{lr}.csv   model,initial_original_logit,initial_target_logit,
+        initial_original_prob,initial_target_prob,final_original_logit,final_target_logit,final_original_prob,
+        final_target_prob   (one row per evaluator, means over images; original = the image's label)
+  codebook_level_{type}_{steps}_{lr}/per_image.csv, optimized_tokens.csv (original and optimised ids),
+        images/<image>_to<target>_{before,after}.png  (after = the last step)
+  figures/codebook_level_{type}_{steps}_{lr}.png
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Edit this to where the taming VQGAN lives (relative to this eval/ folder, or absolute); it holds
+# configs/model.yaml and checkpoints/last.ckpt as downloaded (see docs/real_vqgan.md).
+VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
+
+from cortex.cli import model_parser, paths_parser, runtime_parser  # noqa: E402
+from cortex.data import read_split  # noqa: E402
+from cortex.evaluators import evaluator_parser  # noqa: E402
+from cortex.explain import (CODEBOOK_COLUMNS, best_rows, eval_setup, label_pairs, optimize_embedding,  # noqa: E402
+                            optimize_tokens, region_positions, score_trace, write_rows)
+from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
+
+EXPERIMENT = "vqgan"
+PAPER_LABELS = [l for l in range(10, 21) if l != 15]
+PER_IMAGE_COLUMNS = ["filename", "label", "target", "evaluator", "best_step", "initial_target_prob",
+                     "final_target_prob", "initial_original_prob", "final_original_prob", "iem_initial_target_logit",
+                     "iem_final_target_logit"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("codebook_level_explanation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[model_parser((1, 2, 3, 4)), paths_parser(root_default=".."),
+                                         runtime_parser(), evaluator_parser()])
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimization_type", choices=("token", "embedding"), default="token",
+                   help="optimise token choices (Gumbel-softmax) or the embedding itself (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=5000, help="optimisation steps (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--eval_every", type=int, default=500,
+                   help="decode and score every N steps, and at the end (default: %(default)s)")
+    g.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature (default: %(default)s)")
+    g.add_argument("--batch_size", type=int, default=16,
+                   help="images optimised together (independent parameters; default: %(default)s)")
+    g = p.add_argument_group("which images, which region")
+    g.add_argument("--labels", type=int, nargs="+", default=PAPER_LABELS,
+                   help="source labels (default: the paper's 10..20 except 15)")
+    g.add_argument("--target_sum", type=int, default=30,
+                   help="target label = TARGET_SUM - source label (default: the paper's %(default)s)")
+    g.add_argument("--pairs", default=None,
+                   help="explicit source:target pairs, e.g. 0:5,1:6 (overrides --labels/--target_sum)")
+    g.add_argument("--images_per_label", type=int, default=None, help="first N test images of each source label")
+    g.add_argument("--rows", type=int, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
+                   help="token rows of the region, inclusive (default: 7 10)")
+    g.add_argument("--cols", type=int, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
+                   help="token cols of the region, inclusive (default: 7 10)")
+    g = p.add_argument_group("VQ decoder")
+    g.add_argument("--vq", choices=("auto", "synthetic", "taming"), default="auto",
+                   help="decoder: synthetic (datasets/synthetic_vq.pt), taming (--vqgan_config/--vqgan_ckpt, default "
+                        "VQGAN_directory), or auto: synthetic when that file exists and no --vqgan_* flag is given")
+    g.add_argument("--vqgan_config", default=None, help="taming VQGAN YAML (default: <VQGAN_directory>/configs/model.yaml)")
+    g.add_argument("--vqgan_ckpt", default=None, help="taming VQGAN checkpoint (default: <VQGAN_directory>/checkpoints/last.ckpt)")
+    p.add_argument("--no_figures", action="store_true", help="write the CSVs and images only")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def load_vq(args, paths, device):
+    """The VQ model whose decoder renders the optimised tokens (synthetic world or taming VQGAN)."""
+    synthetic = Path(paths.data_dir) / "synthetic_vq.pt"
+    use_taming = args.vq == "taming" or (args.vq == "auto" and (args.vqgan_config or args.vqgan_ckpt
+                                                                 or not synthetic.exists()))
+    if not use_taming:
+        from cortex.synthetic import load_vq as load_synthetic
+
+        print(f"VQ decoder: the synthetic world's ({synthetic})")
+        return load_synthetic(synthetic, device)
+    from cortex.taming_compat import load_taming_model
+
+    config = args.vqgan_config or str(Path(VQGAN_directory) / "configs" / "model.yaml")
+    ckpt = args.vqgan_ckpt or str(Path(VQGAN_directory) / "checkpoints" / "last.ckpt")
+    for what, f in (("VQGAN config", config), ("VQGAN checkpoint", ckpt)):
+        if not Path(f).is_file():
+            raise CortexError(f"{what} not found: {f}. Edit VQGAN_directory at the top of codebook_level_explanation.py "
+                              f"or pass --vqgan_config/--vqgan_ckpt (see docs/real_vqgan.md); on the synthetic world "
+                              f"generate datasets/synthetic_vq.pt with generate_dataset.py")
+    print(f"VQ decoder: taming VQGAN {config} + {ckpt}")
+    return load_taming_model(config, ckpt, device)
+
+
+def select_images(paths, pairs, per_label):
+    records = read_split(paths.data_dir, "test")
+    chosen, targets = [], []
+    for src, tgt in pairs:
+        recs = [r for r in records if r.label == src][:per_label]
+        if not recs:
+            raise CortexError(f"label {src} has no test images in {paths.data_dir}; choose other labels with --labels "
+                              f"or --pairs (e.g. on a 10-class world: --pairs 0:5,1:6)")
+        chosen += recs
+        targets += [tgt] * len(recs)
+    return chosen, targets
+
+
+def main(args):
+    from cortex.models import load_iem
+    from cortex.synthetic import to_uint8
+
+    pairs = label_pairs(args.labels, args.target_sum, args.pairs)
+    region = region_positions(args.rows, args.cols)
+    if args.steps < 1 or args.lr <= 0:
+        raise CortexError(f"--steps {args.steps} --lr {args.lr}: need steps >= 1 and lr > 0")
+    paths, device, evaluators = eval_setup(args, EXPERIMENT)
+    iem = load_iem(paths.best_ckpt(args.model), EXPERIMENT, args.model, num_classes=args.num_classes,
+                   width=args.width, depth=args.depth, map_location=device)
+    for p_ in iem.parameters():
+        p_.requires_grad_(False)
+    n_classes = iem_classes = [m for m in iem.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    n_classes = min([iem_classes] + [e.num_classes for e in evaluators])
+    bad = [(s, t) for s, t in pairs if not (0 <= s < n_classes and 0 <= t < n_classes)]
+    if bad:
+        raise CortexError(f"label pairs {bad} are outside 0..{n_classes - 1} (IEM and evaluators have {n_classes} "
+                          f"classes); pass --labels/--target_sum or --pairs, e.g. --pairs 0:5,1:6")
+    vq = load_vq(args, paths, device)
+    codebook = vq.quantize.embedding.weight.detach()
+    if codebook.shape[1] != 256:
+        raise CortexError(f"the VQ codebook has dimension {codebook.shape[1]}; the IEMs read 256-d token embeddings")
+
+    records, targets = select_images(paths, pairs, args.images_per_label)
+    if max(int(r.ids.max()) for r in records) >= codebook.shape[0]:
+        raise CortexError(f"token ids of {paths.data_dir} exceed the VQ codebook ({codebook.shape[0]} codes): "
+                          f"is this the VQ model that made the dataset?")
+    tag = f"{args.optimization_type}_{args.steps}_{args.lr}"
+    out_dir = paths.explanation_dir(args.model)
+    run_dir = out_dir / f"codebook_level_{tag}"
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    save_run_args(args, run_dir, "args.json")
+    print(f"{len(records)} images, pairs {pairs}, region rows {args.rows[0]}..{args.rows[1]} x cols "
+          f"{args.cols[0]}..{args.cols[1]} ({len(region)} positions), {args.optimization_type} mode, "
+          f"{args.steps} steps, lr {args.lr}")
+
+    all_scores, traces, firsts, lasts = [], [], [], []
+    for s in range(0, len(records), args.batch_size):
+        recs, tg = records[s:s + args.batch_size], targets[s:s + args.batch_size]
+        ids = torch.from_numpy(np.stack([r.ids for r in recs]))
+        tgt = torch.tensor(tg)
+        if args.optimization_type == "token":
+            trace = optimize_tokens(iem, codebook, ids, tgt, region, args.steps, args.lr, args.eval_every,
+                                    seed=args.seed + s, tau=args.tau, progress=not args.no_progress)
+        else:
+            trace = optimize_embedding(iem, codebook, ids, tgt, region, args.steps, args.lr, args.eval_every,
+                                       progress=not args.no_progress)
+        scores, first, last = score_trace(evaluators, vq, trace, [r.label for r in recs], tg, args.eval_batch_size)
+        all_scores.append(scores)
+        traces.append(trace)
+        firsts.append(first)
+        lasts.append(last)
+        print(f"images {s + 1}..{s + len(recs)}: IEM target logit {trace.iem_target_logit[0].mean():.2f} -> "
+              f"{trace.iem_target_logit[-1].mean():.2f}")
+
+    # merge batches: scores[name][key] (T, B) -> (T, N)
+    scores = {n: {k: np.concatenate([sc[n][k] for sc in all_scores], axis=1) for k in all_scores[0][n]}
+              for n in all_scores[0]}
+    rows, best = best_rows(scores)
+    out = write_rows(out_dir / f"codebook_level_results_{tag}.csv", CODEBOOK_COLUMNS, rows)
+    steps = traces[0].steps
+    iem0 = np.concatenate([t.iem_target_logit[0] for t in traces])
+    iem1 = np.concatenate([t.iem_target_logit[-1] for t in traces])
+    per_image = []
+    for name, s in scores.items():
+        for i, r in enumerate(records):
+            b = best[name][i]
+            per_image.append(dict(filename=r.filename, label=r.label, target=targets[i], evaluator=name,
+                                  best_step=steps[b], initial_target_prob=s["tgt_prob"][0, i],
+                                  final_target_prob=s["tgt_prob"][b, i], initial_original_prob=s["orig_prob"][0, i],
+                                  final_original_prob=s["orig_prob"][b, i], iem_initial_target_logit=iem0[i],
+                                  iem_final_target_logit=iem1[i]))
+    write_rows(run_dir / "per_image.csv", PER_IMAGE_COLUMNS, per_image)
+    final_ids = torch.cat([t.ids[-1] for t in traces]).numpy()
+    import csv
+
+    with atomic_write(run_dir / "optimized_tokens.csv") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "label", "target", "changed_positions", "original_indices", "optimized_indices"])
+        for i, r in enumerate(records):
+            w.writerow([r.filename, r.label, targets[i], int((final_ids[i] != r.ids).sum()), format_list(r.ids),
+                        format_list(final_ids[i])])
+    before = to_uint8(torch.cat(firsts) * 2 - 1)
+    after = to_uint8(torch.cat(lasts) * 2 - 1)
+    _save_pngs(run_dir / "images", records, targets, before, after)
+
+    print(f"wrote {out}")
+    print(f"{'evaluator':<16} {'target prob before':>18} {'after (best)':>13} {'label prob before':>18} {'after':>7}")
+    for r in rows:
+        print(f"{r['model']:<16} {r['initial_target_prob']:18.3f} {r['final_target_prob']:13.3f} "
+              f"{r['initial_original_prob']:18.3f} {r['final_original_prob']:7.3f}")
+    print(f"IEM target logit (discrete tokens): {iem0.mean():.2f} -> {iem1.mean():.2f}")
+    if not args.no_figures:
+        from cortex import plots
+
+        pick = _figure_picks(records, targets, 8)
+        mean_p = lambda b: np.mean([scores[n]["tgt_prob"][b, :] for n in scores], axis=0)  # noqa: E731
+        p0, p1 = mean_p(0), mean_p(-1)
+        titles = [f"{records[i].filename}: {records[i].label}->{targets[i]}\np(target) {p0[i]:.2f}->{p1[i]:.2f}"
+                  for i in pick]
+        fig = plots.before_after([before[i] for i in pick], [after[i] for i in pick], titles,
+                                 paths.figures_dir(args.model) / f"codebook_level_{tag}.png",
+                                 region=(args.rows[0], args.rows[1], args.cols[0], args.cols[1]),
+                                 title=f"Codebook level ({args.optimization_type}, {args.steps} steps, lr {args.lr}); "
+                                       f"p(target) = mean over evaluators, after = last step")
+        print(f"figure: {fig}")
+    return out
+
+
+def _figure_picks(records, targets, k):
+    """Up to k images, spread over the pairs."""
+    by = {}
+    for i, (r, t) in enumerate(zip(records, targets)):
+        by.setdefault((r.label, t), []).append(i)
+    picks, j = [], 0
+    while len(picks) < k and any(j < len(v) for v in by.values()):
+        picks += [v[j] for v in by.values() if j < len(v)][: k - len(picks)]
+        j += 1
+    return picks
+
+
+def _save_pngs(folder, records, targets, before, after):
+    from PIL import Image
+
+    for i, r in enumerate(records):
+        stem = f"{Path(r.filename).stem}_to{targets[i]}"
+        for tag, arr in (("before", before[i]), ("after", after[i])):
+            with atomic_write(folder / f"{stem}_{tag}.png", "wb") as f:
+                Image.fromarray(arr).save(f, format="PNG")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

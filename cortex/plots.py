@@ -1,0 +1,182 @@
+"""Every figure of the project, drawn with matplotlib's Agg backend and saved to a file.
+
+Each function takes plain data (DataFrames / arrays), writes one PNG (and returns its path), and
+closes its figure. The eval scripts save theirs under ``results/Explanation/model_{m}/figures/``.
+
+* ``deletion_curves``  sample level: evaluator target prob vs number of masked tokens, TIS vs random;
+* ``concept_bars``     concept level: original vs CORTEX-masked vs frequency-baseline-masked prob;
+* ``tis_grid``         test images with their TIS heatmap, top-token boxes and the masked image;
+* ``before_after``     codebook level: decoded image before/after the optimisation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+GRID = 16
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    from .utils import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def _hwc(img) -> np.ndarray:
+    """(3, H, W) or (H, W, 3), uint8 or [0, 1] float -> (H, W, 3) float in [0, 1]."""
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    a = a.astype(np.float64)
+    return a / 255.0 if a.max(initial=0) > 1.0 else a
+
+
+def deletion_curves(df, path, title: str = "") -> Path:
+    """Sample-level deletion curves, one panel per evaluator.
+
+    df: the sample-level results (columns Model, Num_Masked_Tokens, Method, Avg_Probs).
+    """
+    plt = _plt()
+    models = list(dict.fromkeys(df["Model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), squeeze=False, sharey=True)
+    styles = {"target": dict(color="tab:red", marker="o", label="top-n TIS tokens (CORTEX)"),
+              "random": dict(color="tab:gray", marker="s", label="n random tokens")}
+    for ax, m in zip(axes[0], models):
+        d = df[df["Model"] == m]
+        orig = d[d["Method"] == "original"]["Avg_Probs"]
+        for method, st in styles.items():
+            dm = d[d["Method"] == method].sort_values("Num_Masked_Tokens")
+            if len(dm):
+                x = np.r_[0, dm["Num_Masked_Tokens"].to_numpy()]
+                y = np.r_[orig.iloc[0] if len(orig) else np.nan, dm["Avg_Probs"].to_numpy()]
+                ax.plot(x, y, lw=1.6, ms=3.5, **st)
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("n (positions whose ids are masked)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("evaluator prob. of the true label")
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def concept_bars(df, path, title: str = "") -> Path:
+    """Concept-level bars per evaluator (and Overall): original / CORTEX-masked / baseline-masked prob.
+
+    df: the concept-level results (Model, Avg_Original_Prob, Avg_Masked_Prob_Target, Avg_Masked_Prob_Baseline).
+    """
+    plt = _plt()
+    models = list(df["Model"])
+    x = np.arange(len(models))
+    w = 0.27
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(models) + 1.5), 3.4))
+    series = [("Avg_Original_Prob", "unmasked", "tab:blue"),
+              ("Avg_Masked_Prob_Target", "CORTEX concept tokens masked", "tab:red"),
+              ("Avg_Masked_Prob_Baseline", "frequency-baseline tokens masked", "tab:gray")]
+    for i, (col, label, color) in enumerate(series):
+        vals = df[col].to_numpy(dtype=float)
+        bars = ax.bar(x + (i - 1) * w, vals, w, label=label, color=color)
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, models, fontsize=9)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("prob. of the true label")
+    ax.legend(fontsize=8, loc="upper center", ncol=3, bbox_to_anchor=(0.5, -0.12))
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, title: str = "") -> Path:
+    """One row per image: the image with boxes on its top-n TIS positions, the TIS heatmap over the
+    image, and (optional) the image with the top-n TIS token ids masked.
+
+    images: list of (3, H, W)/(H, W, 3) arrays; scores: list of (256,) TIS rows; titles: row labels.
+    """
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    ncol = 3 if masked is not None else 2
+    n = len(images)
+    fig, axes = plt.subplots(n, ncol, figsize=(2.3 * ncol, 2.3 * n), squeeze=False)
+    for i in range(n):
+        img = _hwc(images[i])
+        H = img.shape[0]
+        p = H / GRID
+        s = np.asarray(scores[i], dtype=np.float64).reshape(GRID, GRID)
+        top = np.argsort(-s.reshape(-1), kind="stable")[:top_n]
+        ax = axes[i][0]
+        ax.imshow(img, interpolation="nearest")
+        for pos in top:
+            r, c = divmod(int(pos), GRID)
+            ax.add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, ec="yellow", lw=1.2))
+        ax.set_ylabel(titles[i], fontsize=8)
+        ax = axes[i][1]
+        ax.imshow(img, interpolation="nearest")
+        hm = ax.imshow(s, cmap="inferno", alpha=0.65, extent=(-0.5, H - 0.5, H - 0.5, -0.5), interpolation="nearest")
+        fig.colorbar(hm, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        if masked is not None:
+            axes[i][2].imshow(_hwc(masked[i]), interpolation="nearest")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    heads = [f"image + top-{top_n} TIS positions", "TIS heatmap"] + ([f"top-{top_n} TIS token ids masked"]
+                                                                     if masked is not None else [])
+    for ax, h in zip(axes[0], heads):
+        ax.set_title(h, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def before_after(befores, afters, titles, path, region=None, title: str = "") -> Path:
+    """Codebook level: pairs (before | after) per image, the optimised region outlined.
+
+    befores/afters: lists of images; titles: one string per pair (shown above the pair);
+    region: (row0, row1, col0, col1) inclusive token rows/cols, or None.
+    """
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    n = len(befores)
+    per_row = min(n, 4)
+    rows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.0 * 2 * per_row, 2.35 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        for j, (img, tag) in enumerate(((befores[i], "before"), (afters[i], "after"))):
+            ax = axes[r][2 * c + j]
+            im = _hwc(img)
+            ax.imshow(im, interpolation="nearest")
+            if region is not None:
+                p = im.shape[0] / GRID
+                r0, r1, c0, c1 = region
+                ax.add_patch(Rectangle((c0 * p - 0.5, r0 * p - 0.5), (c1 - c0 + 1) * p, (r1 - r0 + 1) * p,
+                                       fill=False, ec="cyan", lw=1.0, ls="--"))
+            ax.set_title(f"{titles[i]}\n{tag}" if j == 0 else tag, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
