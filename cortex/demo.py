@@ -32,7 +32,7 @@ class Sizes:
 
     world: list = field(default_factory=lambda: ["--num_classes", "10", "--train_per_class", "60",
                                                  "--val_per_class", "10", "--test_per_class", "20"])
-    train: list = field(default_factory=lambda: ["--width", "64", "--epochs", "15", "--batch_size", "64"])
+    train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "10", "--batch_size", "64"])
     nsamples: str = "20"
     evaluators_epochs: str = "4"
     codebook_steps: str = "300"

@@ -163,6 +163,11 @@ class SyntheticWorld:
         c = self.config
         g = torch.Generator().manual_seed(c.seed * 7919 + 13)
         codebook = torch.randn(c.n_codes, EMB_DIM, generator=g)
+        # As in a trained VQGAN, codes that look alike lie close: a class's concept codes share a direction
+        # (cosine ~0.5 between them), and keep the norm of the other codes.
+        for y, toks in self.concept_tokens.items():
+            centre = torch.randn(EMB_DIM, generator=g)
+            codebook[toks] = (centre + codebook[toks]) / 2 ** 0.5
         rng = np.random.default_rng([c.seed, 2])
         hue = rng.random(c.n_codes)
         sat = rng.uniform(0.0, 0.25, c.n_codes)  # dull by default

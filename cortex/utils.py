@@ -19,10 +19,12 @@ class CortexError(RuntimeError):
 # ----------------------------------------------------------------------------- files
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str | None = "utf-8"):
+def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str | None = "utf-8",
+                 fsync: bool = False):
     """Open a temp file beside ``path``; on success rename it over ``path``.
 
-    An interrupted run never leaves a half-written file that a later step would trust.
+    An interrupted (killed) run never leaves a half-written file that a later step would trust.
+    ``fsync=True`` also survives a power loss, at a large cost per file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,8 @@ def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str 
         with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
