@@ -37,6 +37,8 @@ class Sizes:
     evaluators_epochs: str = "4"
     codebook_steps: str = "300"
     codebook_eval_every: str = "100"
+    token_num: str = "8"  # concept tokens masked per label (= the planted ones per class)
+    pairs: str = "0:5,1:6,2:7,3:8,4:9"  # codebook level: source label -> target label
     bias_world: list = field(default_factory=lambda: ["--train_per_class", "150", "--val_per_class", "30",
                                                       "--test_per_class", "50", "--neutral_images", "300"])
     bias_train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "5", "--batch_size", "64"])
@@ -47,7 +49,7 @@ TINY = Sizes(
            "--n_codes", "96", "--concept_tokens", "4", "--n_background", "16", "--n_distractors", "4",
            "--object_size", "3", "4", "--patch_size", "2"],
     train=["--width", "16", "--epochs", "3", "--batch_size", "16"],
-    nsamples="2", evaluators_epochs="1", codebook_steps="4", codebook_eval_every="2",
+    nsamples="2", evaluators_epochs="1", codebook_steps="4", codebook_eval_every="2", token_num="4", pairs="0:1,1:2",
     bias_world=["--train_per_class", "12", "--val_per_class", "4", "--test_per_class", "4", "--neutral_images", "24",
                 "--n_codes", "128", "--patch_size", "2"],
     bias_train=["--width", "16", "--epochs", "2", "--batch_size", "16"],
@@ -106,6 +108,24 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
     ]
     if full:
         steps.insert(3, tis("test", "smoothgrad"))
+        e = _root_flag(root, VQ / "eval")
+        out = root / "results/Explanation/model_1"
+        steps += [
+            Step("train the synthetic evaluators", VQ, ["train_evaluators.py", "--epochs", s.evaluators_epochs, *r],
+                 [root / "checkpoints/evaluators/evaluators.csv"]),
+            Step("sample-level (image) explanation", VQ / "eval",
+                 ["sample_image_level_explanation.py", "--model", "1", "--evaluators", "synthetic", *e],
+                 [out / "sample_image_level_results.csv"]),
+            Step("sample-level (concept) explanation", VQ / "eval",
+                 ["sample_concept_level_explanation.py", "--model", "1", "--top_n", "20", "--token_num",
+                  s.token_num, "--evaluators", "synthetic", *e],
+                 [out / f"sample_concept_level_results_top20_token{s.token_num}.csv"]),
+            Step("codebook-level explanation", VQ / "eval",
+                 ["codebook_level_explanation.py", "--model", "1", "--optimization_type", "token", "--steps",
+                  s.codebook_steps, "--lr", "0.01", "--eval_every", s.codebook_eval_every, "--pairs", s.pairs,
+                  "--images_per_label", "2", "--evaluators", "synthetic", *e],
+                 [out / f"codebook_level_results_token_{s.codebook_steps}_0.01.csv"]),
+        ]
     return steps
 
 
@@ -215,14 +235,55 @@ def report(roots: Roots, out: Path) -> str:
                 table.setdefault(key, {})[world] = float(r["precision"])
     for key, v in table.items():
         lines.append(f"| {key} | {v.get('object', float('nan')):.2f} | {v.get('scattered', float('nan')):.2f} |")
-    # 3. bias detection
-    lines += ["", "## Bias detection (DALL-E-mini synthetic world)", "",
-              "| bias type | label | tokens | mean hits / image | Cliff's δ | seed's δ/2 |", "|---|---|---|---|---|---|"]
+    # 3. evaluation with the synthetic evaluators
+    ex = roots.vqgan / "results/Explanation/model_1"
+    rows = _rows(ex / "sample_image_level_results.csv")
+    ns = sorted({int(r["Num_Masked_Tokens"]) for r in rows if r["Method"] != "original"})
+    show = [n for n in (10, 20, 30) if n in ns] or ns[:3]
+    lines += ["", "## Deletion: evaluators' target probability after masking the tokens at the top-n TIS positions vs "
+              "n random positions", "",
+              "| evaluator | unmasked | " + " | ".join(f"TIS n={n} | random n={n}" for n in show) + " |",
+              "|---|---|" + "---|---|" * len(show)]
+    for ev in dict.fromkeys(r["Model"] for r in rows):
+        get = lambda m, n=None: next(float(r["Avg_Probs"]) for r in rows if r["Model"] == ev and r["Method"] == m
+                                     and (n is None or int(r["Num_Masked_Tokens"]) == n))
+        lines.append(f"| {ev} | {get('original'):.3f} | "
+                     + " | ".join(f"{get('target', n):.3f} | {get('random', n):.3f}" for n in show) + " |")
+    conc = next(ex.glob("sample_concept_level_results_top*_token*.csv"))
+    lines += ["", f"## Concept-level masking ({conc.stem.split('results_')[1]}): drop of the target logit when the "
+              "label's CORTEX concept tokens vs its frequency-baseline tokens are masked", "",
+              "| evaluator | original prob | CORTEX: logit drop | baseline: logit drop | CORTEX: prob | baseline: prob |",
+              "|---|---|---|---|---|---|"]
+    for r in _rows(conc):
+        lines.append(f"| {r['Model']} | {float(r['Avg_Original_Prob']):.3f} | {float(r['Avg_Diff_Target']):.2f} | "
+                     f"{float(r['Avg_Diff_Baseline']):.2f} | {float(r['Avg_Masked_Prob_Target']):.3f} | "
+                     f"{float(r['Avg_Masked_Prob_Baseline']):.3f} |")
+    cb = next(ex.glob("codebook_level_results_token_*.csv"))
+    lines += ["", f"## Codebook-level optimisation ({cb.stem.split('results_')[1]}): target-label probability "
+              "before and after optimising the 4x4 region's tokens", "",
+              "| evaluator | initial target prob | final target prob | gain |", "|---|---|---|---|"]
+    for r in _rows(cb):
+        i, f = float(r["initial_target_prob"]), float(r["final_target_prob"])
+        lines.append(f"| {r['model']} | {i:.3f} | {f:.3f} | {f - i:+.3f} |")
+    # 4. bias detection
+    lines += ["", "## Bias detection (DALL-E-mini synthetic world; neutral prompt planted to lean to label 0)", "",
+              "| bias type | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
+              "| Cliff's δ | seed's δ/2 | planted direction found |", "|---|---|---|---|---|---|---|"]
     for bt in ("doctor_gender", "doctor_color"):
+        gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
+        want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
         for r in _rows(roots.dalle / f"results/{bt}/Bias_detection/token_bias_top5_num10_cliff.csv"):
-            lines.append(f"| {bt} | {r['label']} | {r['number_of_target_tokens']} | "
-                         f"{float(r['average_frequency_per_file']):.2f} | {float(r['cliff_delta']):+.3f} | "
-                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} |")
+            label, delta = r["label"], float(r["cliff_delta"])
+            tokens = json.loads(r["tokens"])
+            planted = sum(t in set(gt["concept_tokens"][label]) for t in tokens)
+            sign = want if label == "0" else -want
+            lines.append(f"| {bt} | {label} ({gt['attribute_names'][label]}) | {planted}/{len(tokens)} | "
+                         f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} | "
+                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} |")
+    figures = sorted((ex / "figures").glob("*.png")) + sorted(roots.dalle.glob("results/*/Bias_detection/*.png"))
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{p.stem}]({os.path.relpath(p, out.parent)})" for p in figures]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
