@@ -264,3 +264,35 @@ def test_dalle_pipeline_on_slurm_equals_local(cluster, tmp_path):
     n = _compare(local_root, slurm_root)
     assert n > 20
     assert list((slurm_root / "results" / b / "Bias_detection").glob("token_bias_top5_num3_cliff.csv"))
+
+
+def test_train_job_requeues_itself_and_resumes(cluster, tmp_path):
+    """train.sbatch near its time limit (the USR1 that `#SBATCH --signal=B:USR1@300` sends, delivered now by
+    scancel) requeues itself; the rerun of the same command resumes from lightning/last.ckpt, and the job
+    ends COMPLETED with one continuous training log."""
+    root, epochs = tmp_path / "rq", 12
+    _local("VQGAN_explanation", root, [["generate_dataset.py", *VQGAN_GEN.split()]])
+    (root / "logs").mkdir()
+    env = _clean_env(SLURM_CONF=cluster["SLURM_CONF"], CORTEX_ROOT=str(root))
+    r = subprocess.run(["sbatch", "--parsable", *SBATCH_ARGS.split(), f"--output={root}/logs/slurm-%x-%j.out",
+                        str(REPO / "slurm/vqgan/train.sbatch"), "--model", "1", *TRAIN.split(),
+                        "--epochs", str(epochs), "--batch_size", "2"],
+                       cwd=REPO / "VQGAN_explanation", env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    ckpt = root / "checkpoints/ClassificationNet1/lightning/last.ckpt"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert time.time() - t0 < WAIT_S, f"no checkpoint after {WAIT_S}s\n{_tail_logs(root / 'logs')}"
+        time.sleep(0.1)
+    s = subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, capture_output=True, text=True)
+    assert s.returncode == 0, s.stderr
+    _wait(cluster, {"train": job}, root)
+    info = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    assert re.search(r"Restarts=[1-9]", info), f"the job was not requeued (it finished first?): {info}"
+    out = next((root / "logs").glob("slurm-cortex-vqgan-train-*.out")).read_text(errors="replace")
+    assert "time limit near: requeueing job" in out and "--resume auto: resuming from" in out, out[-3000:]
+    logs = list((root / "logs").glob("training_log_*.txt"))
+    assert len(logs) == 1
+    lines = logs[0].read_text().splitlines()
+    assert [l.split(",")[0] for l in lines[::2]] == [f"Epoch [{e}/{epochs}]" for e in range(1, epochs + 1)]
