@@ -3,12 +3,12 @@ trained on the world's decoded images, which the eval scripts use with ``--evalu
 of the ImageNet classifiers of the paper (SPEC §5).
 
     cd VQGAN_explanation
-    python train_evaluators.py                          # vit_tiny_8, vit_tiny_16, shufflenet_tiny
+    python train_evaluators.py                          # vit_tiny_8, vit_tiny_16, resnet10
     python train_evaluators.py --archs resnet18 --epochs 4
 
 Reads datasets/{train,validation,test}_embeddings.csv and the images datasets/images/<label>/<i>.png;
 writes checkpoints/evaluators/<arch>.pth (arch, num_classes, image_size, normalisation, state_dict; the
-epoch with the best validation accuracy) and checkpoints/evaluators/evaluators.csv (accuracies, time).
+epoch with the lowest validation loss) and checkpoints/evaluators/evaluators.csv (accuracies, time).
 An existing checkpoint is kept unless --overwrite.
 
 Augmentation: random flips and, with probability --mask_aug, a random fraction (up to half) of the token
@@ -32,7 +32,8 @@ from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, get_device, save_run_args, seed_everything
 
 EXPERIMENT = "vqgan"
-SUMMARY_COLUMNS = ["arch", "val_accuracy", "test_accuracy", "best_epoch", "epochs", "seconds", "parameters"]
+SUMMARY_COLUMNS = ["arch", "val_accuracy", "test_accuracy", "val_label_prob", "test_label_prob", "best_epoch", "epochs",
+                   "seconds", "parameters"]
 
 
 def get_args_parser():
@@ -40,11 +41,11 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[paths_parser(), runtime_parser()])
     p.add_argument("--archs", nargs="+", default=list(DEFAULT_SYNTHETIC_ARCHS),
-                   help="architectures: vit_tiny_8, vit_tiny_16, shufflenet_tiny, resnet10, or any torchvision "
+                   help="architectures: vit_tiny_8, vit_tiny_16, resnet10, shufflenet_tiny, or any torchvision "
                         "classification model name (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="training epochs (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=32, help="batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--mask_aug", type=float, default=0.5,
                    help="probability of blacking out a random fraction (<= 1/2) of an image's token patches "
@@ -68,11 +69,14 @@ def augment(x: torch.Tensor, g: torch.Generator, mask_aug: float) -> torch.Tenso
     return x.float() / 255.0
 
 
-def accuracy(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+def evaluate(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128):
+    """(accuracy %, mean cross-entropy, mean softmax prob of the true label)."""
     ev.eval()
-    with torch.no_grad():
-        pred = evaluator_logits(ev, images, batch_size).argmax(1)
-    return 100.0 * (pred == labels).float().mean().item()
+    logits = evaluator_logits(ev, images, batch_size)
+    acc = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    loss = F.cross_entropy(logits, labels).item()
+    prob = logits.softmax(1).gather(1, labels[:, None]).mean().item()
+    return acc, loss, prob
 
 
 def train_one(arch, num_classes, image_size, data, args, device):
@@ -85,16 +89,16 @@ def train_one(arch, num_classes, image_size, data, args, device):
     steps = args.epochs * ((len(ytr) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, steps), pct_start=0.2)
     g = torch.Generator().manual_seed(args.seed)
-    best, best_acc, best_epoch = None, -1.0, 0
+    best, best_loss, best_epoch, best_stats = None, float("inf"), 0, None
     t0 = time.time()
     from tqdm import tqdm
 
+    bar = tqdm(total=steps, desc=f"training {arch}", unit="batch", leave=False)
     for epoch in range(1, args.epochs + 1):
         ev.train()
         perm = torch.randperm(len(ytr), generator=g)
         total, n = 0.0, 0
-        for s in tqdm(range(0, len(perm), args.batch_size), desc=f"{arch} epoch {epoch}/{args.epochs}",
-                      unit="batch", leave=False):
+        for s in range(0, len(perm), args.batch_size):
             idx = perm[s:s + args.batch_size]
             x = augment(xtr[idx], g, args.mask_aug).to(device)
             loss = F.cross_entropy(ev(x), ytr[idx].to(device))
@@ -104,14 +108,18 @@ def train_one(arch, num_classes, image_size, data, args, device):
             sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
-        acc = accuracy(ev, xva, yva, 128)
-        print(f"{arch}: epoch {epoch}/{args.epochs}, training loss {total / n:.4f}, validation accuracy {acc:.2f}%")
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
+            bar.update(1)
+        acc, vloss, prob = evaluate(ev, xva, yva)
+        print(f"{arch}: epoch {epoch}/{args.epochs}, training loss {total / n:.4f}, validation loss {vloss:.4f}, "
+              f"accuracy {acc:.2f}%, mean prob of the label {prob:.3f}")
+        if vloss < best_loss:  # as for the IEMs: the epoch with the lowest validation loss
+            best_loss, best_epoch, best_stats = vloss, epoch, (acc, prob)
             best = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    bar.close()
     net.load_state_dict(best)
     ev.eval()
-    summary = dict(arch=arch, val_accuracy=best_acc, best_epoch=best_epoch, epochs=args.epochs,
+    summary = dict(arch=arch, val_accuracy=best_stats[0], val_label_prob=best_stats[1], best_epoch=best_epoch,
+                   epochs=args.epochs,
                    seconds=time.time() - t0, parameters=sum(p.numel() for p in net.parameters()))
     return ev, summary
 
@@ -137,10 +145,11 @@ def main(args):
     summaries = []
     for arch in todo:
         ev, s = train_one(arch, num_classes, image_size, data, args, device)
-        s["test_accuracy"] = accuracy(ev, *data["test"], 128)
+        s["test_accuracy"], _, s["test_label_prob"] = evaluate(ev, *data["test"])
         save_synthetic_evaluator(out_dir / f"{arch}.pth", ev.net, arch, num_classes, image_size, meta=s)
-        print(f"{arch}: best validation accuracy {s['val_accuracy']:.2f}% (epoch {s['best_epoch']}), "
-              f"test accuracy {s['test_accuracy']:.2f}%, {s['seconds']:.0f} s -> {out_dir / (arch + '.pth')}")
+        print(f"{arch}: epoch {s['best_epoch']} (lowest validation loss): validation accuracy {s['val_accuracy']:.2f}%, "
+              f"test accuracy {s['test_accuracy']:.2f}% (mean prob of the label {s['test_label_prob']:.3f}), "
+              f"{s['seconds']:.0f} s -> {out_dir / (arch + '.pth')}")
         summaries.append(s)
     # keep rows of archs trained earlier
     summary_path = out_dir / "evaluators.csv"
@@ -149,7 +158,7 @@ def main(args):
         from cortex.explain import read_rows
 
         old = [r for r in read_rows(summary_path) if r["arch"] not in {s["arch"] for s in summaries}]
-    write_rows(summary_path, SUMMARY_COLUMNS, old + summaries, float_fmt="{:.2f}")
+    write_rows(summary_path, SUMMARY_COLUMNS, old + summaries, float_fmt="{:.3f}")
     return out_dir
 
 

@@ -174,7 +174,7 @@ SYNTHETIC_ARCHS = {
     "shufflenet_tiny": _shufflenet_tiny,  # torchvision ShuffleNetV2, stages [2,4,2], channels up to 512
     "resnet10": _resnet10,          # torchvision ResNet, BasicBlock [1,1,1,1]
 }
-DEFAULT_SYNTHETIC_ARCHS = ("vit_tiny_8", "vit_tiny_16", "shufflenet_tiny")
+DEFAULT_SYNTHETIC_ARCHS = ("vit_tiny_8", "vit_tiny_16", "resnet10")
 
 
 def build_synthetic_net(arch: str, num_classes: int, image_size: int) -> nn.Module:

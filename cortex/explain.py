@@ -456,7 +456,7 @@ def write_rows(path, columns: list[str], rows: list[dict], float_fmt: str = "{:.
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
-            w.writerow([fmt(r[c]) for c in columns])
+            w.writerow([fmt(r.get(c, "")) for c in columns])
     return Path(path)
 
 

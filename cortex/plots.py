@@ -106,18 +106,19 @@ def concept_bars(df, path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, title: str = "") -> Path:
+def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_titles=None, title: str = "") -> Path:
     """One row per image: the image with boxes on its top-n TIS positions, the TIS heatmap over the
     image, and (optional) the image with the top-n TIS token ids masked.
 
-    images: list of (3, H, W)/(H, W, 3) arrays; scores: list of (256,) TIS rows; titles: row labels.
+    images: list of (3, H, W)/(H, W, 3) arrays; scores: list of (256,) TIS rows; titles: one per row (shown
+    above the image); masked: optional masked images; masked_titles: optional titles for them.
     """
     from matplotlib.patches import Rectangle
 
     plt = _plt()
     ncol = 3 if masked is not None else 2
     n = len(images)
-    fig, axes = plt.subplots(n, ncol, figsize=(2.3 * ncol, 2.3 * n), squeeze=False)
+    fig, axes = plt.subplots(n, ncol, figsize=(2.5 * ncol, 2.55 * n), squeeze=False)
     for i in range(n):
         img = _hwc(images[i])
         H = img.shape[0]
@@ -129,23 +130,22 @@ def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, title: 
         for pos in top:
             r, c = divmod(int(pos), GRID)
             ax.add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, ec="yellow", lw=1.2))
-        ax.set_ylabel(titles[i], fontsize=8)
+        ax.set_title(f"{titles[i]}\n+ top-{top_n} TIS positions", fontsize=7)
         ax = axes[i][1]
         ax.imshow(img, interpolation="nearest")
-        hm = ax.imshow(s, cmap="inferno", alpha=0.65, extent=(-0.5, H - 0.5, H - 0.5, -0.5), interpolation="nearest")
+        hm = ax.imshow(s, cmap="inferno", alpha=0.7, extent=(-0.5, H - 0.5, H - 0.5, -0.5), interpolation="nearest")
         fig.colorbar(hm, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        ax.set_title("TIS heatmap", fontsize=7)
         if masked is not None:
             axes[i][2].imshow(_hwc(masked[i]), interpolation="nearest")
+            mt = masked_titles[i] if masked_titles is not None else ""
+            axes[i][2].set_title(f"ids at top-{top_n} TIS positions masked" + (f"\n{mt}" if mt else ""), fontsize=7)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    heads = [f"image + top-{top_n} TIS positions", "TIS heatmap"] + ([f"top-{top_n} TIS token ids masked"]
-                                                                     if masked is not None else [])
-    for ax, h in zip(axes[0], heads):
-        ax.set_title(h, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)
     return _save(fig, path)
 
 
@@ -161,7 +161,7 @@ def before_after(befores, afters, titles, path, region=None, title: str = "") ->
     n = len(befores)
     per_row = min(n, 4)
     rows = (n + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.0 * 2 * per_row, 2.35 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.0 * 2 * per_row, 2.7 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):
@@ -175,8 +175,9 @@ def before_after(befores, afters, titles, path, region=None, title: str = "") ->
                 r0, r1, c0, c1 = region
                 ax.add_patch(Rectangle((c0 * p - 0.5, r0 * p - 0.5), (c1 - c0 + 1) * p, (r1 - r0 + 1) * p,
                                        fill=False, ec="cyan", lw=1.0, ls="--"))
-            ax.set_title(f"{titles[i]}\n{tag}" if j == 0 else tag, fontsize=7)
+            ax.set_title(f"{titles[i]}" if j == 0 else "", fontsize=7, loc="left")
+            ax.text(0.5, -0.04, tag, transform=ax.transAxes, ha="center", va="top", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)
     return _save(fig, path)

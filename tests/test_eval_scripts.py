@@ -250,3 +250,45 @@ def test_train_evaluators(world, tmp_path):
     mtime = (out / "vit_tiny_8.pth").stat().st_mtime_ns
     run_script("VQGAN_explanation/train_evaluators.py", argv)  # exists: skipped
     assert (out / "vit_tiny_8.pth").stat().st_mtime_ns == mtime
+
+
+def test_codebook_level_taming_vqgan(world, tmp_path):
+    """The real-VQGAN path: a tiny randomly initialised taming VQModel (96 256-d codes, 32 px) written to a
+    YAML + Lightning-style checkpoint here, found through VQGAN_directory (configs/model.yaml,
+    checkpoints/last.ckpt) and through --vqgan_config/--vqgan_ckpt."""
+    pytest.importorskip("taming")
+    from omegaconf import OmegaConf
+
+    from cortex.taming_compat import import_taming
+    from tests.helpers import load_script
+
+    import_taming()
+    from taming.main import instantiate_from_config
+
+    dd = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
+              num_res_blocks=1, attn_resolutions=[], dropout=0.0)  # f2: 32 px <-> 16x16 tokens
+    params = {"embed_dim": 256, "n_embed": 96, "ddconfig": dd, "lossconfig": {"target": "torch.nn.Identity"}}
+    torch.manual_seed(0)
+    vq = instantiate_from_config({"target": "taming.models.vqgan.VQModel", "params": params})
+    vdir = tmp_path / "vqgan_imagenet_f16_16384"
+    (vdir / "configs").mkdir(parents=True)
+    (vdir / "checkpoints").mkdir()
+    torch.save({"state_dict": vq.state_dict()}, vdir / "checkpoints" / "last.ckpt")
+    OmegaConf.save(OmegaConf.create({"model": {"target": "taming.models.vqgan.VQModel", "params": params}}),
+                   vdir / "configs" / "model.yaml")
+    mod = load_script(EVAL + "codebook_level_explanation.py")
+    mod.VQGAN_directory = str(vdir)
+    argv = ["--model", 1, "--root", world.root, "--pairs", "1:2", "--images_per_label", 1, "--steps", 2,
+            "--eval_every", 1, "--lr", 0.5, "--vq", "taming", "--no_figures", "--results_dir", tmp_path / "r1", *COMMON]
+    out = mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
+    assert _csv(out)[0] == X.CODEBOOK_COLUMNS
+    from PIL import Image
+
+    pngs = sorted((out.parent / "codebook_level_token_2_0.5" / "images").glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
+    # explicit flags (auto picks taming because a --vqgan_* flag is given)
+    argv = [a for a in argv if a not in ("--vq", "taming")]
+    argv += ["--vqgan_config", vdir / "configs" / "model.yaml", "--vqgan_ckpt", vdir / "checkpoints" / "last.ckpt"]
+    argv[argv.index("--results_dir") + 1] = tmp_path / "r2"
+    out2 = run_script(EVAL + "codebook_level_explanation.py", argv)
+    assert _csv(out2)[1] == _csv(out)[1]  # same seed, same model: same numbers

@@ -111,12 +111,13 @@ def figures(res, fig_dir, args, suffix=""):
     p1 = plots.deletion_curves(df, fig_dir / f"sample_level_deletion_curves{suffix}.png",
                                title=f"Sample level, IEM Net{args.model} TIS ({args.attribution}): deletion curves")
     ex = res.examples
-    titles = [f"{e['filename']} (label {e['label']})\n" + ", ".join(f"{k}: {a:.2f}->{b:.2f}" for k, (a, b) in
-                                                                  list(e["probs"].items())[:2]) for e in ex]
-    p2 = plots.tis_grid([e["image"] for e in ex], [e["scores"] for e in ex], titles,
+    mean = lambda e, j: sum(v[j] for v in e["probs"].values()) / len(e["probs"])  # noqa: E731
+    p2 = plots.tis_grid([e["image"] for e in ex], [e["scores"] for e in ex],
+                        [f"{e['filename']} (label {e['label']})" for e in ex],
                         fig_dir / f"sample_level_tis_grid{suffix}.png", top_n=ex[0]["top_n"] if ex else 10,
                         masked=[e["masked"] for e in ex],
-                        title=f"TIS of IEM Net{args.model} on test images")
+                        masked_titles=[f"p(label), mean of evaluators: {mean(e, 0):.2f} -> {mean(e, 1):.2f}" for e in ex],
+                        title=f"TIS of IEM Net{args.model} ({args.attribution}) on {args.data_type} images")
     print(f"figures: {p1}, {p2}")
     return [p1, p2]
 
