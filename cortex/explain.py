@@ -110,8 +110,24 @@ def _score_batched(evaluators, images: torch.Tensor, masks: np.ndarray, labels, 
 @dataclass
 class SampleLevelResult:
     rows: list[dict]          # the CSV rows (SAMPLE_COLUMNS)
-    per_image: list[dict]     # PER_IMAGE_COLUMNS
+    blocks: list[tuple]       # per label: (filenames, label, {evaluator: (logits (N, V), probs (N, V))}, counts (N, V))
+    ns: list[int]
     examples: list[dict]      # a few images with their TIS (for the figure)
+
+    def variants(self):
+        """(method, n, variant index) of the 1 + 2K variants of each image."""
+        K = len(self.ns)
+        return ([("original", 0, 0)] + [("target", n, 1 + j) for j, n in enumerate(self.ns)]
+                + [("random", n, 1 + K + j) for j, n in enumerate(self.ns)])
+
+    def per_image(self):
+        """Rows (PER_IMAGE_COLUMNS) per image, evaluator, method and n -- generated, not stored."""
+        for names, label, res, counts in self.blocks:
+            for ev_name, (lg, pr) in res.items():
+                for i, fn in enumerate(names):
+                    for method, n, v in self.variants():
+                        yield dict(filename=fn, label=label, evaluator=ev_name, method=method, num_tokens=n,
+                                   masked_positions=int(counts[i, v]), logit=float(lg[i, v]), prob=float(pr[i, v]))
 
 
 def sample_level(evaluators, label_data, ns=DEFAULT_NS, seed: int = 0, batch_size: int = 64,
@@ -127,48 +143,39 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, seed: int = 0, batch_siz
 
     ns = list(ns)
     K = len(ns)
-    acc = defaultdict(list)  # (evaluator, method, n) -> list of (logit, prob, orig_logit, orig_prob)
-    per_image, examples = [], []
+    blocks, examples = [], []
     bar = tqdm(desc="sample level", unit="img", disable=not progress)
     for label, records, scores, images in label_data:
         if len(records) == 0:
             continue
         masks = np.zeros((len(records), 1 + 2 * K, N_POS), dtype=bool)
         for i, r in enumerate(records):
-            order = ranking(scores[i])
-            masks[i, 1:1 + K] = prefix_masks(r.ids, order, ns)
+            masks[i, 1:1 + K] = prefix_masks(r.ids, ranking(scores[i]), ns)
             masks[i, 1 + K:] = prefix_masks(r.ids, random_positions(seed, r.filename), ns)
         res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size)
-        counts = masks.sum(-1)  # (N, V) masked positions
-        for name, (lg, pr) in res.items():
-            for i, r in enumerate(records):
-                variants = [("original", 0, 0)] + [("target", n, 1 + j) for j, n in enumerate(ns)] + \
-                           [("random", n, 1 + K + j) for j, n in enumerate(ns)]
-                for method, n, v in variants:
-                    acc[(name, method, n)].append((lg[i, v], pr[i, v], lg[i, 0], pr[i, 0]))
-                    per_image.append(dict(filename=r.filename, label=label, evaluator=name, method=method,
-                                          num_tokens=n, masked_positions=int(counts[i, v]),
-                                          logit=float(lg[i, v]), prob=float(pr[i, v])))
+        blocks.append(([r.filename for r in records], label, res, masks.sum(-1).astype(np.int16)))
         if len(examples) < n_examples:
             mid = ns[min(1, K - 1)]
+            v = 1 + ns.index(mid)
             examples.append(dict(filename=records[0].filename, label=label, image=images[0].numpy(),
                                  scores=np.asarray(scores[0]), top_n=mid,
-                                 masked=mask_images(images[0], torch.from_numpy(masks[0, 1 + ns.index(mid)]))[0].numpy(),
-                                 probs={name: (res[name][1][0, 0], res[name][1][0, 1 + ns.index(mid)])
-                                        for name in res}))
+                                 masked=mask_images(images[0], torch.from_numpy(masks[0, v]))[0].numpy(),
+                                 probs={name: (res[name][1][0, 0], res[name][1][0, v]) for name in res}))
         bar.update(len(records))
     bar.close()
-    if not acc:
+    if not blocks:
         raise CortexError("sample level: no test images to evaluate")
-    rows = []
+    out = SampleLevelResult([], blocks, ns, examples)
+    order = {(m, n): v for m, n, v in out.variants()}
     for ev in evaluators:
-        keys = [("original", 0)] + [(m, n) for n in ns for m in ("target", "random")]
-        for method, n in keys:
-            a = np.asarray(acc[(ev.name, method, n)])  # (N, 4)
-            rows.append({"Model": ev.name, "Num_Masked_Tokens": n, "Method": method,
-                         "Avg_Logits": a[:, 0].mean(), "Avg_Probs": a[:, 1].mean(),
-                         "Logits_Diff": (a[:, 2] - a[:, 0]).mean(), "Probs_Diff": (a[:, 3] - a[:, 1]).mean()})
-    return SampleLevelResult(rows, per_image, examples)
+        lg = np.concatenate([b[2][ev.name][0] for b in blocks])  # (N, V)
+        pr = np.concatenate([b[2][ev.name][1] for b in blocks])
+        for method, n in [("original", 0)] + [(m, n) for n in ns for m in ("target", "random")]:
+            v = order[(method, n)]
+            out.rows.append({"Model": ev.name, "Num_Masked_Tokens": n, "Method": method,
+                             "Avg_Logits": lg[:, v].mean(), "Avg_Probs": pr[:, v].mean(),
+                             "Logits_Diff": (lg[:, 0] - lg[:, v]).mean(), "Probs_Diff": (pr[:, 0] - pr[:, v]).mean()})
+    return out
 
 
 # ----------------------------------------------------------------------------- concept level
@@ -176,8 +183,18 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, seed: int = 0, batch_siz
 @dataclass
 class ConceptLevelResult:
     rows: list[dict]        # CONCEPT_COLUMNS, the last one "Overall"
-    per_image: list[dict]   # PER_IMAGE_COLUMNS (method: original, target, baseline)
+    blocks: list[tuple]     # per label: (filenames, label, {evaluator: (logits (N, 3), probs (N, 3))}, counts (N, 3),
+                            #             (0, n concept tokens, n baseline tokens))
     per_label: list[dict]   # label, evaluator, n_images, concept/baseline token counts, mean probs
+
+    def per_image(self):
+        """Rows (PER_IMAGE_COLUMNS; method original / target / baseline) -- generated, not stored."""
+        for names, label, res, counts, ntok in self.blocks:
+            for ev_name, (lg, pr) in res.items():
+                for i, fn in enumerate(names):
+                    for v, method in enumerate(("original", "target", "baseline")):
+                        yield dict(filename=fn, label=label, evaluator=ev_name, method=method, num_tokens=ntok[v],
+                                   masked_positions=int(counts[i, v]), logit=float(lg[i, v]), prob=float(pr[i, v]))
 
 
 def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool = True) -> ConceptLevelResult:
@@ -190,7 +207,7 @@ def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool =
     from tqdm import tqdm
 
     acc = defaultdict(list)
-    per_image, per_label = [], []
+    blocks, per_label = [], []
     bar = tqdm(desc="concept level", unit="img", disable=not progress)
     for label, records, images, concept, baseline in label_data:
         if len(records) == 0:
@@ -200,14 +217,9 @@ def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool =
                           positions_with_ids(ids, baseline)], axis=1)  # (N, 3, 256)
         res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size)
         counts = masks.sum(-1)
+        blocks.append(([r.filename for r in records], label, res, counts, (0, len(concept), len(baseline))))
         for name, (lg, pr) in res.items():
             acc[name].append(np.stack([lg[:, 0], lg[:, 1], lg[:, 2], pr[:, 0], pr[:, 1], pr[:, 2]], axis=1))
-            for i, r in enumerate(records):
-                for v, method in enumerate(("original", "target", "baseline")):
-                    per_image.append(dict(filename=r.filename, label=label, evaluator=name, method=method,
-                                          num_tokens=(0, len(concept), len(baseline))[v],
-                                          masked_positions=int(counts[i, v]), logit=float(lg[i, v]),
-                                          prob=float(pr[i, v])))
             per_label.append(dict(label=label, evaluator=name, images=len(records), concept_tokens=len(concept),
                                   baseline_tokens=len(baseline),
                                   masked_positions_target=float(counts[:, 1].mean()),
@@ -228,7 +240,7 @@ def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool =
     for c in CONCEPT_COLUMNS[1:]:
         overall[c] = float(np.mean([r[c] for r in rows]))
     rows.append(overall)
-    return ConceptLevelResult(rows, per_image, per_label)
+    return ConceptLevelResult(rows, blocks, per_label)
 
 
 # ----------------------------------------------------------------------------- codebook level
@@ -443,8 +455,8 @@ def best_rows(scores: dict) -> tuple[list[dict], dict]:
 
 # ----------------------------------------------------------------------------- files
 
-def write_rows(path, columns: list[str], rows: list[dict], float_fmt: str = "{:.6f}") -> Path:
-    """A CSV with ``columns`` (atomic); floats formatted with ``float_fmt``."""
+def write_rows(path, columns: list[str], rows, float_fmt: str = "{:.6f}") -> Path:
+    """A CSV with ``columns`` (atomic) from an iterable of dicts; floats formatted with ``float_fmt``."""
     def fmt(v):
         if isinstance(v, (float, np.floating)):
             return float_fmt.format(float(v))

@@ -143,9 +143,9 @@ def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.tight_layout(h_pad=1.5)
+    if title:  # after tight_layout, above the axes (bbox_inches="tight" keeps it in the file)
+        fig.suptitle(title, fontsize=10, y=1.0, va="bottom")
     return _save(fig, path)
 
 
@@ -177,7 +177,7 @@ def before_after(befores, afters, titles, path, region=None, title: str = "") ->
                                        fill=False, ec="cyan", lw=1.0, ls="--"))
             ax.set_title(f"{titles[i]}" if j == 0 else "", fontsize=7, loc="left")
             ax.text(0.5, -0.04, tag, transform=ax.transAxes, ha="center", va="top", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.tight_layout(h_pad=1.5)
+    if title:  # after tight_layout, above the axes (bbox_inches="tight" keeps it in the file)
+        fig.suptitle(title, fontsize=10, y=1.0, va="bottom")
     return _save(fig, path)

@@ -72,7 +72,7 @@ def main(args):
                         progress=not args.no_progress)
     out = write_rows(out_dir / f"sample_concept_level_results_{tag}.csv", CONCEPT_COLUMNS, res.rows)
     write_rows(out_dir / f"sample_concept_level_per_label_{tag}.csv", PER_LABEL_COLUMNS, res.per_label)
-    write_rows(out_dir / f"sample_concept_level_per_image_{tag}.csv", PER_IMAGE_COLUMNS, res.per_image)
+    write_rows(out_dir / f"sample_concept_level_per_image_{tag}.csv", PER_IMAGE_COLUMNS, res.per_image())
     print(f"wrote {out}")
     print(f"{'evaluator':<16} {'diff CORTEX':>11} {'diff freq.':>10} {'p orig':>7} {'p CORTEX':>9} {'p freq.':>8}")
     for r in res.rows:

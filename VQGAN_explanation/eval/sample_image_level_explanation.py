@@ -86,7 +86,7 @@ def main(args):
     res = sample_level(evaluators, label_data(paths, args), ns, seed=args.seed, batch_size=args.eval_batch_size,
                        n_examples=args.figure_images, progress=not args.no_progress)
     out = write_rows(out_dir / f"sample_image_level_results{suffix}.csv", SAMPLE_COLUMNS, res.rows)
-    write_rows(out_dir / f"sample_image_level_per_image{suffix}.csv", PER_IMAGE_COLUMNS, res.per_image)
+    write_rows(out_dir / f"sample_image_level_per_image{suffix}.csv", PER_IMAGE_COLUMNS, res.per_image())
     print(f"wrote {out}")
     _print_summary(res.rows, ns)
     if not args.no_figures:
