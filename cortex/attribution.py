@@ -64,18 +64,20 @@ def standard_noise(nsamples: int, shape: Sequence[int], seeds: Sequence[int] | N
     """Standard-normal draws ``(nsamples, B, *shape)``.
 
     With ``seeds`` (one int per image, e.g. from ``image_seed``) image ``b``'s draws come from its own
-    CPU generator seeded by ``seeds[b]``, so they do not depend on the other images of the batch or on
-    the device. Otherwise all draws come from ``generator`` (or the global RNG) in one stream of
-    ``batch_size`` images.
+    generator seeded by ``seeds[b]``, so they do not depend on the other images of the batch. The draws
+    are made on ``device`` (CUDA draws are fast but differ from CPU draws: the same seed gives the same
+    scores on the same kind of device). Otherwise all draws come from ``generator`` (or the global RNG)
+    in one stream of ``batch_size`` images.
     """
     shape = tuple(shape)
     if seeds is not None:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
         per_image = []
         for s in seeds:
-            g = torch.Generator(device="cpu")
+            g = torch.Generator(device=dev)
             g.manual_seed(int(s))
-            per_image.append(torch.randn((nsamples, *shape), generator=g, dtype=dtype))
-        z = torch.stack(per_image, dim=1) if per_image else torch.zeros((nsamples, 0, *shape), dtype=dtype)
+            per_image.append(torch.randn((nsamples, *shape), generator=g, dtype=dtype, device=dev))
+        z = torch.stack(per_image, dim=1) if per_image else torch.zeros((nsamples, 0, *shape), dtype=dtype, device=dev)
     else:
         if batch_size is None:
             raise ValueError("standard_noise: give seeds or batch_size")

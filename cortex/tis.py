@@ -315,9 +315,9 @@ def tis_parser(batch_size_default: int = 25, data_type_default: str | None = Non
                    help="max-min per image (default; scores independent of --batch_size) or over the batch "
                         "(reproduces the seed code)")
     g.add_argument("--ig_steps", type=int, default=32, help="integrated-gradients steps (default: %(default)s)")
-    g.add_argument("--max_copies_per_pass", type=int, default=None,
-                   help="memory knob: noisy/occluded copies per forward+backward (default: all of a batch, "
-                        "256 for occlusion)")
+    g.add_argument("--max_copies_per_pass", type=int, default=256,
+                   help="memory knob: noisy / interpolated / occluded copies per forward+backward; does not "
+                        "change the scores (default: %(default)s; 0 = all copies of a batch at once)")
     g.add_argument("--resume", action="store_true", help="skip finished labels and the finished rows of a partial label")
     g.add_argument("--shard", type=int, default=None, help="this shard (default: $SLURM_ARRAY_TASK_ID - min, else 0)")
     g.add_argument("--num_shards", type=int, default=None, help="number of shards (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
