@@ -33,13 +33,16 @@ WAIT_S = 900
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED", "SPECIAL_EXIT"}
 # the templates ask for GPUs and tens of GB; the test node has neither
-SBATCH_ARGS = "--gres=none --mem=400M --cpus-per-task=1 --time=00:20:00"
+SBATCH_ARGS = "--gres=none --mem=800M --cpus-per-task=1 --time=00:20:00"
 
 VQGAN_GEN = ("--num_classes 3 --train_per_class 4 --val_per_class 2 --test_per_class 2 --n_codes 64 "
              "--concept_tokens 4 --n_background 16 --n_distractors 4 --object_size 3 4 --patch_size 2")
 DALLE_GEN = ("--train_per_class 4 --val_per_class 2 --test_per_class 2 --neutral_images 6 --n_codes 64 "
              "--attribute_tokens 3 --doctor_tokens 4 --n_background 16 --n_distractors 4 --patch_size 2")
 TRAIN = "--width 16 --epochs 2 --batch_size 4"
+EVAL_ENV = dict(EVALUATOR_ARGS="--archs resnet10 --epochs 1", EVAL_IMAGE_ARGS="--num_tokens 5 --no_figures",
+                EVAL_CONCEPT_ARGS="--top_n 5 --token_num 5 --no_figures",
+                EVAL_CODEBOOK_ARGS="--steps 4 --eval_every 2 --pairs 0:1 --images_per_label 1 --no_figures")
 TIS = "--nsamples 2 --batch_size 4 --no_progress"
 
 
@@ -203,12 +206,16 @@ def _tis_labels_per_task(root: Path, pattern: str) -> list[int]:
 
 def test_vqgan_pipeline_on_slurm_equals_local(cluster, tmp_path):
     slurm_root, local_root = tmp_path / "slurm", tmp_path / "local"
-    steps = "generate,freq,train,test,tis_train,tis_test,analysis"
+    core = "generate,freq,train,test,tis_train,tis_test,analysis"
+    # the evaluation steps run on SLURM too (their templates cd into eval/), checked for completion and outputs
+    # only: comparing them with a local run would double the test time
+    evals = "evaluators,eval_image,eval_concept,eval_codebook"
     t0 = time.time()
     jobs = _submit(cluster, "submit_vqgan_pipeline.sh", "VQGAN_explanation", slurm_root,
-                   ["--shards", "3", "--models", "1", "--steps", steps],
-                   dict(GEN_ARGS=VQGAN_GEN, TRAIN_ARGS=TRAIN, TIS_ARGS=TIS))
-    assert set(jobs) == {"generate", "freq", "train_m1", "test_m1", "tis_train_m1", "tis_test_m1", "analysis_m1"}
+                   ["--shards", "3", "--models", "1", "--steps", f"{core},{evals}"],
+                   dict(GEN_ARGS=VQGAN_GEN, TRAIN_ARGS=TRAIN, TIS_ARGS=TIS, **EVAL_ENV))
+    assert set(jobs) == {"generate", "freq", "train_m1", "test_m1", "tis_train_m1", "tis_test_m1", "analysis_m1",
+                         "evaluators", "eval_image_m1", "eval_concept_m1", "eval_codebook_m1"}
     # meanwhile, the same steps locally (unsharded TIS)
     _local("VQGAN_explanation", local_root, [
         ["generate_dataset.py", *VQGAN_GEN.split()],
@@ -235,6 +242,12 @@ def test_vqgan_pipeline_on_slurm_equals_local(cluster, tmp_path):
     assert len(list((slurm_root / "logs").glob("slurm-cortex-vqgan-*.out"))) == len(states)
     assert "--resume auto" in (next((slurm_root / "logs").glob("slurm-cortex-vqgan-train-m1-*.out"))).read_text()
 
+    expl = slurm_root / "results" / "Explanation" / "model_1"
+    for name in ("sample_image_level_results.csv", "sample_concept_level_results_top5_token5.csv",
+                 "codebook_level_results_token_4_0.01.csv"):
+        assert (expl / name).exists(), name
+    shutil.rmtree(expl)  # the local run has no evaluation steps
+    shutil.rmtree(slurm_root / "checkpoints" / "evaluators")
     n = _compare(local_root, slurm_root)
     assert n > 50
     for k in range(3):
