@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -129,6 +130,10 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
             # the checkpoint does not contain (written after the last checkpoint, before the kill).
             if self.resumed and trainer.is_global_zero and self.log_path.exists():
                 trim_training_log(self.log_path, trainer.current_epoch)
+            elif not self.resumed and trainer.is_global_zero:
+                # a fresh run owns a new log: two runs started in the same minute (e.g. two SLURM jobs
+                # training different models) must not append to one training_log_<minute>.txt
+                self.log_path = claim_new_file(self.log_path)
 
         def on_train_epoch_end(self, trainer, module):  # runs after this epoch's validation
             if trainer.sanity_checking or not trainer.is_global_zero:
@@ -162,6 +167,20 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
                 self.log_path = own
 
     return PaperOutputs()
+
+
+def claim_new_file(path: Path) -> Path:
+    """Create ``path`` (else ``<stem>_2<suffix>``, ``_3``, ...) atomically (O_EXCL) and return the created path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        p = path if i == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
+        try:
+            os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return p
+        except FileExistsError:
+            continue
+    raise CortexError(f"{path.parent}: could not create a new training log next to {path.name}")
 
 
 def trim_training_log(path: Path, epochs_done: int) -> None:

@@ -184,3 +184,22 @@ def test_trim_training_log(tmp_path):
     trim_training_log(p, 1)
     assert p.read_text().splitlines() == ["Epoch [1/3], Training Loss: 1.0000",
                                           "Validation Loss: 1.0000, Accuracy: 10.00%"]
+
+
+def test_runs_started_in_the_same_minute_get_their_own_logs(data_dir, tmp_path):
+    """Two trainings sharing a log folder (e.g. two SLURM jobs of different models starting together) must not
+    write into one training_log_<minute>.txt: a fresh run claims a new file (O_EXCL), ``_2`` when taken."""
+    from tests.helpers import run_script
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    t = time.time()
+    others = {logs / f"training_log_{time.strftime('%Y%m%d_%H%M', time.localtime(t + d))}.txt" for d in (0, 60)}
+    for p in others:
+        p.write_text("another run's line\n")
+    run_script("VQGAN_explanation/train.py", ["--data_dir", data_dir, "--checkpoint_dir", tmp_path / "ck",
+                                              "--log_dir", logs, *TRAIN, "--epochs", "1", "--device", "cpu"])
+    assert all(p.read_text() == "another run's line\n" for p in others)
+    mine = sorted(set(logs.glob("training_log_*.txt")) - others)
+    assert len(mine) == 1 and re.fullmatch(r"training_log_\d{8}_\d{4}_2\.txt", mine[0].name), mine
+    _check_log(mine[0].read_text().splitlines(), 1)
