@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FORCE  ?= 0
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test test-slurm bench clean-demo
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "CORTEX needs Python >= 3.10"'
@@ -25,6 +25,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# SLURM pipeline tests on a private one-node cluster: as root, installs slurmctld slurmd slurm-client munge
+# if missing; skips (with the reason, shown by -ra) where root or the packages are unavailable.
+test-slurm: install
+	bash scripts/slurm_test_cluster.sh install || [ $$? -eq 77 ]
+	$(PY) -m pytest -q -ra tests_slurm
 
 bench: install
 	$(PY) bench/bench_loading.py
