@@ -216,7 +216,12 @@ def main(args):
     for r in rows:
         print(f"{r['model']:<16} {r['initial_target_prob']:18.3f} {r['final_target_prob']:13.3f} "
               f"{r['initial_original_prob']:18.3f} {r['final_original_prob']:7.3f}")
-    print(f"IEM target logit (discrete tokens): {iem0.mean():.2f} -> {iem1.mean():.2f}")
+    changed = (final_ids != np.stack([r.ids for r in records])).sum(1)
+    print(f"IEM target logit (discrete tokens): {iem0.mean():.2f} -> {iem1.mean():.2f}; region positions whose token "
+          f"changed: {changed.mean():.1f} of {len(region)} per image")
+    if changed.max() == 0:
+        print("note: no token changed: the optimised embedding still snaps to the original codes; use more --steps "
+              "or a larger --lr")
     if not args.no_figures:
         from cortex import plots
 
