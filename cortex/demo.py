@@ -37,6 +37,7 @@ class Sizes:
     evaluators_epochs: str = "4"
     codebook_steps: str = "300"
     codebook_eval_every: str = "100"
+    codebook_lr: str = "0.1"  # the paper's 0.01 needs its 5000 steps to change a token
     token_num: str = "8"  # concept tokens masked per label (= the planted ones per class)
     pairs: str = "0:5,1:6,2:7,3:8,4:9"  # codebook level: source label -> target label
     bias_world: list = field(default_factory=lambda: ["--train_per_class", "150", "--val_per_class", "30",
@@ -122,9 +123,9 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
                  [out / f"sample_concept_level_results_top20_token{s.token_num}.csv"]),
             Step("codebook-level explanation", VQ / "eval",
                  ["codebook_level_explanation.py", "--model", "1", "--optimization_type", "token", "--steps",
-                  s.codebook_steps, "--lr", "0.01", "--eval_every", s.codebook_eval_every, "--pairs", s.pairs,
+                  s.codebook_steps, "--lr", s.codebook_lr, "--eval_every", s.codebook_eval_every, "--pairs", s.pairs,
                   "--images_per_label", "2", "--evaluators", "synthetic", *e],
-                 [out / f"codebook_level_results_token_{s.codebook_steps}_0.01.csv"]),
+                 [out / f"codebook_level_results_token_{s.codebook_steps}_{s.codebook_lr}.csv"]),
         ]
     return steps
 
@@ -311,6 +312,8 @@ def main(args):
     out = Path(args.report) if args.report else Path(args.workdir) / "results" / "demo_report.md"
     timings = run_steps(all_steps(sizes, roots), args.force, args.subprocesses)
     text = report(roots, out)
+    print("\nstep times:\n" + "\n".join(f"  {sec:7.1f} s  {name}" + ("  (skipped)" if skipped else "")
+                                        for name, sec, skipped in timings))
     print("\n" + text)
     print(f"demo finished in {time.time() - t:.0f} s ({sum(1 for *_, skipped in timings if skipped)} steps skipped); "
           f"report: {out}")
