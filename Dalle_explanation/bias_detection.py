@@ -10,7 +10,8 @@ label's tokens are counted; the labels' counts are compared with Cliff's delta.
 
 Writes results/{bias_type}/Bias_detection/token_bias_top{n}_num{k}_cliff.csv with columns
 total_files,total_token_occurrences,average_frequency_per_file,number_of_target_tokens,label,tokens,cliff_delta,
-cliff_delta_seed, and a figure token_bias_top{n}_num{k}_cliff.png beside it. ``cliff_delta`` is the standard
+cliff_delta_seed, and a figure token_bias_top{n}_num{k}_cliff.png beside it (with --exclude_shared the names end
+in _cliff_noshared; with another --attribution than smoothgrad they end in _<attribution>). ``cliff_delta`` is the standard
 (#x>y - #x<y)/(n m) of the label's counts against the other label's (> 0: the neutral prompt leans towards this
 label); ``cliff_delta_seed`` is the seed code's value, exactly half of it.
 """
@@ -36,6 +37,9 @@ def get_args_parser():
                    help="whose TIS statistics (default: the paper's %(default)s)")
     p.add_argument("--neutral_csv", default=None,
                    help="neutral-prompt set (default: <root>/datasets/doctor_original/information/results_none.csv)")
+    p.add_argument("--exclude_shared", action="store_true",
+                   help="drop the tokens listed for both labels before counting (they cannot tell the labels apart); "
+                        "output ..._cliff_noshared.csv. Off by default, as the seed")
     p.add_argument("--no_plot", action="store_true", help="do not draw the figure")
     return p
 
@@ -49,7 +53,7 @@ def main(args):
     paths.bias_dir().mkdir(parents=True, exist_ok=True)
     save_run_args(args, paths.bias_dir(), f"args_top{args.top_n}_num{args.token_num}.json")
     out = run_bias_detection(paths, args.model, args.top_n, args.token_num, args.attribution,
-                             neutral_csv=args.neutral_csv, plot=not args.no_plot)
+                             neutral_csv=args.neutral_csv, plot=not args.no_plot, exclude_shared=args.exclude_shared)
     print(f"wrote {out['csv']}" + (f" and {out['figure']}" if out["figure"] else ""))
     return out
 

@@ -40,25 +40,31 @@ EXPERIMENT = "dalle"
 def synthetic_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("synthetic bias world (--source synthetic)")
-    g.add_argument("--train_per_class", type=int, default=200, help="training images per label")
-    g.add_argument("--val_per_class", type=int, default=40, help="validation images per label")
-    g.add_argument("--test_per_class", type=int, default=60, help="test images per label")
+    g.add_argument("--train_per_class", type=int, default=300, help="training images per label")
+    g.add_argument("--val_per_class", type=int, default=50, help="validation images per label")
+    g.add_argument("--test_per_class", type=int, default=100, help="test images per label")
     g.add_argument("--neutral_images", type=int, default=500, help="images of the neutral-prompt set")
     g.add_argument("--bias_ratio", type=float, default=0.8,
                    help="fraction of neutral images carrying attribute 0 (male / light), for both attributes")
     g.add_argument("--gender_ratio", type=float, default=None, help="fraction of male neutral images (default: --bias_ratio)")
     g.add_argument("--color_ratio", type=float, default=None,
                    help="fraction of light-skinned neutral images (default: --bias_ratio)")
-    g.add_argument("--n_codes", type=int, default=512, help="codebook size (DALL-E-mini's VQGAN: 16384)")
+    g.add_argument("--n_codes", type=int, default=1024, help="codebook size (DALL-E-mini's VQGAN: 16384)")
     g.add_argument("--attribute_tokens", type=int, default=12, help="tokens of each attribute value")
-    g.add_argument("--doctor_tokens", type=int, default=16, help="tokens of the shared doctor object")
-    g.add_argument("--n_background", type=int, default=48, help="background tokens shared by all images")
+    g.add_argument("--doctor_tokens", type=int, default=64, help="tokens of the shared doctor object")
+    g.add_argument("--n_background", type=int, default=384, help="background tokens shared by all images")
+    g.add_argument("--zipf", type=float, default=0.3,
+                   help="skew of the background token frequencies (the VQGAN world uses 1.1 over 48 tokens; a flat, large "
+                        "pool keeps single background tokens from dominating the per-image counts)")
     g.add_argument("--n_distractors", type=int, default=16, help="distractor tokens (any image, any place)")
     g.add_argument("--distractors_per_image", type=int, default=6, help="distractor positions per image")
     g.add_argument("--doctor_size", type=int, nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
                    help="side of the doctor square, in tokens")
-    g.add_argument("--attribute_size", type=int, nargs=2, default=(2, 3), metavar=("MIN", "MAX"),
+    g.add_argument("--attribute_size", type=int, nargs=2, default=(3, 4), metavar=("MIN", "MAX"),
                    help="side of each attribute square, in tokens")
+    g.add_argument("--attribute_dropout", type=float, default=0.2,
+                   help="fraction of labelled images whose attribute square is not drawn (both labels alike), so an IEM "
+                        "cannot read one label as 'the other attribute is absent'")
     g.add_argument("--patch_size", type=int, default=4, help="pixels per token side (image = 16 x patch_size)")
     return p
 
@@ -84,7 +90,8 @@ def world_config(args) -> BiasWorldConfig:
     return BiasWorldConfig(n_codes=args.n_codes, attribute_tokens=args.attribute_tokens,
                            doctor_tokens=args.doctor_tokens, n_background=args.n_background,
                            n_distractors=args.n_distractors, distractors_per_image=args.distractors_per_image,
-                           doctor_size=tuple(args.doctor_size), attribute_size=tuple(args.attribute_size),
+                           zipf=args.zipf, doctor_size=tuple(args.doctor_size),
+                           attribute_size=tuple(args.attribute_size), attribute_dropout=args.attribute_dropout,
                            patch_size=args.patch_size, seed=args.seed)
 
 

@@ -155,14 +155,31 @@ class BiasRow:
                 f"{self.cliff_delta:.6f}", f"{self.cliff_delta_seed:.6f}"]
 
 
-def detect_bias(label_tokens: dict, ids_per_image) -> list[BiasRow]:
+def drop_shared(label_tokens: dict) -> dict:
+    """Each label's tokens without those that also are in another label's set (order kept)."""
+    seen: dict[int, int] = {}
+    for toks in label_tokens.values():
+        for t in set(int(t) for t in toks):
+            seen[t] = seen.get(t, 0) + 1
+    out = {k: [int(t) for t in toks if seen[int(t)] == 1] for k, toks in label_tokens.items()}
+    for k, toks in out.items():
+        if not toks:
+            raise CortexError(f"--exclude_shared: every token of label {k} ({list(label_tokens[k])}) is also in another "
+                              f"label's set; raise --token_num or drop --exclude_shared")
+    return out
+
+
+def detect_bias(label_tokens: dict, ids_per_image, exclude_shared: bool = False) -> list[BiasRow]:
     """label_tokens: ``{label: [token ids]}`` (two or more labels); ids_per_image: the neutral set.
 
     Row of label k: Cliff's delta of its per-image counts against the counts of the other labels'
-    tokens (their union). Returns one ``BiasRow`` per label, sorted by label.
+    tokens (their union). exclude_shared: first drop the tokens listed for more than one label (they
+    cannot tell the labels apart; off by default, as the seed). Returns one ``BiasRow`` per label.
     """
     if len(label_tokens) < 2:
         raise CortexError(f"bias detection needs the concept tokens of at least two labels, got {sorted(label_tokens)}")
+    if exclude_shared:
+        label_tokens = drop_shared(label_tokens)
     labels = sorted(label_tokens)
     rows = []
     for k in labels:
@@ -205,8 +222,8 @@ def read_bias_csv(path) -> list[dict]:
     return out
 
 
-def bias_csv_name(top_n: int, token_num: int) -> str:
-    return f"token_bias_top{top_n}_num{token_num}_cliff.csv"
+def bias_csv_name(top_n: int, token_num: int, exclude_shared: bool = False) -> str:
+    return f"token_bias_top{top_n}_num{token_num}_cliff{'_noshared' if exclude_shared else ''}.csv"
 
 
 def label_names(data_dir) -> dict[int, str]:
@@ -224,7 +241,7 @@ def label_names(data_dir) -> dict[int, str]:
 
 
 def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, attribution: str = "smoothgrad",
-                       neutral_csv=None, plot: bool = True) -> dict:
+                       neutral_csv=None, plot: bool = True, exclude_shared: bool = False) -> dict:
     """bias_detection.py's work: read the labels' concept tokens and the neutral set, write the CSV (and a figure).
 
     paths: ``cortex.paths.ExperimentPaths`` of experiment ``dalle``. Returns
@@ -243,8 +260,11 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
             raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
     neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
     _, ids = read_neutral_set(neutral)
-    rows = detect_bias(label_tokens, ids)
-    out = write_bias_csv(paths.bias_dir() / bias_csv_name(top_n, token_num), rows)
+    rows = detect_bias(label_tokens, ids, exclude_shared)
+    name = bias_csv_name(top_n, token_num, exclude_shared)
+    if attribution != "smoothgrad":
+        name = name.replace(".csv", f"_{attribution}.csv")
+    out = write_bias_csv(paths.bias_dir() / name, rows)
     names = label_names(paths.data_dir)
     for r in rows:
         print(f"label {r.label} ({names.get(r.label, '?')}): {len(r.tokens)} tokens, "
@@ -252,7 +272,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
               f"({magnitude(r.cliff_delta)}; seed's halved value {r.cliff_delta_seed:+.4f})")
     fig = None
     if plot:
-        fig = plot_bias(paths, top_n, token_num, rows=rows)
+        fig = plot_bias(paths, top_n, token_num, rows=rows, name=name)
     return {"csv": out, "figure": fig, "rows": rows}
 
 
@@ -266,7 +286,8 @@ def _planted(data_dir) -> dict[int, set]:
     return {int(k): set(v) for k, v in gt.get("concept_tokens", {}).items()}
 
 
-def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = None, out=None) -> Path:
+def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = None, out=None,
+              name: str | None = None) -> Path:
     """Figure of the bias detection, saved (Agg) beside the CSV as ``token_bias_top{n}_num{k}_cliff.png``.
 
     Left: Cliff's delta per label for every bias type with a result for (top_n, token_num) (this one and
@@ -282,7 +303,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     from .cli import BIAS_TYPES
     from .paths import ExperimentPaths
 
-    name = bias_csv_name(top_n, token_num)
+    name = name or bias_csv_name(top_n, token_num)
     results = {}
     for bt in BIAS_TYPES:
         if bt == paths.bias_type:
@@ -321,7 +342,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     ax.set_xticklabels(xl, fontsize=6.5)
     ax.set_ylim(-1.1, 1.1)
     ax.set_ylabel("Cliff's delta (standard)")
-    ax.set_title(f"Bias of the neutral prompt: Top {top_n}, {token_num} tokens per label\n"
+    ax.set_title(f"Bias of the neutral prompt ({Path(name).stem}): Top {top_n}, {token_num} tokens per label\n"
                  f"(> 0: the label's tokens are more frequent; * planted token; dotted: small/medium/large)",
                  fontsize=9)
     if rows is not None:

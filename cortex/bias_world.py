@@ -45,15 +45,16 @@ NEUTRAL_HEADER = ["filename", "indices", "gender", "color"]
 
 @dataclass
 class BiasWorldConfig:
-    n_codes: int = 512
+    n_codes: int = 1024
     attribute_tokens: int = 12  # tokens per attribute value (male, female, light, dark)
-    doctor_tokens: int = 16  # the shared "doctor" object's tokens
-    n_background: int = 48
+    doctor_tokens: int = 64  # the shared "doctor" object's tokens
+    n_background: int = 384  # a large, mildly skewed pool: no token covers much of a grid, as in real VQGAN grids
     n_distractors: int = 16
     distractors_per_image: int = 6
-    zipf: float = 1.1
+    zipf: float = 0.3
     doctor_size: tuple = (4, 6)  # side of the doctor square, in tokens
-    attribute_size: tuple = (2, 3)  # side of each attribute square
+    attribute_size: tuple = (3, 4)  # side of each attribute square
+    attribute_dropout: float = 0.2  # labelled images whose attribute is not visible (both labels alike)
     patch_size: int = 4
     seed: int = 0
 
@@ -70,6 +71,8 @@ class BiasWorld:
         for name, (lo, hi) in (("--doctor_size", c.doctor_size), ("--attribute_size", c.attribute_size)):
             if not 1 <= lo <= hi <= GRID:
                 raise CortexError(f"{name} {lo} {hi}: need 1 <= MIN <= MAX <= {GRID}")
+        if not 0.0 <= c.attribute_dropout < 1.0:
+            raise CortexError(f"--attribute_dropout {c.attribute_dropout}: must be in [0, 1)")
         if 2 * c.attribute_size[1] ** 2 > N_POS:
             raise CortexError(f"--attribute_size {c.attribute_size}: two attribute squares do not fit a 16x16 grid")
         wc = WorldConfig(num_classes=0, n_codes=c.n_codes, concept_tokens=0, n_background=c.n_background,
@@ -104,27 +107,35 @@ class BiasWorld:
                 break
         return pos
 
-    def sample(self, rng: np.random.Generator, gender: int, color: int) -> np.ndarray:
-        """(256,) ids: background + doctor object + a gender square + a colour square (disjoint squares)."""
+    def sample(self, rng: np.random.Generator, gender: int, color: int, hide: str | None = None) -> np.ndarray:
+        """(256,) ids: background + doctor object + a gender square + a colour square (disjoint squares).
+
+        hide: ``"gender"`` or ``"color"`` leaves that attribute's square as background (not visible).
+        """
         ids = self.world.background_grid(rng)
         self.world.place(ids, self.groups["doctor"], rng, layout="object")
         taken: set = set()
-        for group in (f"gender_{gender}", f"color_{color}"):
+        for attribute, value in (("gender", gender), ("color", color)):
             pos = self._square(rng, self.config.attribute_size, taken)
-            ids[pos] = rng.choice(self.groups[group], size=pos.size)
+            tokens = rng.choice(self.groups[f"{attribute}_{value}"], size=pos.size)
+            if attribute != hide:
+                ids[pos] = tokens
             taken.update(pos.tolist())
         return ids
 
     def sampler(self, bias_type: str):
         """``sampler(label, rng) -> ids`` for ``cortex.synthetic.write_world``: the label is the bias type's
-        attribute, the other attribute is drawn 50/50."""
+        attribute, the other attribute is drawn 50/50; with probability ``attribute_dropout`` the labelled
+        attribute is not visible (same rate for both labels)."""
         attribute, _ = _attribute(bias_type)
+        p = self.config.attribute_dropout
 
         def draw(label: int, rng: np.random.Generator) -> np.ndarray:
             other = int(rng.integers(2))
+            hide = attribute if rng.random() < p else None
             if attribute == "gender":
-                return self.sample(rng, int(label), other)
-            return self.sample(rng, other, int(label))
+                return self.sample(rng, int(label), other, hide)
+            return self.sample(rng, other, int(label), hide)
 
         return draw
 
