@@ -149,3 +149,9 @@ def test_csv_roundtrip_and_figure(tmp_path):
     assert back[0]["total_files"] == "3" and back[0]["total_token_occurrences"] == "4"
     png = B.plot_bias(paths, 5, 2, rows=rows)
     assert png.name == "token_bias_top5_num2_cliff.png" and png.stat().st_size > 10_000
+
+
+def test_ratio_sweep_figure(tmp_path):
+    rows = [dict(bias_type="doctor_gender", method="smoothgrad", ratio=r, cliff_delta=2 * r - 1) for r in (0.5, 0.7, 0.9)]
+    out = B.plot_ratio_sweep(rows, tmp_path / "sweep.png")
+    assert out.stat().st_size > 10_000

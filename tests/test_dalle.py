@@ -106,3 +106,44 @@ def test_bias_detection_bad_input(root, tmp_path):
         run_script(f"{D}/bias_detection.py", [*args, "--top_n", 3])
     with pytest.raises(CortexError, match="TIS_statistics_train"):
         run_script(f"{D}/bias_detection.py", ["--root", root, "--model", 2, "--bias_type", BT])
+
+
+def test_generate_dataset_from_pictures(tmp_path):
+    """--source images: labelled pictures and the neutral-prompt pictures through a tiny random taming VQGAN."""
+    pytest.importorskip("taming")
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cortex.bias import read_neutral_set
+    from cortex.data import read_split
+    from cortex.taming_compat import import_taming
+    from tests.test_taming import vq_params, write_yaml
+
+    import_taming()
+    from taming.main import instantiate_from_config
+
+    torch.manual_seed(0)
+    build = {"target": "taming.models.vqgan.VQModel",
+             "params": {**vq_params(), "lossconfig": {"target": "torch.nn.Identity"}}}
+    vq = instantiate_from_config(build)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()
+    torch.save({"state_dict": vq.state_dict()}, tmp_path / "vq.ckpt")
+    write_yaml(tmp_path / "vq.yaml", {"model": build})
+    rng = np.random.default_rng(0)
+    for folder, n in (("pics/0_male", 2), ("pics/1_female", 2), ("none", 3)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    root = tmp_path / "root"
+    run_script(f"{D}/generate_dataset.py", [
+        "--root", root, "--source", "images", "--bias_type", BT, "--image_dir", tmp_path / "pics",
+        "--neutral_image_dir", tmp_path / "none", "--vqgan_config", tmp_path / "vq.yaml",
+        "--vqgan_ckpt", tmp_path / "vq.ckpt", "--splits", "0.5,0,0.5", "--layout", "compact", "--no_images",
+        "--device", "cpu"])
+    data = root / "datasets" / BT / "embeddings"
+    assert sorted(r.label for r in read_split(data, "train")) == [0, 1]
+    assert json.loads((data / "dataset_info.json").read_text())["class_names"] == ["0_male", "1_female"]
+    names, ids = read_neutral_set(root / "datasets" / "doctor_original" / "information" / "results_none.csv")
+    assert names == ["0.png", "1.png", "2.png"] and all(i.shape == (256,) for i in ids)
