@@ -65,6 +65,9 @@ def synthetic_parser():
     g.add_argument("--attribute_dropout", type=float, default=0.2,
                    help="fraction of labelled images whose attribute square is not drawn (both labels alike), so an IEM "
                         "cannot read one label as 'the other attribute is absent'")
+    g.add_argument("--group_cosine", type=float, default=0.5,
+                   help="cosine between two codes of one token group (doctor, male, ...): alike codes lie close, as in "
+                        "a trained VQGAN; 0 = independent Gaussian codes")
     g.add_argument("--patch_size", type=int, default=4, help="pixels per token side (image = 16 x patch_size)")
     return p
 
@@ -92,6 +95,7 @@ def world_config(args) -> BiasWorldConfig:
                            n_distractors=args.n_distractors, distractors_per_image=args.distractors_per_image,
                            zipf=args.zipf, doctor_size=tuple(args.doctor_size),
                            attribute_size=tuple(args.attribute_size), attribute_dropout=args.attribute_dropout,
+                           group_cosine=args.group_cosine,
                            patch_size=args.patch_size, seed=args.seed)
 
 

@@ -11,7 +11,12 @@ One world serves both bias types, as one generator (DALL-E-mini) serves both in 
   group, one from its colour group;
 * the ``doctor_gender`` dataset labels images by their gender attribute (0 male, 1 female) and draws the
   colour attribute 50/50, independently; ``doctor_color`` the other way round (0 light, 1 dark). So each IEM
-  must find its own attribute and ignore the other;
+  must find its own attribute and ignore the other. In a fraction ``attribute_dropout`` of the labelled
+  images (both labels alike) the labelled attribute is not drawn, so "female" cannot be read as "no male
+  tokens" without a cost;
+* the background pool is large and only mildly skewed (384 tokens, Zipf 0.3): with the VQGAN world's 48
+  tokens at Zipf 1.1 one background token fills ~20 % of every grid, and such a token in a label's top list
+  decides the per-image counts (and Cliff's delta) alone;
 * the neutral-prompt set (``datasets/doctor_original/information/results_none.csv``) is shared by both bias
   types: each of its images carries a gender *and* a colour attribute; exactly ``round(gender_ratio * N)``
   images carry gender 0 (male) and ``round(color_ratio * N)`` colour 0 (light), assigned by two independent
@@ -55,6 +60,7 @@ class BiasWorldConfig:
     doctor_size: tuple = (4, 6)  # side of the doctor square, in tokens
     attribute_size: tuple = (3, 4)  # side of each attribute square
     attribute_dropout: float = 0.2  # labelled images whose attribute is not visible (both labels alike)
+    group_cosine: float = 0.5  # cosine between two codes of one group (doctor, male, ...): alike codes lie close
     patch_size: int = 4
     seed: int = 0
 
@@ -71,6 +77,8 @@ class BiasWorld:
         for name, (lo, hi) in (("--doctor_size", c.doctor_size), ("--attribute_size", c.attribute_size)):
             if not 1 <= lo <= hi <= GRID:
                 raise CortexError(f"{name} {lo} {hi}: need 1 <= MIN <= MAX <= {GRID}")
+        if not 0.0 <= c.group_cosine < 1.0:
+            raise CortexError(f"--group_cosine {c.group_cosine}: must be in [0, 1)")
         if not 0.0 <= c.attribute_dropout < 1.0:
             raise CortexError(f"--attribute_dropout {c.attribute_dropout}: must be in [0, 1)")
         if 2 * c.attribute_size[1] ** 2 > N_POS:
@@ -88,8 +96,24 @@ class BiasWorld:
 
     # ------------------------------------------------------------------ model
     def make_vq(self):
-        """The toy VQ decoder: attribute and doctor tokens rendered in their own hues."""
-        return self.world.make_vq(colour_groups={GROUP_HUES[g]: toks for g, toks in self.groups.items()})
+        """The toy VQ model: attribute and doctor tokens rendered in their own hues; as in a trained VQGAN
+        (and as the concept codes of ``SyntheticWorld``), the codes of one group share a direction:
+        ``sqrt(cos) * centre + sqrt(1 - cos) * code`` with ``cos = group_cosine``, norms kept on average."""
+        vq = self.world.make_vq(colour_groups={GROUP_HUES[g]: toks for g, toks in self.groups.items()})
+        cos = self.config.group_cosine
+        if cos > 0:
+            g = torch.Generator().manual_seed(self.config.seed * 7919 + 17)
+            with torch.no_grad():
+                w = vq.quantize.embedding.weight
+                shared = {a: torch.randn(w.shape[1], generator=g) for a in ("gender", "color")}
+                for name in sorted(self.groups):
+                    toks = torch.as_tensor(self.groups[name])
+                    centre = torch.randn(w.shape[1], generator=g)
+                    attribute = name.split("_")[0]
+                    if attribute in shared:  # male and female codes are both "face" codes: half of the centre is shared
+                        centre = (centre + shared[attribute]) / 2 ** 0.5
+                    w[toks] = cos ** 0.5 * centre + (1 - cos) ** 0.5 * w[toks]
+        return vq
 
     def attribute_tokens(self, attribute: str, value: int) -> list[int]:
         return list(self.groups[f"{attribute}_{value}"])
