@@ -10,40 +10,20 @@ global_top_tokens_statistics.csv and tis_statistics_long.csv. The work is done b
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
 from cortex.cli import bias_parser, paths_parser
-from cortex.data import load_token_indices
-from cortex.paths import ExperimentPaths
-from cortex.stats import MAX_ROWS, TOP_NS, analyze_tis
-from cortex.utils import save_run_args
+from cortex.stats import analysis_parser, run_analysis
 
 EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[bias_parser(), paths_parser()])
-    p.add_argument("--model", type=int, choices=(1, 2, 3), required=True, help="IEM ClassificationNet{m}")
-    p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
-                   help="whose TIS to analyse (default: the paper's %(default)s)")
-    p.add_argument("--top_ns", type=int, nargs="+", default=list(TOP_NS),
-                   help="n of the Top n sections (default: 1 5 10 20)")
-    p.add_argument("--max_rows", type=int, default=MAX_ROWS, help="tokens listed per section (default: %(default)s)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    return p
+    return argparse.ArgumentParser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   parents=[analysis_parser((1, 2, 3)), bias_parser(), paths_parser()])
 
 
 def main(args):
-    paths = ExperimentPaths.from_args(args, EXPERIMENT)
-    stats_dir = paths.stats_dir(args.model, args.attribution)
-    stats_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(args, stats_dir)
-    token_indices = load_token_indices(paths.data_dir, "train")
-    summary = analyze_tis(paths.tis_dir(args.model, "train", args.attribution), stats_dir, token_indices,
-                          top_ns=tuple(args.top_ns), limit=args.max_rows, progress=not args.no_progress)
-    print(f"TIS statistics of {len(summary['labels'])} labels ({summary['images']} images) -> {stats_dir}")
-    return summary
+    return run_analysis(args, EXPERIMENT)
 
 
 if __name__ == "__main__":

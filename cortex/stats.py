@@ -349,3 +349,39 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
         summary.append(dict(model=m, method=a, top_n=n, label="mean", k=ks.pop() if len(ks) == 1 else "planted",
                             precision=float(np.mean([r["precision"] for r in rs])), labels=len(rs)))
     return rows, summary
+
+
+# ----------------------------------------------------------------------------- the TIS_analysis.py scripts
+
+def analysis_parser(model_choices) -> "argparse.ArgumentParser":
+    """Flags of both folders' TIS_analysis.py (the VQGAN one adds paths; the Dalle one also --bias_type)."""
+    import argparse
+
+    from .attribution import ATTRIBUTIONS
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", type=int, choices=tuple(model_choices), required=True, help="IEM ClassificationNet{m}")
+    p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
+                   help="whose TIS to analyse (default: the paper's %(default)s)")
+    p.add_argument("--top_ns", type=int, nargs="+", default=list(TOP_NS),
+                   help="n of the Top n sections (default: 1 5 10 20)")
+    p.add_argument("--max_rows", type=int, default=MAX_ROWS, help="tokens listed per section (default: %(default)s)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run_analysis(args, experiment: str) -> dict:
+    """TIS statistics of the train split for ``args`` (from :func:`analysis_parser` + the path flags)."""
+    from .data import load_token_indices
+    from .paths import ExperimentPaths
+    from .utils import save_run_args
+
+    paths = ExperimentPaths.from_args(args, experiment)
+    stats_dir = paths.stats_dir(args.model, args.attribution)
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    save_run_args(args, stats_dir)
+    token_indices = load_token_indices(paths.data_dir, "train")
+    summary = analyze_tis(paths.tis_dir(args.model, "train", args.attribution), stats_dir, token_indices,
+                          top_ns=tuple(args.top_ns), limit=args.max_rows, progress=not args.no_progress)
+    print(f"TIS statistics of {len(summary['labels'])} labels ({summary['images']} images) -> {stats_dir}")
+    return summary
