@@ -55,7 +55,7 @@ SOURCES = ("cin_transformer", "images")
 
 def add_real_source_args(parser: argparse.ArgumentParser):
     """Add the flags of ``--source cin_transformer`` and ``--source images`` to ``parser``."""
-    g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see the README, "Real VQGAN data"")
+    g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see the README, 'Real VQGAN data'")
     g.add_argument("--vqgan_config", default=None,
                    help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
     g.add_argument("--vqgan_ckpt", default=None,
@@ -211,7 +211,7 @@ def load_vq_for_dataset(args, device):
     if source == "cin_transformer":
         if not (getattr(args, "transformer_config", None) and getattr(args, "transformer_ckpt", None)):
             raise CortexError("--source cin_transformer needs --transformer_config and --transformer_ckpt "
-                              "(taming's ImageNet cin_transformer; see the README, "Real VQGAN data")")
+                              "(taming's ImageNet cin_transformer; see the README, 'Real VQGAN data')")
         model = load_taming_model(args.transformer_config, args.transformer_ckpt, device)
         if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
             raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
@@ -222,7 +222,7 @@ def load_vq_for_dataset(args, device):
             model = first_stage(load_taming_model(args.transformer_config, args.transformer_ckpt, device))
         else:
             raise CortexError("--source images needs --vqgan_config and --vqgan_ckpt (e.g. taming's "
-                              "vqgan_imagenet_f16_16384; see the README, "Real VQGAN data")")
+                              "vqgan_imagenet_f16_16384; see the README, 'Real VQGAN data')")
     else:
         raise CortexError(f"--source {source!r}: the real sources are {', '.join(SOURCES)}")
     return model, codebook_of(model)
