@@ -40,9 +40,8 @@ class Sizes:
     codebook_lr: str = "0.1"  # the paper's 0.01 needs its 5000 steps to change a token
     token_num: str = "8"  # concept tokens masked per label (= the planted ones per class)
     pairs: str = "0:5,1:6,2:7,3:8,4:9"  # codebook level: source label -> target label
-    bias_world: list = field(default_factory=lambda: ["--train_per_class", "150", "--val_per_class", "30",
-                                                      "--test_per_class", "50", "--neutral_images", "300"])
-    bias_train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "5", "--batch_size", "64"])
+    bias_world: list = field(default_factory=list)  # the generator's defaults: 300/50/100 images per label, 500 neutral
+    bias_train: list = field(default_factory=lambda: ["--width", "64", "--epochs", "10", "--batch_size", "32"])
 
 
 TINY = Sizes(
@@ -52,7 +51,7 @@ TINY = Sizes(
     train=["--width", "16", "--epochs", "3", "--batch_size", "16"],
     nsamples="2", evaluators_epochs="1", codebook_steps="4", codebook_eval_every="2", token_num="4", pairs="0:1,1:2",
     bias_world=["--train_per_class", "12", "--val_per_class", "4", "--test_per_class", "4", "--neutral_images", "24",
-                "--n_codes", "128", "--patch_size", "2"],
+                "--n_codes", "640", "--patch_size", "2"],
     bias_train=["--width", "16", "--epochs", "2", "--batch_size", "16"],
 )
 
@@ -139,21 +138,34 @@ def dalle_steps(root: Path, s: Sizes) -> list[Step]:
                    root / "datasets/doctor_color/embeddings/test_embeddings.csv"])]
     for bt in ("doctor_gender", "doctor_color"):
         b = ["--bias_type", bt, *r]
+        res = root / "results" / bt
         steps += [
             Step(f"train IEM ({bt})", DA, ["train.py", "--model", "1", *s.bias_train, *b],
                  [root / f"checkpoints/{bt}/ClassificationNet1/best_model.pth"]),
             Step(f"test IEM ({bt})", DA, ["test.py", "--model", "1", *b],
-                 [root / f"results/{bt}/Classification/ClassificationNet1/testing_results.csv"]),
-            Step(f"TIS ({bt})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25", "--nsamples",
-                                     s.nsamples, "--resume", *b],
-                 [root / f"results/{bt}/TIS/Net1/TIS_value_train/label_1.csv"]),
-            Step(f"TIS analysis ({bt})", DA, ["TIS_analysis.py", "--model", "1", *b],
-                 [root / f"results/{bt}/TIS/Net1/TIS_statistics_train/global_top_tokens_statistics.csv"]),
-            Step(f"bias detection ({bt})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
-                                                "--token_num", "10", *b],
-                 [root / f"results/{bt}/Bias_detection/token_bias_top5_num10_cliff.csv"]),
+                 [res / "Classification/ClassificationNet1/testing_results.csv"]),
         ]
+        for attr in DALLE_ATTRIBUTIONS:
+            tis = res / ("TIS" if attr == "smoothgrad" else f"TIS_{attr}") / "Net1"
+            a = ["--attribution", attr]
+            steps += [
+                Step(f"TIS ({bt}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
+                                                 "--nsamples", s.nsamples, "--resume", *a, *b],
+                     [tis / "TIS_value_train/label_1.csv"]),
+                Step(f"TIS analysis ({bt}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
+                     [tis / "TIS_statistics_train/global_top_tokens_statistics.csv"]),
+                Step(f"bias detection ({bt}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
+                                                            "--token_num", "10", *a, *b],
+                     [res / "Bias_detection" / bias_file(attr)]),
+            ]
     return steps
+
+
+DALLE_ATTRIBUTIONS = ("smoothgrad", "smoothgrad_x_input")
+
+
+def bias_file(attr: str) -> str:
+    return "token_bias_top5_num10_cliff" + ("" if attr == "smoothgrad" else f"_{attr}") + ".csv"
 
 
 @dataclass
@@ -268,17 +280,18 @@ def report(roots: Roots, out: Path) -> str:
         lines.append(f"| {r['model']} | {i:.3f} | {f:.3f} | {f - i:+.3f} |")
     # 4. bias detection
     lines += ["", "## Bias detection (DALL-E-mini synthetic world; neutral prompt planted to lean to label 0)", "",
-              "| bias type | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
-              "| Cliff's δ | seed's δ/2 | planted direction found |", "|---|---|---|---|---|---|---|"]
+              "| bias type | TIS | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
+              "| Cliff's δ | seed's δ/2 | planted direction found |", "|---|---|---|---|---|---|---|---|"]
     for bt in ("doctor_gender", "doctor_color"):
         gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
         want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
-        for r in _rows(roots.dalle / f"results/{bt}/Bias_detection/token_bias_top5_num10_cliff.csv"):
+        for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
+                        for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
             label, delta = r["label"], float(r["cliff_delta"])
             tokens = json.loads(r["tokens"])
             planted = sum(t in set(gt["concept_tokens"][label]) for t in tokens)
             sign = want if label == "0" else -want
-            lines.append(f"| {bt} | {label} ({gt['attribute_names'][label]}) | {planted}/{len(tokens)} | "
+            lines.append(f"| {bt} | {attr} | {label} ({gt['attribute_names'][label]}) | {planted}/{len(tokens)} | "
                          f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} | "
                          f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} |")
     figures = sorted((ex / "figures").glob("*.png")) + sorted(roots.dalle.glob("results/*/Bias_detection/*.png"))
