@@ -91,6 +91,12 @@ class BiasWorld:
         groups.update({g: c.attribute_tokens for g in ("gender_0", "gender_1", "color_0", "color_1")})
         if min(groups.values()) < 1:
             raise CortexError("--attribute_tokens and --doctor_tokens must be >= 1")
+        need = sum(groups.values()) + c.n_background + c.n_distractors
+        if need > c.n_codes:
+            raise CortexError(f"--n_codes {c.n_codes} is too small for the bias world: it needs {need} distinct tokens "
+                              f"(--doctor_tokens {c.doctor_tokens} + 4 x --attribute_tokens {c.attribute_tokens} + "
+                              f"--n_background {c.n_background} + --n_distractors {c.n_distractors}); raise --n_codes "
+                              f"or lower the others")
         self.world = SyntheticWorld.build(wc, extra_groups=groups)
         self.groups = self.world.extra
 
