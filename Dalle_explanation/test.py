@@ -9,7 +9,7 @@ its config.json) and writes results/{bias_type}/Classification/ClassificationNet
 """
 import argparse
 
-from cortex.cli import bias_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import bias_parser, data_parser, model_parser, paths_parser, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
@@ -20,7 +20,8 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     p = argparse.ArgumentParser("Test an IEM (DALL-E-mini bias)", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[model_parser((1, 2, 3)), bias_parser(), paths_parser(), runtime_parser()])
+                                parents=[model_parser((1, 2, 3)), bias_parser(), paths_parser(), runtime_parser(),
+                                         data_parser()])
     p.add_argument("--batch_size", type=int, default=256, help="test batch size (default: %(default)s)")
     return p
 

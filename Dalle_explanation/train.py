@@ -11,7 +11,7 @@ Adam (weight decay 1e-4), StepLR(5, 0.1), cross-entropy; the work is done by cor
 """
 import argparse
 
-from cortex.cli import bias_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import bias_parser, data_parser, model_parser, paths_parser, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import train_iem, train_parser
 
@@ -21,7 +21,8 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     return argparse.ArgumentParser(
         "Train an IEM (DALL-E-mini bias)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[model_parser((1, 2, 3)), bias_parser(), train_parser(EXPERIMENT), paths_parser(), runtime_parser()])
+        parents=[model_parser((1, 2, 3)), bias_parser(), train_parser(EXPERIMENT), paths_parser(), runtime_parser(),
+                 data_parser()])
 
 
 def main(args):

@@ -11,14 +11,14 @@ other attributions under results/TIS_<attribution>/. The work is done by cortex.
 """
 import argparse
 
-from cortex.cli import model_parser, paths_parser, runtime_parser
+from cortex.cli import data_parser, model_parser, paths_parser, runtime_parser
 from cortex.tis import run_tis, tis_parser
 
 
 def get_args_parser():
     return argparse.ArgumentParser(
         "TIS_computation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[paths_parser(), runtime_parser(), model_parser(), tis_parser(batch_size_default=25)])
+        parents=[paths_parser(), runtime_parser(), data_parser(), model_parser(), tis_parser(batch_size_default=25)])
 
 
 def main(args):

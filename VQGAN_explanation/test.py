@@ -6,7 +6,7 @@ Writes results/Classification/ClassificationNet{m}/testing_results.csv.
 """
 import argparse
 
-from cortex.cli import model_parser, paths_parser, runtime_parser
+from cortex.cli import data_parser, model_parser, paths_parser, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
@@ -17,7 +17,7 @@ KS = (1, 3, 5, 10)
 
 def get_args_parser():
     p = argparse.ArgumentParser("Test an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), paths_parser(),
-                                                                  runtime_parser()],
+                                                                  runtime_parser(), data_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch_size", type=int, default=512, help="test batch size")
     return p

@@ -9,7 +9,7 @@ logs/training_log_<YYYYmmdd_HHMM>.txt.
 """
 import argparse
 
-from cortex.cli import model_parser, paths_parser, runtime_parser
+from cortex.cli import data_parser, model_parser, paths_parser, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import train_iem, train_parser
 
@@ -19,7 +19,7 @@ EXPERIMENT = "vqgan"
 def get_args_parser():
     return argparse.ArgumentParser(
         "Train an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), train_parser(EXPERIMENT), paths_parser(),
-                                          runtime_parser()],
+                                          runtime_parser(), data_parser()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 

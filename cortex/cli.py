@@ -32,6 +32,36 @@ def runtime_parser() -> argparse.ArgumentParser:
     return p
 
 
+def data_parser() -> argparse.ArgumentParser:
+    """How the IEM scripts (train, test, TIS) read the dataset."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_layout", choices=("auto", "files", "compact"), default="auto",
+                   help="files: the authors' per-image .npy; compact: codebook.npy + the CSVs' token ids (the "
+                        "loader ships ids, the embedding is looked up on the compute device; same tensors); "
+                        "auto: compact when <data_dir>/codebook.npy exists, else files (default: %(default)s)")
+    return p
+
+
+def compact_parser() -> argparse.ArgumentParser:
+    """compact_dataset.py: build codebook.npy from the authors' per-image files."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("compact layout")
+    g.add_argument("--n_codes", type=int, default=None,
+                   help="codebook size, e.g. 16384 for the paper's VQGAN (default: the VQGAN's, else the largest "
+                        "id in the CSVs + 1)")
+    g.add_argument("--vqgan_config", default=None,
+                   help="optional taming VQGAN YAML of the model that made the data: its full codebook is written "
+                        "(codes no image uses included) and every file is checked against it")
+    g.add_argument("--vqgan_ckpt", default=None, help="its checkpoint (with --vqgan_config)")
+    g.add_argument("--tolerance", type=float, default=1e-5,
+                   help="allowed |file - codebook| per value, times (1 + |value|): float rounding of taming's "
+                        "straight-through z_q (default: %(default)s; 0 = bit-exact)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing codebook.npy")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
 def model_parser(model_choices=(1, 2, 3, 4), default_model: int | None = None) -> argparse.ArgumentParser:
     """Which IEM, its width, and the number of classes."""
     p = argparse.ArgumentParser(add_help=False)

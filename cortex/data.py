@@ -112,9 +112,10 @@ def load_codebook(data_dir) -> np.ndarray:
 
 
 def ids_to_embedding(codebook: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Token-based embedding. codebook (n_codes, 256), ids (B, 256) -> (B, 256, 16, 16)."""
-    emb = codebook[ids]  # (B, 256 positions, 256 channels)
-    return emb.transpose(1, 2).reshape(ids.shape[0], EMB_DIM, GRID, GRID)
+    """Token-based embedding. codebook (n_codes, 256), ids (B, 256) any integer dtype -> (B, 256, 16, 16)."""
+    emb = torch.nn.functional.embedding(ids.long(), codebook)  # (B, 256 positions, 256 channels)
+    # contiguous NCHW, as np.load gives: a channels-last view would change the convolutions' rounding
+    return emb.transpose(1, 2).reshape(ids.shape[0], EMB_DIM, GRID, GRID).contiguous()
 
 
 def embedding_to_ids(codebook: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -136,31 +137,69 @@ def resolve_num_classes(flag: int | None, data_dir, default: int) -> int:
     return int(dataset_info(data_dir).get("num_classes", default))
 
 
+LAYOUTS = ("auto", "files", "compact")
+
+
 def detect_layout(data_dir, split: str) -> str:
-    if split_npy_dir(data_dir, split).is_dir():
-        return "files"
+    """``auto``: the compact layout when ``codebook.npy`` exists (same tensors, far less to read), else files."""
     if (Path(data_dir) / "codebook.npy").exists():
         return "compact"
+    if split_npy_dir(data_dir, split).is_dir():
+        return "files"
     raise CortexError(f"{data_dir}: neither the per-image folder {split_npy_dir(data_dir, split).name}/ "
-                      f"nor codebook.npy exists; cannot build embeddings for split {split}")
+                      f"nor codebook.npy exists; cannot build embeddings for split {split}. Generate the "
+                      f"dataset, or build codebook.npy from the per-image files (python compact_dataset.py)")
+
+
+class TokenLookup:
+    """Turns a loader's batch into embeddings on the compute device.
+
+    A batch ``x`` is either embeddings ``(B, 256, 16, 16)`` float (passed through) or token ids ``(B, 256)``
+    integer (looked up in ``codebook`` (n_codes, 256), copied once to ``x``'s device). With the compact
+    layout the loader ships 512 bytes of ids per image instead of a 256 KiB float tensor, and the gather
+    runs where the model runs (on a GPU: at memory speed, after a tiny host-to-device copy).
+    """
+
+    def __init__(self, codebook: torch.Tensor | None = None):
+        self.codebook = codebook
+        self._on: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if x.is_floating_point():
+            return x if dtype is None else x.to(dtype)
+        if self.codebook is None:
+            raise CortexError("got token ids but no codebook.npy to look them up in; load the dataset with "
+                              "the compact layout")
+        dtype = dtype or self.codebook.dtype
+        key = (x.device, dtype)
+        cb = self._on.get(key)
+        if cb is None:
+            cb = self._on[key] = self.codebook.to(device=x.device, dtype=dtype)
+        return ids_to_embedding(cb, x)  # (B, 256, 16, 16)
 
 
 class EmbeddingDataset(Dataset):
     """One split as ``(embedding (256, 16, 16) float32, label, filename)`` items.
 
-    layout: ``"files"`` (per-image .npy), ``"compact"`` (codebook.npy + ids) or ``"auto"`` (files if present).
-    labels: keep only these labels (e.g. one shard's labels).
+    layout: ``"files"`` (per-image .npy), ``"compact"`` (codebook.npy + ids) or ``"auto"`` (compact if
+    ``codebook.npy`` exists, else files). labels: keep only these labels (e.g. one shard's labels).
+    return_ids: with the compact layout, items carry the ``(256,)`` int16/int32 token ids instead of the
+    embedding; ``dataset.lookup(batch_on_device)`` builds ``(B, 256, 16, 16)`` where the model runs.
+    Files-layout items are embeddings whatever this flag says (``lookup`` passes them through).
     """
 
     def __init__(self, data_dir, split: str, num_classes: int | None = None, layout: str = "auto",
-                 labels=None):
+                 labels=None, return_ids: bool = False):
         self.data_dir = Path(data_dir)
         self.split = canonical_split(split)
+        if layout not in LAYOUTS:
+            raise CortexError(f"unknown layout {layout!r}: use {', '.join(LAYOUTS)}")
         self.records = read_split(self.data_dir, self.split, num_classes)
         if labels is not None:
             keep = set(int(l) for l in labels)
             self.records = [r for r in self.records if r.label in keep]
         self.layout = detect_layout(self.data_dir, self.split) if layout == "auto" else layout
+        self.codebook = None
         if self.layout == "compact":
             self.codebook = torch.from_numpy(load_codebook(self.data_dir))
             n = self.codebook.shape[0]
@@ -168,13 +207,15 @@ class EmbeddingDataset(Dataset):
                 if r.ids.max(initial=0) >= n:
                     raise CortexError(f"{split_csv(self.data_dir, self.split)}: {r.filename} has token id "
                                       f"{int(r.ids.max())} but codebook.npy has only {n} codes")
-            self.ids = torch.from_numpy(np.stack([r.ids for r in self.records])) if self.records else None
-        elif self.layout == "files":
+            # int16 holds ids < 32768 (the paper's 16,384 codes): 512 bytes per image on the wire
+            id_dtype = np.int16 if n <= np.iinfo(np.int16).max + 1 else np.int32
+            self.ids = torch.from_numpy(np.stack([r.ids for r in self.records]).astype(id_dtype))  # (N, 256)
+        else:
             self.npy_dir = split_npy_dir(self.data_dir, self.split)
             if not self.npy_dir.is_dir():
                 raise CortexError(f"embedding folder not found: {self.npy_dir}")
-        else:
-            raise CortexError(f"unknown layout {layout!r}: use files, compact or auto")
+        self.return_ids = bool(return_ids) and self.layout == "compact"
+        self.lookup = TokenLookup(self.codebook)
         self.labels = [r.label for r in self.records]
 
     def __len__(self):
@@ -194,15 +235,16 @@ class EmbeddingDataset(Dataset):
         return torch.from_numpy(arr.astype(np.float32, copy=False))
 
     def __getitem__(self, i: int):
-        return self.embedding(i), self.records[i].label, self.records[i].filename
+        x = self.ids[i] if self.return_ids else self.embedding(i)
+        return x, self.records[i].label, self.records[i].filename
 
     def __getitems__(self, indices):
         """Batched fetch used by DataLoader: the compact layout gathers a whole batch in one op."""
         if self.layout != "compact":
             return [self[i] for i in indices]
         idx = torch.as_tensor(indices, dtype=torch.long)
-        embs = ids_to_embedding(self.codebook, self.ids[idx])  # (B, 256, 16, 16), one gather per batch
-        return [(embs[j], self.records[i].label, self.records[i].filename) for j, i in enumerate(indices)]
+        xs = self.ids[idx] if self.return_ids else ids_to_embedding(self.codebook, self.ids[idx])
+        return [(xs[j], self.records[i].label, self.records[i].filename) for j, i in enumerate(indices)]
 
 
 def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
@@ -301,6 +343,96 @@ class DatasetWriter:
         if info is not None:
             with atomic_write(self.data_dir / "dataset_info.json") as f:
                 json.dump(info, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- files -> compact
+
+def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndarray | None = None,
+                        tolerance: float = 1e-5, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """Recover ``codebook.npy`` from the authors' per-image layout.
+
+    Position ``p`` of an image's ``(256, 16, 16)`` file holds ``codebook[ids[p]]`` (quantised ``z_q``), so
+    reading every split once recovers every code an image uses. Each vector is checked: all positions with
+    the same id, in every file, must hold the same vector (and equal ``reference[id]`` when a VQGAN codebook
+    is given) up to ``|a - b| <= tolerance * (1 + |b|)``, else a CortexError names the file and position.
+    The tolerance is for float rounding: taming's straight-through ``z + (z_q - z).detach()`` can differ from
+    ``z_q`` in the last bit, so saved encodings need not equal the codebook bit for bit.
+
+    Returns ``(codebook (n_codes, 256) float32, seen (n_codes,) bool, largest |file - codebook|)``; codes no
+    image uses are ``reference``'s rows when given, else zeros (no CSV row refers to them).
+    """
+    from tqdm import tqdm
+
+    data_dir = Path(data_dir)
+    work = [(split, r) for split in SPLITS if split_csv(data_dir, split).exists()
+            for r in read_split(data_dir, split)]
+    if not work:
+        raise CortexError(f"{data_dir}: no *_embeddings.csv; nothing to convert")
+    top = max(int(r.ids.max()) for _, r in work) + 1
+    if reference is not None:
+        reference = np.asarray(reference, dtype=np.float32)
+        n_codes = n_codes or reference.shape[0]
+        if reference.shape != (n_codes, EMB_DIM):
+            raise CortexError(f"the VQGAN codebook has shape {reference.shape}, expected ({n_codes}, {EMB_DIM})")
+    n_codes = n_codes or top
+    if top > n_codes:
+        raise CortexError(f"{data_dir}: the CSVs use token id {top - 1} but --n_codes is {n_codes}")
+    cb = np.zeros((n_codes, EMB_DIM), np.float32) if reference is None else reference.copy()
+    seen = np.zeros(n_codes, bool)
+    max_dev = 0.0
+    for split, r in tqdm(work, desc="reading per-image embeddings", unit="file", disable=not progress):
+        path = split_npy_dir(data_dir, split) / r.filename
+        if not path.exists():
+            raise CortexError(f"embedding file not found: {path} (row {r.filename} of {split_csv(data_dir, split)})")
+        arr = np.load(path)
+        if arr.shape != EMB_SHAPE:
+            raise CortexError(f"{path}: embedding must have shape {EMB_SHAPE}, got {arr.shape}")
+        z = arr.reshape(EMB_DIM, N_POS).T  # (256 positions, 256 channels)
+        if reference is None:
+            new = ~seen[r.ids]
+            cb[r.ids[new]] = z[new]  # first sighting of a code sets its row
+        dev = np.abs(cb[r.ids] - z)  # (256, 256)
+        max_dev = max(max_dev, float(dev.max()))
+        bad = np.flatnonzero((dev > tolerance * (1 + np.abs(z))).any(axis=1))
+        if bad.size:
+            p = int(bad[0])
+            what = "the VQGAN's code" if reference is not None else "the vector the other positions/files give code"
+            raise CortexError(f"{path}: position {p} (row {p // GRID}, col {p % GRID}) differs from {what} "
+                              f"{int(r.ids[p])}: this embedding is not a codebook lookup of its CSV ids, so the "
+                              f"compact layout would not be lossless; keep the per-image files (or raise --tolerance)")
+        seen[r.ids] = True
+    return cb, seen, max_dev
+
+
+def run_compact(args, data_dir) -> Path:
+    """``compact_dataset.py``'s main: write ``<data_dir>/codebook.npy`` next to the authors' per-image files."""
+    data_dir = Path(data_dir)
+    out = data_dir / "codebook.npy"
+    if out.exists() and not args.force:
+        raise CortexError(f"{out} exists; pass --force to rebuild it")
+    reference = None
+    if args.vqgan_ckpt or args.vqgan_config:
+        if not (args.vqgan_ckpt and args.vqgan_config):
+            raise CortexError("--vqgan_config and --vqgan_ckpt go together (the taming VQGAN that made the data)")
+        from .real_data import codebook_of
+        from .taming_compat import load_taming_model
+
+        reference = codebook_of(load_taming_model(args.vqgan_config, args.vqgan_ckpt, "cpu"))
+    cb, seen, max_dev = codebook_from_files(data_dir, args.n_codes, reference, args.tolerance,
+                                            progress=not args.no_progress)
+    atomic_save_npy(out, cb)
+    info = dataset_info(data_dir)
+    info.update(n_codes=int(cb.shape[0]), codes_used=int(seen.sum()),
+                codebook_source="vqgan checkpoint" if reference is not None else "per-image files")
+    with atomic_write(data_dir / "dataset_info.json") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    print(f"wrote {out}: {cb.shape[0]} codes, {int(seen.sum())} used by the images; every file checked, largest "
+          f"|file - codebook| {max_dev:.3g}{' (bit-exact)' if max_dev == 0 else ''}")
+    if reference is None and not seen.all():
+        print(f"note: {int((~seen).sum())} codes appear in no image and are zeros; the TIS baselines of "
+              f"integrated gradients / occlusion average the codebook, so pass --vqgan_config/--vqgan_ckpt "
+              f"for the exact full codebook")
+    return out
 
 
 def _natural_key(name: str):

@@ -187,7 +187,8 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     """Score every image of ``dataset`` (this shard's labels) and write ``out_dir/label_{k}.csv``.
 
     model: IEM taking ``(B, 256, 16, 16)``; dataset: items ``(embedding (256,16,16), label, filename)``
-    with a ``labels`` list (``cortex.data.EmbeddingDataset``); codebook ``(n_codes, 256)`` gives the
+    with a ``labels`` list (``cortex.data.EmbeddingDataset``; items may carry ``(256,)`` token ids instead,
+    which its ``lookup`` turns into embeddings on ``device``); codebook ``(n_codes, 256)`` gives the
     baseline of integrated gradients / occlusion (mean codebook vector; zeros when None).
     Returns ``{"labels": [...], "scored": n_new_rows, "skipped": n_rows_kept, "files": [...]}``.
     """
@@ -235,6 +236,7 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
                 codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=config.max_copies_per_pass)
     stochastic = ATTRIBUTIONS[config.attribution].stochastic
 
+    lookup = getattr(dataset, "lookup", None)
     files: dict[int, object] = {}
     scored = 0
     loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -244,6 +246,8 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
                    disable=not progress)
         for emb, lab, names in bar:
             emb, lab = emb.to(device), lab.to(device)
+            if lookup is not None:
+                emb = lookup(emb)  # compact layout: ids (B, 256) -> (B, 256, 16, 16) on the device
             seeds = [image_seed(config.seed, n) for n in names] if stochastic else None
             scores = token_scores(config.attribution, model, emb, lab, method=config.reduction, seeds=seeds, **opts)
             scores = scores.detach().float().cpu().numpy()  # (B, 256)
@@ -364,7 +368,7 @@ def run_tis(args, experiment: str) -> dict:
                         f"Train it first (python train.py --model {args.model}) or pass --checkpoint_dir.")
     model = load_iem(ckpt, experiment, args.model, num_classes=args.num_classes, width=args.width,
                      depth=args.depth, map_location="cpu")
-    dataset = EmbeddingDataset(paths.data_dir, args.data_type, num_classes)
+    dataset = EmbeddingDataset(paths.data_dir, args.data_type, num_classes, layout=args.data_layout, return_ids=True)
     codebook = None
     if ATTRIBUTIONS[args.attribution].uses_baseline:
         if (Path(paths.data_dir) / "codebook.npy").exists():

@@ -63,7 +63,8 @@ def _lightning():
     return pl
 
 
-def make_module(model, args):
+def make_module(model, args, lookup=None):
+    """lookup: ``cortex.data.TokenLookup`` turning id batches (compact layout) into embeddings on the device."""
     pl = _lightning()
 
     class IEMModule(pl.LightningModule):
@@ -72,9 +73,17 @@ def make_module(model, args):
         def __init__(self):
             super().__init__()
             self.model = model
+            self.lookup = lookup
 
         def forward(self, x):  # (B, 256, 16, 16) -> (B, C)
             return self.model(x)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            # compact layout: the batch arrived as token ids (B, 256); gather the embedding here, on the device
+            x, y, names = batch
+            if self.lookup is not None:
+                x = self.lookup(x, dtype=next(self.model.parameters()).dtype)  # (B, 256, 16, 16)
+            return x, y, names
 
         def training_step(self, batch, batch_idx):
             x, y, names = batch
@@ -222,8 +231,8 @@ def train_iem(args, paths, experiment: str) -> dict:
     pl = _lightning()
     pl.seed_everything(args.seed, workers=True, verbose=False)
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, DEFAULT_CLASSES[experiment])
-    train_set = EmbeddingDataset(paths.data_dir, "train", num_classes)
-    val_set = EmbeddingDataset(paths.data_dir, "validation", num_classes)
+    train_set = EmbeddingDataset(paths.data_dir, "train", num_classes, layout=args.data_layout, return_ids=True)
+    val_set = EmbeddingDataset(paths.data_dir, "validation", num_classes, layout=args.data_layout, return_ids=True)
     width = args.width or 512
     model = build_model(experiment, args.model, num_classes, width=width, depth=args.depth)
     meta = dict(experiment=experiment, model_id=args.model, num_classes=num_classes, width=width, depth=args.depth)
@@ -263,20 +272,25 @@ def train_iem(args, paths, experiment: str) -> dict:
                             enable_version_counter=False),
         ],
     )
-    trainer.fit(make_module(model, args), train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(make_module(model, args, train_set.lookup), train_loader, val_loader,
+                ckpt_path=str(ckpt_path) if ckpt_path else None)
     return {"best": model_dir / "best_model.pth", "last": model_dir / "model.pth", "log": log_path}
 
 
 # ----------------------------------------------------------------------------- testing
 
 @torch.no_grad()
-def topk_accuracy(model, loader, device, ks=(1, 3, 5, 10)) -> dict:
-    """Top-k accuracy in percent; k larger than the number of classes counts every image correct."""
+def topk_accuracy(model, loader, device, ks=(1, 3, 5, 10), lookup=None) -> dict:
+    """Top-k accuracy in percent; k larger than the number of classes counts every image correct.
+
+    lookup: turns the loader's id batches (compact layout) into embeddings on ``device``.
+    """
     model.eval().to(device)
     correct = {k: 0 for k in ks}
     n = 0
     for x, y, _ in tqdm(loader, desc="testing", unit="batch"):
-        logits = model(x.to(device))  # (B, C)
+        x = x.to(device)
+        logits = model(lookup(x) if lookup is not None else x)  # (B, C)
         y = y.to(device)
         top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
         for k in ks:
@@ -302,9 +316,9 @@ def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10)) -> dict:
     model = load_iem(paths.best_ckpt(args.model), experiment, args.model, num_classes=args.num_classes,
                      width=args.width, depth=args.depth)
     num_classes = model_num_classes(model)
-    test_set = EmbeddingDataset(paths.data_dir, "test", num_classes)
+    test_set = EmbeddingDataset(paths.data_dir, "test", num_classes, layout=args.data_layout, return_ids=True)
     loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    acc = topk_accuracy(model, loader, device, ks)
+    acc = topk_accuracy(model, loader, device, ks, lookup=test_set.lookup)
     return acc
 
 

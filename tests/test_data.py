@@ -1,5 +1,6 @@
 """cortex.data: the authors' layout and the compact layout give identical tensors; bad input is named."""
 import csv
+import json
 import shutil
 
 import numpy as np
@@ -22,6 +23,44 @@ def test_layouts_identical(tiny_root):
             xb, yb, fb = b[i]
             assert xa.shape == (256, 16, 16) and xa.dtype == torch.float32
             assert torch.equal(xa, xb) and ya == yb and fa == fb
+
+
+def test_id_batches_are_looked_up_on_the_device(tiny_root):
+    """Compact + return_ids: the loader ships (B, 256) int16 ids; lookup gives the files layout's batch exactly."""
+    from torch.utils.data import DataLoader
+
+    data = tiny_root / "datasets"
+    files = EmbeddingDataset(data, "train", layout="files", return_ids=True)
+    ids = EmbeddingDataset(data, "train", layout="compact", return_ids=True)
+    assert not files.return_ids and ids.return_ids
+    n = 0
+    for (xa, ya, fa), (xb, yb, fb) in zip(DataLoader(files, batch_size=5), DataLoader(ids, batch_size=5)):
+        assert xa.shape == (len(ya), 256, 16, 16) and xb.shape == (len(yb), 256) and xb.dtype == torch.int16
+        assert torch.equal(files.lookup(xa), xa)  # embeddings pass through
+        assert torch.equal(ids.lookup(xb), xa) and torch.equal(ya, yb) and fa == fb
+        n += len(ya)
+    assert n == len(files)
+    half = ids.lookup(xb, dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, xa.half())
+    assert ids[0][0].tolist() == read_split(data, "train")[0].ids.tolist()
+    with pytest.raises(CortexError, match="no codebook.npy"):
+        files.lookup(xb)
+
+
+def test_auto_layout(tiny_root, tmp_path):
+    """auto: compact when codebook.npy exists, else the per-image files; a missing codebook is named."""
+    assert EmbeddingDataset(tiny_root / "datasets", "test").layout == "compact"
+    d = tmp_path / "d"
+    shutil.copytree(tiny_root / "datasets", d)
+    (d / "codebook.npy").unlink()
+    assert EmbeddingDataset(d, "test").layout == "files"
+    with pytest.raises(CortexError, match=r"codebook not found: .*codebook.npy"):
+        EmbeddingDataset(d, "test", layout="compact")
+    with pytest.raises(CortexError, match="unknown layout 'zip'"):
+        EmbeddingDataset(d, "test", layout="zip")
+    shutil.rmtree(d / "test")
+    with pytest.raises(CortexError, match="neither the per-image folder test/ nor codebook.npy"):
+        EmbeddingDataset(d, "test")
 
 
 def test_embedding_definition(tiny_root):
@@ -101,10 +140,10 @@ def test_errors_name_the_problem(small_dir, tmp_path):
         read_split(small_dir, "test")
     np.save(small_dir / "train" / "0_1.npy", np.zeros((256, 8, 8), np.float32))
     with pytest.raises(CortexError, match=r"0_1.npy: embedding must have shape \(256, 16, 16\)"):
-        EmbeddingDataset(small_dir, "train")[1]
+        EmbeddingDataset(small_dir, "train", layout="files")[1]
     (small_dir / "train" / "0_0.npy").unlink()
     with pytest.raises(CortexError, match="embedding file not found"):
-        EmbeddingDataset(small_dir, "train")[0]
+        EmbeddingDataset(small_dir, "train", layout="files")[0]
 
 
 def test_writer_resumes(tmp_path):
@@ -118,3 +157,43 @@ def test_writer_resumes(tmp_path):
     w.add("train", "0_1.npy", 0, np.ones(256, int))
     w.close()
     assert [r.filename for r in read_split(tmp_path, "train")] == ["0_0.npy", "0_1.npy"]
+
+
+def test_compact_dataset_from_the_authors_files(tiny_root, tmp_path):
+    """compact_dataset.py rebuilds codebook.npy from per-image files; the layouts then load the same tensors."""
+    from tests.helpers import run_script
+
+    root = tmp_path / "r"
+    shutil.copytree(tiny_root / "datasets", root / "datasets")
+    d = root / "datasets"
+    original = load_codebook(d)
+    (d / "codebook.npy").unlink()  # the authors' layout: CSVs + per-image files only
+    run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--n_codes", "64", "--no_progress"])
+    cb = load_codebook(d)
+    used = np.unique(np.concatenate([r.ids for s in ("train", "validation", "test") for r in read_split(d, s)]))
+    assert cb.shape == (64, 256)
+    assert np.array_equal(cb[used], original[used])  # every code an image uses, bit for bit
+    assert not cb[np.setdiff1d(np.arange(64), used)].any()  # the others are zeros
+    info = json.loads((d / "dataset_info.json").read_text())
+    assert info["codes_used"] == len(used) and info["codebook_source"] == "per-image files"
+    for split in ("train", "test"):
+        a, b = EmbeddingDataset(d, split, layout="files"), EmbeddingDataset(d, split, layout="compact")
+        assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+    with pytest.raises(CortexError, match="codebook.npy exists; pass --force"):
+        run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--no_progress"])
+    # a file that is not a codebook lookup of its ids is refused, naming file and position
+    rec = read_split(d, "train")[1]
+    emb = np.load(d / "train" / rec.filename)
+    emb[:, 2, 3] += 0.5  # position 2*16 + 3
+    np.save(d / "train" / rec.filename, emb)
+    with pytest.raises(CortexError, match=rf"{rec.filename}: position 35 \(row 2, col 3\) differs"):
+        run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--no_progress"])
+    emb[:, 2, 3] -= 0.5
+    emb[:, 2, 3] *= 1 + 1e-7  # float rounding (taming's straight-through z_q) is tolerated
+    np.save(d / "train" / rec.filename, emb)
+    run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--no_progress"])
+    with pytest.raises(CortexError, match="differs"):
+        run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--no_progress",
+                                                            "--tolerance", "0"])
+    with pytest.raises(CortexError, match="the CSVs use token id 63 but --n_codes is 8"):
+        run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--n_codes", "8"])

@@ -21,6 +21,7 @@ from cortex import real_data  # noqa: E402
 from cortex.data import DatasetWriter, EmbeddingDataset, image_path, load_codebook, read_split  # noqa: E402
 from cortex.taming_compat import import_taming, load_taming_model, top_k_top_p_filtering  # noqa: E402
 from cortex.utils import CortexError  # noqa: E402
+from tests.helpers import run_script  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_EMBED = 64
@@ -278,6 +279,16 @@ def test_images_source_folders_csv_and_neutral_set(tiny, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["filename"] for r in rows] == ["img0.png", "img1.png"]
     assert rows[0]["indices"] == "[" + ", ".join(map(str, rec["1_0.npy"].ids.tolist())) + "]"
+    # compact_dataset.py with the VQGAN: its full codebook, every per-image file checked against it
+    (tmp_path / "ds" / "codebook.npy").unlink()
+    run_script("VQGAN_explanation/compact_dataset.py", ["--data_dir", tmp_path / "ds", "--no_progress",
+                                                        "--vqgan_config", tiny / "vq.yaml",
+                                                        "--vqgan_ckpt", tiny / "vq.ckpt"])
+    np.testing.assert_array_equal(load_codebook(tmp_path / "ds"), codebook)
+    assert json.loads((tmp_path / "ds" / "dataset_info.json").read_text())["codebook_source"] == "vqgan checkpoint"
+    with pytest.raises(CortexError, match="--vqgan_config and --vqgan_ckpt go together"):
+        run_script("VQGAN_explanation/compact_dataset.py", ["--data_dir", tmp_path / "ds", "--force",
+                                                            "--vqgan_ckpt", tiny / "vq.ckpt"])
     # a resolution that does not give 16x16 tokens is refused
     with pytest.raises(CortexError, match="16x16"):
         real_data.generate_real(real_args(tiny, source="images", image_dir=str(tmp_path / "pics"),

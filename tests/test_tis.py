@@ -71,6 +71,18 @@ def test_files_and_values(data_dir, tmp_path):
     np.testing.assert_allclose(files["label_2.csv"][2], ref.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_id_batches_score_like_embeddings(data_dir, tmp_path):
+    """The loader shipping token ids (looked up on the device) writes the same TIS files as embeddings."""
+    ids = EmbeddingDataset(data_dir, "train", return_ids=True)
+    assert ids.return_ids
+    T.compute_tis(Tiny(), ids, tmp_path / "ids", T.TISConfig(nsamples=3), batch_size=5, progress=False)
+    _run(data_dir, tmp_path / "emb", batch_size=5)
+    a, b = _read_all(tmp_path / "ids"), _read_all(tmp_path / "emb")
+    assert a.keys() == b.keys() and len(a) == N_CLASSES
+    for k in a:
+        assert a[k][0] == b[k][0] and np.array_equal(a[k][2], b[k][2])
+
+
 def test_batch_size_independent(data_dir, tmp_path):
     _run(data_dir, tmp_path / "a", batch_size=1)
     _run(data_dir, tmp_path / "b", batch_size=7)

@@ -78,3 +78,20 @@ def test_every_net_trains(tiny_root, tmp_path, m):
     from cortex.models import identify_architecture
     sd = torch.load(tmp_path / "checkpoints" / f"ClassificationNet{m}" / "model.pth", weights_only=True)
     assert identify_architecture(sd, "vqgan") == m
+
+
+def test_layouts_train_identically(tiny_root, tmp_path):
+    """Id batches looked up on the device train the same weights, bit for bit, as the per-image files."""
+    sds = {}
+    for layout in ("files", "compact"):
+        run_script("VQGAN_explanation/train.py", ["--root", tiny_root, "--model", "1", "--epochs", "1", *TRAIN,
+                                                  "--data_layout", layout, "--checkpoint_dir", tmp_path / layout,
+                                                  "--log_dir", tmp_path / f"logs_{layout}"])
+        sds[layout] = torch.load(tmp_path / layout / "ClassificationNet1" / "model.pth", weights_only=True)
+        acc = run_script("VQGAN_explanation/test.py", ["--root", tiny_root, "--model", "1", "--device", "cpu",
+                                                       "--data_layout", layout, "--checkpoint_dir", tmp_path / layout,
+                                                       "--results_dir", tmp_path / f"results_{layout}"])
+        sds[layout + "_acc"] = acc
+    assert sds["files"].keys() == sds["compact"].keys()
+    assert all(torch.equal(sds["files"][k], sds["compact"][k]) for k in sds["files"])
+    assert sds["files_acc"] == sds["compact_acc"]
