@@ -63,8 +63,10 @@ def _lightning():
     return pl
 
 
-def make_module(model, args, lookup=None):
-    """lookup: ``cortex.data.TokenLookup`` turning id batches (compact layout) into embeddings on the device."""
+def make_module(model, args, lookup=None, shuffle_generator: torch.Generator | None = None):
+    """lookup: ``cortex.data.TokenLookup`` turning id batches (compact layout) into embeddings on the device.
+    shuffle_generator: the train loader's generator; its state and the dropout RNG travel in last.ckpt, so a
+    resumed run draws the same batches and dropout masks as an uninterrupted one (bit-exact weights)."""
     pl = _lightning()
 
     class IEMModule(pl.LightningModule):
@@ -74,6 +76,7 @@ def make_module(model, args, lookup=None):
             super().__init__()
             self.model = model
             self.lookup = lookup
+            self.shuffle_generator = shuffle_generator
 
         def forward(self, x):  # (B, 256, 16, 16) -> (B, C)
             return self.model(x)
@@ -115,6 +118,25 @@ def make_module(model, args, lookup=None):
             self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
             acc = (logits.argmax(1) == y).float().mean() * 100
             self.log("val_acc", acc, on_epoch=True, sync_dist=True, batch_size=len(y))
+
+        def on_save_checkpoint(self, checkpoint):
+            # saved after the epoch's validation: the states the next epoch of an uninterrupted run starts from
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            if self.shuffle_generator is not None:
+                rng["shuffle"] = self.shuffle_generator.get_state()
+            checkpoint["cortex_rng"] = rng
+
+        def on_load_checkpoint(self, checkpoint):
+            rng = checkpoint.get("cortex_rng")
+            if rng is None:  # a checkpoint from before the RNG states were saved: resume, not bit-exact
+                return
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], self.device if self.device.type == "cuda" else None)
+            if self.shuffle_generator is not None and "shuffle" in rng:
+                self.shuffle_generator.set_state(rng["shuffle"])
 
         def configure_optimizers(self):
             opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -272,7 +294,7 @@ def train_iem(args, paths, experiment: str) -> dict:
                             enable_version_counter=False),
         ],
     )
-    trainer.fit(make_module(model, args, train_set.lookup), train_loader, val_loader,
+    trainer.fit(make_module(model, args, train_set.lookup, shuffle_generator=g), train_loader, val_loader,
                 ckpt_path=str(ckpt_path) if ckpt_path else None)
     return {"best": model_dir / "best_model.pth", "last": model_dir / "model.pth", "log": log_path}
 
