@@ -35,6 +35,7 @@ test-slurm: install
 bench: install
 	$(PY) bench/bench_loading.py
 	$(PY) bench/bench_tis.py
+	$(PY) bench/bench_cliff.py
 
 clean-demo:
 	rm -rf VQGAN_explanation/datasets VQGAN_explanation/checkpoints VQGAN_explanation/logs VQGAN_explanation/results \
