@@ -7,7 +7,7 @@ Same as VQGAN_explanation/compact_dataset.py, for datasets/<bias_type>/embedding
 import argparse
 
 from cortex.cli import bias_parser, compact_parser, paths_parser
-from cortex.data import run_compact
+from cortex.dataset_tools import run_compact
 from cortex.paths import ExperimentPaths
 
 EXPERIMENT = "dalle"

@@ -62,6 +62,19 @@ def compact_parser() -> argparse.ArgumentParser:
     return p
 
 
+def merge_parser() -> argparse.ArgumentParser:
+    """merge_datasets.py: one dataset from folders generated separately."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("merging")
+    g.add_argument("--inputs", nargs="+", required=True,
+                   help="dataset folders to merge, e.g. datasets_0-499 datasets_500-999 (the output is --data_dir)")
+    g.add_argument("--copy", action="store_true",
+                   help="copy the per-image files and PNGs instead of hard-linking them")
+    g.add_argument("--force", action="store_true", help="merge into a --data_dir that already holds CSVs")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
 def model_parser(model_choices=(1, 2, 3, 4), default_model: int | None = None) -> argparse.ArgumentParser:
     """Which IEM, its width, and the number of classes."""
     p = argparse.ArgumentParser(add_help=False)

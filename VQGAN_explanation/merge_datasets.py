@@ -1,0 +1,31 @@
+"""Merge dataset folders generated separately into one --data_dir.
+
+    python merge_datasets.py --inputs datasets_0-499 datasets_500-999          # -> datasets/
+
+For real VQGAN data sampled on several GPUs, each job writes its own folder (generate_dataset.py
+--source cin_transformer --classes 0-499 --data_dir datasets_0-499, ...). The folders must share the
+VQGAN (equal codebook.npy) and hold different images. Per-image .npy files and PNGs are hard-linked
+(--copy to copy), the CSVs concatenated and sorted, the token-index pickles rebuilt and
+dataset_info.json merged (its merged_from lists each input's own settings).
+"""
+import argparse
+
+from cortex.cli import merge_parser, paths_parser
+from cortex.dataset_tools import run_merge
+from cortex.paths import ExperimentPaths
+
+EXPERIMENT = "vqgan"
+
+
+def get_args_parser():
+    return argparse.ArgumentParser("Merge dataset folders (VQGAN)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   parents=[merge_parser(), paths_parser()])
+
+
+def main(args):
+    return run_merge(args, ExperimentPaths.from_args(args, EXPERIMENT).data_dir)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
