@@ -7,6 +7,7 @@ from cortex.data import (  # noqa: F401
     DatasetWriter,
     EmbeddingDataset,
     Record,
+    TokenLookup,
     ids_to_embedding,
     image_path,
     load_codebook,
