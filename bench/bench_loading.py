@@ -48,7 +48,8 @@ def du(path: Path) -> int:
 
 
 def drop_page_cache(folder: Path) -> None:
-    """Ask the kernel to forget the files' cached pages, so the next read comes from disk."""
+    """Ask the kernel to forget the files' cached pages, so the next read comes from disk (not on tmpfs)."""
+    os.sync()  # dirty pages (the files were just written) are not dropped
     for p in folder.rglob("*.npy"):
         with open(p, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)

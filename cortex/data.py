@@ -94,6 +94,8 @@ def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Rec
             ids = parse_int_list(row[2], where=where)
             if ids.shape != (N_POS,):
                 raise CortexError(f"{where}: expected {N_POS} token ids, got {ids.size}")
+            if ids.min() < 0:
+                raise CortexError(f"{where}: negative token id {int(ids.min())}")
             records.append(Record(row[0], label, ids))
     if not records:
         raise CortexError(f"{path}: no rows")
@@ -103,8 +105,8 @@ def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Rec
 def load_codebook(data_dir) -> np.ndarray:
     path = Path(data_dir) / "codebook.npy"
     if not path.exists():
-        raise CortexError(f"codebook not found: {path} (needed by the compact layout). Use the per-image .npy "
-                          f"layout or regenerate with --layout compact.")
+        raise CortexError(f"codebook not found: {path} (needed by the compact layout). Pass --data_layout files "
+                          f"to read the per-image .npy files, or build it from them: python compact_dataset.py")
     cb = np.load(path).astype(np.float32, copy=False)
     if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
         raise CortexError(f"{path}: codebook must have shape (n_codes, {EMB_DIM}), got {cb.shape}")
@@ -209,7 +211,12 @@ class EmbeddingDataset(Dataset):
                                       f"{int(r.ids.max())} but codebook.npy has only {n} codes")
             # int16 holds ids < 32768 (the paper's 16,384 codes): 512 bytes per image on the wire
             id_dtype = np.int16 if n <= np.iinfo(np.int16).max + 1 else np.int32
-            self.ids = torch.from_numpy(np.stack([r.ids for r in self.records]).astype(id_dtype))  # (N, 256)
+            self.ids = torch.from_numpy(np.stack([r.ids for r in self.records] or [np.zeros(N_POS, np.int64)])
+                                        .astype(id_dtype)[: len(self.records)])  # (N, 256)
+            dev = dataset_info(self.data_dir).get("codebook_max_deviation", 0)
+            if layout == "auto" and dev and split_npy_dir(self.data_dir, self.split).is_dir():
+                print(f"note: {self.data_dir}/codebook.npy matches the per-image files up to {dev:.3g} (float "
+                      f"rounding, see compact_dataset.py); --data_layout files reads the files' exact values")
         else:
             self.npy_dir = split_npy_dir(self.data_dir, self.split)
             if not self.npy_dir.is_dir():

@@ -67,15 +67,20 @@ def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndar
         if reference is None:
             new = ~seen[r.ids]
             cb[r.ids[new]] = z[new]  # first sighting of a code sets its row
+        if not np.isfinite(z).all():
+            p = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
+            raise CortexError(f"{path}: position {p} (row {p // GRID}, col {p % GRID}) holds NaN/Inf; this file is "
+                              f"broken, regenerate it")
         dev = np.abs(cb[r.ids] - z)  # (256, 256)
         max_dev = max(max_dev, float(dev.max()))
-        bad = np.flatnonzero((dev > tolerance * (1 + np.abs(z))).any(axis=1))
+        bad = np.flatnonzero((~(dev <= tolerance * (1 + np.abs(z)))).any(axis=1))
         if bad.size:
             p = int(bad[0])
-            what = "the VQGAN's code" if reference is not None else "the vector the other positions/files give code"
+            what = ("the reference codebook's code" if reference is not None
+                    else "the vector the other positions/files give code")
             raise CortexError(f"{path}: position {p} (row {p // GRID}, col {p % GRID}) differs from {what} "
                               f"{int(r.ids[p])}: this embedding is not a codebook lookup of its CSV ids, so the "
-                              f"compact layout would not be lossless; keep the per-image files (or raise --tolerance)")
+                              f"compact layout would not be lossless")
         seen[r.ids] = True
     return cb, seen, max_dev
 
@@ -98,7 +103,7 @@ def run_compact(args, data_dir) -> Path:
                                             progress=not args.no_progress)
     atomic_save_npy(out, cb)
     info = dataset_info(data_dir)
-    info.update(n_codes=int(cb.shape[0]), codes_used=int(seen.sum()),
+    info.update(n_codes=int(cb.shape[0]), codes_used=int(seen.sum()), codebook_max_deviation=max_dev,
                 codebook_source="vqgan checkpoint" if reference is not None else "per-image files")
     with atomic_write(data_dir / "dataset_info.json") as f:
         json.dump(info, f, indent=2, sort_keys=True)
@@ -163,6 +168,14 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
         if not np.array_equal(load_codebook(d), codebook):
             raise CortexError(f"{d}/codebook.npy differs from {books[0][0]}/codebook.npy: the folders were made with "
                               f"different VQGANs and cannot be merged")
+    max_dev = 0.0
+    for d in inputs:  # an input without codebook.npy: its per-image files must be lookups of the shared one
+        if codebook is not None and not (d / "codebook.npy").exists():
+            print(f"{d} has no codebook.npy: checking its files against {books[0][0]}/codebook.npy")
+            try:
+                max_dev = max(max_dev, codebook_from_files(d, reference=codebook, progress=progress)[2])
+            except CortexError as e:
+                raise CortexError(f"cannot merge {d} with {books[0][0]} (another VQGAN?): {e}") from None
     rows: dict[str, list] = {s: [] for s in SPLITS}
     owner: dict[str, Path] = {}
     jobs = []  # (src, dst)
@@ -191,11 +204,18 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
                 if png.exists():
                     jobs.append((png, image_path(out_dir, r.filename)))
     out_dir.mkdir(parents=True, exist_ok=True)
+    # what an earlier dataset in out_dir (merged into with --force) left that the merged one does not have
+    stale = [] if codebook is not None else [out_dir / "codebook.npy"]
+    for s, rs in rows.items():
+        if not rs:
+            stale += [split_csv(out_dir, s), out_dir / f"{s}_token_indices.pkl"]
+    for p in stale:
+        p.unlink(missing_ok=True)
     for src, dst in tqdm(jobs, desc="linking per-image files", unit="file", disable=not progress):
         _place(src, dst, copy)
     if codebook is not None:
         atomic_save_npy(out_dir / "codebook.npy", codebook)
-    info = _merged_info(inputs, rows)  # first: it marks the folder as this merge's, so a rerun may finish it
+    info = _merged_info(inputs, rows, max_dev)  # first: it marks the folder as this merge's, so a rerun may finish it
     with atomic_write(out_dir / "dataset_info.json") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     for s, rs in rows.items():
@@ -212,7 +232,7 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
     return info
 
 
-def _merged_info(inputs: list[Path], rows: dict[str, list]) -> dict:
+def _merged_info(inputs: list[Path], rows: dict[str, list], max_dev: float = 0.0) -> dict:
     infos = [dataset_info(d) for d in inputs]
     labels = sorted({int(r[1]) for rs in rows.values() for r in rs})
     keys = set().union(*infos) - {"classes", "num_classes", "split_sizes", "merged_from"}
@@ -222,6 +242,8 @@ def _merged_info(inputs: list[Path], rows: dict[str, list]) -> dict:
         info["classes"] = classes
     info["num_classes"] = max([int(i.get("num_classes", 0)) for i in infos] + [labels[-1] + 1])
     info["split_sizes"] = {s: len(rs) for s, rs in rows.items()}
+    if max_dev:
+        info["codebook_max_deviation"] = max(max_dev, float(info.get("codebook_max_deviation", 0)))
     info["merged_from"] = [{"data_dir": str(d), **{k: v for k, v in i.items() if k not in info or k == "classes"}}
                            for d, i in zip(inputs, infos)]
     return info

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import warnings
@@ -198,7 +199,11 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    _check_config(out_dir, config, resume)
+    extra = {}
+    if ATTRIBUTIONS[config.attribution].uses_baseline:  # the baseline changes the scores: part of the config
+        extra["baseline"] = "zeros" if codebook is None else "codebook mean, sha1 " + hashlib.sha1(
+            np.ascontiguousarray(codebook, dtype=np.float32).tobytes()).hexdigest()[:16]
+    _check_config(out_dir, config, resume, extra)
 
     labels_of = [int(l) for l in dataset.labels]
     mine = shard_labels(labels_of, shard, num_shards)
@@ -283,9 +288,9 @@ def _finish(part: Path, final: Path) -> None:
     os.replace(part, final)
 
 
-def _check_config(out_dir: Path, config: TISConfig, resume: bool) -> None:
+def _check_config(out_dir: Path, config: TISConfig, resume: bool, extra: dict | None = None) -> None:
     path = out_dir / "tis_config.json"
-    key = config.score_key()
+    key = {**config.score_key(), **(extra or {})}
     if resume and path.exists():
         old = json.loads(path.read_text())
         if old != key:

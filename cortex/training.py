@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from .data import EmbeddingDataset, resolve_num_classes
@@ -122,8 +122,8 @@ def make_module(model, args, lookup=None, shuffle_generator: torch.Generator | N
         def on_save_checkpoint(self, checkpoint):
             # saved after the epoch's validation: the states the next epoch of an uninterrupted run starts from
             rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state()  # this rank's current device (set by Lightning)
             if self.shuffle_generator is not None:
                 rng["shuffle"] = self.shuffle_generator.get_state()
             checkpoint["cortex_rng"] = rng
@@ -134,7 +134,9 @@ def make_module(model, args, lookup=None, shuffle_generator: torch.Generator | N
                 return
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"], self.device if self.device.type == "cuda" else None)
+                # runs before Lightning moves the model (self.device is still cpu): the current device is the
+                # rank's own, so no device argument
+                torch.cuda.set_rng_state(rng["cuda"])
             if self.shuffle_generator is not None and "shuffle" in rng:
                 self.shuffle_generator.set_state(rng["shuffle"])
 
@@ -277,9 +279,14 @@ def train_iem(args, paths, experiment: str) -> dict:
 
     loader = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                   persistent_workers=args.num_workers > 0)
+    # Three generators, so that a resumed run repeats an uninterrupted one (bit-exact, with or without
+    # persistent workers): the shuffle order draws once per epoch from its own generator (saved in last.ckpt);
+    # creating a loader iterator (once per run with persistent workers, once per epoch without) draws worker
+    # seeds from the loaders' generators and never from the global RNG that dropout uses.
     g = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_set, shuffle=True, generator=g, drop_last=False, **loader)
-    val_loader = DataLoader(val_set, shuffle=False, **loader)
+    train_loader = DataLoader(train_set, sampler=RandomSampler(train_set, generator=g), drop_last=False,
+                              generator=torch.Generator().manual_seed(args.seed + 1), **loader)
+    val_loader = DataLoader(val_set, shuffle=False, generator=torch.Generator().manual_seed(args.seed + 2), **loader)
 
     from pytorch_lightning.callbacks import ModelCheckpoint
 

@@ -47,6 +47,18 @@ def test_id_batches_are_looked_up_on_the_device(tiny_root):
         files.lookup(xb)
 
 
+def test_compact_edge_cases(tiny_root, tmp_path):
+    """An empty label filter gives an empty dataset (as the files layout does); a negative id is named."""
+    data = tiny_root / "datasets"
+    for layout in ("files", "compact"):
+        assert len(EmbeddingDataset(data, "train", layout=layout, labels=[99], return_ids=True)) == 0
+    d = tmp_path / "neg"
+    d.mkdir()
+    _write_csv(d / "train_embeddings.csv", [["0_0.npy", "0", format_list(np.r_[-65530, np.zeros(255, int)])]])
+    with pytest.raises(CortexError, match=r"train_embeddings.csv:2: negative token id -65530"):
+        read_split(d, "train")
+
+
 def test_auto_layout(tiny_root, tmp_path):
     """auto: compact when codebook.npy exists, else the per-image files; a missing codebook is named."""
     assert EmbeddingDataset(tiny_root / "datasets", "test").layout == "compact"

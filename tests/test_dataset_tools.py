@@ -48,6 +48,10 @@ def test_compact_dataset_from_the_authors_files(tiny_root, tmp_path):
     with pytest.raises(CortexError, match="differs"):
         run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--no_progress",
                                                             "--tolerance", "0"])
+    emb[:, 2, 3] = np.nan  # a broken file is named, not averaged in (NaN passes any tolerance test)
+    np.save(d / "train" / rec.filename, emb)
+    with pytest.raises(CortexError, match=rf"{rec.filename}: position 35 \(row 2, col 3\) holds NaN"):
+        run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--no_progress"])
     with pytest.raises(CortexError, match="the CSVs use token id 63 but --n_codes is 8"):
         run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--n_codes", "8"])
 
@@ -106,6 +110,26 @@ def test_merge_datasets(tmp_path):
     with pytest.raises(CortexError, match="already holds another dataset; pass --force"):
         run_script("VQGAN_explanation/merge_datasets.py", other)
     run_script("VQGAN_explanation/merge_datasets.py", [*other, "--force"])
+    # --force into a dataset with a codebook, from inputs without one: the old codebook must not survive
+    for x in ("a", "b"):
+        shutil.copytree(tmp_path / x, tmp_path / f"{x}_files", ignore=shutil.ignore_patterns("codebook.npy"))
+    old = _write(tmp_path / "old", rng.normal(size=(32, 256)).astype(np.float32), [5], rng, {})
+    shutil.copytree(tmp_path / "old", tmp_path / "old_files", ignore=shutil.ignore_patterns("codebook.npy"))
+    run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a_files", tmp_path / "b_files",
+                                                       "--data_dir", tmp_path / "old", "--force", "--no_progress"])
+    assert not (tmp_path / "old" / "codebook.npy").exists() and len(old) == 3
+    merged = EmbeddingDataset(tmp_path / "old", "train")
+    ref_train = EmbeddingDataset(out, "train", layout="files")
+    assert merged.layout == "files" and len(merged) == 4
+    assert all(torch.equal(merged[i][0], ref_train[i][0]) for i in range(4))
+    # some inputs with a codebook, some without: the others' files are checked against it
+    run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a", tmp_path / "b_files",
+                                                       "--data_dir", tmp_path / "mixed", "--no_progress"])
+    assert (tmp_path / "mixed" / "train_embeddings.csv").read_bytes() == (out / "train_embeddings.csv").read_bytes()
+    assert np.array_equal(load_codebook(tmp_path / "mixed"), cb)
+    with pytest.raises(CortexError, match=r"cannot merge .*old_files with .*a \(another VQGAN\?\): .*5_0.npy: position 0 .* reference codebook"):
+        run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a", tmp_path / "old_files",
+                                                           "--data_dir", tmp_path / "mixed2", "--no_progress"])
     run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a", tmp_path / "b", "--copy",
                                                        "--data_dir", tmp_path / "c", "--no_progress"])
     assert not os.path.samefile(src, tmp_path / "c" / "train" / "0_0.npy")

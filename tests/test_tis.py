@@ -83,6 +83,25 @@ def test_id_batches_score_like_embeddings(data_dir, tmp_path):
         assert a[k][0] == b[k][0] and np.array_equal(a[k][2], b[k][2])
 
 
+def test_files_and_compact_layouts_score_alike(tiny_root, tmp_path):
+    """The authors' per-image files and the compact layout's id batches write identical TIS files."""
+    for layout in ("files", "compact"):
+        ds = EmbeddingDataset(tiny_root / "datasets", "test", layout=layout, return_ids=True)
+        T.compute_tis(Tiny(), ds, tmp_path / layout, T.TISConfig(nsamples=2), batch_size=4, progress=False)
+    a, b = _read_all(tmp_path / "files"), _read_all(tmp_path / "compact")
+    assert a.keys() == b.keys() and len(a) == 3
+    assert all(a[k][0] == b[k][0] and np.array_equal(a[k][2], b[k][2]) for k in a)
+
+
+def test_baseline_is_part_of_the_config(data_dir, tmp_path):
+    """Resuming occlusion with another baseline (codebook.npy appeared in between) is refused."""
+    ds = EmbeddingDataset(data_dir, "train")
+    cfg = T.TISConfig(attribution="occlusion")
+    T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, progress=False)
+    with pytest.raises(CortexError, match="baseline"):
+        T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, codebook=ds.codebook, resume=True, progress=False)
+
+
 def test_batch_size_independent(data_dir, tmp_path):
     _run(data_dir, tmp_path / "a", batch_size=1)
     _run(data_dir, tmp_path / "b", batch_size=7)

@@ -97,10 +97,12 @@ def test_layouts_train_identically(tiny_root, tmp_path):
     assert sds["files_acc"] == sds["compact_acc"]
 
 
-def test_resume_is_bit_exact(tiny_root, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: persistent DataLoader workers
+def test_resume_is_bit_exact(tiny_root, tmp_path, workers):
     """Stopped after epoch 1 and resumed: the same weights as an uninterrupted run (shuffle + dropout RNG)."""
     def train(name, epochs, *extra):
         run_script("VQGAN_explanation/train.py", ["--root", tiny_root, "--model", "1", "--epochs", epochs, *TRAIN,
+                                                  "--num_workers", workers,
                                                   "--checkpoint_dir", tmp_path / name, "--log_dir",
                                                   tmp_path / f"logs_{name}", *extra])
         return torch.load(tmp_path / name / "ClassificationNet1" / "model.pth", weights_only=True)
