@@ -39,4 +39,5 @@ bench: install
 
 clean-demo:
 	rm -rf VQGAN_explanation/datasets VQGAN_explanation/checkpoints VQGAN_explanation/logs VQGAN_explanation/results \
+	       VQGAN_explanation/scattered_world results/demo_report.md \
 	       Dalle_explanation/datasets Dalle_explanation/checkpoints Dalle_explanation/logs Dalle_explanation/results

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import EmbeddingDataset, resolve_num_classes
@@ -277,16 +277,13 @@ def train_iem(args, paths, experiment: str) -> dict:
         logs = sorted(paths.log_dir.glob("training_log_*.txt"))
         log_path = logs[-1] if logs else log_path  # continue the same log
 
-    loader = dict(batch_size=args.batch_size, num_workers=args.num_workers,
-                  persistent_workers=args.num_workers > 0)
-    # Three generators, so that a resumed run repeats an uninterrupted one (bit-exact, with or without
-    # persistent workers): the shuffle order draws once per epoch from its own generator (saved in last.ckpt);
-    # creating a loader iterator (once per run with persistent workers, once per epoch without) draws worker
-    # seeds from the loaders' generators and never from the global RNG that dropout uses.
-    g = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_set, sampler=RandomSampler(train_set, generator=g), drop_last=False,
-                              generator=torch.Generator().manual_seed(args.seed + 1), **loader)
-    val_loader = DataLoader(val_set, shuffle=False, generator=torch.Generator().manual_seed(args.seed + 2), **loader)
+    # persistent_workers stays off: a resumed run must create its loader iterators once per epoch, as an
+    # uninterrupted run does, because each creation draws worker seeds from the shuffle generator (train) and
+    # from the global RNG that dropout uses (val); with persistent workers a resumed run would draw once more.
+    loader = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=False)
+    g = torch.Generator().manual_seed(args.seed)  # shuffle order; its state travels in last.ckpt
+    train_loader = DataLoader(train_set, shuffle=True, generator=g, drop_last=False, **loader)
+    val_loader = DataLoader(val_set, shuffle=False, **loader)
 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
