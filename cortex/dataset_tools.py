@@ -52,7 +52,8 @@ def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndar
             raise CortexError(f"the VQGAN codebook has shape {reference.shape}, expected ({n_codes}, {EMB_DIM})")
     n_codes = n_codes or top
     if top > n_codes:
-        raise CortexError(f"{data_dir}: the CSVs use token id {top - 1} but --n_codes is {n_codes}")
+        has = "the codebook has only" if reference is not None else "--n_codes is"
+        raise CortexError(f"{data_dir}: the CSVs use token id {top - 1} but {has} {n_codes} codes")
     cb = np.zeros((n_codes, EMB_DIM), np.float32) if reference is None else reference.copy()
     seen = np.zeros(n_codes, bool)
     max_dev = 0.0
@@ -171,6 +172,9 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
     max_dev = 0.0
     for d in inputs:  # an input without codebook.npy: its per-image files must be lookups of the shared one
         if codebook is not None and not (d / "codebook.npy").exists():
+            if not any(split_npy_dir(d, s).is_dir() for s in SPLITS):
+                raise CortexError(f"{d}: has neither codebook.npy nor per-image files (train/ val/ test/); "
+                                  f"nothing to merge its CSVs' ids with")
             print(f"{d} has no codebook.npy: checking its files against {books[0][0]}/codebook.npy")
             try:
                 max_dev = max(max_dev, codebook_from_files(d, reference=codebook, progress=progress)[2])
@@ -204,6 +208,8 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
                 if png.exists():
                     jobs.append((png, image_path(out_dir, r.filename)))
     out_dir.mkdir(parents=True, exist_ok=True)
+    for src, dst in tqdm(jobs, desc="linking per-image files", unit="file", disable=not progress):
+        _place(src, dst, copy)  # may stop on a differing file: out_dir's own dataset is untouched until here
     # what an earlier dataset in out_dir (merged into with --force) left that the merged one does not have
     stale = [] if codebook is not None else [out_dir / "codebook.npy"]
     for s, rs in rows.items():
@@ -211,8 +217,6 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
             stale += [split_csv(out_dir, s), out_dir / f"{s}_token_indices.pkl"]
     for p in stale:
         p.unlink(missing_ok=True)
-    for src, dst in tqdm(jobs, desc="linking per-image files", unit="file", disable=not progress):
-        _place(src, dst, copy)
     if codebook is not None:
         atomic_save_npy(out_dir / "codebook.npy", codebook)
     info = _merged_info(inputs, rows, max_dev)  # first: it marks the folder as this merge's, so a rerun may finish it
@@ -242,8 +246,9 @@ def _merged_info(inputs: list[Path], rows: dict[str, list], max_dev: float = 0.0
         info["classes"] = classes
     info["num_classes"] = max([int(i.get("num_classes", 0)) for i in infos] + [labels[-1] + 1])
     info["split_sizes"] = {s: len(rs) for s, rs in rows.items()}
+    max_dev = max([max_dev] + [float(i.get("codebook_max_deviation", 0)) for i in infos])
     if max_dev:
-        info["codebook_max_deviation"] = max(max_dev, float(info.get("codebook_max_deviation", 0)))
+        info["codebook_max_deviation"] = max_dev
     info["merged_from"] = [{"data_dir": str(d), **{k: v for k, v in i.items() if k not in info or k == "classes"}}
                            for d, i in zip(inputs, infos)]
     return info

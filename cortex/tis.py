@@ -293,11 +293,19 @@ def _check_config(out_dir: Path, config: TISConfig, resume: bool, extra: dict | 
     key = {**config.score_key(), **(extra or {})}
     if resume and path.exists():
         old = json.loads(path.read_text())
+        if "baseline" in key and "baseline" not in old and old == {k: v for k, v in key.items() if k != "baseline"}:
+            # written before the baseline was recorded: trust it, record the baseline from now on
+            print(f"note: {path} does not record the baseline; assuming it was {key['baseline']!r} (the current "
+                  f"one) and adding it")
+            old = key
         if old != key:
             diff = {k: (old.get(k), key.get(k)) for k in set(old) | set(key) if old.get(k) != key.get(k)}
-            raise CortexError(f"{path}: --resume with different settings {diff} (stored, requested). Rerun "
+            hint = ("the baseline changed: codebook.npy was added, removed or changed since the stored labels were "
+                    "scored. " if "baseline" in diff else "")
+            raise CortexError(f"{path}: --resume with different settings {diff} (stored, requested). {hint}Rerun "
                               f"with the stored settings, or without --resume to start over.")
-        return
+        if old is not key:
+            return
     with atomic_write(path) as f:
         json.dump(key, f, indent=2, sort_keys=True)
 

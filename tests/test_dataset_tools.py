@@ -102,6 +102,7 @@ def test_merge_datasets(tmp_path):
     assert info["classes"] == [0, 1, 2, 3] and info["num_classes"] == 4 and info["top_k"] == 600
     assert info["split_sizes"] == {"train": 4, "validation": 4, "test": 4}
     assert "seed" not in info and [m["seed"] for m in info["merged_from"]] == [0, 1]
+    assert "codebook_max_deviation" not in info
     # the same merge again (e.g. after a kill) finishes/keeps it; another dataset is not overwritten by accident
     (out / "test_embeddings.csv").unlink()
     assert run_script("VQGAN_explanation/merge_datasets.py", merge) == info
@@ -113,11 +114,19 @@ def test_merge_datasets(tmp_path):
     # --force into a dataset with a codebook, from inputs without one: the old codebook must not survive
     for x in ("a", "b"):
         shutil.copytree(tmp_path / x, tmp_path / f"{x}_files", ignore=shutil.ignore_patterns("codebook.npy"))
-    old = _write(tmp_path / "old", rng.normal(size=(32, 256)).astype(np.float32), [5], rng, {})
+    _write(tmp_path / "old", rng.normal(size=(32, 256)).astype(np.float32), [5], rng, {})
     shutil.copytree(tmp_path / "old", tmp_path / "old_files", ignore=shutil.ignore_patterns("codebook.npy"))
+    # a merge that stops on a differing file leaves the old dataset as it was (its codebook included)
+    _write(tmp_path / "clash", cb, [5], rng, {})  # 5_0.npy again, other content, no codebook
+    (tmp_path / "clash" / "codebook.npy").unlink()
+    with pytest.raises(CortexError, match=r"train/5_0.npy exists and differs"):
+        run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a_files", tmp_path / "clash",
+                                                           "--data_dir", tmp_path / "old", "--force", "--no_progress"])
+    assert (tmp_path / "old" / "codebook.npy").exists()
+    assert [r.filename for r in read_split(tmp_path / "old", "train")] == ["5_0.npy"]
     run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a_files", tmp_path / "b_files",
                                                        "--data_dir", tmp_path / "old", "--force", "--no_progress"])
-    assert not (tmp_path / "old" / "codebook.npy").exists() and len(old) == 3
+    assert not (tmp_path / "old" / "codebook.npy").exists()
     merged = EmbeddingDataset(tmp_path / "old", "train")
     ref_train = EmbeddingDataset(out, "train", layout="files")
     assert merged.layout == "files" and len(merged) == 4
@@ -127,9 +136,16 @@ def test_merge_datasets(tmp_path):
                                                        "--data_dir", tmp_path / "mixed", "--no_progress"])
     assert (tmp_path / "mixed" / "train_embeddings.csv").read_bytes() == (out / "train_embeddings.csv").read_bytes()
     assert np.array_equal(load_codebook(tmp_path / "mixed"), cb)
-    with pytest.raises(CortexError, match=r"cannot merge .*old_files with .*a \(another VQGAN\?\): .*5_0.npy: position 0 .* reference codebook"):
+    other_vqgan = r"cannot merge .*old_files with .*a \(another VQGAN\?\): .*5_0.npy: position 0 .* reference codebook"
+    with pytest.raises(CortexError, match=other_vqgan):
         run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a", tmp_path / "old_files",
                                                            "--data_dir", tmp_path / "mixed2", "--no_progress"])
+    # the largest recorded deviation of any input is kept at the top level (EmbeddingDataset's note reads it)
+    info_a = json.loads((tmp_path / "a" / "dataset_info.json").read_text())
+    (tmp_path / "a" / "dataset_info.json").write_text(json.dumps({**info_a, "codebook_max_deviation": 1e-7}))
+    dev = run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a", tmp_path / "b",
+                                                             "--data_dir", tmp_path / "dev", "--no_progress"])
+    assert dev["codebook_max_deviation"] == 1e-7
     run_script("VQGAN_explanation/merge_datasets.py", ["--inputs", tmp_path / "a", tmp_path / "b", "--copy",
                                                        "--data_dir", tmp_path / "c", "--no_progress"])
     assert not os.path.samefile(src, tmp_path / "c" / "train" / "0_0.npy")

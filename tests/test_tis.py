@@ -1,5 +1,6 @@
 """cortex.tis: per-label TIS files, batch-size independence, resume after a kill, label shards."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -98,8 +99,14 @@ def test_baseline_is_part_of_the_config(data_dir, tmp_path):
     ds = EmbeddingDataset(data_dir, "train")
     cfg = T.TISConfig(attribution="occlusion")
     T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, progress=False)
-    with pytest.raises(CortexError, match="baseline"):
+    with pytest.raises(CortexError, match="the baseline changed: codebook.npy was added"):
         T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, codebook=ds.codebook, resume=True, progress=False)
+    # a tis_config.json from before the baseline was recorded: resumed (same other settings), key added
+    stored = json.loads((tmp_path / "o" / "tis_config.json").read_text())
+    assert stored.pop("baseline") == "zeros"
+    (tmp_path / "o" / "tis_config.json").write_text(json.dumps(stored))
+    T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, resume=True, progress=False)
+    assert json.loads((tmp_path / "o" / "tis_config.json").read_text())["baseline"] == "zeros"
 
 
 def test_batch_size_independent(data_dir, tmp_path):

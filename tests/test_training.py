@@ -97,7 +97,7 @@ def test_layouts_train_identically(tiny_root, tmp_path):
     assert sds["files_acc"] == sds["compact_acc"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])  # 2: persistent DataLoader workers
+@pytest.mark.parametrize("workers", [0, 2])  # 2: DataLoader workers (restarted each epoch, as resume needs)
 def test_resume_is_bit_exact(tiny_root, tmp_path, workers):
     """Stopped after epoch 1 and resumed: the same weights as an uninterrupted run (shuffle + dropout RNG)."""
     def train(name, epochs, *extra):
