@@ -211,8 +211,8 @@ class EmbeddingDataset(Dataset):
                                       f"{int(r.ids.max())} but codebook.npy has only {n} codes")
             # int16 holds ids < 32768 (the paper's 16,384 codes): 512 bytes per image on the wire
             id_dtype = np.int16 if n <= np.iinfo(np.int16).max + 1 else np.int32
-            self.ids = torch.from_numpy(np.stack([r.ids for r in self.records] or [np.zeros(N_POS, np.int64)])
-                                        .astype(id_dtype)[: len(self.records)])  # (N, 256)
+            ids = np.array([r.ids for r in self.records], id_dtype).reshape(-1, N_POS)  # (N, 256); (0, 256) if none
+            self.ids = torch.from_numpy(ids)
             dev = dataset_info(self.data_dir).get("codebook_max_deviation", 0)
             if layout == "auto" and dev and split_npy_dir(self.data_dir, self.split).is_dir():
                 print(f"note: {self.data_dir}/codebook.npy matches the per-image files up to {dev:.3g} (float "

@@ -294,17 +294,16 @@ def _check_config(out_dir: Path, config: TISConfig, resume: bool, extra: dict | 
     if resume and path.exists():
         old = json.loads(path.read_text())
         if "baseline" in key and "baseline" not in old and old == {k: v for k, v in key.items() if k != "baseline"}:
-            # written before the baseline was recorded: trust it, record the baseline from now on
+            # written before the baseline was recorded: trust it, and record the baseline below
             print(f"note: {path} does not record the baseline; assuming it was {key['baseline']!r} (the current "
                   f"one) and adding it")
-            old = key
-        if old != key:
+        elif old != key:
             diff = {k: (old.get(k), key.get(k)) for k in set(old) | set(key) if old.get(k) != key.get(k)}
             hint = ("the baseline changed: codebook.npy was added, removed or changed since the stored labels were "
                     "scored. " if "baseline" in diff else "")
             raise CortexError(f"{path}: --resume with different settings {diff} (stored, requested). {hint}Rerun "
                               f"with the stored settings, or without --resume to start over.")
-        if old is not key:
+        else:
             return
     with atomic_write(path) as f:
         json.dump(key, f, indent=2, sort_keys=True)
