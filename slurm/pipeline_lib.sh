@@ -1,6 +1,30 @@
 # Shared by slurm/submit_*_pipeline.sh (sourced). Needs: EXP, REPO, TPL, ALL_STEPS, STEPS, ROOT, AFTER, DRY
 # and a function script_of STEP (the script a step runs, relative to the experiment folder).
 
+# pipeline_parse_args "$@": the options every driver takes (--models --shards --steps --root --after --dry_run
+# --help) into MODELS SHARDS STEPS ROOT AFTER DRY; a driver's own options go to its function
+# driver_option OPT VALUE, which returns 1 for an option it does not know.
+pipeline_parse_args() {
+    while (($#)); do
+        case $1 in
+            --models) MODELS=$2; shift 2 ;;
+            --shards) SHARDS=$2; shift 2 ;;
+            --steps) STEPS=$2; shift 2 ;;
+            --root) ROOT=$2; shift 2 ;;
+            --after) AFTER=$2; shift 2 ;;
+            --dry_run) DRY=1; shift ;;
+            -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+            *)
+                if declare -F driver_option >/dev/null && driver_option "$1" "${2:-}"; then
+                    shift 2
+                else
+                    echo "unknown option $1 (see --help)" >&2; exit 2
+                fi ;;
+        esac
+    done
+    [[ $SHARDS =~ ^[1-9][0-9]*$ ]] || { echo "--shards must be a positive integer" >&2; exit 2; }
+}
+
 # pipeline_setup: choose the steps, create <root>/logs, export what the jobs read, cd to the experiment folder
 pipeline_setup() {
     declare -gA WANT=() ID=()

@@ -29,20 +29,14 @@ TPL=$HERE/dalle
 ALL_STEPS=(generate train test tis analysis bias)
 
 BIAS_TYPES="doctor_gender doctor_color" MODELS="1" SHARDS=2 STEPS="" ROOT="" AFTER="" DRY=0
-while (($#)); do
+driver_option() {
     case $1 in
-        --bias_types) BIAS_TYPES=$2; shift 2 ;;
-        --models) MODELS=$2; shift 2 ;;
-        --shards) SHARDS=$2; shift 2 ;;
-        --steps) STEPS=$2; shift 2 ;;
-        --root) ROOT=$2; shift 2 ;;
-        --after) AFTER=$2; shift 2 ;;
-        --dry_run) DRY=1; shift ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+        --bias_types) BIAS_TYPES=$2 ;;
+        *) return 1 ;;
     esac
-done
-[[ $SHARDS =~ ^[1-9][0-9]*$ ]] || { echo "--shards must be a positive integer" >&2; exit 2; }
+}
+source "$HERE/pipeline_lib.sh"
+pipeline_parse_args "$@"
 
 script_of() {
     case $1 in
@@ -51,7 +45,6 @@ script_of() {
         *) echo "unknown step $1 (steps: ${ALL_STEPS[*]})" >&2; exit 2 ;;
     esac
 }
-source "$HERE/pipeline_lib.sh"
 pipeline_setup
 
 # shellcheck disable=SC2086

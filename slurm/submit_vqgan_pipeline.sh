@@ -42,19 +42,8 @@ TPL=$HERE/vqgan
 ALL_STEPS=(generate freq train test tis_train tis_test analysis evaluators eval_image eval_concept eval_codebook)
 
 MODELS="1" SHARDS=8 STEPS="" ROOT="" AFTER="" DRY=0
-while (($#)); do
-    case $1 in
-        --models) MODELS=$2; shift 2 ;;
-        --shards) SHARDS=$2; shift 2 ;;
-        --steps) STEPS=$2; shift 2 ;;
-        --root) ROOT=$2; shift 2 ;;
-        --after) AFTER=$2; shift 2 ;;
-        --dry_run) DRY=1; shift ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-done
-[[ $SHARDS =~ ^[1-9][0-9]*$ ]] || { echo "--shards must be a positive integer" >&2; exit 2; }
+source "$HERE/pipeline_lib.sh"
+pipeline_parse_args "$@"
 
 # the script each step runs (a step whose script is missing is left out of the default list)
 script_of() {
@@ -68,7 +57,6 @@ script_of() {
         *) echo "unknown step $1 (steps: ${ALL_STEPS[*]})" >&2; exit 2 ;;
     esac
 }
-source "$HERE/pipeline_lib.sh"
 pipeline_setup
 
 # shellcheck disable=SC2086
