@@ -7,19 +7,24 @@ Reads results/{bias_type}/TIS/Net{m}/TIS_value_train/label_{k}.csv and the token
 (datasets/{bias_type}/embeddings/train_token_indices.pkl, built from train_embeddings.csv when missing);
 writes results/{bias_type}/TIS/Net{m}/TIS_statistics_train/label_{k}.csv (sectioned: Top 1/5/10/20 Tokens),
 global_top_tokens_statistics.csv and tis_statistics_long.csv. The work is done by cortex.stats.analyze_tis.
+The TIS run is checked first: every label of the train split needs a complete label_{k}.csv of the one
+run in tis_config.json (no .partial file, no missing/extra label, one row per image, no NaN, no image
+twice); --allow_partial analyses the complete labels only, on purpose, with a warning. Files are
+byte-equal to the authors' script (ties: first occurrence; Files: one entry per occurrence);
+source.json records the TIS run (cortex.stats.check_statistics_current).
 """
 import argparse
 
-from cortex.cli import bias_parser, paths_parser
+from cortex.cli import bias_parser, make_parser, paths_parser, run_main
 from cortex.stats import analysis_parser, run_analysis
 
 EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[analysis_parser((1, 2, 3)), bias_parser(), paths_parser()])
+    return make_parser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[analysis_parser((1, 2, 3)), bias_parser(), paths_parser(__file__)])
 
 
 def main(args):
@@ -27,4 +32,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

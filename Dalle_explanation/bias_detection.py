@@ -13,13 +13,22 @@ total_files,total_token_occurrences,average_frequency_per_file,number_of_target_
 cliff_delta_seed, and a figure token_bias_top{n}_num{k}_cliff.png beside it (with --exclude_shared the names end
 in _cliff_noshared; with another --attribution than smoothgrad they end in _<attribution>). ``cliff_delta`` is the standard
 (#x>y - #x<y)/(n m) of the label's counts against the other label's (> 0: the neutral prompt leans towards this
-label); ``cliff_delta_seed`` is the seed code's value, exactly half of it.
+label); ``cliff_delta_seed`` is the seed code's value, exactly half of it. Extra columns at the end:
+``p_value`` (two-sided Mann-Whitney U; delta = 2U/(n m) - 1), ``cliff_delta_ci_low/high`` (seeded percentile
+bootstrap 95% CI, --n_boot resamples, --seed) and ``magnitude`` (negligible/small/medium/large). The
+``tokens`` cell is written as the authors' script does (``['12', '7']``), rows in ascending label order.
+
+Inputs are checked first: statistics that are stale (the TIS run changed since TIS_analysis.py), unfinished,
+missing for a label of the train split or present for a label it lacks are refused; --allow_partial proceeds
+on purpose with a warning. An IEM whose accuracy is near chance gets a loud warning. The figure shows only
+this run's rows.
 """
 import argparse
 
 from cortex.attribution import ATTRIBUTIONS
 from cortex.bias import run_bias_detection
-from cortex.cli import bias_parser, paths_parser
+from cortex.cli import (bias_parser, make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
+                        seed_int)
 from cortex.paths import ExperimentPaths
 from cortex.utils import save_run_args
 
@@ -27,12 +36,12 @@ EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Bias detection (DALL-E-mini)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[bias_parser(), paths_parser()])
+    p = make_parser("Bias detection (DALL-E-mini)", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[bias_parser(), paths_parser(__file__)])
     p.add_argument("--model", type=int, choices=(1, 2, 3), default=1, help="IEM ClassificationNet{m} (default: 1)")
-    p.add_argument("--top_n", type=int, default=5, help="section 'Top n Tokens' of the TIS statistics (default: 5)")
-    p.add_argument("--token_num", type=int, default=10, help="tokens per label: the first k rows (default: 10)")
+    p.add_argument("--top_n", type=position_int, default=5, help="section 'Top n Tokens' of the TIS statistics (default: 5)")
+    p.add_argument("--token_num", type=positive_int, default=10, help="tokens per label: the first k rows (default: 10)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
                    help="whose TIS statistics (default: the paper's %(default)s)")
     p.add_argument("--neutral_csv", default=None,
@@ -41,6 +50,11 @@ def get_args_parser():
                    help="drop the tokens listed for both labels before counting (they cannot tell the labels apart); "
                         "output ..._cliff_noshared.csv. Off by default, as the seed")
     p.add_argument("--no_plot", action="store_true", help="do not draw the figure")
+    p.add_argument("--n_boot", type=nonneg_int, default=2000, help="bootstrap resamples of the 95%% CI (0: none; "
+                                                           "default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the bootstrap (default: %(default)s)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="use stale / incomplete TIS statistics on purpose (warns) instead of refusing them")
     return p
 
 
@@ -53,10 +67,11 @@ def main(args):
     paths.bias_dir().mkdir(parents=True, exist_ok=True)
     save_run_args(args, paths.bias_dir(), f"args_top{args.top_n}_num{args.token_num}.json")
     out = run_bias_detection(paths, args.model, args.top_n, args.token_num, args.attribution,
-                             neutral_csv=args.neutral_csv, plot=not args.no_plot, exclude_shared=args.exclude_shared)
+                             neutral_csv=args.neutral_csv, plot=not args.no_plot, exclude_shared=args.exclude_shared,
+                             allow_partial=args.allow_partial, n_boot=args.n_boot, seed=args.seed)
     print(f"wrote {out['csv']}" + (f" and {out['figure']}" if out["figure"] else ""))
     return out
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

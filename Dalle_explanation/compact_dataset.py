@@ -6,7 +6,7 @@ Same as VQGAN_explanation/compact_dataset.py, for datasets/<bias_type>/embedding
 """
 import argparse
 
-from cortex.cli import bias_parser, compact_parser, paths_parser
+from cortex.cli import bias_parser, compact_parser, make_parser, paths_parser, run_main
 from cortex.dataset_tools import run_compact
 from cortex.paths import ExperimentPaths
 
@@ -14,9 +14,9 @@ EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser("Per-image files -> compact layout (DALL-E-mini)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[compact_parser(), bias_parser(), paths_parser()])
+    return make_parser("Per-image files -> compact layout (DALL-E-mini)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[compact_parser(), bias_parser(), paths_parser(__file__)])
 
 
 def main(args):
@@ -24,4 +24,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

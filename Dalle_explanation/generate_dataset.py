@@ -24,12 +24,13 @@ one sub-folder per label (sorted names -> 0, 1), --neutral_image_dir for the neu
 """
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from cortex.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
-from cortex.cli import BIAS_TYPES, paths_parser, runtime_parser
-from cortex.data import DatasetWriter
+from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, nonneg_float, nonneg_int,
+                        paths_parser, positive_int, run_main, runtime_parser)
+from cortex.data import SPLITS, DatasetWriter, split_csv
+from cortex.dataset_tools import recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import save_vq, write_json, write_world
 from cortex.utils import CortexError, save_run_args
@@ -38,53 +39,55 @@ EXPERIMENT = "dalle"
 
 
 def synthetic_parser():
-    p = argparse.ArgumentParser(add_help=False)
+    p = make_parser(add_help=False)
     g = p.add_argument_group("synthetic bias world (--source synthetic)")
-    g.add_argument("--train_per_class", type=int, default=300, help="training images per label")
-    g.add_argument("--val_per_class", type=int, default=50, help="validation images per label")
-    g.add_argument("--test_per_class", type=int, default=100, help="test images per label")
-    g.add_argument("--neutral_images", type=int, default=500, help="images of the neutral-prompt set")
-    g.add_argument("--bias_ratio", type=float, default=0.8,
+    g.add_argument("--train_per_class", type=positive_int, default=300, help="training images per label")
+    g.add_argument("--val_per_class", type=positive_int, default=50, help="validation images per label")
+    g.add_argument("--test_per_class", type=positive_int, default=100, help="test images per label")
+    g.add_argument("--neutral_images", type=positive_int, default=500, help="images of the neutral-prompt set")
+    g.add_argument("--bias_ratio", type=fraction, default=0.8,
                    help="fraction of neutral images carrying attribute 0 (male / light), for both attributes")
-    g.add_argument("--gender_ratio", type=float, default=None, help="fraction of male neutral images (default: --bias_ratio)")
-    g.add_argument("--color_ratio", type=float, default=None,
+    g.add_argument("--gender_ratio", type=fraction, default=None, help="fraction of male neutral images (default: --bias_ratio)")
+    g.add_argument("--color_ratio", type=fraction, default=None,
                    help="fraction of light-skinned neutral images (default: --bias_ratio)")
-    g.add_argument("--n_codes", type=int, default=1024, help="codebook size (DALL-E-mini's VQGAN: 16384)")
-    g.add_argument("--attribute_tokens", type=int, default=12, help="tokens of each attribute value")
-    g.add_argument("--doctor_tokens", type=int, default=64, help="tokens of the shared doctor object")
-    g.add_argument("--n_background", type=int, default=384, help="background tokens shared by all images")
-    g.add_argument("--zipf", type=float, default=0.3,
+    g.add_argument("--n_codes", type=positive_int, default=1024, help="codebook size (DALL-E-mini's VQGAN: 16384)")
+    g.add_argument("--attribute_tokens", type=positive_int, default=12, help="tokens of each attribute value")
+    g.add_argument("--doctor_tokens", type=positive_int, default=64, help="tokens of the shared doctor object")
+    g.add_argument("--n_background", type=nonneg_int, default=384, help="background tokens shared by all images")
+    g.add_argument("--zipf", type=nonneg_float, default=0.3,
                    help="skew of the background token frequencies (the VQGAN world uses 1.1 over 48 tokens; a flat, large "
                         "pool keeps single background tokens from dominating the per-image counts)")
-    g.add_argument("--n_distractors", type=int, default=16, help="distractor tokens (any image, any place)")
-    g.add_argument("--distractors_per_image", type=int, default=6, help="distractor positions per image")
-    g.add_argument("--doctor_size", type=int, nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
+    g.add_argument("--n_distractors", type=nonneg_int, default=16, help="distractor tokens (any image, any place)")
+    g.add_argument("--distractors_per_image", type=nonneg_int, default=6, help="distractor positions per image")
+    g.add_argument("--doctor_size", type=int_in(1, 16), nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
                    help="side of the doctor square, in tokens")
-    g.add_argument("--attribute_size", type=int, nargs=2, default=(3, 4), metavar=("MIN", "MAX"),
+    g.add_argument("--attribute_size", type=int_in(1, 16), nargs=2, default=(3, 4), metavar=("MIN", "MAX"),
                    help="side of each attribute square, in tokens")
-    g.add_argument("--attribute_dropout", type=float, default=0.2,
+    g.add_argument("--attribute_dropout", type=fraction, default=0.2,
                    help="fraction of labelled images whose attribute square is not drawn (both labels alike), so an IEM "
                         "cannot read one label as 'the other attribute is absent'")
-    g.add_argument("--group_cosine", type=float, default=0.5,
+    g.add_argument("--group_cosine", type=float_in(-1, 1), default=0.5,
                    help="cosine between two codes of one token group (doctor, male, ...): alike codes lie close, as in "
                         "a trained VQGAN; 0 = independent Gaussian codes")
-    g.add_argument("--patch_size", type=int, default=4, help="pixels per token side (image = 16 x patch_size)")
+    g.add_argument("--patch_size", type=positive_int, default=4, help="pixels per token side (image = 16 x patch_size)")
     return p
 
 
 def get_args_parser():
     from cortex.real_data import add_real_source_args
 
-    p = argparse.ArgumentParser("Generate the bias datasets (DALL-E-mini)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[synthetic_parser(), paths_parser(), runtime_parser()])
+    p = make_parser("Generate the bias datasets (DALL-E-mini)", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[synthetic_parser(), paths_parser(__file__), runtime_parser()])
     p.add_argument("--bias_type", choices=BIAS_TYPES + ("all",), default="all",
                    help="which dataset(s) to build (default: %(default)s; the neutral set is always built)")
     p.add_argument("--source", choices=("synthetic", "images"), default="synthetic",
                    help="the toy bias world, or encoding folders of generated pictures with a taming VQGAN")
     p.add_argument("--layout", choices=("files", "compact", "both"), default="files",
                    help="per-image .npy embeddings (the authors'), codebook.npy only, or both")
-    p.add_argument("--overwrite", action="store_true", help="delete the bias type's dataset folder first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild the bias type's dataset (one with other settings, or complete); the old one is "
+                        "replaced only when the new one is complete (a killed run resumes with the same command)")
     add_real_source_args(p)
     return p
 
@@ -131,12 +134,13 @@ def main(args):
 
 
 def build_bias_dataset(args, paths, bias_type, world, vq, key) -> Path:
+    """One bias type's dataset, built in ``<data_dir>.generating`` and swapped in when complete (a kill leaves the
+    old dataset intact; a rerun with the same flags resumes the staged one)."""
     data_dir = paths.data_dir
-    if args.overwrite and data_dir.exists():
-        shutil.rmtree(data_dir)
+    recover_staged(data_dir)
     want = {"world": key, "bias_type": bias_type, "layout": args.layout, "train_per_class": args.train_per_class,
             "val_per_class": args.val_per_class, "test_per_class": args.test_per_class}
-    old = _stamp(data_dir)
+    old = None if args.overwrite else _stamp(data_dir)
     if old is not None:
         complete = old.pop("complete", False)
         if old != json.loads(json.dumps(want)):
@@ -145,19 +149,19 @@ def build_bias_dataset(args, paths, bias_type, world, vq, key) -> Path:
         if complete:
             print(f"{data_dir} is complete for these arguments; nothing to do (--overwrite to rebuild)")
             return data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    write_json(data_dir / "generation_args.json", {**want, "complete": False})
-    writer = DatasetWriter(data_dir, vq.codebook.detach().numpy(), layout=args.layout)
-    counts = {"train": args.train_per_class, "validation": args.val_per_class, "test": args.test_per_class}
-    seed = args.seed * 1009 + 101 * (BIAS_TYPES.index(bias_type) + 1)  # the two datasets draw different images
-    write_world(data_dir, writer, world.labelled_world(), vq, counts, seed, sampler=world.sampler(bias_type))
-    attribute, names = ATTRIBUTES[bias_type]
-    info = {"source": "synthetic_bias", "bias_type": bias_type, "attribute": attribute, "num_classes": 2,
-            "class_names": list(names), "n_codes": world.config.n_codes, "image_size": vq.image_size,
-            "layout": args.layout}
-    writer.close(info)
-    save_vq(vq, data_dir / "synthetic_vq.pt")
-    write_json(data_dir / "generation_args.json", {**want, "complete": True})
+    with staged_dataset(data_dir, want) as build:
+        write_json(build / "generation_args.json", {**want, "complete": False})
+        writer = DatasetWriter(build, vq.codebook.detach().numpy(), layout=args.layout)
+        counts = {"train": args.train_per_class, "validation": args.val_per_class, "test": args.test_per_class}
+        seed = args.seed * 1009 + 101 * (BIAS_TYPES.index(bias_type) + 1)  # the two datasets draw different images
+        write_world(build, writer, world.labelled_world(), vq, counts, seed, sampler=world.sampler(bias_type))
+        attribute, names = ATTRIBUTES[bias_type]
+        info = {"source": "synthetic_bias", "bias_type": bias_type, "attribute": attribute, "num_classes": 2,
+                "class_names": list(names), "n_codes": world.config.n_codes, "image_size": vq.image_size,
+                "layout": args.layout}
+        writer.close(info)
+        save_vq(vq, build / "synthetic_vq.pt")
+        write_json(build / "generation_args.json", {**want, "complete": True})
     print(f"wrote {data_dir} ({bias_type}: 0 = {names[0]}, 1 = {names[1]})")
     return data_dir
 
@@ -201,6 +205,11 @@ def refresh_ground_truth(args, world, key, neutral) -> None:
         write_json(data_dir / "ground_truth.json", world.ground_truth(bt, neutral))
 
 
+# flags that do not change an encoded --source images dataset (a staged one is resumed across them)
+IMAGES_NOT_DATA = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "device", "gpu", "num_workers",
+                   "overwrite", "neutral_image_dir", "_argv"}
+
+
 def generate_images(args, bias_types) -> dict:
     """--source images: encode labelled pictures of one bias type and/or the neutral-prompt pictures."""
     from cortex import real_data
@@ -215,12 +224,16 @@ def generate_images(args, bias_types) -> dict:
     out = {"bias_types": list(bias_types)}
     if args.image_dir:
         paths = _paths(args, bias_types[0])
-        if args.overwrite and paths.data_dir.exists():
-            shutil.rmtree(paths.data_dir)
-        writer = DatasetWriter(paths.data_dir, codebook, args.layout)
-        info = real_data.generate_real(args, writer, device, model=model)
-        info["bias_type"] = bias_types[0]
-        writer.close(info)
+        recover_staged(paths.data_dir)
+        if not args.overwrite and any(split_csv(paths.data_dir, s).exists() for s in SPLITS):
+            raise CortexError(f"{paths.data_dir} already holds a dataset; pass --overwrite to replace it (the new one "
+                              f"is built beside it and swapped in when complete), or another --data_dir")
+        stamp = {k: v for k, v in vars(args).items() if k not in IMAGES_NOT_DATA}
+        with staged_dataset(paths.data_dir, stamp) as build:
+            writer = DatasetWriter(build, codebook, args.layout)
+            info = real_data.generate_real(args, writer, device, model=model)
+            info["bias_type"] = bias_types[0]
+            writer.close(info)
         if info.get("num_classes") != 2:
             print(f"warning: {args.image_dir} gives {info.get('num_classes')} labels; the bias IEMs expect 2")
         out["dataset"] = str(paths.data_dir)
@@ -232,4 +245,4 @@ def generate_images(args, bias_types) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -9,7 +9,8 @@ its config.json) and writes results/{bias_type}/Classification/ClassificationNet
 """
 import argparse
 
-from cortex.cli import bias_parser, data_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import (bias_parser, data_parser, make_parser, model_parser, paths_parser, positive_int, run_main,
+                        runtime_parser)
 from cortex.paths import ExperimentPaths
 from cortex.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
@@ -18,11 +19,11 @@ EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Test an IEM (DALL-E-mini bias)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[model_parser((1, 2, 3)), bias_parser(), paths_parser(), runtime_parser(),
+    p = make_parser("Test an IEM (DALL-E-mini bias)", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[model_parser((1, 2, 3)), bias_parser(), paths_parser(__file__), runtime_parser(),
                                          data_parser()])
-    p.add_argument("--batch_size", type=int, default=256, help="test batch size (default: %(default)s)")
+    p.add_argument("--batch_size", type=positive_int, default=256, help="test batch size (default: %(default)s)")
     return p
 
 
@@ -31,11 +32,11 @@ def main(args):
     out = paths.testing_results(args.model)
     save_run_args(args, out.parent, "test_args.json")
     acc = test_iem(args, paths, EXPERIMENT, ks=(1,))[1]
-    write_csv_row(out, ["Accuracy"], [f"{acc:.2f}"])
+    write_csv_row(out, ["Accuracy"], [acc])  # full precision, as the authors
     print(f"{args.bias_type} ClassificationNet{args.model}: accuracy {acc:.2f}%")
     print(f"wrote {out}")
     return acc
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

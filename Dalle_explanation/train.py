@@ -6,12 +6,14 @@
     python train.py --model 1 --bias_type doctor_gender --resume
 
 Data: datasets/{bias_type}/embeddings/. Writes checkpoints/{bias_type}/ClassificationNet{m}/
-{model.pth,best_model.pth,config.json} and logs/{bias_type}/training_log_<YYYYmmdd_HHMM>.txt.
+{model.pth,best_model.pth,config.json,loss_curves.png,lightning/{last.ckpt,metrics.csv}} and
+logs/training_log_<YYYYmmdd_HHMM>.txt (the experiment's logs/, as the authors'; a second run in the same minute
+gets _2). A batch over a tenth of the training set is lowered (printed). Retraining a trained net needs --overwrite.
 Adam (weight decay 1e-4), StepLR(5, 0.1), cross-entropy; the work is done by cortex.training.train_iem.
 """
 import argparse
 
-from cortex.cli import bias_parser, data_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import train_iem, train_parser
 
@@ -19,9 +21,9 @@ EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser(
+    return make_parser(
         "Train an IEM (DALL-E-mini bias)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[model_parser((1, 2, 3)), bias_parser(), train_parser(EXPERIMENT), paths_parser(), runtime_parser(),
+        parents=[model_parser((1, 2, 3)), bias_parser(), train_parser(EXPERIMENT), paths_parser(__file__), runtime_parser(),
                  data_parser()])
 
 
@@ -30,4 +32,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -7,25 +7,38 @@
 Reads results/TIS[_<attribution>]/Net{m}/TIS_value_train/label_{k}.csv and the token ids
 (datasets/train_token_indices.pkl, built from train_embeddings.csv when missing); writes
 results/TIS[_<attribution>]/Net{m}/TIS_statistics_train/label_{k}.csv (sectioned: Top 1/5/10/20 Tokens),
-global_top_tokens_statistics.csv and tis_statistics_long.csv (label,top_n,token,count).
+global_top_tokens_statistics.csv and tis_statistics_long.csv (label,top_n,token,count), and
+tis_significance.csv (label,top_n,token,count,expected,enrichment,p_value,q_value: an exact one-sided
+enrichment test per token, Benjamini-Hochberg across a label's tokens; see cortex/significance.py).
+--significant_only lists only the tokens with q < --alpha there; the sectioned files are unchanged.
+The TIS run is checked first: every label of the train split needs a complete label_{k}.csv of the one
+run in tis_config.json (no .partial file, no missing/extra label, one row per image, no NaN, no image
+twice); --allow_partial analyses the complete labels only, on purpose, with a warning. Files are
+byte-equal to the authors' script (ties: first occurrence; Files: one entry per occurrence);
+source.json records the TIS run (cortex.stats.check_statistics_current).
 """
 import argparse
 
-from cortex.cli import paths_parser
+from cortex.cli import make_parser, paths_parser, run_main
+from cortex.significance import add_significance_args, run_significance
 from cortex.stats import analysis_parser, run_analysis
 
 EXPERIMENT = "vqgan"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser("TIS_analysis", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[analysis_parser((1, 2, 3, 4)), paths_parser()])
+    p = make_parser("TIS_analysis", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[analysis_parser((1, 2, 3, 4)), paths_parser(__file__)])
+    add_significance_args(p)
+    return p
 
 
 def main(args):
-    return run_analysis(args, EXPERIMENT)
+    summary = run_analysis(args, EXPERIMENT)
+    run_significance(args, EXPERIMENT)
+    return summary
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

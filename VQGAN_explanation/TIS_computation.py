@@ -4,6 +4,8 @@
     python TIS_computation.py --model 1 --data_type train --batch_size 25 --gpu 0
     python TIS_computation.py --model 1 --data_type train --attribution smoothgrad_x_input
     python TIS_computation.py --model 1 --data_type train --resume            # after a kill
+    python TIS_computation.py --model 1 --data_type train --noise_scope authors --batch_size 4  # the authors' exact draws
+    python TIS_computation.py --model 3 --data_type train --fast --max_memory_gb 12
     sbatch --array=0-7 ... python TIS_computation.py --model 1 --data_type train   # 8 label shards
 
 Writes results/TIS/Net{m}/TIS_value_{split}/label_{k}.csv (header filename,label,contribution);
@@ -11,14 +13,14 @@ other attributions under results/TIS_<attribution>/. The work is done by cortex.
 """
 import argparse
 
-from cortex.cli import data_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 from cortex.tis import run_tis, tis_parser
 
 
 def get_args_parser():
-    return argparse.ArgumentParser(
+    return make_parser(
         "TIS_computation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[paths_parser(), runtime_parser(), data_parser(), model_parser(), tis_parser(batch_size_default=25)])
+        parents=[paths_parser(__file__), runtime_parser(), data_parser(), model_parser(), tis_parser(batch_size_default=25)])
 
 
 def main(args):
@@ -26,4 +28,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -8,7 +8,7 @@ and ship token ids instead of 256 KiB per image; the per-image files are left un
 """
 import argparse
 
-from cortex.cli import compact_parser, paths_parser
+from cortex.cli import compact_parser, make_parser, paths_parser, run_main
 from cortex.dataset_tools import run_compact
 from cortex.paths import ExperimentPaths
 
@@ -16,9 +16,9 @@ EXPERIMENT = "vqgan"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser("Per-image files -> compact layout (VQGAN)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[compact_parser(), paths_parser()])
+    return make_parser("Per-image files -> compact layout (VQGAN)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[compact_parser(), paths_parser(__file__)])
 
 
 def main(args):
@@ -26,4 +26,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -4,89 +4,104 @@
     python generate_dataset.py --source synthetic --concept_layout scattered
     python generate_dataset.py --source cin_transformer --vqgan_config ... --transformer_ckpt ...
     python generate_dataset.py --source images --image_dir my_images/ --vqgan_config ... --vqgan_ckpt ...
+    python generate_dataset.py --source images --image_dir my_images/ --tokenizer diffusers --tokenizer_config vqvae/
 
 Writes datasets/{train,validation,test}_embeddings.csv, datasets/{train,val,test}/*.npy (or only
 datasets/codebook.npy with --layout compact), datasets/images/<label>/<i>.png, the token-index pickles,
 dataset_info.json and, for the synthetic world, ground_truth.json and synthetic_vq.pt (its decoder).
-A finished dataset with the same arguments is left alone; an interrupted one is resumed.
+A finished dataset with the same arguments is left alone; an interrupted one is resumed. The dataset is built in
+datasets.generating/ beside datasets/ and swapped in when complete, so a killed run leaves the old dataset intact.
+A dataset not made by this script (the authors' download, a merge) is only replaced with --overwrite.
 """
 import argparse
 import json
-import shutil
 
-from cortex.cli import paths_parser, runtime_parser
-from cortex.data import DatasetWriter
+from cortex.cli import int_in, make_parser, nonneg_int, paths_parser, positive_int, run_main, runtime_parser
+from cortex.data import SPLITS, DatasetWriter, split_csv
+from cortex.dataset_tools import recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
-from cortex.utils import save_run_args
+from cortex.tokenizers import SyntheticTokenizer
+from cortex.utils import CortexError, save_run_args, settings_line
 
 EXPERIMENT = "vqgan"
 # Flags that do not change the data (a finished dataset made with other values is still complete).
 NOT_DATA = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "device", "gpu", "num_workers",
-            "overwrite", "_argv"}
+            "overwrite", "_argv", "verbose", "debug"}
 
 
 def synthetic_parser():
-    p = argparse.ArgumentParser(add_help=False)
+    p = make_parser(add_help=False)
     g = p.add_argument_group("synthetic world (--source synthetic)")
-    g.add_argument("--num_classes", type=int, default=10, help="number of classes")
-    g.add_argument("--train_per_class", type=int, default=60, help="training images per class")
-    g.add_argument("--val_per_class", type=int, default=10, help="validation images per class")
-    g.add_argument("--test_per_class", type=int, default=20, help="test images per class")
-    g.add_argument("--n_codes", type=int, default=512, help="codebook size (the paper's VQGAN: 16384)")
-    g.add_argument("--concept_tokens", type=int, default=8, help="planted concept tokens per class")
-    g.add_argument("--n_background", type=int, default=48, help="background tokens shared by all classes")
-    g.add_argument("--n_distractors", type=int, default=16, help="distractor tokens (any class, any place)")
-    g.add_argument("--distractors_per_image", type=int, default=6, help="distractor positions per image")
-    g.add_argument("--object_size", type=int, nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
+    g.add_argument("--num_classes", type=int_in(2), default=10, help="number of classes")
+    g.add_argument("--null_classes", type=nonneg_int, default=0,
+                   help="extra labels num_classes .. num_classes+K-1 with NO planted concept (background and "
+                        "distractors only), listed as null_labels in ground_truth.json: a null check of the "
+                        "significance tests (concept_recovery.py reports their false discoveries)")
+    g.add_argument("--train_per_class", type=positive_int, default=60, help="training images per class")
+    g.add_argument("--val_per_class", type=positive_int, default=10, help="validation images per class")
+    g.add_argument("--test_per_class", type=positive_int, default=20, help="test images per class")
+    g.add_argument("--n_codes", type=positive_int, default=512, help="codebook size (the paper's VQGAN: 16384)")
+    g.add_argument("--concept_tokens", type=positive_int, default=8, help="planted concept tokens per class")
+    g.add_argument("--n_background", type=nonneg_int, default=48, help="background tokens shared by all classes")
+    g.add_argument("--n_distractors", type=nonneg_int, default=16, help="distractor tokens (any class, any place)")
+    g.add_argument("--distractors_per_image", type=nonneg_int, default=6, help="distractor positions per image")
+    g.add_argument("--object_size", type=int_in(1, 16), nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
                    help="side of the square concept object, in tokens")
     g.add_argument("--concept_layout", choices=("object", "scattered"), default="object",
                    help="concept tokens as one object, or at random positions")
-    g.add_argument("--patch_size", type=int, default=4, help="pixels per token side (image = 16 x patch_size)")
+    g.add_argument("--patch_size", type=positive_int, default=4, help="pixels per token side (image = 16 x patch_size)")
     return p
 
 
 def get_args_parser():
     from cortex.real_data import add_real_source_args
 
-    p = argparse.ArgumentParser("Generate a token-embedding dataset (VQGAN)",
-                                parents=[synthetic_parser(), paths_parser(), runtime_parser()],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser("Generate a token-embedding dataset (VQGAN)",
+                    parents=[synthetic_parser(), paths_parser(__file__), runtime_parser()],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", choices=("synthetic", "cin_transformer", "images"), default="synthetic",
                    help="the toy world, class-conditional sampling with a taming cin_transformer, "
-                        "or encoding an image folder with a taming VQGAN")
+                        "or encoding an image folder with a VQ tokenizer (--tokenizer taming|diffusers)")
     p.add_argument("--layout", choices=("files", "compact", "both"), default="files",
                    help="per-image .npy embeddings (the authors'), codebook.npy only, or both")
-    p.add_argument("--overwrite", action="store_true", help="delete the dataset folder first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild even when complete, also over a dataset this script did not make; the old "
+                        "dataset is replaced only when the new one is complete")
     add_real_source_args(p)
     return p
 
 
 def data_args(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_DATA}
+    """The flags that define the data; unset (None) flags are left out, so adding a flag keeps old stamps valid."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_DATA and v is not None}
 
 
 def main(args):
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     data_dir = paths.data_dir
-    if args.overwrite and data_dir.exists():
-        shutil.rmtree(data_dir)
+    recover_staged(data_dir)
     stamp = data_dir / "generation_args.json"
-    if stamp.exists() and (data_dir / "test_embeddings.csv").exists():
-        if json.loads(stamp.read_text()) == json.loads(json.dumps(data_args(args), default=str)):
+    if not args.overwrite and stamp.exists() and (data_dir / "test_embeddings.csv").exists():
+        old = {k: v for k, v in json.loads(stamp.read_text()).items() if v is not None}
+        if old == json.loads(json.dumps(data_args(args), default=str)):
             print(f"{data_dir} is complete for these arguments; nothing to do (--overwrite to rebuild)")
             return data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(args, data_dir, "args.json")
+    if not args.overwrite and not stamp.exists() and any(split_csv(data_dir, s).exists() for s in SPLITS):
+        raise CortexError(f"{data_dir} holds a dataset that generate_dataset.py did not make (no generation_args.json:"
+                          f" the authors' download, a merge?); pass --overwrite to replace it, or another --data_dir")
 
-    if args.source == "synthetic":
-        info = generate_synthetic(args, data_dir)
-    else:
-        from cortex.real_data import generate_real
-        from cortex.utils import get_device
+    print(settings_line(vars(args), data_dir), flush=True)  # the run's settings; args.json travels with the data
+    with staged_dataset(data_dir, data_args(args)) as build:  # swapped in when complete
+        save_run_args(args, build, "args.json", quiet=True)
+        if args.source == "synthetic":
+            info = generate_synthetic(args, build)
+        else:
+            from cortex.real_data import generate_real
+            from cortex.utils import get_device
 
-        info = generate_real(args, data_dir, get_device(args.device, args.gpu))
-    write_json(stamp, data_args(args))
+            info = generate_real(args, build, get_device(args.device, args.gpu))
+        write_json(build / "generation_args.json", data_args(args))
     print(f"wrote {data_dir}: " + ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list))))
     return data_dir
 
@@ -95,14 +110,16 @@ def generate_synthetic(args, data_dir) -> dict:
     cfg = WorldConfig(num_classes=args.num_classes, n_codes=args.n_codes, concept_tokens=args.concept_tokens,
                       n_background=args.n_background, n_distractors=args.n_distractors,
                       distractors_per_image=args.distractors_per_image, object_size=tuple(args.object_size),
-                      concept_layout=args.concept_layout, patch_size=args.patch_size, seed=args.seed)
+                      concept_layout=args.concept_layout, patch_size=args.patch_size, seed=args.seed,
+                      null_classes=getattr(args, "null_classes", 0))
     world = SyntheticWorld.build(cfg)
     vq = world.make_vq()
     writer = DatasetWriter(data_dir, vq.codebook.detach().numpy(), layout=args.layout)
     counts = {"train": args.train_per_class, "validation": args.val_per_class, "test": args.test_per_class}
     write_world(data_dir, writer, world, vq, counts, args.seed)
-    info = {"source": "synthetic", "num_classes": cfg.num_classes, "n_codes": cfg.n_codes,
+    info = {"source": "synthetic", "num_classes": cfg.total_classes, "n_codes": cfg.n_codes,
             "image_size": vq.image_size, "layout": args.layout, "concept_layout": cfg.concept_layout}
+    info.update(SyntheticTokenizer(vq).info())  # tokenizer, code_dim, grid_size [h, w], patch_size, ...
     writer.close(info)
     save_vq(vq, data_dir / "synthetic_vq.pt")
     write_json(data_dir / "ground_truth.json", world.ground_truth())
@@ -110,4 +127,4 @@ def generate_synthetic(args, data_dir) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -4,35 +4,42 @@
     python generate_freq_based_tokens.py
 
 Reads datasets/train_embeddings.csv; writes results/TIS/frequency_baseline/label_{k}.csv
-(header Token,Count, top 100; ties: smaller token id first).
+(header Token,Count, top 100), byte-equal to the authors' script: counts over every position of the
+label's rows in CSV order, ties in first-occurrence order (collections.Counter.most_common).
+Labels are checked as the training reader checks them: an integer in 0..num_classes-1
+(--num_classes, else datasets/dataset_info.json, else 1000).
 """
 import argparse
 
-from cortex.cli import paths_parser
-from cortex.data import read_split
+from cortex.cli import int_in, make_parser, paths_parser, positive_int, run_main
+from cortex.data import resolve_num_classes
 from cortex.paths import ExperimentPaths
-from cortex.stats import MAX_ROWS, frequency_baseline, write_frequency_baseline
+from cortex.stats import MAX_ROWS, frequency_baseline, read_split_ids, write_frequency_baseline
 from cortex.utils import save_run_args
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("generate_freq_based_tokens", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[paths_parser()])
+    p = make_parser("generate_freq_based_tokens", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, parents=[paths_parser(__file__)])
     p.add_argument("--split", default="train", help="split whose token counts are used (default: %(default)s)")
-    p.add_argument("--max_rows", type=int, default=MAX_ROWS, help="tokens per label (default: %(default)s)")
+    p.add_argument("--max_rows", type=positive_int, default=MAX_ROWS, help="tokens per label (default: %(default)s)")
+    p.add_argument("--num_classes", type=int_in(2), default=None,
+                   help="number of labels; a label outside 0..num_classes-1 is an error. Default: "
+                        "datasets/dataset_info.json, else 1000")
     return p
 
 
 def main(args, experiment="vqgan"):
     paths = ExperimentPaths.from_args(args, experiment)
+    num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
+    _, labels, ids = read_split_ids(paths.data_dir, args.split, num_classes)  # (N,), (N, 256)
     out_dir = paths.frequency_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(args, out_dir)
-    baseline = frequency_baseline(read_split(paths.data_dir, args.split), limit=args.max_rows)
-    files = write_frequency_baseline(out_dir, baseline)
+    files = write_frequency_baseline(out_dir, frequency_baseline((labels, ids), limit=args.max_rows))
     print(f"frequency baseline of {len(files)} labels -> {out_dir}")
     return files
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

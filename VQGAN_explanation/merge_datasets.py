@@ -10,7 +10,7 @@ dataset_info.json merged (its merged_from lists each input's own settings).
 """
 import argparse
 
-from cortex.cli import merge_parser, paths_parser
+from cortex.cli import make_parser, merge_parser, paths_parser, run_main
 from cortex.dataset_tools import run_merge
 from cortex.paths import ExperimentPaths
 
@@ -18,9 +18,9 @@ EXPERIMENT = "vqgan"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser("Merge dataset folders (VQGAN)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   parents=[merge_parser(), paths_parser()])
+    return make_parser("Merge dataset folders (VQGAN)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[merge_parser(), paths_parser(__file__)])
 
 
 def main(args):
@@ -28,4 +28,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

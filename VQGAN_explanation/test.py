@@ -6,7 +6,7 @@ Writes results/Classification/ClassificationNet{m}/testing_results.csv.
 """
 import argparse
 
-from cortex.cli import data_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import data_parser, make_parser, model_parser, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
@@ -16,10 +16,10 @@ KS = (1, 3, 5, 10)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Test an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), paths_parser(),
+    p = make_parser("Test an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), paths_parser(__file__),
                                                                   runtime_parser(), data_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=512, help="test batch size")
+    p.add_argument("--batch_size", type=positive_int, default=512, help="test batch size")
     return p
 
 
@@ -28,11 +28,11 @@ def main(args):
     out = paths.testing_results(args.model)
     save_run_args(args, out.parent, "test_args.json")
     acc = test_iem(args, paths, EXPERIMENT, KS)
-    write_csv_row(out, [f"Top-{k} Accuracy" for k in KS], [f"{acc[k]:.2f}" for k in KS])
+    write_csv_row(out, [f"Top-{k} Accuracy" for k in KS], [acc[k] for k in KS])  # full precision, as the authors
     print(", ".join(f"Top-{k}: {acc[k]:.2f}%" for k in KS))
     print(f"wrote {out}")
     return acc
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -4,12 +4,13 @@
     python train.py --model 4 --devices 4 --strategy ddp --precision bf16-mixed
     python train.py --model 1 --resume             # continue from checkpoints/ClassificationNet1/lightning/last.ckpt
 
-Writes checkpoints/ClassificationNet{m}/{model.pth,best_model.pth,config.json} and
-logs/training_log_<YYYYmmdd_HHMM>.txt.
+Writes checkpoints/ClassificationNet{m}/{model.pth,best_model.pth,config.json,loss_curves.png} and
+logs/training_log_<YYYYmmdd_HHMM>.txt; Lightning's lightning/last.ckpt (+ last.prev.ckpt) and metrics.csv.
+Retraining a trained net needs --overwrite; --resume refuses changed settings (lr, batch size, ...).
 """
 import argparse
 
-from cortex.cli import data_parser, model_parser, paths_parser, runtime_parser
+from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.training import train_iem, train_parser
 
@@ -17,8 +18,8 @@ EXPERIMENT = "vqgan"
 
 
 def get_args_parser():
-    return argparse.ArgumentParser(
-        "Train an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), train_parser(EXPERIMENT), paths_parser(),
+    return make_parser(
+        "Train an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), train_parser(EXPERIMENT), paths_parser(__file__),
                                           runtime_parser(), data_parser()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -28,4 +29,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cortex.cli import paths_parser, runtime_parser
+from cortex.cli import (fraction, make_parser, nonneg_float, paths_parser, positive_float, positive_int, run_main,
+                        runtime_parser)
 from cortex.data import dataset_info, read_split
 from cortex.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthetic_net, evaluator_logits,
                                save_synthetic_evaluator, synthetic_dir)
@@ -37,17 +38,17 @@ SUMMARY_COLUMNS = ["arch", "val_accuracy", "test_accuracy", "val_label_prob", "t
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Train the synthetic world's evaluators", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[paths_parser(), runtime_parser()])
+    p = make_parser("Train the synthetic world's evaluators", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[paths_parser(__file__), runtime_parser()])
     p.add_argument("--archs", nargs="+", default=list(DEFAULT_SYNTHETIC_ARCHS),
                    help="architectures: vit_tiny_8, vit_tiny_16, resnet10, shufflenet_tiny, or any torchvision "
                         "classification model name (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=16, help="batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--mask_aug", type=float, default=0.5,
+    p.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default: %(default)s)")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight_decay", type=nonneg_float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--mask_aug", type=fraction, default=0.5,
                    help="probability of blacking out a random fraction (<= 1/2) of an image's token patches "
                         "during training (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="retrain archs whose checkpoint exists")
@@ -163,4 +164,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

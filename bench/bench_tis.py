@@ -1,9 +1,16 @@
-"""Benchmark: the seed's SmoothGrad loop vs cortex.attribution.smoothgrad, and TIS parsing.
+"""Benchmark: SmoothGrad vs its forward+backward lower bound, --fast, the seed's loop, and TIS parsing.
 
-    python bench/bench_tis.py                       # Net1 at the paper's width (512), batch 25, 1 draw
-    python bench/bench_tis.py --nsamples 2 --width 128
+    python bench/bench_tis.py                                  # CPU, Net1/3/4 at width 512, a few minutes
+    python bench/bench_tis.py --device cuda --images 25 --nsamples 20  # on a GPU: device, images/s, peak memory
+    python bench/bench_tis.py --images 2 --width 32 --nets 1 --seed_loop   # quick smoke test
 
-1. SmoothGrad. On the same (random-init) IEM and the same 25 random embeddings, under identical noise
+0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.smoothgrad`` on
+   ``--images`` embeddings x ``--nsamples`` draws, against the bare forward+backward of the same noisy
+   copies in the same chunks (nothing else: no noise, no bookkeeping); the ratio should stay <= 1.1x.
+   Then the ``--fast`` model (BatchNorm folded, channels-last, bf16 only where allowed): its speed-up
+   and the top-20 position overlap of its scores with the exact ones (same noise).
+
+1. (``--seed_loop``) SmoothGrad vs the seed. On the same (random-init) IEM and the same 25 random embeddings, under identical noise
    (batch-scoped, as the seed), time
    - the seed's algorithm, re-implemented faithfully here and ONLY here: for each draw, one forward
      of the noisy batch, then one ``torch.autograd.grad(output[j, target[j]], noisy, retain_graph=True,
@@ -54,6 +61,77 @@ def seed_smoothgrad(model, inputs, target, noise, stdev_spread):
                                        retain_graph=True, create_graph=True)[0]
             total_gradients[j] += grad[j]
     return total_gradients / noise.shape[0]
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeats=1):
+    """Best wall time of ``repeats`` calls (after one warm-up call) and the last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_lower_bound(args):
+    """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
+    from cortex.attribution import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
+        copies_for_budget
+    from cortex.models import build_model
+
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; {args.images} images x {args.nsamples} draws, width {args.width}")
+    out = {}
+    for m in args.nets:
+        torch.manual_seed(args.seed)
+        model = build_model("vqgan", m, args.num_classes, width=args.width).to(device).eval()
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(args.images, 256, 16, 16, generator=g).to(device)  # (B, 256, 16, 16)
+        t = torch.randint(0, args.num_classes, (args.images,), generator=g).to(device)
+        z = standard_noise(args.nsamples, x.shape[1:], seeds=[image_seed(args.seed, i) for i in range(args.images)],
+                           device=device)
+        copies = args.max_copies_per_pass
+        if copies is None:
+            free, _ = available_memory_bytes(device)
+            copies = copies_for_budget(0.5 * free, memory_per_copy(model, x[:1]))
+        copies = min(copies, args.images * args.nsamples)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_ours, ours = _timed(lambda: smoothgrad(model, x, t, noise=z, stdev_spread=args.stdev_spread,
+                                                 max_copies_per_pass=copies), device, args.repeats)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        noisy = (x.unsqueeze(0) + z).reshape(-1, *x.shape[1:])  # (S*B, 256, 16, 16)
+        tt = t.repeat(args.nsamples)
+
+        def bare():
+            for s0 in range(0, noisy.shape[0], copies):
+                c = noisy[s0:s0 + copies].detach().requires_grad_(True)
+                torch.autograd.grad(model(c).gather(1, tt[s0:s0 + copies, None]).sum(), c)  # input grad only
+        with torch.enable_grad():
+            t_low, _ = _timed(bare, device, args.repeats)
+        fast, info = prepare_fast(model, device, ("vqgan", m))
+        t_fast, f = _timed(lambda: smoothgrad(fast, x, t, noise=z, stdev_spread=args.stdev_spread,
+                                              max_copies_per_pass=copies), device, args.repeats)
+        so, sf = reduce_channels(ours, "max"), reduce_channels(f, "max")
+        ov = top_overlap(sf.float(), so.float(), 20)
+        n_img = args.images / t_ours
+        print(f"  Net{m}: smoothgrad {t_ours:7.2f} s ({n_img:.2f} images/s, {copies} copies/pass"
+              + (f", GPU peak {peak:.2f} GiB" if peak is not None else "") + f")  lower bound {t_low:7.2f} s  "
+              f"ratio {t_ours / t_low:.3f}x")
+        print(f"         --fast ({info['bn_folds']} BN folded, bf16 {'on' if info['bf16'] else 'off'}): {t_fast:7.2f} s  "
+              f"speed-up {t_ours / t_fast:.2f}x  top-20 overlap {ov:.4f}  max |diff| {(sf - so).abs().max().item():.3g}")
+        out[f"net{m}"] = {"ours_s": t_ours, "lower_s": t_low, "ratio": t_ours / t_low, "fast_s": t_fast,
+                          "fast_speedup": t_ours / t_fast, "fast_top20": ov, "images_per_s": n_img, "gpu_peak_gib": peak}
+    return out
 
 
 def bench_smoothgrad(args):
@@ -156,24 +234,31 @@ def get_args_parser():
     p.add_argument("--model", type=int, default=1, choices=(1, 2, 3, 4))
     p.add_argument("--width", type=int, default=512, help="IEM width (paper: 512)")
     p.add_argument("--num_classes", type=int, default=1000)
-    p.add_argument("--batch_size", type=int, default=25, help="as the seed README's example")
-    p.add_argument("--nsamples", type=int, default=1, help="noise draws (paper: 20; fewer keeps the seed's loop short)")
+    p.add_argument("--batch_size", type=int, default=25, help="seed-loop comparison: as the seed README's example")
+    p.add_argument("--nets", type=int, nargs="+", default=[1, 3, 4], help="lower-bound section: VQGAN nets")
+    p.add_argument("--images", type=int, default=4, help="lower-bound section: images (GPU: e.g. 25)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (lower-bound section)")
+    p.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (best is kept)")
+    p.add_argument("--seed_loop", action="store_true", help="also time the seed's per-sample loop (slow)")
+    p.add_argument("--nsamples", type=int, default=2, help="noise draws (paper: 20; fewer keeps the CPU run short)")
     p.add_argument("--stdev_spread", type=float, default=0.2)
     p.add_argument("--max_copies_per_pass", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--rows", type=int, default=1300, help="rows of the parsing benchmark's TIS file (ImageNet: ~1300/label)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip_smoothgrad", action="store_true")
+    p.add_argument("--skip_lower_bound", action="store_true")
     p.add_argument("--skip_parsing", action="store_true")
     return p
 
 
 def main(args):
     out = {}
+    if not args.skip_lower_bound:
+        out.update(bench_lower_bound(args))
+    if args.seed_loop:
+        out.update(bench_smoothgrad(args))
     if not args.skip_parsing:
         out.update(bench_parsing(args))
-    if not args.skip_smoothgrad:
-        out.update(bench_smoothgrad(args))
     return out
 
 

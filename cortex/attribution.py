@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-NOISE_SCOPES = ("sample", "batch")
+NOISE_SCOPES = ("sample", "batch", "authors")
 REDUCTIONS = ("max", "mean", "sum")
 
 
@@ -89,12 +89,13 @@ def noise_scale(inputs: torch.Tensor, stdev_spread: float, noise_scope: str = "s
     """SmoothGrad's standard deviation ``stdev_spread * (max - min)``.
 
     ``noise_scope="sample"``: per image, shape ``(B, 1, 1, 1)`` (a score depends only on its image);
-    ``"batch"``: over the whole batch, shape ``(1, 1, 1, 1)`` (the seed code; depends on ``--batch_size``).
+    ``"batch"`` / ``"authors"``: over the whole batch, shape ``(1, 1, 1, 1)`` (the seed code; depends on
+    ``--batch_size``).
     """
     if noise_scope not in NOISE_SCOPES:
         raise ValueError(f"noise_scope must be one of {NOISE_SCOPES}, got {noise_scope!r}")
     x = inputs.detach()
-    if noise_scope == "batch":
+    if noise_scope in ("batch", "authors"):
         return (stdev_spread * (x.max() - x.min())).reshape(1, *([1] * (x.dim() - 1)))
     flat = x.reshape(x.shape[0], -1)
     rng = flat.max(dim=1).values - flat.min(dim=1).values
@@ -119,34 +120,41 @@ def _check(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- SmoothGrad
 
 def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, noise: torch.Tensor,
-                          max_copies_per_pass: int | None = None) -> torch.Tensor:
+                          max_copies_per_pass: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean input-gradient of the raw target logit over the noisy copies ``inputs + noise``.
 
     inputs ``(B, C, H, W)``; target ``(B,)``; noise ``(S, B, C, H, W)`` already scaled.
-    Returns ``(B, C, H, W)``: ``1/S * sum_s d logit_target(inputs + noise[s]) / d x``.
+    Returns ``(B, C, H, W)``: ``1/S * sum_s d logit_target(inputs + noise[s]) / d x``, in ``out_dtype``
+    (default: the inputs' dtype).
 
-    The ``S*B`` copies go through the model in chunks of at most ``max_copies_per_pass`` (default:
-    all at once): one forward and one backward of the summed target logits per chunk. In eval mode the
-    copies do not interact, so each copy receives exactly the gradient of its own target logit.
+    The ``S*B`` copies (copy ``j = s*B + b``: draw ``s`` of image ``b``) go through the model in chunks of
+    at most ``max_copies_per_pass`` (default: all at once): one forward and one backward of the summed
+    target logits per chunk. In eval mode the copies do not interact, so each copy receives exactly the
+    gradient of its own target logit. The per-copy gradients are summed in float64 in draw order (as the
+    authors' script does), so the result does not depend on the chunking.
     """
     target = _check(inputs, target)
     S, B = noise.shape[0], noise.shape[1]
     if tuple(noise.shape[1:]) != tuple(inputs.shape):
         raise ValueError(f"noise {tuple(noise.shape)} does not match inputs {tuple(inputs.shape)}")
     x = inputs.detach()
-    total = torch.zeros_like(x)
+    total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # (B, C, H, W)
     n = S * B
     chunk = n if not max_copies_per_pass or max_copies_per_pass <= 0 else int(max_copies_per_pass)
-    img_of_copy = torch.arange(B, device=x.device).repeat(S)  # copy j = s*B + b -> image b
     noise_flat = noise.reshape(n, *x.shape[1:])
     with eval_mode(model), torch.enable_grad():
         for start in range(0, n, chunk):
-            idx = img_of_copy[start:start + chunk]
+            j = torch.arange(start, min(start + chunk, n), device=x.device)
+            idx = j % B  # image of each copy
             copies = (x[idx] + noise_flat[start:start + chunk].to(x.device, x.dtype)).requires_grad_(True)
             logits = _target_logits(model, copies, target[idx])
             (grad,) = torch.autograd.grad(logits.sum(), copies)
-            total.index_add_(0, idx, grad.detach())
-    return total / S
+            grad = grad.detach().to(torch.float64)
+            # add draw by draw (s ascending) so that every image's sum has the same order for any chunking
+            for s in range(int(j[0]) // B, (int(j[-1]) // B) + 1):
+                sel = (j // B) == s
+                total.index_add_(0, idx[sel], grad[sel])
+    return (total / S).to(out_dtype or x.dtype)
 
 
 def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, nsamples: int = 20,
@@ -158,7 +166,8 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, 
     inputs ``(B, 256, 16, 16)``; target ``(B,)`` long. Returns ``(B, 256, 16, 16)``.
 
     ``nsamples`` Gaussian draws with standard deviation ``stdev_spread * (max - min)`` taken per image
-    (``noise_scope="sample"``) or over the whole batch (``"batch"``, as the seed code). The draws come
+    (``noise_scope="sample"``) or over the whole batch (``"batch"``, as the seed code; ``"authors"``: also
+    the seed's random stream, see ``authors_noise``; its result is float64 as the seed's). The draws come
     from ``noise`` (standard normal, ``(nsamples, B, 256, 16, 16)``) if given, else from per-image
     generators seeded by ``seeds`` (see ``image_seed``; makes scores independent of the batch), else
     from ``generator``/the global RNG. ``max_copies_per_pass`` bounds the noisy copies per
@@ -166,6 +175,9 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, 
     """
     target = _check(inputs, target)
     B = inputs.shape[0]
+    if noise is None and noise_scope == "authors":
+        scaled = authors_noise(inputs, nsamples, stdev_spread)
+        return smoothgrad_from_noise(model, inputs, target, scaled, max_copies_per_pass, out_dtype=torch.float64)
     if noise is None:
         noise = standard_noise(nsamples, inputs.shape[1:], seeds=seeds, generator=generator, batch_size=B,
                                device=inputs.device, dtype=inputs.dtype)
@@ -173,7 +185,24 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, 
         nsamples = noise.shape[0]
     sd = noise_scale(inputs, stdev_spread, noise_scope)  # (B|1, 1, 1, 1)
     scaled = noise.to(inputs.device, inputs.dtype) * sd.unsqueeze(0)
-    return smoothgrad_from_noise(model, inputs, target, scaled, max_copies_per_pass)
+    return smoothgrad_from_noise(model, inputs, target, scaled, max_copies_per_pass,
+                                 out_dtype=torch.float64 if noise_scope == "authors" else None)
+
+
+def authors_noise(inputs: torch.Tensor, nsamples: int, stdev_spread: float) -> torch.Tensor:
+    """The authors' SmoothGrad noise for one batch, drawn exactly as their ``TIS_computation.py``.
+
+    inputs ``(B, C, H, W)``. Returns the scaled noise ``(nsamples, B, C, H, W)`` on the inputs' device.
+    Their loop: ``stdev = stdev_spread * (max(batch) - min(batch))`` (one scale for the whole batch),
+    then for each of the ``nsamples`` draws one ``torch.normal(mean=0, std=stdev, size=batch.shape)``
+    from the *global CPU* generator (then moved to the device). Calling this once per batch, batches in
+    the dataset's order after one ``torch.manual_seed(seed)``, reproduces their draws on any device;
+    calling it for a batch that needs no scores keeps the stream in step (resume, shards).
+    """
+    x = inputs.detach()
+    stdev = stdev_spread * (torch.max(x) - torch.min(x))
+    draws = [torch.normal(mean=0, std=stdev, size=x.shape).to(x.device) for _ in range(nsamples)]
+    return torch.stack(draws)  # (S, B, C, H, W)
 
 
 def smoothgrad_x_input(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, **smoothgrad_opts) -> torch.Tensor:
@@ -322,3 +351,180 @@ def token_scores(name: str, model: nn.Module, inputs: torch.Tensor, target: torc
     (default: the attribution's natural reduction, ``max`` for the paper's SmoothGrad)."""
     a = get_attribution(name)
     return reduce_channels(attribute(name, model, inputs, target, **opts), method or a.reduction)
+
+
+# ----------------------------------------------------------------------------- performance: memory budget
+
+def available_memory_bytes(device) -> tuple[int, str]:
+    """Memory free for the TIS copies on ``device``: ``(bytes, where it was read)``.
+
+    CUDA: the GPU's free memory (``torch.cuda.mem_get_info``); CPU: ``MemAvailable`` of ``/proc/meminfo``,
+    else ``psutil.virtual_memory().available``, else 8 GiB (a guess, said so).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable of /proc/meminfo"
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "psutil available memory"
+    except ImportError:
+        return 8 << 30, "unknown (assumed 8 GiB)"
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward of ``x``."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _target_logits(model, x, target).sum()
+    return sum(seen.values())
+
+
+def memory_per_copy(model: nn.Module, example: torch.Tensor, target: torch.Tensor | int = 0) -> int:
+    """Measured bytes one noisy copy costs in a forward+backward pass of ``model``.
+
+    example ``(1, C, H, W)`` (or more rows: the first is used), on the model's device. CUDA: peak allocated
+    memory of a 4-copy minus a 2-copy forward+backward, halved (the weights cancel out). CPU: bytes of the
+    tensors autograd saves for backward in a 3-copy minus a 1-copy forward, halved, times 1.5 for the
+    transient buffers of forward and backward, plus the copy, its gradient and its float64 sum.
+    """
+    x = example[:1].detach()
+    t = torch.as_tensor(target, device=x.device).long().reshape(-1)[:1]
+    extra = 3 * x.numel() * x.element_size() + x.numel() * 8
+    with eval_mode(model), torch.enable_grad():
+        if x.device.type == "cuda":
+            peaks = []
+            for n in (2, 4):
+                torch.cuda.synchronize(x.device)
+                torch.cuda.reset_peak_memory_stats(x.device)
+                base = torch.cuda.memory_allocated(x.device)
+                xs = x.expand(n, *x.shape[1:]).clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(_target_logits(model, xs, t.expand(n)).sum(), xs)
+                del g, xs
+                torch.cuda.synchronize(x.device)
+                peaks.append(torch.cuda.max_memory_allocated(x.device) - base)
+            per = (peaks[1] - peaks[0]) / 2
+            return int(max(per, peaks[0] / 2, 1)) + extra
+        s1 = _saved_bytes(model, x, t)
+        s3 = _saved_bytes(model, x.expand(3, *x.shape[1:]).clone(), t.expand(3))
+    return int(max((s3 - s1) / 2, 1) * 1.5) + extra
+
+
+def copies_for_budget(budget_bytes: float, per_copy_bytes: int, cap: int = 1 << 16) -> int:
+    """Copies per forward+backward pass that fit ``budget_bytes``: ``floor(budget / per copy)``, >= 1."""
+    return int(max(1, min(cap, budget_bytes // max(per_copy_bytes, 1))))
+
+
+# ----------------------------------------------------------------------------- performance: --fast
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the conv/linear feeding it.
+
+    Traces ``model`` with ``torch.fx``; a ``BatchNorm2d`` whose input is the output of a ``Conv2d`` used
+    only by it (or a ``BatchNorm1d`` on the 2-D output of a ``Linear``, or a ``models.ChannelBatchNorm`` on
+    the channel axis of a ``Linear``'s ``(B, L, C)`` output; eval-mode Dropouts between them are skipped)
+    is removed and the conv/linear
+    weights become ``W * g / sqrt(var + eps)``, bias ``(b - mean) * g / sqrt(var + eps) + beta``. In eval
+    mode the result equals the model up to float rounding. Returns ``(folded model, number of folds)``;
+    the original is untouched. A model fx cannot trace is returned as an eval copy with 0 folds.
+    """
+    import copy
+
+    import torch.fx as fx
+
+    base = copy.deepcopy(model).eval()
+    try:
+        gm = fx.symbolic_trace(base)
+    except Exception:  # noqa: BLE001 - untraceable models simply run unfolded
+        return base, 0
+    mods = dict(gm.named_modules())
+    folds = 0
+    for node in list(gm.graph.nodes):
+        bn = mods.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            continue
+        prev = node.args[0]
+        # eval-mode Dropout is the identity: look through it (the ViT's MLP ends with one)
+        while (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(mods[prev.target], nn.Dropout)
+               and len(prev.users) == 1):
+            prev = prev.args[0]
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        lin = mods[prev.target]
+        # BatchNorm1d on a (N, C) Linear output, or on the channel (last) axis of a (B, L, C) one
+        # (models.ChannelBatchNorm), normalises the Linear's output features
+        bn1d_ok = type(bn) is nn.BatchNorm1d or type(bn).__name__ == "ChannelBatchNorm"
+        ok = (type(bn) is nn.BatchNorm2d and type(lin) is nn.Conv2d) or (bn1d_ok and type(lin) is nn.Linear)
+        if not ok or bn.running_mean is None:
+            continue
+        with torch.no_grad():
+            scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            w = lin.weight
+            lin.weight = nn.Parameter(w * scale.reshape(-1, *([1] * (w.dim() - 1))), requires_grad=False)
+            b = lin.bias if lin.bias is not None else torch.zeros_like(bn.running_mean)
+            lin.bias = nn.Parameter((b - bn.running_mean) * scale + shift, requires_grad=False)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        folds += 1
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm.eval(), folds
+
+
+class _FastWrapper(nn.Module):
+    """Runs ``inner`` on channels-last inputs, optionally under bf16 autocast; float32 logits out."""
+
+    def __init__(self, inner: nn.Module, bf16: bool):
+        super().__init__()
+        self.inner, self.bf16 = inner, bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 256, 16, 16) -> (B, num_classes)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.bf16:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.inner(x).float()
+        return self.inner(x)
+
+
+# nets whose bf16 TIS keep >= 99% of the top-20 positions of the exact float32 TIS (measured, H100, paper width):
+# VQGAN Net3 99.8% (allowed); Net1 75%, Net4 98.8% (not allowed). Others: never bf16.
+BF16_NETS = {("vqgan", 3)}
+
+
+def prepare_fast(model: nn.Module, device, net: tuple[str, int] | None = None) -> tuple[nn.Module, dict]:
+    """The ``--fast`` model: BatchNorm folded, channels-last, bf16 autocast only for ``BF16_NETS`` on CUDA.
+
+    Returns ``(model on device in eval mode, info)`` with info ``{"bn_folds", "channels_last", "bf16"}``
+    (recorded in ``tis_config.json``: it changes the scores beyond float rounding when bf16 is on).
+    """
+    device = torch.device(device)
+    folded, n = fold_batchnorm(model.to(device))
+    folded = folded.to(device).to(memory_format=torch.channels_last)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    bf16 = device.type == "cuda" and net is not None and tuple(net) in BF16_NETS
+    return _FastWrapper(folded, bf16).eval(), {"bn_folds": n, "channels_last": True, "bf16": bf16}
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 20) -> float:
+    """Mean over rows of ``|top-k positions of a  &  top-k positions of b| / k``; a, b ``(B, P)``."""
+    ta, tb = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
+    inter = [len(set(x.tolist()) & set(y.tolist())) for x, y in zip(ta, tb)]
+    return sum(inter) / (k * max(len(inter), 1))

@@ -17,6 +17,12 @@ Row of label k: ``cliff_delta = delta(counts_k, counts_rest)`` where ``counts_re
 tokens of the other labels' sets (for the two labels of DALL-E-mini: the other label's counts). A
 positive value means the neutral-prompt images carry label k's concept tokens more often than the other
 label's: the generator leans towards attribute k. With two labels the two rows are opposite.
+
+Uncertainty (issue 16.3): ``cliff_delta`` is computed from ``scipy.stats.mannwhitneyu`` (``delta = 2U/(n m) - 1``,
+equal to the sorting implementation), with its two-sided p-value and a seeded percentile-bootstrap 95% CI
+(the two samples resampled independently). Table format (issue 13.8): the authors' columns in their order and
+format (``tokens`` as ``['12', '7']``, the average as a Python float), rows in ascending label order, then the
+extra columns ``cliff_delta_seed, p_value, cliff_delta_ci_low, cliff_delta_ci_high, magnitude``.
 """
 from __future__ import annotations
 
@@ -27,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import CortexError, atomic_write, format_list, parse_int_list
+from .utils import CortexError, atomic_write, parse_int_list
 
 BIAS_HEADER = ["total_files", "total_token_occurrences", "average_frequency_per_file", "number_of_target_tokens",
-               "label", "tokens", "cliff_delta", "cliff_delta_seed"]
+               "label", "tokens", "cliff_delta", "cliff_delta_seed", "p_value", "cliff_delta_ci_low",
+               "cliff_delta_ci_high", "magnitude"]
+N_BOOT = 2000  # bootstrap resamples of the 95% CI
 # Romano et al. (2006) thresholds on |delta| (the usual reading of Cliff's delta).
 MAGNITUDES = ((0.147, "negligible"), (0.33, "small"), (0.474, "medium"), (float("inf"), "large"))
 
@@ -66,6 +74,44 @@ def cliffs_delta(x, y) -> float:
     greater, less = dominance(x, y)
     n, m = np.asarray(x).size, np.asarray(y).size
     return (greater - less) / (n * m)
+
+
+def cliffs_delta_mwu(x, y) -> tuple[float, float]:
+    """``(delta, p)``: Cliff's delta from the Mann-Whitney U of ``x`` (``delta = 2 U / (n m) - 1``) and the
+    two-sided p-value of ``scipy.stats.mannwhitneyu`` (exact without ties for small samples, else the normal
+    approximation with tie correction). ``delta`` equals :func:`cliffs_delta`. Equal constant samples: p = 1."""
+    from scipy.stats import mannwhitneyu
+
+    x, y = _sample(x, "x"), _sample(y, "y")
+    n, m = x.size, y.size
+    if np.unique(np.concatenate([x, y])).size == 1:
+        return 0.0, 1.0
+    res = mannwhitneyu(x, y, alternative="two-sided")
+    return 2.0 * float(res.statistic) / (n * m) - 1.0, float(res.pvalue)
+
+
+def bootstrap_ci(x, y, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of Cliff's delta, ``x`` and ``y`` resampled independently (seeded).
+
+    Each resample is drawn as multinomial counts over the pooled distinct values, so one resample costs
+    O(distinct values) (the per-image token counts take few values): ``(B, V)`` arrays in chunks.
+    """
+    x, y = _sample(x, "x"), _sample(y, "y")
+    values = np.unique(np.concatenate([x, y]))  # (V,)
+    px = np.bincount(np.searchsorted(values, x), minlength=values.size) / x.size
+    py = np.bincount(np.searchsorted(values, y), minlength=values.size) / y.size
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for s in range(0, n_boot, 256):
+        b = min(256, n_boot - s)
+        hx = rng.multinomial(x.size, px, size=b).astype(np.float64)  # (b, V)
+        hy = rng.multinomial(y.size, py, size=b).astype(np.float64)  # (b, V)
+        below = np.cumsum(hy, axis=1) - hy  # (b, V) #y < value
+        above = y.size - np.cumsum(hy, axis=1)  # (b, V) #y > value
+        deltas.append(((hx * below).sum(1) - (hx * above).sum(1)) / (x.size * y.size))
+    d = np.concatenate(deltas)
+    a = (1 - level) / 2
+    return float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
 
 
 def cliffs_delta_seed(x, y) -> float:
@@ -147,12 +193,27 @@ class BiasRow:
     counts: np.ndarray  # (N,) per-image occurrences of the label's tokens
     cliff_delta: float
     cliff_delta_seed: float
+    p_value: float = float("nan")  # two-sided Mann-Whitney U
+    ci: tuple = (float("nan"), float("nan"))  # seeded percentile-bootstrap 95% CI of cliff_delta
 
     def csv_row(self) -> list:
+        """The authors' columns in their format (``tokens`` as pandas writes a list of str: ``['12', '7']``;
+        the average as a Python float), then this project's extra columns."""
         n = int(self.counts.size)
         total = int(self.counts.sum())
-        return [n, total, f"{total / n:.4f}", len(self.tokens), self.label, format_list(self.tokens),
-                f"{self.cliff_delta:.6f}", f"{self.cliff_delta_seed:.6f}"]
+        return [n, total, repr(total / n), len(self.tokens), self.label, authors_tokens_cell(self.tokens),
+                f"{self.cliff_delta:.6f}", f"{self.cliff_delta_seed:.6f}", f"{self.p_value:.6g}",
+                f"{self.ci[0]:.6f}", f"{self.ci[1]:.6f}", magnitude(self.cliff_delta)]
+
+
+def authors_tokens_cell(tokens) -> str:
+    """The ``tokens`` cell as the authors' script writes it: the repr of a list of token-id strings."""
+    return str([str(int(t)) for t in tokens])
+
+
+def parse_tokens_cell(text: str, where: str = "") -> list[int]:
+    """Token ids of a ``tokens`` cell: the authors' ``['12', '7']`` or a plain ``[12, 7]``."""
+    return parse_int_list(text.replace("'", "").replace('"', ""), where=where).tolist()
 
 
 def drop_shared(label_tokens: dict) -> dict:
@@ -169,12 +230,15 @@ def drop_shared(label_tokens: dict) -> dict:
     return out
 
 
-def detect_bias(label_tokens: dict, ids_per_image, exclude_shared: bool = False) -> list[BiasRow]:
+def detect_bias(label_tokens: dict, ids_per_image, exclude_shared: bool = False, n_boot: int = N_BOOT,
+                seed: int = 0) -> list[BiasRow]:
     """label_tokens: ``{label: [token ids]}`` (two or more labels); ids_per_image: the neutral set.
 
     Row of label k: Cliff's delta of its per-image counts against the counts of the other labels'
     tokens (their union). exclude_shared: first drop the tokens listed for more than one label (they
-    cannot tell the labels apart; off by default, as the seed). Returns one ``BiasRow`` per label.
+    cannot tell the labels apart; off by default, as the seed). Returns one ``BiasRow`` per label, in
+    ascending label order (the authors' script wrote its rows in ``os.listdir`` order, i.e. unspecified),
+    with the Mann-Whitney p-value and a bootstrap CI (``n_boot`` resamples, ``seed``; 0 resamples: no CI).
     """
     if len(label_tokens) < 2:
         raise CortexError(f"bias detection needs the concept tokens of at least two labels, got {sorted(label_tokens)}")
@@ -186,8 +250,9 @@ def detect_bias(label_tokens: dict, ids_per_image, exclude_shared: bool = False)
         own = count_hits(ids_per_image, label_tokens[k])
         rest_tokens = set().union(*(set(label_tokens[j]) for j in labels if j != k))
         rest = count_hits(ids_per_image, rest_tokens)
-        d = cliffs_delta(own, rest)
-        rows.append(BiasRow(int(k), [int(t) for t in label_tokens[k]], own, d, d / 2.0))
+        d, p = cliffs_delta_mwu(own, rest)
+        ci = bootstrap_ci(own, rest, n_boot, seed) if n_boot > 0 else (float("nan"), float("nan"))
+        rows.append(BiasRow(int(k), [int(t) for t in label_tokens[k]], own, d, d / 2.0, p, ci))
     return rows
 
 
@@ -214,8 +279,11 @@ def read_bias_csv(path) -> list[dict]:
         for row in reader:
             d = dict(row)
             d["label"] = int(row["label"])
-            d["tokens"] = parse_int_list(row["tokens"], where=str(path)).tolist()
+            d["tokens"] = parse_tokens_cell(row["tokens"], where=str(path))
             d["cliff_delta"] = float(row["cliff_delta"])
+            for c in ("p_value", "cliff_delta_ci_low", "cliff_delta_ci_high"):
+                if row.get(c) not in (None, ""):
+                    d[c] = float(row[c])
             if row.get("cliff_delta_seed") not in (None, ""):
                 d["cliff_delta_seed"] = float(row["cliff_delta_seed"])
             out.append(d)
@@ -240,27 +308,67 @@ def label_names(data_dir) -> dict[int, str]:
     return {}
 
 
-def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, attribution: str = "smoothgrad",
-                       neutral_csv=None, plot: bool = True, exclude_shared: bool = False) -> dict:
-    """bias_detection.py's work: read the labels' concept tokens and the neutral set, write the CSV (and a figure).
+def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_partial: bool = False) -> dict:
+    """``{label: statistics file}`` of this run, after checking the inputs (issue 12.5 / 14.5).
 
-    paths: ``cortex.paths.ExperimentPaths`` of experiment ``dalle``. Returns
-    ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
+    Refuses (CortexError) statistics that are not the current run's (``cortex.significance.check_current_run``:
+    stale against their TIS run, unfinished, or from another checkpoint / dataset), and a label of the train
+    split with no statistics file or a statistics file for a label the split lacks; ``allow_partial``: warn
+    and use the complete labels.
     """
-    from .stats import label_files, read_stats_section
+    from .significance import check_current_run
+    from .stats import label_files, split_label_counts
 
     stats_dir = paths.stats_dir(model, attribution)
     files = label_files(stats_dir)
+    hint = f"Run TIS_computation.py and TIS_analysis.py --model {model} --bias_type {paths.bias_type} first."
+    if not files:
+        raise CortexError(f"no TIS statistics (label_*.csv) in {stats_dir}. {hint}")
+    try:
+        check_current_run(paths, model, attribution)
+    except CortexError as e:
+        if not allow_partial:
+            raise CortexError(f"{e}\n(--allow_partial uses these statistics anyway, on purpose.)") from None
+        print(f"warning: --allow_partial: {e}")
+    expected = set(split_label_counts(paths.data_dir, "train"))
+    problems = []
+    if expected - set(files):
+        problems.append(f"labels {sorted(expected - set(files))} of the train split have no statistics file")
+    if set(files) - expected:
+        problems.append(f"statistics files for labels {sorted(set(files) - expected)} the train split lacks")
+    if problems:
+        msg = f"{stats_dir}: " + "; ".join(problems)
+        if not allow_partial:
+            raise CortexError(f"{msg}. {hint} Or pass --allow_partial to compare the labels present on purpose.")
+        print(f"warning: --allow_partial: {msg}")
+        files = {k: v for k, v in files.items() if k in expected}
     if len(files) < 2:
-        raise CortexError(f"TIS statistics of at least two labels are needed in {stats_dir} (found {len(files)}). "
-                          f"Run TIS_computation.py and TIS_analysis.py --model {model} --bias_type {paths.bias_type} first.")
+        raise CortexError(f"TIS statistics of at least two labels are needed in {stats_dir} (found {len(files)}). {hint}")
+    return files
+
+
+def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, attribution: str = "smoothgrad",
+                       neutral_csv=None, plot: bool = True, exclude_shared: bool = False, allow_partial: bool = False,
+                       n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """bias_detection.py's work: read the labels' concept tokens and the neutral set, write the CSV (and a figure).
+
+    paths: ``cortex.paths.ExperimentPaths`` of experiment ``dalle``. Inputs are checked first
+    (:func:`check_bias_inputs`); an IEM whose accuracy is near chance gets a loud warning. Returns
+    ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
+    """
+    from .stats import read_stats_section
+    from .tis import check_iem_not_near_chance
+
+    files = check_bias_inputs(paths, model, attribution, allow_partial)
+    check_iem_not_near_chance(paths.best_ckpt(model), paths.testing_results(model), max(len(files), 2),
+                              what="bias-detection tokens")
     label_tokens = {k: read_stats_section(p, top_n, token_num) for k, p in files.items()}
     for k, toks in label_tokens.items():
         if not toks:
             raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
     neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
     _, ids = read_neutral_set(neutral)
-    rows = detect_bias(label_tokens, ids, exclude_shared)
+    rows = detect_bias(label_tokens, ids, exclude_shared, n_boot, seed)
     name = bias_csv_name(top_n, token_num, exclude_shared)
     if attribution != "smoothgrad":
         name = name.replace(".csv", f"_{attribution}.csv")
@@ -269,6 +377,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     for r in rows:
         print(f"label {r.label} ({names.get(r.label, '?')}): {len(r.tokens)} tokens, "
               f"{r.counts.mean():.2f} per neutral image; Cliff's delta {r.cliff_delta:+.4f} "
+              f"[95% CI {r.ci[0]:+.3f}, {r.ci[1]:+.3f}], Mann-Whitney p = {r.p_value:.3g} "
               f"({magnitude(r.cliff_delta)}; seed's halved value {r.cliff_delta_seed:+.4f})")
     fig = None
     if plot:
@@ -290,31 +399,21 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
               name: str | None = None) -> Path:
     """Figure of the bias detection, saved (Agg) beside the CSV as ``token_bias_top{n}_num{k}_cliff.png``.
 
-    Left: Cliff's delta per label for every bias type with a result for (top_n, token_num) (this one and
-    its siblings under ``results/{bias_type}/``), the label's tokens written under each bar (``*`` = a planted
-    attribute token of the synthetic world). Right: the per-image token counts of this bias type's labels
-    over the neutral-prompt set.
+    Left: Cliff's delta per label of *this* run only (``rows``, or this run's CSV ``name``; never another
+    bias type's or an earlier run's file), with its bootstrap 95% CI as an error bar, the Mann-Whitney p and
+    the size label above each bar, the label's tokens under it (``*`` = a planted attribute token of the
+    synthetic world). Right: the per-image token counts of the labels over the neutral-prompt set.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .cli import BIAS_TYPES
-    from .paths import ExperimentPaths
-
     name = name or bias_csv_name(top_n, token_num)
-    results = {}
-    for bt in BIAS_TYPES:
-        if bt == paths.bias_type:
-            continue
-        other = ExperimentPaths(experiment="dalle", root=paths.root, bias_type=bt)
-        if (other.bias_dir() / name).exists():
-            results[bt] = (read_bias_csv(other.bias_dir() / name), label_names(other.data_dir), _planted(other.data_dir))
-    own = [dict(label=r.label, tokens=r.tokens, cliff_delta=r.cliff_delta) for r in rows] if rows is not None \
+    own = [dict(label=r.label, tokens=r.tokens, cliff_delta=r.cliff_delta, p_value=r.p_value,
+                cliff_delta_ci_low=r.ci[0], cliff_delta_ci_high=r.ci[1]) for r in rows] if rows is not None \
         else read_bias_csv(paths.bias_dir() / name)
-    results[paths.bias_type] = (own, label_names(paths.data_dir), _planted(paths.data_dir))
-    results = {bt: results[bt] for bt in BIAS_TYPES if bt in results}
+    results = {paths.bias_type: (own, label_names(paths.data_dir), _planted(paths.data_dir))}
 
     fig, axes = plt.subplots(1, 2 if rows is not None else 1, figsize=(13 if rows is not None else 7.5, 4.8),
                              squeeze=False)
@@ -324,10 +423,14 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     for bt, (rs, names, planted) in results.items():
         for r in rs:
             d = r["cliff_delta"]
-            ax.bar(x, d, width=0.8, color=colours.get(r["label"] % 2, "grey"),
-                   edgecolor="black" if bt == paths.bias_type else "none")
-            ax.text(x, d + (0.03 if d >= 0 else -0.03), f"{d:+.2f}", ha="center", va="bottom" if d >= 0 else "top",
-                    fontsize=8)
+            lo, hi = r.get("cliff_delta_ci_low", float("nan")), r.get("cliff_delta_ci_high", float("nan"))
+            err = None if np.isnan(lo) else [[max(d - lo, 0.0)], [max(hi - d, 0.0)]]
+            ax.bar(x, d, width=0.8, color=colours.get(r["label"] % 2, "grey"), edgecolor="black", yerr=err,
+                   capsize=4)
+            tip = hi if d >= 0 and err is not None else (lo if err is not None else d)
+            p = r.get("p_value", float("nan"))
+            ax.text(x, tip + (0.03 if d >= 0 else -0.03), f"{d:+.2f} ({magnitude(d)})" +
+                    ("" if np.isnan(p) else f"\np={p:.2g}"), ha="center", va="bottom" if d >= 0 else "top", fontsize=7)
             toks = [f"{t}*" if t in planted.get(r["label"], ()) else str(t) for t in r["tokens"]]
             lines = [", ".join(toks[i:i + 4]) for i in range(0, len(toks), 4)]
             xt.append(x)
@@ -343,7 +446,8 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     ax.set_ylim(-1.1, 1.1)
     ax.set_ylabel("Cliff's delta (standard)")
     ax.set_title(f"Bias of the neutral prompt ({Path(name).stem}): Top {top_n}, {token_num} tokens per label\n"
-                 f"(> 0: the label's tokens are more frequent; * planted token; dotted: small/medium/large)",
+                 f"(> 0: the label's tokens are more frequent; bars: bootstrap 95% CI; p: Mann-Whitney; "
+                 f"* planted token; dotted: small/medium/large)",
                  fontsize=9)
     if rows is not None:
         ax2 = axes[0, 1]

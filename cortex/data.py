@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
+from .utils import CortexError, atomic_save_npy, atomic_write, format_list, generator_command, parse_int_list
 
 GRID = 16
 N_POS = GRID * GRID  # 256 token positions per image, row-major p = row*16 + col
@@ -65,14 +65,14 @@ def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Rec
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise CortexError(
-            f"dataset folder not found: {data_dir}. Generate one (python generate_dataset.py --source synthetic) "
+            f"dataset folder not found: {data_dir}. Generate one ({generator_command(data_dir)} --source synthetic) "
             f"or download the authors' data into it, or pass --data_dir.")
     path = split_csv(data_dir, split)
     if not path.exists():
         raise CortexError(f"split CSV not found: {path}. The dataset in {data_dir} has no {split} split; "
                           f"regenerate it or pass the right --data_dir.")
     records = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM (Excel) reads as-is
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != CSV_HEADER:
@@ -102,12 +102,41 @@ def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Rec
     return records
 
 
+def load_npy(path, what: str = "embedding") -> np.ndarray:
+    """``np.load`` of a float32 ``.npy``; a truncated/corrupt file or another dtype is a CortexError naming it.
+
+    Other dtypes are refused rather than cast: an int64 or float16 file is not what the generator wrote (the
+    authors' embeddings are float32 codebook vectors), so casting would hide a wrong or lossy file.
+    """
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CortexError(f"{what} file not found: {path}") from None
+    except (ValueError, EOFError, OSError) as e:
+        raise CortexError(f"{path}: cannot read this {what} .npy ({str(e)[:120]}); the file is truncated or corrupt "
+                          f"(an interrupted copy or generation?): regenerate or re-download it") from None
+    if arr.dtype != np.float32:
+        raise CortexError(f"{path}: {what} has dtype {arr.dtype}, expected float32 (the authors' format); it was not "
+                          f"written by generate_dataset.py: regenerate it (or convert it yourself if the values are "
+                          f"right: np.save(path, arr.astype(np.float32)))")
+    return arr
+
+
+def load_embedding_file(path) -> np.ndarray:
+    """One per-image embedding ``.npy``: float32 ``(256, 16, 16)``, else a CortexError naming the file."""
+    arr = load_npy(path, "embedding")
+    if arr.shape != EMB_SHAPE:
+        raise CortexError(f"{path}: embedding must have shape {EMB_SHAPE}, got {arr.shape}")
+    return arr
+
+
 def load_codebook(data_dir) -> np.ndarray:
     path = Path(data_dir) / "codebook.npy"
     if not path.exists():
         raise CortexError(f"codebook not found: {path} (needed by the compact layout). Pass --data_layout files "
                           f"to read the per-image .npy files, or build it from them: python compact_dataset.py")
-    cb = np.load(path).astype(np.float32, copy=False)
+    cb = load_npy(path, "codebook")
     if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
         raise CortexError(f"{path}: codebook must have shape (n_codes, {EMB_DIM}), got {cb.shape}")
     return cb
@@ -236,10 +265,7 @@ class EmbeddingDataset(Dataset):
         if not path.exists():
             raise CortexError(f"embedding file not found: {path} (row {r.filename} of "
                               f"{split_csv(self.data_dir, self.split)})")
-        arr = np.load(path)
-        if arr.shape != EMB_SHAPE:
-            raise CortexError(f"{path}: embedding must have shape {EMB_SHAPE}, got {arr.shape}")
-        return torch.from_numpy(arr.astype(np.float32, copy=False))
+        return torch.from_numpy(load_embedding_file(path))  # (256, 16, 16) float32
 
     def __getitem__(self, i: int):
         x = self.ids[i] if self.return_ids else self.embedding(i)
@@ -255,16 +281,25 @@ class EmbeddingDataset(Dataset):
 
 
 def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
-    """``{split}_token_indices.pkl`` (filename -> list of 256 ids), built from the CSV when missing."""
+    """``{split}_token_indices.pkl`` (filename -> list of 256 ids, the authors' format), built from the CSV when
+    missing or stale: a CSV modified after the pickle (edited, regenerated, merged) wins, and the pickle is
+    rebuilt (kept in memory only when the folder is read-only)."""
     split = canonical_split(split)
     short = {"validation": "validation"}.get(split, split)
     path = Path(data_dir) / f"{short}_token_indices.pkl"
+    csv_path = split_csv(data_dir, split)
     if path.exists():
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        stale = csv_path.exists() and csv_path.stat().st_mtime_ns > path.stat().st_mtime_ns
+        if not stale:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        print(f"{path} is older than {csv_path.name}: rebuilding it from the CSV")
     cache = {r.filename: r.ids.tolist() for r in read_split(data_dir, split)}
-    with atomic_write(path, "wb") as f:
-        pickle.dump(cache, f)
+    try:
+        with atomic_write(path, "wb") as f:
+            pickle.dump(cache, f)
+    except OSError as e:
+        print(f"note: could not write {path} ({e}); using the token indices read from {csv_path.name}")
     return cache
 
 
@@ -300,7 +335,7 @@ class DatasetWriter:
         p = self._partial(split)
         if not p.exists():
             return []
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:
             return [r for r in csv.reader(f) if len(r) == 3]  # a torn last line is dropped
 
     def done(self, split: str) -> set[str]:

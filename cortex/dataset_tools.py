@@ -4,9 +4,12 @@
   from the authors' per-image files, every file checked.
 * ``merge_datasets`` / ``run_merge`` (``merge_datasets.py``): one dataset from folders generated
   separately (e.g. one class range per GPU job), per-image files and PNGs hard-linked.
+* ``staged_dataset`` (both ``generate_dataset.py``): a dataset is built in ``<data_dir>.generating`` beside its
+  final place and swapped in when complete, so a killed generation never mixes old CSVs with new files.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -16,12 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (CSV_HEADER, EMB_DIM, EMB_SHAPE, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
-                   load_codebook, read_split, split_csv, split_npy_dir)
+from .data import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
+                   load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir)
 from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
 
 
 # ----------------------------------------------------------------------------- files -> compact
+
+# Without --n_codes, a VQGAN or dataset_info.json, the codebook size is inferred as the largest id + 1, up to the
+# paper's VQGAN (16,384 codes): one stray id 99999 must not silently build a 100,000-code codebook.
+MAX_INFERRED_CODES = 16384
 
 def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndarray | None = None,
                         tolerance: float = 1e-5, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
@@ -44,16 +51,26 @@ def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndar
             for r in read_split(data_dir, split)]
     if not work:
         raise CortexError(f"{data_dir}: no *_embeddings.csv; nothing to convert")
-    top = max(int(r.ids.max()) for _, r in work) + 1
+    split_top, rec_top = max(work, key=lambda w: int(w[1].ids.max()))
+    top = int(rec_top.ids.max()) + 1
+    where = f"{split_csv(data_dir, split_top)}, row {rec_top.filename}"
+    source = "--n_codes"
     if reference is not None:
         reference = np.asarray(reference, dtype=np.float32)
-        n_codes = n_codes or reference.shape[0]
+        n_codes, source = n_codes or reference.shape[0], "the VQGAN's codebook"
         if reference.shape != (n_codes, EMB_DIM):
             raise CortexError(f"the VQGAN codebook has shape {reference.shape}, expected ({n_codes}, {EMB_DIM})")
-    n_codes = n_codes or top
+    if n_codes is None and dataset_info(data_dir).get("n_codes"):
+        n_codes, source = int(dataset_info(data_dir)["n_codes"]), f"{data_dir / 'dataset_info.json'} (n_codes)"
+    if n_codes is None:
+        if top > MAX_INFERRED_CODES:
+            raise CortexError(f"{where}: token id {top - 1} would make a {top}-code codebook (the paper's VQGAN has "
+                              f"{MAX_INFERRED_CODES}); fix that row if the id is wrong, or pass --n_codes (or "
+                              f"--vqgan_config/--vqgan_ckpt) for a larger codebook")
+        n_codes, source = top, None
     if top > n_codes:
-        has = "the codebook has only" if reference is not None else "--n_codes is"
-        raise CortexError(f"{data_dir}: the CSVs use token id {top - 1} but {has} {n_codes} codes")
+        raise CortexError(f"{where}: token id {top - 1} is outside the codebook: {source} gives {n_codes} codes "
+                          f"(ids 0..{n_codes - 1}); fix the row or the codebook size")
     cb = np.zeros((n_codes, EMB_DIM), np.float32) if reference is None else reference.copy()
     seen = np.zeros(n_codes, bool)
     max_dev = 0.0
@@ -61,9 +78,7 @@ def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndar
         path = split_npy_dir(data_dir, split) / r.filename
         if not path.exists():
             raise CortexError(f"embedding file not found: {path} (row {r.filename} of {split_csv(data_dir, split)})")
-        arr = np.load(path)
-        if arr.shape != EMB_SHAPE:
-            raise CortexError(f"{path}: embedding must have shape {EMB_SHAPE}, got {arr.shape}")
+        arr = load_embedding_file(path)  # (256, 16, 16) float32, else a CortexError naming the file
         z = arr.reshape(EMB_DIM, N_POS).T  # (256 positions, 256 channels)
         if reference is None:
             new = ~seen[r.ids]
@@ -266,3 +281,71 @@ def run_merge(args, data_dir) -> dict:
     sizes = ", ".join(f"{k} {v}" for k, v in info["split_sizes"].items())
     print(f"merged {len(args.inputs)} folders into {out}: {sizes} images, num_classes {info['num_classes']}")
     return info
+
+
+# ----------------------------------------------------------------------------- staged generation
+
+STAGE_SUFFIX = ".generating"   # the dataset being built
+OLD_SUFFIX = ".replaced"       # the previous dataset, during the swap only
+_STAMP = ".staging_args.json"  # inside the stage: the settings it is built with (resume only the same)
+_READY = ".staging_complete"   # inside the stage: complete, waiting to be swapped in
+
+
+def _stage_paths(data_dir) -> tuple[Path, Path, Path]:
+    data_dir = Path(os.path.abspath(data_dir))
+    return data_dir, data_dir.with_name(data_dir.name + STAGE_SUFFIX), data_dir.with_name(data_dir.name + OLD_SUFFIX)
+
+
+def _swap_in(data_dir: Path, stage: Path, old: Path) -> None:
+    """Two renames: ``data_dir`` -> ``old``, ``stage`` -> ``data_dir``; then the markers and ``old`` go."""
+    if data_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(data_dir, old)
+    os.replace(stage, data_dir)
+    for marker in (_READY, _STAMP):
+        (data_dir / marker).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_staged(data_dir) -> None:
+    """Finish a swap that a kill interrupted (the staged dataset was complete), or put the old dataset back."""
+    data_dir, stage, old = _stage_paths(data_dir)
+    if (stage / _READY).exists():
+        print(f"{stage} is complete: moving it to {data_dir} (a previous run was stopped during the swap)")
+        _swap_in(data_dir, stage, old)
+    elif old.exists():
+        if data_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, data_dir)
+
+
+@contextlib.contextmanager
+def staged_dataset(data_dir, stamp: dict):
+    """Build a dataset folder beside its final place; swap it in only when the body completes.
+
+    Yields ``<data_dir>.generating`` to write into. A kill leaves ``data_dir`` (the old dataset, if any) intact
+    and the stage behind: the next run with the same ``stamp`` (the generation settings, JSON-able) resumes it
+    (``DatasetWriter.done``; with or without ``--overwrite``), other settings start the stage anew. On success
+    the stage replaces ``data_dir`` by two renames (``recover_staged`` completes a swap cut short).
+    """
+    data_dir, stage, old = _stage_paths(data_dir)
+    recover_staged(data_dir)
+    want = json.loads(json.dumps(stamp, default=str))
+    if stage.exists():
+        try:
+            same = json.loads((stage / _STAMP).read_text()) == want
+        except (OSError, ValueError):
+            same = False
+        if same:
+            print(f"resuming the interrupted generation in {stage}")
+        else:
+            print(f"discarding {stage} (an interrupted generation with other settings)")
+            shutil.rmtree(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    with atomic_write(stage / _STAMP) as f:
+        json.dump(want, f, indent=2, sort_keys=True)
+    yield stage
+    (stage / _READY).touch()
+    _swap_in(data_dir, stage, old)

@@ -222,11 +222,28 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def machine_line() -> str:
+    """``Machine: <CPU model>, <n> cores, torch <version>, <date>``: the numbers' last digits depend on the CPU."""
+    import platform
+    from datetime import date
+
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    return (f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today().isoformat()} "
+            "(another CPU or torch build changes the last digits)")
+
+
 def report(roots: Roots, out: Path) -> str:
     """Read every number from the files the steps wrote and format one markdown report."""
     lines = ["# CORTEX demo report", "",
              "Synthetic worlds generated, explained and evaluated by `make demo`; every number below is read "
-             "from the files the pipeline wrote.", ""]
+             "from the files the pipeline wrote.", "", machine_line(), ""]
     # 1. IEM accuracy
     lines += ["## IEM accuracy (test split)", "", "| experiment | IEM | top-1 | top-3 | chance |", "|---|---|---|---|---|"]
     for name, root in (("VQGAN, object world", roots.vqgan), ("VQGAN, scattered world", roots.scattered)):
@@ -305,7 +322,9 @@ def report(roots: Roots, out: Path) -> str:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("CORTEX demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import make_parser
+
+    p = make_parser("CORTEX demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--force", action="store_true", default=os.environ.get("FORCE", "0") not in ("", "0"),
                    help="redo every step (also FORCE=1)")
     p.add_argument("--tiny", action="store_true", help="a tiny world (seconds; used by the tests)")
@@ -334,4 +353,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from cortex.cli import run_main
+
+    run_main(main, get_args_parser)

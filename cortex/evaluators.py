@@ -10,9 +10,14 @@
   ``checkpoints/evaluators/<arch>.pth``; ``--evaluators synthetic`` loads all of them.
 
 Every evaluator is an ``Evaluator`` module: it takes images ``(B, 3, H, W)`` with values in
-``[0, 1]`` (a masked patch is 0, black), resizes them to the net's input size (224 for ImageNet nets,
-bilinear with antialiasing), normalises them with the ImageNet mean/std and returns raw logits.
-Class index = label (the VQGAN dataset's labels are ImageNet class ids).
+``[0, 1]`` (a masked patch is 0, black), normalises them with the ImageNet mean/std and returns raw
+logits. Class index = label (the VQGAN dataset's labels are ImageNet class ids).
+
+Resizing to the net's input size (224 for the ImageNet nets): the eval scripts score **uint8** images
+(``evaluator_logits``), which go through the authors' pipeline -- a PIL image, torchvision's
+``transforms.Resize((224, 224))`` on it (PIL's bilinear resize), ``ToTensor`` -- so the scores equal
+theirs. Float tensors passed straight to ``forward`` (training the synthetic evaluators) are resized with
+``F.interpolate`` (bilinear, antialiased), up to 1/255 away from the PIL result.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import make_parser, positive_int
 from .utils import CortexError, atomic_torch_save
 
 REAL_EVALUATORS = ("vit_b_16", "vit_b_32", "resnet18", "resnet50")
@@ -45,6 +51,21 @@ class Evaluator(nn.Module):
         self.name, self.net, self.input_size, self.num_classes, self.source = name, net, input_size, num_classes, source
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> float (B, 3, S, S) in [0, 1], S = ``input_size``, as the authors'
+        ``transforms.Compose([Resize((S, S)), ToTensor()])`` on PIL images (no-op resize when H = W = S)."""
+        if images.dtype != torch.uint8:
+            raise CortexError(f"Evaluator.to_input takes uint8 images, got {images.dtype}")
+        S = self.input_size
+        if not S or tuple(images.shape[-2:]) == (S, S):
+            return images.float() / 255.0  # = ToTensor
+        from PIL import Image
+        from torchvision import transforms
+
+        tf = transforms.Compose([transforms.Resize((S, S)), transforms.ToTensor()])
+        arr = np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
+        return torch.stack([tf(Image.fromarray(a)) for a in arr])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 1]
         x = images.float()
@@ -224,7 +245,7 @@ def synthetic_checkpoints(checkpoint_dir) -> list[Path]:
 
 def evaluator_parser() -> argparse.ArgumentParser:
     """``--evaluators``, ``--weights_dir``, ``--no_download``, ``--eval_batch_size`` (shared by the eval scripts)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = make_parser(add_help=False)
     g = p.add_argument_group("evaluators (independent image classifiers)")
     g.add_argument("--evaluators", nargs="+", default=[AUTO],
                    help=f"'synthetic' (every checkpoints/{EVALUATOR_SUBDIR}/*.pth from train_evaluators.py), "
@@ -234,7 +255,7 @@ def evaluator_parser() -> argparse.ArgumentParser:
                    help="folder with torchvision's ImageNet weight files (e.g. resnet18-f37072fd.pth) for offline "
                         "use; a TORCH_HOME folder works too (default: torch hub's cache, $TORCH_HOME)")
     g.add_argument("--no_download", action="store_true", help="never try to download ImageNet weights")
-    g.add_argument("--eval_batch_size", type=int, default=64, help="images per evaluator forward pass")
+    g.add_argument("--eval_batch_size", type=positive_int, default=64, help="images per evaluator forward pass")
     return p
 
 
@@ -288,14 +309,17 @@ def load_evaluators(names, paths, device="cpu", weights_dir=None, download: bool
 
 @torch.no_grad()
 def evaluator_logits(evaluator: Evaluator, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Logits ``(N, C)`` (CPU float32) of ``images`` ``(N, 3, H, W)`` in [0, 1] (or uint8), in batches."""
+    """Logits ``(N, C)`` (CPU float32) of ``images`` ``(N, 3, H, W)``, in batches.
+
+    uint8 images (what the eval scripts score) are resized the authors' way (``Evaluator.to_input``: PIL +
+    torchvision transforms); float images in [0, 1] go to ``forward`` as they are.
+    """
     device = evaluator.mean.device
     outs = []
     for i in range(0, images.shape[0], max(1, batch_size)):
-        x = images[i : i + batch_size].to(device)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        outs.append(evaluator(x).float().cpu())
+        x = images[i : i + batch_size]
+        x = evaluator.to_input(x) if x.dtype == torch.uint8 else x
+        outs.append(evaluator(x.to(device)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, evaluator.num_classes)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids
 from .evaluators import Evaluator, class_logit_prob, evaluator_logits, to_unit
-from .masking import mask_images, positions_with_ids, prefix_masks, random_positions, ranking
+from .masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
 from .utils import CortexError, atomic_write
 
 SAMPLE_COLUMNS = ["Model", "Num_Masked_Tokens", "Method", "Avg_Logits", "Avg_Probs", "Logits_Diff", "Probs_Diff"]
@@ -130,28 +130,46 @@ class SampleLevelResult:
                                    masked_positions=int(counts[i, v]), logit=float(lg[i, v]), prob=float(pr[i, v]))
 
 
-def sample_level(evaluators, label_data, ns=DEFAULT_NS, seed: int = 0, batch_size: int = 64,
+def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | None = None, batch_size: int = 64,
                  n_examples: int = 8, progress: bool = True) -> SampleLevelResult:
-    """Sample-level explanation evaluation.
+    """Sample-level explanation evaluation, with the authors' numbers (SPEC §5).
 
     label_data: iterable of ``(label, records, scores, images)`` per label -- records (N) with ids,
-    scores (N, 256) their TIS rows (read once per label), images (N, 3, H, W) uint8 (loaded once).
+    scores (N, 256) their TIS rows (read once per label), images (N, 3, H, W) uint8 (loaded once); labels
+    ascending and each label's images in the split CSV's order, as the authors iterate them.
+    random_draws: ``{filename: [positions for n in ns]}`` from :func:`cortex.masking.authors_random_draws`
+    over the whole split (default: drawn here over the images given, in the order given).
     For each image: variant 0 is the unmasked image; variants 1..K mask the ids at the top-n TIS
-    positions (n in ``ns``); K+1..2K the ids at n random positions (seeded by (seed, filename)).
+    positions (n in ``ns``); K+1..2K the ids at the n randomly drawn positions.
+
+    Rows as the authors compute them: ``Avg_* = mean over images`` (numpy's mean of the per-image values in
+    image order), ``*_Diff = Avg(masked) - Avg(original)`` (negative when masking hurts), and the
+    ``original`` row's diffs are the integer 0.
     """
+    import random
+
     from tqdm import tqdm
+
+    from .masking import AUTHORS_RANDOM_SEED, authors_random_draws
 
     ns = list(ns)
     K = len(ns)
     blocks, examples = [], []
+    rng = random.Random(AUTHORS_RANDOM_SEED) if random_draws is None else None
     bar = tqdm(desc="sample level", unit="img", disable=not progress)
     for label, records, scores, images in label_data:
         if len(records) == 0:
             continue
+        if rng is not None:  # no draws given: one seeded stream over the images in the order given
+            random_draws = authors_random_draws([r.filename for r in records], ns, rng=rng)
+        missing = [r.filename for r in records if r.filename not in random_draws]
+        if missing:
+            raise CortexError(f"sample level: no random draws for image {missing[0]} (label {label}); draw them "
+                              f"over the whole split with cortex.masking.authors_random_draws")
         masks = np.zeros((len(records), 1 + 2 * K, N_POS), dtype=bool)
         for i, r in enumerate(records):
             masks[i, 1:1 + K] = prefix_masks(r.ids, ranking(scores[i]), ns)
-            masks[i, 1 + K:] = prefix_masks(r.ids, random_positions(seed, r.filename), ns)
+            masks[i, 1 + K:] = draw_masks(r.ids, random_draws[r.filename])
         res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size)
         blocks.append(([r.filename for r in records], label, res, masks.sum(-1).astype(np.int16)))
         if len(examples) < n_examples:
@@ -170,11 +188,16 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, seed: int = 0, batch_siz
     for ev in evaluators:
         lg = np.concatenate([b[2][ev.name][0] for b in blocks])  # (N, V)
         pr = np.concatenate([b[2][ev.name][1] for b in blocks])
-        for method, n in [("original", 0)] + [(m, n) for n in ns for m in ("target", "random")]:
-            v = order[(method, n)]
-            out.rows.append({"Model": ev.name, "Num_Masked_Tokens": n, "Method": method,
-                             "Avg_Logits": lg[:, v].mean(), "Avg_Probs": pr[:, v].mean(),
-                             "Logits_Diff": (lg[:, 0] - lg[:, v]).mean(), "Probs_Diff": (pr[:, 0] - pr[:, v]).mean()})
+        avg = lambda a, v: np.mean(np.ascontiguousarray(a[:, v]))  # noqa: E731 - the authors' np.mean of a list
+        lg0, pr0 = avg(lg, 0), avg(pr, 0)
+        out.rows.append({"Model": ev.name, "Num_Masked_Tokens": 0, "Method": "original", "Avg_Logits": lg0,
+                         "Avg_Probs": pr0, "Logits_Diff": 0, "Probs_Diff": 0})
+        for n in ns:
+            for method in ("target", "random"):
+                v = order[(method, n)]
+                al, ap = avg(lg, v), avg(pr, v)
+                out.rows.append({"Model": ev.name, "Num_Masked_Tokens": n, "Method": method, "Avg_Logits": al,
+                                 "Avg_Probs": ap, "Logits_Diff": al - lg0, "Probs_Diff": ap - pr0})
     return out
 
 
@@ -232,15 +255,111 @@ def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool =
         raise CortexError("concept level: no test images to evaluate")
     rows = []
     for ev in evaluators:
-        a = np.concatenate(acc[ev.name])  # (N, 6)
-        rows.append({"Model": ev.name, "Avg_Diff_Target": (a[:, 0] - a[:, 1]).mean(),
-                     "Avg_Diff_Baseline": (a[:, 0] - a[:, 2]).mean(), "Avg_Original_Prob": a[:, 3].mean(),
-                     "Avg_Masked_Prob_Target": a[:, 4].mean(), "Avg_Masked_Prob_Baseline": a[:, 5].mean()})
+        a = np.concatenate(acc[ev.name])  # (N, 6): logit orig/target/baseline, prob orig/target/baseline
+        # the authors: per image orig - masked (Python floats), summed image after image, / count
+        rows.append({"Model": ev.name, "Avg_Diff_Target": sequential_mean(a[:, 0] - a[:, 1]),
+                     "Avg_Diff_Baseline": sequential_mean(a[:, 0] - a[:, 2]),
+                     "Avg_Original_Prob": sequential_mean(a[:, 3]),
+                     "Avg_Masked_Prob_Target": sequential_mean(a[:, 4]),
+                     "Avg_Masked_Prob_Baseline": sequential_mean(a[:, 5])})
     overall = {"Model": "Overall"}
     for c in CONCEPT_COLUMNS[1:]:
-        overall[c] = float(np.mean([r[c] for r in rows]))
+        overall[c] = sequential_mean([r[c] for r in rows])
     rows.append(overall)
     return ConceptLevelResult(rows, blocks, per_label)
+
+
+def sequential_mean(values) -> float:
+    """``(((0 + v0) + v1) + ...) / n`` in float64, left to right: the authors' ``+=`` loop then ``/ count``
+    (``np.mean`` sums pairwise and Python >= 3.12's ``sum`` compensates, both differ in the last bits)."""
+    total, n = 0.0, 0
+    for v in values:
+        total += float(v)
+        n += 1
+    if n == 0:
+        raise CortexError("mean of no values")
+    return total / n
+
+
+# ----------------------------------------------------------------------------- paired statistic
+
+PAIRED_COLUMNS = ["Model", "Metric", "Mean_Paired_Diff", "CI_Low", "CI_High", "Std", "N", "Confidence", "CI_Method"]
+PAIRED_METRICS = {"logit_drop": 0, "prob_drop": 1}  # metric -> index into (logits, probs)
+
+
+def paired_t_interval(d, confidence: float = 0.95) -> dict:
+    """Mean of the paired differences ``d`` (n,) and its Student-t confidence interval.
+
+    ``mean ± t_{(1+confidence)/2, n-1} * sd / sqrt(n)`` with ``sd`` the sample standard deviation (ddof 1);
+    with n = 1 the interval is NaN (no spread to estimate). Returns ``dict(mean, low, high, std, n)``.
+    """
+    from scipy import stats as st
+
+    d = np.asarray(d, dtype=np.float64).reshape(-1)
+    n = d.size
+    if n == 0:
+        raise CortexError("paired statistic of no images")
+    mean = float(d.mean())
+    if n == 1:
+        return dict(mean=mean, low=float("nan"), high=float("nan"), std=float("nan"), n=1)
+    sd = float(d.std(ddof=1))
+    half = float(st.t.ppf(0.5 + confidence / 2, n - 1)) * sd / np.sqrt(n)
+    return dict(mean=mean, low=mean - half, high=mean + half, std=sd, n=n)
+
+
+def concept_paired_stats(result: "ConceptLevelResult", confidence: float = 0.95) -> list[dict]:
+    """The paired statistic of the concept-level evaluation (rows with ``PAIRED_COLUMNS``).
+
+    Per image and evaluator: CORTEX's drop minus the frequency baseline's drop, i.e.
+    ``(orig - masked_CORTEX) - (orig - masked_baseline) = masked_baseline - masked_CORTEX``, for the target
+    logit (metric ``logit_drop``) and its softmax prob (``prob_drop``). Positive = masking CORTEX's tokens
+    hurts the evaluator more than masking as many frequency-baseline tokens. Per evaluator: the mean over
+    images with a 95% Student-t interval (:func:`paired_t_interval`); row ``Overall``: the same over the
+    per-image mean of the evaluators' differences (one value per image, so n = images).
+    """
+    names = list(result.blocks[0][2]) if result.blocks else []
+    rows = []
+    per_metric_overall = {}
+    for metric, k in PAIRED_METRICS.items():
+        diffs = {}
+        for name in names:
+            a = np.concatenate([b[2][name][k] for b in result.blocks])  # (N, 3): original, CORTEX, baseline
+            diffs[name] = a[:, 2] - a[:, 1]
+        per_metric_overall[metric] = np.mean(np.stack([diffs[n] for n in names]), axis=0)
+        for name in names:
+            rows.append(_paired_row(name, metric, diffs[name], confidence))
+    for metric, d in per_metric_overall.items():
+        rows.append(_paired_row("Overall", metric, d, confidence))
+    return rows
+
+
+def _paired_row(model, metric, d, confidence) -> dict:
+    ci = paired_t_interval(d, confidence)
+    return {"Model": model, "Metric": metric, "Mean_Paired_Diff": ci["mean"], "CI_Low": ci["low"],
+            "CI_High": ci["high"], "Std": ci["std"], "N": ci["n"], "Confidence": confidence,
+            "CI_Method": "student_t"}
+
+
+def paired_stats_path(results_csv) -> Path:
+    """``..._results_top{n}_token{k}.csv`` -> ``..._results_top{n}_token{k}_paired.csv`` (beside it)."""
+    p = Path(results_csv)
+    return p.with_name(f"{p.stem}_paired.csv")
+
+
+def read_paired_stats(results_csv) -> list[dict]:
+    """The paired statistic written beside a concept-level results CSV (for reports, e.g. the demo):
+    rows of ``PAIRED_COLUMNS`` with numbers as float / int. A missing file is a CortexError."""
+    p = paired_stats_path(results_csv)
+    if not p.is_file():
+        raise CortexError(f"paired statistic not found: {p}; rerun sample_concept_level_explanation.py")
+    out = []
+    for r in read_rows(p):
+        r = dict(r)
+        for c in ("Mean_Paired_Diff", "CI_Low", "CI_High", "Std", "Confidence"):
+            r[c] = float(r[c])
+        r["N"] = int(r["N"])
+        out.append(r)
+    return out
 
 
 # ----------------------------------------------------------------------------- codebook level
@@ -263,11 +382,45 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def label_pairs(labels=None, target_sum: int = 30, pairs: str | None = None) -> list[tuple[int, int]]:
-    """(source, target) pairs: ``--pairs`` if given, else each of ``labels`` with target ``target_sum - label``."""
+PAPER_LABELS = tuple(l for l in range(10, 21) if l != 15)  # the paper's source labels; target = 30 - label
+PAPER_TARGET_SUM = 30
+
+
+def label_pairs(labels=None, target_sum: int | None = None, pairs: str | None = None) -> list[tuple[int, int]]:
+    """(source, target) pairs: ``--pairs`` if given, else each of ``labels`` (default: the paper's 10..20 except
+    15) with target ``target_sum - label`` (default 30)."""
     if pairs:
         return parse_pairs(pairs)
+    labels = PAPER_LABELS if labels is None else labels
+    target_sum = PAPER_TARGET_SUM if target_sum is None else target_sum
     return [(int(l), int(target_sum) - int(l)) for l in labels]
+
+
+def codebook_pairs(present_labels, n_classes: int, labels=None, target_sum: int | None = None,
+                   pairs: str | None = None) -> tuple[list[tuple[int, int]], str | None]:
+    """The codebook-level (source, target) pairs and a note when they are not the ones asked for.
+
+    Explicit ``pairs`` / ``labels`` / ``target_sum`` are used as given. With none of them: the paper's pairs
+    (labels 10..20 except 15, target 30 - label) when each source has test images (``present_labels``) and
+    each target is a class (< ``n_classes``); otherwise the paper's rule carried over to the labels present --
+    sorted present labels ``L``, pairs ``L[i] -> L[K-1-i]`` (the paper mirrors 10..20 around its middle and
+    drops the middle label 15, which would map to itself) -- with a note saying so.
+    """
+    if pairs or labels is not None or target_sum is not None:
+        return label_pairs(labels, target_sum, pairs), None
+    paper = label_pairs()
+    present = sorted({int(l) for l in present_labels if 0 <= int(l) < n_classes})
+    if all(s in present and 0 <= t < n_classes for s, t in paper):
+        return paper, None
+    K = len(present)
+    mirrored = [(present[i], present[K - 1 - i]) for i in range(K) if i != K - 1 - i]
+    if not mirrored:
+        raise CortexError(f"the paper's labels 10..20 are not in this dataset and it has fewer than two labels "
+                          f"({present}); pass --pairs source:target")
+    note = (f"note: the paper's label pairs 10..20 (except 15) -> 30 - label are not all in this dataset (test labels "
+            f"{present[0]}..{present[-1]}, {n_classes} classes); using the same mirror rule on the labels present: "
+            + ", ".join(f"{s}->{t}" for s, t in mirrored) + " (choose others with --pairs or --labels/--target_sum)")
+    return mirrored, note
 
 
 def region_positions(rows=(7, 10), cols=(7, 10)) -> np.ndarray:
@@ -302,16 +455,24 @@ def _assemble(base_seq: torch.Tensor, region: torch.Tensor, region_emb: torch.Te
 
 @dataclass
 class OptimizationTrace:
-    """Discrete token ids of each image at each checkpoint step (step 0 = the original)."""
+    """The original ids and the discrete ids at each checkpoint of an optimisation (SPEC §5).
 
+    ``steps`` are the authors' 0-based step indices ``0, every, 2*every, ..., steps - 1``; checkpoint t's ids
+    are, in token mode, the Gumbel sample drawn at that step (the one the IEM saw), in embedding mode the
+    embedding after that step's update snapped to its nearest codes.
+    """
+
+    initial_ids: torch.Tensor            # (B, 256) long, the original ids
+    initial_iem_target_logit: np.ndarray  # (B,)
     steps: list[int]
-    ids: list[torch.Tensor]          # each (B, 256) long
-    iem_target_logit: list[np.ndarray]  # IEM target logit of the discrete ids at each checkpoint
+    ids: list[torch.Tensor]              # each (B, 256) long
+    iem_target_logit: list[np.ndarray]   # IEM target logit of the discrete ids at each checkpoint
 
 
-def _checkpoints(steps: int, eval_every: int) -> set[int]:
-    every = max(1, int(eval_every)) if eval_every else steps
-    return set(range(every, steps + 1, every)) | {steps}
+def checkpoint_steps(steps: int, eval_every: int) -> list[int]:
+    """The authors' check ``step % every == 0 or step == steps - 1`` over ``step in range(steps)``."""
+    every = max(1, int(eval_every)) if eval_every else int(steps)
+    return sorted(set(range(0, int(steps), every)) | {int(steps) - 1})
 
 
 @torch.no_grad()
@@ -326,11 +487,11 @@ def optimize_tokens(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: tor
     """Token mode: Gumbel-softmax logits over the codebook for the region's positions only.
 
     ids (B, 256) original ids; targets (B,); region: positions to optimise (k,). Positions outside the
-    region keep their original id (their embedding is a constant). Each step draws one hard
-    straight-through Gumbel-softmax sample (temperature ``tau``) per region position, builds
-    ``one_hot @ codebook`` and minimises the sum over images of -IEM target logit with Adam (the
-    images' parameters are independent, so batching them changes nothing). At each checkpoint the
-    region's ids are the argmax of the logits.
+    region keep their original id (the authors pin them with logits +-300, which never lets the Gumbel
+    sample move them). Each step draws one hard straight-through Gumbel-softmax sample (temperature
+    ``tau``) per region position, builds ``one_hot @ codebook`` and minimises the sum over images of -IEM
+    target logit with Adam (the images' parameters are independent, so batching them changes nothing).
+    At each checkpoint step the ids are that step's Gumbel sample, as the authors decode it.
     """
     from tqdm import trange
 
@@ -344,9 +505,9 @@ def optimize_tokens(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: tor
     opt = torch.optim.Adam([logits], lr=lr)
     base_seq = codebook[ids].detach()  # (B, 256, C)
     cb = codebook.detach()
-    trace = OptimizationTrace([0], [ids.cpu().clone()], [_iem_target(iem, cb, ids, targets)])
-    checks = _checkpoints(steps, eval_every)
-    for step in trange(1, steps + 1, desc="token optimisation", disable=not progress, leave=False):
+    trace = OptimizationTrace(ids.cpu().clone(), _iem_target(iem, cb, ids, targets), [], [], [])
+    checks = set(checkpoint_steps(steps, eval_every))
+    for step in trange(steps, desc="token optimisation", disable=not progress, leave=False):
         one_hot = straight_through_gumbel(logits, gumbel_noise(logits.shape, g, device), tau)  # (B, k, n_codes)
         emb = _assemble(base_seq, region, one_hot @ cb)  # (B, C, 16, 16)
         loss = -iem(emb).gather(1, targets.view(-1, 1)).sum()
@@ -355,19 +516,23 @@ def optimize_tokens(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: tor
         opt.step()
         if step in checks:
             cur = ids.clone()
-            cur[:, region] = logits.detach().argmax(-1)
-            trace.steps.append(step)
-            trace.ids.append(cur.cpu())
-            trace.iem_target_logit.append(_iem_target(iem, cb, cur, targets))
+            cur[:, region] = one_hot.detach().argmax(-1)
+            _record(trace, step, cur, iem, cb, targets)
     return trace
+
+
+def _record(trace: OptimizationTrace, step: int, ids: torch.Tensor, iem, cb, targets) -> None:
+    trace.steps.append(int(step))
+    trace.ids.append(ids.cpu())
+    trace.iem_target_logit.append(_iem_target(iem, cb, ids, targets))
 
 
 def optimize_embedding(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, region, steps: int,
                        lr: float, eval_every: int, progress: bool = True) -> OptimizationTrace:
     """Embedding mode: Adam on the (B, 256, 16, 16) embedding, gradient masked to the region.
 
-    At each checkpoint every position snaps to its nearest codebook entry (outside the region that is
-    the original id, as those entries never move)."""
+    At each checkpoint step (after that step's update) every position snaps to its nearest codebook entry
+    (outside the region that is the original id, as those entries never move)."""
     from tqdm import trange
 
     device = codebook.device
@@ -378,88 +543,118 @@ def optimize_embedding(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: 
     mask[torch.as_tensor(np.asarray(region), device=device)] = 1
     mask = mask.view(1, 1, GRID, GRID)
     opt = torch.optim.Adam([emb], lr=lr)
-    trace = OptimizationTrace([0], [ids.cpu().clone()], [_iem_target(iem, cb, ids, targets)])
-    checks = _checkpoints(steps, eval_every)
-    for step in trange(1, steps + 1, desc="embedding optimisation", disable=not progress, leave=False):
+    trace = OptimizationTrace(ids.cpu().clone(), _iem_target(iem, cb, ids, targets), [], [], [])
+    checks = set(checkpoint_steps(steps, eval_every))
+    for step in trange(steps, desc="embedding optimisation", disable=not progress, leave=False):
         loss = -iem(emb).gather(1, targets.view(-1, 1)).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         emb.grad.mul_(mask)
         opt.step()
         if step in checks:
-            cur = embedding_to_ids(cb, emb.detach())
-            trace.steps.append(step)
-            trace.ids.append(cur.cpu())
-            trace.iem_target_logit.append(_iem_target(iem, cb, cur, targets))
+            _record(trace, step, embedding_to_ids(cb, emb.detach()), iem, cb, targets)
     return trace
+
+
+def decoded_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """VQ decoder output (B, 3, H, W), nominally in [-1, 1] -> uint8 (B, 3, H, W) as the authors convert it:
+    ``uint8(clip(255 * (x + 1) / 2, 0, 255))`` in float32, truncated (not rounded)."""
+    x = images.detach().float().cpu()
+    return (255 * ((x + 1.0) / 2.0)).clamp_(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()
 def decode_ids(vq, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Token ids (B, 256) -> images (B, 3, H, W) in [0, 1] through the VQ decoder (taming or synthetic)."""
+    """Token ids (B, 256) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
+    tokenizer adapter of :mod:`cortex.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
+    from .tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
+
+    tok = as_tokenizer(vq)
+    if not isinstance(tok, (TamingTokenizer, SyntheticTokenizer)):  # diffusers VQModel / custom tokenizer
+        return torch.cat([decoded_to_uint8(tok.decode(ids[s:s + batch_size].reshape(-1, *tok.grid)))
+                          for s in range(0, ids.shape[0], batch_size)])
     cb = vq.quantize.embedding.weight
     outs = []
     for s in range(0, ids.shape[0], batch_size):
         quant = ids_to_embedding(cb, ids[s:s + batch_size].to(cb.device))  # (b, C, 16, 16)
-        outs.append(to_unit(vq.decode(quant)).cpu())
+        outs.append(decoded_to_uint8(vq.decode(quant)))
     return torch.cat(outs)
+
+
+SCORE_KEYS = ("orig_logit", "tgt_logit", "orig_prob", "tgt_prob")
 
 
 def score_trace(evaluators, vq, trace: OptimizationTrace, labels, targets, batch_size: int = 64,
                 decode_batch: int = 16):
-    """Decode every checkpoint of ``trace`` and score it.
+    """Decode the original ids and every checkpoint of ``trace`` and score them (uint8 images, as the authors).
 
-    Returns ``scores[name] = dict(orig_logit, tgt_logit, orig_prob, tgt_prob)``, each (T, B) over the
-    T checkpoints, and the decoded images of the first and last checkpoints.
+    Returns ``scores[name] = dict(initial={key: (B,)}, **{key: (T, B)})`` for the keys ``SCORE_KEYS`` over the
+    T checkpoints, and the decoded uint8 images of the original and of the last checkpoint.
     """
     labels, targets = np.asarray(labels), np.asarray(targets)
     T, B = len(trace.steps), len(labels)
-    scores = {ev.name: {k: np.zeros((T, B)) for k in ("orig_logit", "tgt_logit", "orig_prob", "tgt_prob")}
-              for ev in evaluators}
+    scores = {ev.name: {k: np.zeros((T, B)) for k in SCORE_KEYS} for ev in evaluators}
+    for ev in evaluators:
+        scores[ev.name]["initial"] = {}
     first = last = None
-    for t, ids in enumerate(trace.ids):
+    for t, ids in enumerate([trace.initial_ids] + trace.ids):
         imgs = decode_ids(vq, ids, decode_batch)
         if t == 0:
             first = imgs
-        if t == T - 1:
+        if t == T:
             last = imgs
         for ev in evaluators:
             lg = evaluator_logits(ev, imgs, batch_size)
+            vals = dict(zip(("orig_logit", "orig_prob"), class_logit_prob(lg, labels)))
+            vals.update(zip(("tgt_logit", "tgt_prob"), class_logit_prob(lg, targets)))
             s = scores[ev.name]
-            s["orig_logit"][t], s["orig_prob"][t] = class_logit_prob(lg, labels)
-            s["tgt_logit"][t], s["tgt_prob"][t] = class_logit_prob(lg, targets)
+            for k in SCORE_KEYS:
+                if t == 0:
+                    s["initial"][k] = vals[k]
+                else:
+                    s[k][t - 1] = vals[k]
     return scores, first, last
 
 
+def best_checkpoints(tgt_prob: np.ndarray) -> np.ndarray:
+    """The authors' choice per image over the T checkpoints (T, B): the first with the highest target prob,
+    if above their starting value 0; -1 where no checkpoint beats 0 (their row then keeps zeros)."""
+    tgt_prob = np.asarray(tgt_prob)
+    b = tgt_prob.argmax(0)  # first maximum
+    return np.where(tgt_prob.max(0) > 0, b, -1)
+
+
 def best_rows(scores: dict) -> tuple[list[dict], dict]:
-    """Per evaluator: initial (checkpoint 0) and final = the checkpoint with the best target prob of each
-    image (searched over steps > 0), averaged over images. Returns (CSV rows, {name: best index (B,)})."""
+    """Per evaluator: ``initial_*`` = the original image, ``final_*`` = each image's best checkpoint
+    (:func:`best_checkpoints`), each averaged over images with ``np.mean`` as the authors.
+    Returns (CSV rows, {name: best checkpoint index (B,), -1 = none})."""
     rows, best = [], {}
     for name, s in scores.items():
-        T, B = s["tgt_prob"].shape
-        if T > 1:
-            b = 1 + s["tgt_prob"][1:].argmax(0)  # (B,)
-        else:
-            b = np.zeros(B, dtype=int)
-        cols = np.arange(B)
+        b = best_checkpoints(s["tgt_prob"])
         best[name] = b
+        cols = np.arange(b.size)
+        final = {k: np.where(b >= 0, s[k][np.maximum(b, 0), cols], 0.0) for k in SCORE_KEYS}
+        ini = s["initial"]
         rows.append({"model": name,
-                     "initial_original_logit": s["orig_logit"][0].mean(), "initial_target_logit": s["tgt_logit"][0].mean(),
-                     "initial_original_prob": s["orig_prob"][0].mean(), "initial_target_prob": s["tgt_prob"][0].mean(),
-                     "final_original_logit": s["orig_logit"][b, cols].mean(),
-                     "final_target_logit": s["tgt_logit"][b, cols].mean(),
-                     "final_original_prob": s["orig_prob"][b, cols].mean(),
-                     "final_target_prob": s["tgt_prob"][b, cols].mean()})
+                     "initial_original_logit": np.mean(ini["orig_logit"]), "initial_target_logit": np.mean(ini["tgt_logit"]),
+                     "initial_original_prob": np.mean(ini["orig_prob"]), "initial_target_prob": np.mean(ini["tgt_prob"]),
+                     "final_original_logit": np.mean(final["orig_logit"]), "final_target_logit": np.mean(final["tgt_logit"]),
+                     "final_original_prob": np.mean(final["orig_prob"]), "final_target_prob": np.mean(final["tgt_prob"])})
     return rows, best
 
 
 # ----------------------------------------------------------------------------- files
 
-def write_rows(path, columns: list[str], rows, float_fmt: str = "{:.6f}") -> Path:
-    """A CSV with ``columns`` (atomic) from an iterable of dicts; floats formatted with ``float_fmt``."""
+def write_rows(path, columns: list[str], rows, float_fmt: str | None = None) -> Path:
+    """A CSV with ``columns`` (atomic) from an iterable of dicts.
+
+    Floats are written at full precision as the authors' ``csv`` writers write them (``repr``: the shortest
+    text that reads back to the same float64; ``nan`` as ``nan``), unless ``float_fmt`` (e.g. ``"{:.3f}"``)
+    is given for a human-facing summary. numpy integers are written as integers.
+    """
     def fmt(v):
         if isinstance(v, (float, np.floating)):
-            return float_fmt.format(float(v))
+            return repr(float(v)) if float_fmt is None else float_fmt.format(float(v))
         if isinstance(v, np.integer):
             return int(v)
         return v
@@ -479,10 +674,36 @@ def read_rows(path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- script helpers
 
+def check_eval_dataset(paths, split: str = "test", images: bool = True) -> list[Record]:
+    """The eval scripts' first step, before any evaluator is loaded (no weight download on a missing dataset).
+
+    Reads ``{split}_embeddings.csv`` of ``paths.data_dir`` (a missing folder or CSV is a CortexError naming it
+    and how to get it) and, with ``images``, checks that every image's decoded PNG
+    ``datasets/images/<a>/<b>.png`` exists. Returns the split's records.
+    """
+    from .data import read_split
+
+    data_dir = Path(paths.data_dir)
+    if not data_dir.is_dir():
+        raise CortexError(f"dataset folder not found: {data_dir}. The eval scripts need the dataset the IEM was "
+                          f"trained on: generate it (cd VQGAN_explanation; python generate_dataset.py) or download "
+                          f"the authors' datasets/ into it, or pass --data_dir / --root.")
+    records = read_split(data_dir, split)
+    if images:
+        missing = [r.filename for r in records if not image_path(data_dir, r.filename).is_file()]
+        if missing:
+            raise CortexError(f"{len(missing)} of {len(records)} {split} images are missing under {data_dir / 'images'} "
+                              f"(e.g. {image_path(data_dir, missing[0])}, the decoded image of {missing[0]}). The eval "
+                              f"scripts mask the decoded images: regenerate the dataset with its images "
+                              f"(generate_dataset.py without --no_images) or copy the authors' datasets/images/.")
+    return records
+
+
 def eval_setup(args, experiment: str = "vqgan"):
     """Shared start of the eval scripts: paths, device, seed, evaluators (``args`` from evaluator_parser).
 
-    Returns ``(paths, device, evaluators)``.
+    Call it *after* checking the dataset and inputs (``check_eval_dataset``), so that a missing dataset
+    is reported before evaluator weights are looked for or downloaded. Returns ``(paths, device, evaluators)``.
     """
     from .data import dataset_info
     from .evaluators import load_evaluators
@@ -497,6 +718,21 @@ def eval_setup(args, experiment: str = "vqgan"):
                                  download=not args.no_download, num_classes=n)
     print("evaluators: " + ", ".join(f"{e.name} ({e.source})" for e in evaluators))
     return paths, device, evaluators
+
+
+def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bool:
+    """Warn loudly when IEM ``model``'s known accuracy (test.py's ``testing_results.csv``, its checkpoint's
+    ``config.json``) is near chance: its TIS then explain noise. Uses ``cortex.tis.check_iem_not_near_chance``;
+    ``num_classes`` defaults to the dataset's (``dataset_info.json``, else the train split's labels).
+    Returns True when it warned."""
+    from .data import dataset_info, read_split
+    from .tis import check_iem_not_near_chance
+
+    n = num_classes or dataset_info(paths.data_dir).get("num_classes")
+    if not n:
+        n = len({r.label for r in read_split(paths.data_dir, "train")})
+    return bool(check_iem_not_near_chance(paths.best_ckpt(model), paths.testing_results(model), int(n),
+                                          what="explanations (and so this evaluation)"))
 
 
 def output_suffix(attribution: str) -> str:

@@ -6,8 +6,9 @@ position blacks out that square (pixel value 0 in ``[0, 1]`` images, i.e. RGB (0
 
 The evaluations mask by **token id**: every position of an image whose id is in a chosen set.
 
-* sample level: the ids at the image's top-n TIS positions (``top_ids``), or at n random positions
-  (``random_positions``; the top-n / random-n for every n are prefixes of one ranking per image);
+* sample level: the ids at the image's top-n TIS positions (the top-n for every n are prefixes of one
+  ranking per image, ``prefix_masks``), or at n random positions drawn as the authors draw them
+  (``authors_random_draws``: ``random.sample`` from one stream seeded 42, a fresh draw per image and n);
 * concept level: a label's concept tokens (TIS statistics) or its frequency-baseline tokens.
 """
 from __future__ import annotations
@@ -35,30 +36,43 @@ def positions_with_ids(ids, token_set) -> np.ndarray:
     return np.isin(ids, tokens)
 
 
-def pixel_mask(pos_mask: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(B, 256) bool position mask -> (B, 1, H, W) bool pixel mask (True = blacked out)."""
+def pixel_mask(pos_mask: torch.Tensor, image_size, grid=None) -> torch.Tensor:
+    """(B, h*w) bool position mask -> (B, 1, H, W) bool pixel mask (True = blacked out).
+
+    grid: the token grid (h, w) of another tokenizer (default: the paper's 16 x 16); image_size: H, or (H, W)
+    with a grid. A token covers an (H / h) x (W / w) patch (:attr:`cortex.tokenizers.VQTokenizer.patch_size`).
+    """
     pos_mask = torch.as_tensor(pos_mask, dtype=torch.bool)
     if pos_mask.ndim == 1:
         pos_mask = pos_mask[None]
-    if pos_mask.shape[-1] != N_POS:
-        raise CortexError(f"a position mask needs {N_POS} entries per image, got {pos_mask.shape[-1]}")
-    p = patch_size(image_size)
-    grid = pos_mask.view(-1, 1, GRID, GRID)
-    return grid.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)  # (B, 1, H, W)
+    h, w = (GRID, GRID) if grid is None else (int(grid[0]), int(grid[1]))
+    if pos_mask.shape[-1] != h * w:
+        raise CortexError(f"a position mask needs {h * w} entries per image, got {pos_mask.shape[-1]}")
+    if grid is None:
+        ph = pw = patch_size(image_size)
+    else:
+        H, W = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+        if H % h or W % w or H < h or W < w:
+            raise CortexError(f"image size {H}x{W} px is not a whole number of {h}x{w} token patches")
+        ph, pw = H // h, W // w
+    cells = pos_mask.view(-1, 1, h, w)
+    return cells.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3)  # (B, 1, H, W)
 
 
-def mask_images(images: torch.Tensor, pos_mask) -> torch.Tensor:
+def mask_images(images: torch.Tensor, pos_mask, grid=None) -> torch.Tensor:
     """Black out the patches of the masked positions.
 
     images: (B, 3, H, W) (any range; masked pixels become 0, i.e. black for ``[0, 1]`` or uint8 images)
-    or one image (3, H, W) broadcast against several masks; pos_mask: (B, 256) or (256,) bool.
+    or one image (3, H, W) broadcast against several masks; pos_mask: (B, 256) or (256,) bool, or
+    (B, h*w) with ``grid=(h, w)`` for another tokenizer's grid (patch = image size / grid).
     Returns a new (B, 3, H, W) tensor.
     """
     if images.ndim == 3:
         images = images[None]
-    if images.shape[-1] != images.shape[-2]:
+    if grid is None and images.shape[-1] != images.shape[-2]:
         raise CortexError(f"images must be square, got {tuple(images.shape[-2:])}")
-    m = pixel_mask(torch.as_tensor(pos_mask), images.shape[-1]).to(images.device)  # (B, 1, H, W)
+    size = images.shape[-1] if grid is None else tuple(images.shape[-2:])
+    m = pixel_mask(torch.as_tensor(pos_mask), size, grid).to(images.device)  # (B, 1, H, W)
     if images.shape[0] == 1 and m.shape[0] > 1:
         images = images.expand(m.shape[0], -1, -1, -1)
     return images.masked_fill(m, 0)
@@ -76,12 +90,42 @@ def ranking(scores) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def random_positions(seed: int, key: str) -> np.ndarray:
-    """A seeded random order of the 256 positions for image ``key`` (its filename); the random n
-    positions of the sample-level evaluation are its first n, so they do not depend on image order."""
-    from .attribution import image_seed
+AUTHORS_RANDOM_SEED = 42  # the authors' sample-level script calls random.seed(42) once, before any draw
 
-    return np.random.default_rng(image_seed(seed, key)).permutation(N_POS)
+
+def authors_random_draws(filenames, ns, seed: int = AUTHORS_RANDOM_SEED, rng=None) -> dict[str, list[np.ndarray]]:
+    """The random control positions of the sample-level evaluation, drawn as the authors' script draws them.
+
+    One ``random.Random(seed)`` stream (their ``random.seed(42)``, set once) is consumed image after image in
+    ``filenames`` order -- labels ascending, each label's images in the split CSV's order -- and, per image,
+    n after n in ``ns`` order: ``rng.sample(range(256), n)`` (``n`` distinct positions out of all 256; an
+    independent draw per n, not a prefix of one order). Pass *every* image of the split in that order: the
+    draws of an image depend on how many numbers the images before it consumed, so evaluating a subset
+    (``--labels``, ``--max_images_per_label``) still gives each image the draws of the full run.
+
+    ``rng``: a ``random.Random`` to continue (then ``seed`` is unused). Returns
+    ``{filename: [positions (n,) int64 for n in ns]}``.
+    """
+    import random
+
+    rng = random.Random(int(seed)) if rng is None else rng
+    ns = [int(n) for n in ns]
+    out = {}
+    for fn in filenames:
+        out[fn] = [np.asarray(rng.sample(range(N_POS), n), dtype=np.int64) for n in ns]
+    return out
+
+
+def draw_masks(ids, draws) -> np.ndarray:
+    """For each draw (positions): mask every position whose id is among the ids at those positions.
+
+    ids: (256,) token ids of one image; draws: list of K position arrays. Returns (K, 256) bool.
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    out = np.zeros((len(draws), N_POS), dtype=bool)
+    for i, pos in enumerate(draws):
+        out[i] = np.isin(ids, ids[np.asarray(pos, dtype=np.int64)])
+    return out
 
 
 def prefix_masks(ids, order: np.ndarray, ns) -> np.ndarray:

@@ -266,9 +266,11 @@ class ViTBN(nn.Module):
     Positions as a sequence of 256 vectors -> ``proj`` (Linear 256->width, LayerNorm, GELU) ->
     ·√width -> prepend ``cls_token`` -> + ``pos_embed`` (1, 257, width) -> Dropout(0.2) ->
     ``depth`` ``ViTBNLayer`` (``encoder.i``) -> ``final_norm`` -> cls -> ``pre_classifier`` -> ``fc``.
+    Every dropout (embedding, attention weights, attention branch, both MLP dropouts, pre-classifier)
+    is 0.2, as the authors' ClassificationNet4.
     """
 
-    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 12, dropout: float = 0.1):
+    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 12, dropout: float = 0.2):
         super().__init__()
         self.num_classes, self.width = _check_num_classes(num_classes), _check_width(width)
         self.depth = _check_depth(depth)
@@ -296,14 +298,18 @@ class ViTBN(nn.Module):
 
 
 class PostLNLayer(nn.Module):
-    """Post-LN encoder layer (Dalle Net3): x = norm1(x + Dropout(MHA(x))); x = norm2(x + Dropout(mlp(x)))."""
+    """Post-LN encoder layer (Dalle Net3): x = norm1(x + Dropout(MHA(x))); x = norm2(x + Dropout(mlp(x))).
+
+    As the authors' layer, ``mlp`` itself ends with a Dropout (Linear, GELU, Dropout, Linear, Dropout), so the
+    MLP branch is dropped out twice after its last Linear (``mlp.4`` then ``dropout2``).
+    """
 
     def __init__(self, dim: int, heads: int = NUM_HEADS, mlp_ratio: int = 4, dropout: float = 0.1):
         super().__init__()
         # batch_first=True: attention runs across positions. The seed fed (B, 257, D) to a
         # sequence-first MHA, so it attended across the images of a batch; same state dict.
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.mlp = _mlp(dim, mlp_ratio * dim, dropout, final_dropout=False)
+        self.mlp = _mlp(dim, mlp_ratio * dim, dropout, final_dropout=True)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout1 = nn.Dropout(dropout)

@@ -5,11 +5,17 @@ so the VQGAN and DALL-E-mini folders (which differ only by a ``{bias_type}/`` le
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 # The paper's attribution keeps the paper's folders; others get their own (results/TIS_<name>/...).
 PAPER_ATTRIBUTION = "smoothgrad"
+
+
+def _absolute(path) -> Path:
+    """``path`` made absolute against the current directory (``..`` folded), symlinks kept."""
+    return Path(os.path.abspath(path))
 
 
 @dataclass
@@ -28,7 +34,7 @@ class ExperimentPaths:
     log_dir: Path | None = None
 
     def __post_init__(self):
-        self.root = Path(self.root)
+        self.root = _absolute(self.root)  # messages name absolute paths; a relative --root is relative to the cwd
         sub = Path(self.bias_type) if self.experiment == "dalle" and self.bias_type else Path()
         if self.data_dir is None:
             self.data_dir = self.root / "datasets" / sub / ("embeddings" if self.experiment == "dalle" else "")
@@ -37,9 +43,11 @@ class ExperimentPaths:
         if self.results_dir is None:
             self.results_dir = self.root / "results" / sub
         if self.log_dir is None:
-            self.log_dir = self.root / "logs" / sub
-        self.data_dir, self.checkpoint_dir = Path(self.data_dir), Path(self.checkpoint_dir)
-        self.results_dir, self.log_dir = Path(self.results_dir), Path(self.log_dir)
+            # the experiment's one logs/ folder, as the authors' (no {bias_type}/ level): two runs started in the
+            # same minute get training_log_<minute>.txt and training_log_<minute>_2.txt (training.claim_new_file)
+            self.log_dir = self.root / "logs"
+        self.data_dir, self.checkpoint_dir = _absolute(self.data_dir), _absolute(self.checkpoint_dir)
+        self.results_dir, self.log_dir = _absolute(self.results_dir), _absolute(self.log_dir)
 
     @classmethod
     def from_args(cls, args, experiment: str) -> "ExperimentPaths":
@@ -62,6 +70,16 @@ class ExperimentPaths:
 
     def last_ckpt(self, m: int) -> Path:
         return self.model_dir(m) / "model.pth"
+
+    def loss_curves(self, m: int) -> Path:
+        """Training curves of ClassificationNet{m} (train loss, val loss, val accuracy per epoch), beside its
+        ``model.pth``; redrawn from the training log after every epoch."""
+        return self.model_dir(m) / "loss_curves.png"
+
+    def metrics_csv(self, m: int) -> Path:
+        """Lightning's CSVLogger file of ClassificationNet{m} (columns epoch, step, train_loss, val_loss,
+        val_acc), beside Lightning's ``last.ckpt``."""
+        return self.model_dir(m) / "lightning" / "metrics.csv"
 
     def testing_results(self, m: int) -> Path:
         return self.results_dir / "Classification" / f"ClassificationNet{m}" / "testing_results.csv"
@@ -95,6 +113,11 @@ class ExperimentPaths:
 
     def figures_dir(self, m: int) -> Path:
         return self.explanation_dir(m) / "figures"
+
+    def token_gallery_file(self, m: int, label: int, top_n: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
+        """The token gallery of a label's concept tokens (VQGAN_explanation/token_gallery.py)."""
+        tag = "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
+        return self.figures_dir(m) / f"token_gallery_label{label}_top{top_n}{tag}.png"
 
     def bias_dir(self) -> Path:
         return self.results_dir / "Bias_detection"

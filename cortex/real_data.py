@@ -33,6 +33,12 @@ folder instead of a writer builds the writer with ``args.layout`` and closes it 
 
 :func:`encode_neutral_set` writes the DALL-E-mini neutral-prompt CSV (``filename,indices``) from a folder.
 Token ids are row-major (``p = row*16 + col``); only 16x16 grids with 256-d codes fit the layout.
+
+Every model argument (``model``) may be a taming ``VQModel`` / ``Net2NetTransformer``, a diffusers ``VQModel``,
+a :class:`~cortex.synthetic.SyntheticVQ` or any :class:`cortex.tokenizers.VQTokenizer`: encoding and decoding
+go through :func:`cortex.tokenizers.as_tokenizer`. ``--source images --tokenizer diffusers --tokenizer_config
+<save_pretrained folder>`` encodes a folder with a diffusers ``VQModel``; ``dataset_info.json`` records the
+tokenizer (``tokenizer``, ``code_dim``, ``grid_size``, ``patch_size``, ``tokenizer_config``).
 """
 from __future__ import annotations
 
@@ -45,10 +51,12 @@ from pathlib import Path
 import numpy as np
 
 from .data import EMB_DIM, GRID, N_POS, canonical_split
+from .cli import float_in, nonneg_int, positive_float, positive_int
 from .utils import CortexError, atomic_write, format_list
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SOURCES = ("cin_transformer", "images")
+TOKENIZERS = ("taming", "diffusers")  # --tokenizer of --source images
 
 
 # ----------------------------------------------------------------------------- flags
@@ -60,6 +68,12 @@ def add_real_source_args(parser: argparse.ArgumentParser):
                    help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
     g.add_argument("--vqgan_ckpt", default=None,
                    help="its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
+    g.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+                   help="images: which VQ tokenizer encodes the folder: taming (a VQGAN YAML + checkpoint, the "
+                        "default) or diffusers (a VQModel folder written by save_pretrained, e.g. aMUSEd's vqvae)")
+    g.add_argument("--tokenizer_config", default=None,
+                   help="images: --tokenizer diffusers: the save_pretrained folder (config.json + weights; nothing is "
+                        "downloaded); --tokenizer taming: the VQGAN YAML (same as --vqgan_config, with --vqgan_ckpt)")
     g.add_argument("--transformer_config", default=None,
                    help="taming Net2NetTransformer YAML for --source cin_transformer, e.g. "
                         "2021-04-03T19-39-50_cin_transformer/configs/2021-04-03T19-39-50-project.yaml")
@@ -68,16 +82,16 @@ def add_real_source_args(parser: argparse.ArgumentParser):
     g.add_argument("--classes", default="0-999",
                    help="cin_transformer: class ids to sample, ranges and lists, e.g. 0-999 or 1,5,7 or 0-9,20 "
                         "(default: %(default)s)")
-    g.add_argument("--images_per_class", type=int, default=100,
+    g.add_argument("--images_per_class", type=positive_int, default=100,
                    help="cin_transformer: images sampled per class (default: %(default)s)")
-    g.add_argument("--top_k", type=int, default=600,
+    g.add_argument("--top_k", type=nonneg_int, default=600,
                    help="cin_transformer: keep the k most likely tokens per step, 0 = all (default: %(default)s, "
                         "as taming's README)")
-    g.add_argument("--top_p", type=float, default=0.92,
+    g.add_argument("--top_p", type=float_in(0, 1, lo_open=True), default=0.92,
                    help="cin_transformer: nucleus mass, 1.0 = off (default: %(default)s, as taming's README)")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--temperature", type=positive_float, default=1.0,
                    help="cin_transformer: softmax temperature (default: %(default)s)")
-    g.add_argument("--batch_size", type=int, default=25,
+    g.add_argument("--batch_size", type=positive_int, default=25,
                    help="images per forward pass (default: %(default)s; same seed + same batch size = same images)")
     g.add_argument("--splits", default="0.8,0.1,0.1",
                    help="train,validation,test fractions per class (default: %(default)s)")
@@ -86,7 +100,7 @@ def add_real_source_args(parser: argparse.ArgumentParser):
                         "folder the --labels_csv paths are relative to")
     g.add_argument("--labels_csv", default=None,
                    help="images: CSV with header filename,label[,split] instead of sub-folder labels")
-    g.add_argument("--resolution", type=int, default=None,
+    g.add_argument("--resolution", type=positive_int, default=None,
                    help="images: resize (shorter side) + center-crop size (default: the VQGAN's training resolution; "
                         "must give a 16x16 token grid)")
     g.add_argument("--neutral_image_dir", default=None,
@@ -163,66 +177,84 @@ def _sub_seed(*parts) -> int:
 # ----------------------------------------------------------------------------- models
 
 def first_stage(model):
-    """The VQ model (``encode``/``decode``/``quantize``) of a VQModel or a Net2NetTransformer."""
+    """The VQ model (``encode``/``decode``/``quantize``) of a VQModel or a Net2NetTransformer (a
+    :class:`cortex.tokenizers.VQTokenizer` passes through)."""
     return getattr(model, "first_stage_model", model)
 
 
+def tokenizer_of(model):
+    """The :class:`cortex.tokenizers.VQTokenizer` of a taming / diffusers / synthetic model (or the tokenizer)."""
+    from .tokenizers import as_tokenizer
+
+    return as_tokenizer(model)
+
+
 def codebook_of(model) -> np.ndarray:
-    """(n_codes, 256) float32 codebook of the model's quantiser."""
-    vq = first_stage(model)
-    try:
-        w = vq.quantize.embedding.weight
-    except AttributeError:
-        raise CortexError(f"{type(vq).__name__} has no quantize.embedding (not a taming VQModel?)") from None
-    cb = w.detach().float().cpu().numpy()
+    """(n_codes, 256) float32 codebook of the model's quantiser (any tokenizer adapter)."""
+    cb = tokenizer_of(model).codebook.detach().float().cpu().numpy()
     if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
-        raise CortexError(f"the VQGAN's codes are {cb.shape[1]}-d; the dataset layout (SPEC §3) needs {EMB_DIM}-d "
-                          f"codes (embed_dim: {EMB_DIM})")
+        raise CortexError(f"the tokenizer's codes are {cb.shape[1]}-d; the dataset layout (SPEC §3) needs {EMB_DIM}-d "
+                          f"codes (taming: embed_dim {EMB_DIM}; diffusers: vq_embed_dim {EMB_DIM})")
     return np.ascontiguousarray(cb)
 
 
 def model_resolution(model) -> int:
-    return int(first_stage(model).encoder.resolution)
+    """The tokenizer's training resolution (taming: encoder.resolution; diffusers: config.sample_size)."""
+    return int(tokenizer_of(model).image_size[0])
 
 
 def token_grid(model, resolution: int | None = None) -> int:
-    enc = first_stage(model).encoder
-    res = resolution or int(enc.resolution)
-    return res // 2 ** (int(enc.num_resolutions) - 1)
+    """Tokens per side at ``resolution`` px (default: the model's resolution)."""
+    tok = tokenizer_of(model)
+    return tok.grid_at(resolution or tok.image_size[0])[0]
 
 
 def _check_grid(model, resolution: int | None = None, what: str = "") -> None:
     g = token_grid(model, resolution)
     if g != GRID:
         res = resolution or model_resolution(model)
-        raise CortexError(f"{what}at {res} px this VQGAN gives a {g}x{g} token grid; the dataset layout needs "
+        raise CortexError(f"{what}at {res} px this tokenizer gives a {g}x{g} token grid; the dataset layout needs "
                           f"{GRID}x{GRID} (256 tokens). Use --resolution {res * GRID // max(g, 1)} or a matching model.")
+
 
 
 def load_vq_for_dataset(args, device):
     """Load the model ``args.source`` needs; returns ``(model, codebook (n_codes, 256) float32)``.
 
     cin_transformer: the Net2NetTransformer of --transformer_config/--transformer_ckpt (its first stage is
-    the VQGAN). images: the VQModel of --vqgan_config/--vqgan_ckpt, else the first stage of the transformer.
+    the VQGAN). images: with ``--tokenizer diffusers`` a :class:`cortex.tokenizers.DiffusersTokenizer` from the
+    ``save_pretrained`` folder --tokenizer_config; with ``--tokenizer taming`` (default) the VQModel of
+    --vqgan_config (or --tokenizer_config) + --vqgan_ckpt, else the first stage of the transformer.
     """
     from .taming_compat import load_taming_model
 
     source = getattr(args, "source", None)
+    kind = _arg(args, "tokenizer", "taming")
+    if kind not in TOKENIZERS:
+        raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(TOKENIZERS)}")
     if source == "cin_transformer":
+        if kind != "taming":
+            raise CortexError("--source cin_transformer samples with taming's transformer; --tokenizer must be taming")
         if not (getattr(args, "transformer_config", None) and getattr(args, "transformer_ckpt", None)):
             raise CortexError("--source cin_transformer needs --transformer_config and --transformer_ckpt "
                               "(taming's ImageNet cin_transformer; see the README, 'Real VQGAN data')")
         model = load_taming_model(args.transformer_config, args.transformer_ckpt, device)
         if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
             raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
+    elif source == "images" and kind == "diffusers":
+        from .tokenizers import load_tokenizer
+
+        model = load_tokenizer("diffusers", _arg(args, "tokenizer_config"), device=device)
     elif source == "images":
-        if getattr(args, "vqgan_config", None) and getattr(args, "vqgan_ckpt", None):
-            model = load_taming_model(args.vqgan_config, args.vqgan_ckpt, device)
+        vq_config = _arg(args, "vqgan_config") or _arg(args, "tokenizer_config")
+        if vq_config and getattr(args, "vqgan_ckpt", None):
+            model = load_taming_model(vq_config, args.vqgan_ckpt, device)
         elif getattr(args, "transformer_config", None) and getattr(args, "transformer_ckpt", None):
             model = first_stage(load_taming_model(args.transformer_config, args.transformer_ckpt, device))
         else:
             raise CortexError("--source images needs --vqgan_config and --vqgan_ckpt (e.g. taming's "
-                              "vqgan_imagenet_f16_16384; see the README, 'Real VQGAN data')")
+                              "vqgan_imagenet_f16_16384; see the README, 'Real VQGAN data'), or --tokenizer diffusers "
+                              "--tokenizer_config <VQModel.save_pretrained folder>")
     else:
         raise CortexError(f"--source {source!r}: the real sources are {', '.join(SOURCES)}")
     return model, codebook_of(model)
@@ -231,28 +263,17 @@ def load_vq_for_dataset(args, device):
 # ----------------------------------------------------------------------------- encode / decode / sample
 
 def encode_ids(model, x):
-    """x (B, 3, R, R) in [-1, 1] -> token ids (B, 256) int64, row-major."""
-    import torch
-
-    vq = first_stage(model)
-    with torch.no_grad():
-        out = vq.encode(x)
-    quant, info = out[0], out[2]
-    b, _, h, w = quant.shape
+    """x (B, 3, R, R) in [-1, 1] -> token ids (B, 256) int64, row-major (any tokenizer adapter)."""
+    ids = tokenizer_of(model).encode(x)  # (B, h, w)
+    b, h, w = ids.shape
     if (h, w) != (GRID, GRID):
         raise CortexError(f"encoding gave a {h}x{w} token grid; the layout needs {GRID}x{GRID}")
-    return info[2].reshape(b, h * w).long()
+    return ids.reshape(b, h * w)
 
 
 def decode_ids(model, ids):
-    """ids (B, 256) -> images (B, 3, H, W) in about [-1, 1]."""
-    import torch
-
-    vq = first_stage(model)
-    b = ids.shape[0]
-    with torch.no_grad():
-        z = vq.quantize.get_codebook_entry(ids.reshape(-1), shape=(b, GRID, GRID, vq.quantize.e_dim))
-        return vq.decode(z)
+    """ids (B, 256) -> images (B, 3, H, W) in about [-1, 1] (any tokenizer adapter)."""
+    return tokenizer_of(model).decode(ids.reshape(ids.shape[0], GRID, GRID))
 
 
 def to_uint8(x) -> np.ndarray:
@@ -356,16 +377,23 @@ def generate_cin(args, writer, device, model) -> dict:
 
 
 def _base_info(model, source, args) -> dict:
-    vq = first_stage(model)
-    return {
+    """dataset_info.json fields shared by the real sources, with the tokenizer's geometry (``tokenizer``,
+    ``code_dim``, ``grid_size`` [h, w], ``patch_size``; ``tokenizer_config`` for ``--tokenizer diffusers``)."""
+    tok = tokenizer_of(model)
+    info = {
         "source": source,
-        "n_codes": int(vq.quantize.n_e),
-        "embed_dim": int(vq.quantize.e_dim),
+        "n_codes": tok.n_codes,
+        "embed_dim": tok.code_dim,
         "grid": GRID,
         "image_size": decode_size(model),
         "layout_note": "E[c, r, k] = codebook[ids[r*16+k], c]",
         "images_saved": not getattr(args, "no_images", False),
     }
+    info.update(tok.info())
+    info["image_size_hw"] = [GRID * tok.patch_size[0], GRID * tok.patch_size[1]]
+    if tok.kind == "diffusers":
+        info["tokenizer_config"] = str(Path(_arg(args, "tokenizer_config", "")).resolve())
+    return info
 
 
 # ----------------------------------------------------------------------------- images
@@ -517,16 +545,16 @@ def generate_images(args, writer, device, model) -> dict:
         "resolution": resolution,
         "splits": list(fractions), "seed": seed,
         "split_sizes": {sp: sum(row[2] == sp for row in plan) for sp in ("train", "validation", "test")},
-        "vqgan_config": str(_arg(args, "vqgan_config", _arg(args, "transformer_config", ""))),
+        "vqgan_config": str(_arg(args, "vqgan_config") or (_arg(args, "tokenizer_config") if info["tokenizer"] == "taming"
+                                                           else None) or _arg(args, "transformer_config", "")),
         "vqgan_ckpt": str(_arg(args, "vqgan_ckpt", _arg(args, "transformer_ckpt", ""))),
     })
     return info
 
 
 def decode_size(model) -> int:
-    """Side of a decoded image (16 tokens x the model's downsampling factor)."""
-    enc = first_stage(model).encoder
-    return GRID * 2 ** (int(enc.num_resolutions) - 1)
+    """Side of a decoded image (16 tokens x the model's pixels per token)."""
+    return GRID * tokenizer_of(model).patch_size[0]
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -36,7 +36,22 @@ def load_script(path):
 
 
 def run_script(path, argv: list):
-    """Parse ``argv`` with the script's own parser and call its ``main``; returns main's result."""
+    """Parse ``argv`` with the script's own parser and call its ``main``; returns main's result.
+
+    As the shell path (``cortex.cli.run_main``): no flag abbreviations, third-party noise off unless
+    ``--verbose``, the settings line names the script. Unlike it, every error propagates (a ``CortexError`` is
+    raised, not printed): the demo stops at the failing step and the tests assert on the exception.
+    """
+    from .cli import quiet_third_party
+    from .utils import set_running_script
+
     mod = load_script(path)
-    args = mod.get_args_parser().parse_args([str(a) for a in argv])
-    return mod.main(args)
+    parser = mod.get_args_parser()
+    parser.allow_abbrev = False
+    args = parser.parse_args([str(a) for a in argv])
+    quiet_third_party(verbose=getattr(args, "verbose", False))
+    set_running_script(path)
+    try:
+        return mod.main(args)
+    finally:
+        set_running_script(None)

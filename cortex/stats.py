@@ -5,28 +5,38 @@ Formats (SPEC §3):
 * ``TIS_statistics_train/label_{k}.csv`` -- a sectioned CSV: a row ``Total Images: N``; then for each
   n in 1, 5, 10, 20 a row ``Top n Tokens``, a row ``Token,Frequency,Files`` and up to 100 rows
   ``token,count,"f1; f2; ..."``;
-* ``TIS_statistics_train/global_top_tokens_statistics.csv`` -- header ``Top N,Token,Frequency,Files``,
-  the same rows over all labels;
+* ``TIS_statistics_train/global_top_tokens_statistics.csv`` -- the authors' layout: a header
+  ``Top N,Token,Frequency,Files``, then for each n a row ``Top n Tokens`` and its rows ``token,count,files``
+  over all labels;
 * ``TIS_statistics_train/tis_statistics_long.csv`` -- tidy ``label,top_n,token,count`` (the rows of
-  the sectioned files), for pandas;
+  the sectioned files) and ``global_top_tokens_long.csv`` -- tidy ``top_n,token,count``, for pandas;
+* ``TIS_statistics_train/source.json`` (+ a copy of ``tis_config.json``) -- which TIS run the statistics
+  come from (:func:`check_statistics_current`);
 * ``TIS/frequency_baseline/label_{k}.csv`` -- header ``Token,Count``, top 100.
 
-Counting rule: *Frequency* is the number of top-n positions, over all images of the label, that hold
-the token (a token at two of an image's top-n positions counts twice); *Files* lists each image once,
-in reading order. Ties are broken deterministically: count descending, then token id ascending.
-An image's top-n positions come from one stable argsort of its scores (equal scores: lower position
-first), shared by every n.
+Counting rule, the authors' (their TIS_analysis.py / generate_freq_based_tokens.py give byte-equal
+files): an image's top-n positions are ``np.argsort(scores)[-n:][::-1]`` (numpy's default sort, best
+first); *Frequency* is the number of top-n positions, over the label's images, that hold the token
+(twice in one image counts twice); *Files* lists the image of every occurrence (an image may appear
+twice). Ties in count keep the order of first occurrence -- rows in file order, within an image its
+top positions best first -- as ``collections.Counter.most_common`` / a stable sort of a dict does.
+The frequency baseline counts every position of the label's rows in CSV order, same tie rule.
+Inputs are checked first (:func:`check_tis_inputs`): a missing, partial, header-only or foreign
+label file, a NaN score or a repeated image is an error, not a silent skip.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .cli import make_parser, position_int, positive_int
 from .utils import CortexError, atomic_write
 
 TOP_NS = (1, 5, 10, 20)
@@ -35,23 +45,46 @@ FILE_SEP = "; "
 _LABEL_RE = re.compile(r"^label_(\d+)\.csv$")
 
 
-# ----------------------------------------------------------------------------- ranking
+# ----------------------------------------------------------------------------- ranking (the authors' order)
 
-def rank_counts(tokens: np.ndarray, counts: np.ndarray, limit: int | None = MAX_ROWS) -> list[tuple[int, int]]:
-    """``[(token, count), ...]`` sorted by count descending, then token id ascending; zero counts dropped."""
-    tokens, counts = np.asarray(tokens, dtype=np.int64), np.asarray(counts, dtype=np.int64)
-    keep = counts > 0
-    tokens, counts = tokens[keep], counts[keep]
-    order = np.lexsort((tokens, -counts))
+def _compact_ids(a) -> np.ndarray:
+    """Token ids as int16 when they fit (numpy's stable sort is then a linear radix sort), else int64."""
+    a = np.asarray(a)
+    if a.size and a.dtype != np.int16 and -(1 << 15) <= a.min() and a.max() < (1 << 15):
+        return a.astype(np.int16)
+    return a if a.dtype == np.int16 else a.astype(np.int64, copy=False)
+
+
+def rank_occurrences(flat, limit: int | None = MAX_ROWS, positions: bool = False):
+    """Count the token ids of ``flat`` and rank them as the authors do.
+
+    flat: ``(M,)`` token ids in reading order. The authors fill a dict (``collections.Counter``) in that
+    order and sort it by count, descending, with a stable sort (``most_common``): equal counts keep the
+    order of their FIRST occurrence. Same here, from one stable sort of ``flat`` (a radix sort for ids
+    < 32768): linear in M. Returns ``(tokens (K,), counts (K,), where)``, K <= ``limit``; ``where`` is
+    ``None`` unless ``positions``, else a list of K arrays: the indices into ``flat`` of each token's
+    occurrences, ascending (reading order).
+    """
+    flat = _compact_ids(np.asarray(flat).ravel())
+    if flat.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, ([] if positions else None)
+    perm = np.argsort(flat, kind="stable")  # (M,) equal ids stay in reading order
+    run = flat[perm]
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])  # (U,) first slot of each distinct id
+    counts = np.diff(np.r_[starts, flat.size])  # (U,)
+    order = np.lexsort((perm[starts], -counts))  # count descending, then first occurrence
     if limit is not None:
         order = order[:limit]
-    return [(int(tokens[i]), int(counts[i])) for i in order]
+    tokens = run[starts[order]].astype(np.int64)
+    where = [perm[starts[j]:starts[j] + counts[j]] for j in order] if positions else None
+    return tokens, counts[order], where
 
 
-def count_tokens(ids: np.ndarray, limit: int | None = MAX_ROWS) -> list[tuple[int, int]]:
-    """Occurrences of each token id in ``ids`` (any shape), ranked (``rank_counts``)."""
-    toks, cnts = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_counts=True)
-    return rank_counts(toks, cnts, limit)
+def count_tokens(ids, limit: int | None = MAX_ROWS) -> list[tuple[int, int]]:
+    """``[(token, count), ...]`` of the ids of ``ids`` (any shape, read row-major), the authors' order."""
+    tokens, counts, _ = rank_occurrences(ids, limit)
+    return list(zip(tokens.tolist(), counts.tolist()))
 
 
 def label_files(directory, pattern: str = "label_*.csv") -> dict[int, Path]:
@@ -64,15 +97,313 @@ def label_files(directory, pattern: str = "label_*.csv") -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
+# ----------------------------------------------------------------------------- integrity of the inputs
+
+SOURCE_FILE = "source.json"
+TIS_CONFIG = "tis_config.json"
+
+
+@dataclass
+class TisRunInfo:
+    """What :func:`check_tis_inputs` found in a TIS folder.
+
+    labels: the labels whose TIS file is complete (sorted; these are read); files: ``{label: path}`` of
+    those; expected: ``{label: number of images of the label in the split}`` (counts are ``None`` when only
+    the label set was given); rows: ``{label: data rows found}`` of every ``label_{k}.csv`` present;
+    config / config_sha1: ``tis_config.json`` and the SHA-1 of its bytes (``None`` when missing);
+    problems: one line per defect (empty for a complete run; with ``allow_partial`` these were skipped).
+    """
+
+    tis_dir: Path
+    labels: list[int]
+    files: dict[int, Path]
+    expected: dict[int, int | None]
+    rows: dict[int, int]
+    config: dict | None
+    config_sha1: str | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+
+def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
+    """``{label: number of images}`` of ``{split}_embeddings.csv`` (labels only: the id lists are not parsed)."""
+    from .data import split_csv
+
+    path = split_csv(data_dir, split)
+    if not path.exists():
+        raise CortexError(f"split CSV not found: {path}; it gives the labels the TIS files must cover. Pass the "
+                          f"right --data_dir (or --root).")
+    counts: dict[int, int] = defaultdict(int)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["filename", "label"]:
+            raise CortexError(f"{path}: header must be 'filename,label,indices', got {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                counts[int(row[1])] += 1
+            except (ValueError, IndexError):
+                raise CortexError(f"{path}:{lineno}: label {row[1:2]} is not an integer") from None
+    return dict(sorted(counts.items()))
+
+
+def _count_rows(path: Path) -> int:
+    """Non-blank lines after the header (a TIS row holds no newline: the list literal is one field)."""
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line not in (b"\n", b"\r\n"))
+    return max(n - 1, 0)
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def check_tis_inputs(tis_dir, expected_labels, allow_partial: bool = False, *, count_rows: bool = True,
+                     hint: str = "") -> TisRunInfo:
+    """Check that a TIS folder holds one complete run before anything is computed from it.
+
+    tis_dir: ``.../TIS_value_{split}``; expected_labels: ``{label: n_images}`` of the split
+    (:func:`split_label_counts`) or an iterable of labels (then row counts are not checked).
+    Checks: a ``label_{k}.csv`` for every expected label; none header-only; no unfinished
+    ``label_{k}.csv.partial`` (cortex.tis) or temp file of an interrupted write; no file for a label the
+    dataset lacks (another dataset's run); each file's row count equals the label's image count
+    (``count_rows``); ``tis_config.json`` present (the run's settings) and, where the TIS run records
+    per-label run ids, all equal. Any defect is a CortexError listing every problem and what to do, unless
+    ``allow_partial``: then a warning lists exactly what is skipped and only the complete labels are returned.
+    ``hint`` is added to the message (e.g. the TIS_computation.py command to finish the run).
+    """
+    tis_dir = Path(tis_dir)
+    counted = isinstance(expected_labels, dict)
+    expected = ({int(k): int(v) for k, v in expected_labels.items()} if counted
+                else {int(k): None for k in expected_labels})
+    if not tis_dir.is_dir():
+        raise CortexError(f"TIS folder not found: {tis_dir}. Run TIS_computation.py first{hint}.")
+    present = label_files(tis_dir)
+    problems, bad = [], set()
+    missing = sorted(set(expected) - set(present))
+    if missing:
+        problems.append(f"{len(missing)} labels have no TIS file: {_short(missing)}")
+        bad.update(missing)
+    partial = sorted(p.name for p in tis_dir.glob("label_*.csv.partial"))
+    if partial:
+        problems.append(f"{len(partial)} labels are unfinished ({_short(partial)})")
+        bad.update(int(_LABEL_RE.match(n[: -len(".partial")]).group(1)) for n in partial
+                   if _LABEL_RE.match(n[: -len(".partial")]))
+    temps = sorted(p.name for p in tis_dir.glob(".label_*.csv.*.tmp"))
+    if temps:
+        problems.append(f"temp files of an interrupted write: {_short(temps)} (delete them)")
+    extra = sorted(set(present) - set(expected))
+    if extra:
+        problems.append(f"{len(extra)} TIS files are for labels the dataset does not have: "
+                        f"{_short([present[k].name for k in extra])} (another dataset's run? delete them)")
+        bad.update(extra)
+    rows = {}
+    for label, path in present.items():
+        if not count_rows and label not in extra:
+            continue
+        rows[label] = n = _count_rows(path)
+        want = expected.get(label)
+        if n == 0:
+            problems.append(f"{path.name} has no rows (header only)")
+            bad.add(label)
+        elif want is not None and n != want:
+            problems.append(f"{path.name} has {n} rows, the split has {want} images of label {label}")
+            bad.add(label)
+    config, sha = None, None
+    cpath = tis_dir / TIS_CONFIG
+    if cpath.exists():
+        sha = _sha1(cpath)
+        try:
+            config = json.loads(cpath.read_text(encoding="utf-8-sig"))
+        except ValueError as e:
+            problems.append(f"{TIS_CONFIG} is not valid JSON ({e})")
+    else:
+        problems.append(f"{TIS_CONFIG} is missing: the files are not known to come from one TIS_computation.py run")
+    run_ids = _run_ids(tis_dir, present)
+    want_id = (config or {}).get("run_id")
+    foreign = sorted(l for l, rid in run_ids.items() if rid != (want_id or rid))
+    if foreign:
+        bad.update(foreign)
+        problems.append(f"labels {_short(foreign)} were written by another TIS run than {TIS_CONFIG}'s "
+                        f"run_id {want_id} (other settings or checkpoint)")
+    elif len(set(run_ids.values())) > 1:
+        by = defaultdict(list)
+        for label, rid in run_ids.items():
+            by[rid].append(label)
+        problems.append("the files come from different TIS runs: " +
+                        "; ".join(f"run {rid}: labels {_short(ls)}" for rid, ls in by.items()))
+    labels = sorted(set(present) - bad)
+    info = TisRunInfo(tis_dir, labels, {k: present[k] for k in labels}, expected, rows, config, sha, problems)
+    if problems:
+        _report(tis_dir, problems, len(labels), len(expected), allow_partial, hint)
+    return info
+
+
+def _report(tis_dir: Path, problems: list[str], n_ok: int, n_expected: int, allow_partial: bool, hint: str) -> None:
+    """Raise the CortexError listing every problem of a TIS run, or, with ``allow_partial``, warn."""
+    what = "\n  - ".join(problems)
+    if not allow_partial:
+        raise CortexError(f"{tis_dir}: incomplete or inconsistent TIS run:\n  - {what}\nFinish the run with "
+                          f"TIS_computation.py --resume (same flags){hint}, or pass --allow_partial to use only "
+                          f"the {n_ok} complete labels on purpose.")
+    print(f"warning: --allow_partial: {tis_dir} is incomplete; using {n_ok} of {n_expected} labels. "
+          f"Skipped / found:\n  - {what}")
+
+
+def _run_ids(tis_dir: Path, files: dict[int, Path]) -> dict[int, str]:
+    """``{label: run_id}`` of the present label files, as cortex.tis records them: ``runs.json``
+    (``{label: run_id}`` of finished labels), else the side-car ``label_{k}.csv.run.json``; ``{}`` for
+    files written without run records (older runs, the authors' files)."""
+    p = tis_dir / "runs.json"
+    runs = json.loads(p.read_text(encoding="utf-8-sig")) if p.exists() else {}
+    out = {}
+    for label, path in files.items():
+        rid = runs.get(str(label))
+        side = path.with_name(path.name + ".run.json")
+        if rid is None and side.exists():
+            rid = json.loads(side.read_text(encoding="utf-8-sig")).get("run_id")
+        if rid is not None:
+            out[label] = str(rid)
+    return out
+
+
+def _short(items, n: int = 10) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------- fast CSV readers
+
+FAST_CSV_MIN_BYTES = 1 << 20  # below ~200 TIS rows pandas' per-call cost exceeds its per-row gain
+
+
+def fast_list_csv(path, header: list[str], n_values: int = 256, dtype=np.float64):
+    """Happy-path reader of ``name,label,"[v1, v2, ...]"`` CSVs (TIS files, split CSVs) in one C parse.
+
+    Returns ``(names list[str], labels (N,) int64, values (N, n_values) dtype)``, or ``None`` for a file
+    under ``FAST_CSV_MIN_BYTES`` and whenever the file is not exactly of that shape (wrong header, a
+    quoted name, a short list, a non-numeric value, no rows ...): callers then use their own row-by-row
+    reader, which names the bad line. Values are parsed with Python's correctly rounded ``float`` rules
+    (identical to ``float(text)``). A UTF-8 BOM before the header is accepted.
+    """
+    import io
+    import warnings
+
+    import pandas as pd
+
+    path = Path(path)
+    if path.stat().st_size < FAST_CSV_MIN_BYTES:
+        return None  # small file: the row reader's lower fixed cost wins
+    text = path.read_text(encoding="utf-8-sig")
+    head, _, body = text.partition("\n")
+    if [h.strip() for h in next(csv.reader([head]), [])] != list(header):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if np.issubdtype(dtype, np.integer):  # ids: numpy's integer parser is the faster one
+                df = pd.read_csv(io.StringIO(body), header=None, names=range(3), dtype={0: str, 1: np.int64, 2: str},
+                                 na_filter=False, engine="c")
+                lists = df[2].tolist()
+                n_rows = len(lists)
+                if n_rows == 0 or any(v.count(",") != n_values - 1 or v[:1] != "[" for v in lists):
+                    return None  # a short/long list: the row reader names it
+                values = np.fromstring(",".join(v[1:-1] for v in lists), dtype=dtype, sep=",")
+                if values.size != n_rows * n_values:
+                    return None
+                values = values.reshape(n_rows, n_values)
+            else:  # scores: pandas' C float parser, rounding as float()
+                n_rows = body.count('"[')
+                if n_rows == 0 or body.count(']"') != n_rows or body.count(",") != n_rows * (n_values + 1):
+                    return None  # a short/long list, a quoted name with a comma, ...: not the happy path
+                types = {0: str, 1: np.int64, **{i: dtype for i in range(2, n_values + 2)}}
+                df = pd.read_csv(io.StringIO(body.replace('"[', "").replace(']"', "")), header=None,
+                                 names=range(n_values + 2), dtype=types, na_filter=False, engine="c",
+                                 float_precision="round_trip")
+                values = df.iloc[:, 2:].to_numpy(dtype)
+    except Exception:  # a non-numeric value, a ragged row ...: the precise reader explains
+        return None
+    if len(df) != n_rows:
+        return None
+    return df[0].tolist(), df[1].to_numpy(np.int64), values  # (N,), (N,), (N, n_values)
+
+
+def check_tis_rows(path, names: list[str], scores: np.ndarray) -> None:
+    """Reject a TIS file with a non-finite score or a repeated filename, naming the file and line.
+
+    names: N filenames in file order; scores ``(N, 256)``. Line numbers count the header as line 1.
+    """
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise CortexError(f"{path}:{i + 2}: non-finite TIS (NaN/Inf) for image {names[i]} ({bad.size} such rows). "
+                          f"Recompute this label: delete the file and rerun TIS_computation.py --resume.")
+    arr = np.asarray(names, dtype=object)
+    order = np.argsort(arr, kind="stable")
+    same = np.flatnonzero(arr[order][1:] == arr[order][:-1])
+    if same.size:
+        a, b = sorted((int(order[same[0]]), int(order[same[0] + 1])))
+        raise CortexError(f"{path}:{b + 2}: image {names[b]} is listed twice (also at line {a + 2}); a row per "
+                          f"image is expected. Delete the file and rerun TIS_computation.py --resume for this label.")
+
+
+def read_split_ids(data_dir, split: str = "train", num_classes: int | None = None):
+    """``(names, labels (N,) int64, ids (N, 256) int64)`` of ``{split}_embeddings.csv`` in file order.
+
+    One C parse on well-formed files; anything else goes through :func:`cortex.data.read_split` (the
+    training reader), so every check -- header, field count, integer label within ``0..num_classes-1``,
+    256 non-negative ids -- and its message (file and line) are the training reader's.
+    """
+    from .data import CSV_HEADER, N_POS, read_split, split_csv
+
+    path = split_csv(data_dir, split)
+    fast = fast_list_csv(path, CSV_HEADER, N_POS, np.int64) if path.exists() else None
+    if fast is not None:
+        names, labels, ids = fast
+        ok = labels.min() >= 0 and ids.min() >= 0 and (num_classes is None or labels.max() < num_classes)
+        if ok:
+            return names, labels, ids
+    records = read_split(data_dir, split, num_classes)  # raises the precise CortexError
+    return ([r.filename for r in records], np.array([r.label for r in records], dtype=np.int64),
+            np.array([r.ids for r in records], dtype=np.int64).reshape(len(records), -1))
+
+
 # ----------------------------------------------------------------------------- TIS statistics
 
 def top_positions(scores: np.ndarray, max_n: int) -> np.ndarray:
-    """Positions of the ``max_n`` highest scores of each row, best first: ``(N, max_n)``.
+    """The authors' top positions of each row, best first: ``(N, max_n)``.
 
-    One stable argsort per image; the top-n for every n <= max_n is a prefix of it.
+    scores ``(N, 256)``. As the authors' ``np.argsort(scores)[-n:][::-1]``: numpy's default argsort,
+    ascending, read from the end; so equal scores come out as numpy orders them (reversed), and the
+    top-n for every n <= max_n is a prefix of this.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    return np.argsort(-scores, axis=1, kind="stable")[:, :max_n]
+    return np.argsort(scores, axis=1)[:, ::-1][:, :max_n]
+
+
+def top_tokens(ids: np.ndarray, scores: np.ndarray, max_n: int) -> np.ndarray:
+    """Token ids at the top positions: ``(N, max_n)`` (ids ``(N, 256)``, scores ``(N, 256)``)."""
+    return np.take_along_axis(_compact_ids(ids), top_positions(scores, max_n), axis=1)
+
+
+def sections_from_top(names, top: np.ndarray, top_ns=TOP_NS, limit: int | None = MAX_ROWS) -> dict:
+    """``{n: [(token, count, files), ...]}`` from the top tokens ``(N, max_n)`` of N images.
+
+    Frequency = occurrences among the images' top-n positions; files = the image of each occurrence, in
+    reading order (an image holding the token twice is listed twice), as the authors.
+    """
+    names = np.asarray(names, dtype=object)
+    out = {}
+    for n in top_ns:
+        flat = top[:, :n].ravel()  # (N * n,) image by image, best position first
+        tokens, counts, where = rank_occurrences(flat, limit, positions=True)
+        out[n] = [(t, c, names[w // n].tolist()) for t, c, w in zip(tokens.tolist(), counts.tolist(), where)]
+    return out
 
 
 def label_statistics(names: list[str], ids: np.ndarray, scores: np.ndarray, top_ns=TOP_NS,
@@ -82,21 +413,9 @@ def label_statistics(names: list[str], ids: np.ndarray, scores: np.ndarray, top_
     names: N filenames; ids ``(N, 256)`` token ids; scores ``(N, 256)`` TIS.
     Returns ``{n: [(token, count, files), ...]}`` with up to ``limit`` rows per n.
     """
-    ids = np.asarray(ids, dtype=np.int64)
-    out = {}
     if len(names) == 0:
         return {n: [] for n in top_ns}
-    top = top_positions(scores, max(top_ns))
-    top_tokens = np.take_along_axis(ids, top, axis=1)  # (N, max_n) token id at each top position
-    for n in top_ns:
-        t = top_tokens[:, :n]
-        ranked = count_tokens(t, limit)
-        rows = []
-        for tok, cnt in ranked:
-            hit = np.flatnonzero((t == tok).any(axis=1))
-            rows.append((tok, cnt, [names[i] for i in hit]))
-        out[n] = rows
-    return out
+    return sections_from_top(names, top_tokens(ids, scores, max(top_ns)), top_ns, limit)
 
 
 def write_stats_csv(path, total_images: int, sections: dict[int, list]) -> None:
@@ -107,20 +426,31 @@ def write_stats_csv(path, total_images: int, sections: dict[int, list]) -> None:
         for n, rows in sections.items():
             w.writerow([f"Top {n} Tokens"])
             w.writerow(["Token", "Frequency", "Files"])
-            for tok, cnt, files in rows:
-                w.writerow([tok, cnt, FILE_SEP.join(files)])
+            w.writerows([tok, cnt, FILE_SEP.join(files)] for tok, cnt, files in rows)
+
+
+def write_global_csv(path, sections: dict[int, list]) -> None:
+    """``global_top_tokens_statistics.csv`` in the authors' layout: a header ``Top N,Token,Frequency,Files``,
+    then per n a row ``Top n Tokens`` and the rows ``token,count,files`` (no per-section header)."""
+    with atomic_write(path) as f:
+        w = csv.writer(f)
+        w.writerow(["Top N", "Token", "Frequency", "Files"])
+        for n, rows in sections.items():
+            w.writerow([f"Top {n} Tokens"])
+            w.writerows([tok, cnt, FILE_SEP.join(files)] for tok, cnt, files in rows)
 
 
 def read_stats(path) -> tuple[int | None, dict[int, list[tuple[int, int]]]]:
     """Parse a sectioned statistics file: ``(total_images, {n: [(token, count), ...]})``.
 
-    Tolerates blank rows between sections (as in files written by other tools).
+    Reads the per-label files and the global one (whose sections have no ``Token,...`` header row);
+    tolerates blank rows between sections and a UTF-8 BOM (files written by other tools).
     """
     path = Path(path)
     if not path.exists():
         raise CortexError(f"TIS statistics file not found: {path}. Run TIS_analysis.py --model M first.")
     total, sections, current = None, {}, None
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
                 continue
@@ -132,7 +462,7 @@ def read_stats(path) -> tuple[int | None, dict[int, list[tuple[int, int]]]]:
             if m:
                 current = sections.setdefault(int(m.group(1)), [])
                 continue
-            if head == "Token":
+            if head in ("Token", "Top N"):
                 continue
             if current is None:
                 raise CortexError(f"{path}:{lineno}: token row before any 'Top n Tokens' section")
@@ -152,75 +482,184 @@ def read_stats_section(path, top_n: int, token_num: int) -> list[int]:
     return [t for t, _ in sections[top_n][:token_num]]
 
 
-def token_matrix(names: list[str], token_indices: dict, where) -> np.ndarray:
-    """``(N, 256)`` ids of ``names`` from the token-index cache; a missing image is a CortexError."""
+def top_token_matrix(names: list[str], positions: np.ndarray, token_indices: dict, where) -> np.ndarray:
+    """Token ids at given positions of each image: ``(N, k)`` from ``positions (N, k)`` and the
+    ``{filename: [256 ids]}`` cache; only the k ids per image are touched. A missing image is a CortexError."""
+    from operator import itemgetter
+
+    k = positions.shape[1]
     try:
-        return np.asarray([token_indices[n] for n in names], dtype=np.int64).reshape(len(names), -1)
+        rows = [itemgetter(*p)(token_indices[n]) for n, p in zip(names, positions.tolist())]
     except KeyError as e:
         raise CortexError(f"{where}: image {e.args[0]} is not in the train token indices "
                           f"(datasets/train_token_indices.pkl / train_embeddings.csv); are the TIS files from "
                           f"another dataset? Delete a stale pkl to rebuild it.") from None
+    if k == 1:
+        rows = [(r,) for r in rows]
+    return _compact_ids(np.array(rows, dtype=np.int64).reshape(len(names), k))
 
 
-def analyze_tis(tis_dir, stats_dir, token_indices: dict, top_ns=TOP_NS, limit: int = MAX_ROWS,
-                progress: bool = True) -> dict:
-    """Write the statistics of every ``label_{k}.csv`` in ``tis_dir`` to ``stats_dir``.
+def token_matrix(names: list[str], token_indices: dict, where) -> np.ndarray:
+    """``(N, 256)`` ids of ``names`` from the token-index cache; a missing image is a CortexError."""
+    return top_token_matrix(names, np.tile(np.arange(256), (len(names), 1)), token_indices, where)
 
-    Each TIS file is read once; the global file sums the per-label counts (all tokens, not only the
-    top 100 of each label). Returns ``{"labels": [...], "images": N}``.
+
+def _fingerprint(path: Path) -> str:
+    """Cheap content fingerprint of a (large) TIS file: size + SHA-1 of its first and last MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = MAX_ROWS,
+                progress: bool = True, expected_labels=None, allow_partial: bool = False, hint: str = "") -> dict:
+    """Write the statistics of a TIS run (``tis_dir/label_{k}.csv``) to ``stats_dir``, as the authors' script.
+
+    token_indices: ``{filename: [256 ids]}`` or a function returning it (called after the checks).
+    expected_labels: ``{label: n_images}`` of the train split (:func:`split_label_counts`); the run is
+    checked by :func:`check_tis_inputs` (a CortexError unless ``allow_partial``). Every TIS file is read
+    and checked (NaN/Inf, repeated image, row count) before anything is written. Per label: top-n token
+    counts (``Files``: one entry per occurrence), ties in the authors' first-occurrence order; the global
+    file counts the labels in increasing label order (the authors': ``os.listdir`` order). Statistics of
+    labels outside this run are removed, and ``source.json`` records the ``tis_config.json`` and each TIS
+    file's fingerprint (:func:`check_statistics_current`). Returns ``{"labels": [...], "images": N}``.
     """
     from tqdm import tqdm
 
     from .tis import read_tis_file
 
     tis_dir, stats_dir = Path(tis_dir), Path(stats_dir)
-    files = label_files(tis_dir)
-    if not files:
-        raise CortexError(f"no TIS files (label_*.csv) in {tis_dir}. Run TIS_computation.py --data_type train first.")
-    partial = sorted(p.name for p in tis_dir.glob("label_*.csv.partial"))
-    if partial:
-        print(f"warning: {len(partial)} labels of {tis_dir} are unfinished ({', '.join(partial[:5])}...); "
-              f"finish them with TIS_computation.py --resume")
-    g_counts = {n: defaultdict(int) for n in top_ns}
-    g_files = {n: defaultdict(list) for n in top_ns}
+    if expected_labels is None:
+        expected_labels = list(label_files(tis_dir))
+        if not expected_labels:
+            raise CortexError(f"no TIS files (label_*.csv) in {tis_dir}. Run TIS_computation.py --data_type "
+                              f"train first.")
+    info = check_tis_inputs(tis_dir, expected_labels, allow_partial, count_rows=False, hint=hint)
+    if callable(token_indices):
+        token_indices = token_indices()  # loaded once the run passed the checks
+    max_n = max(top_ns)
+    tops, names_of, problems = {}, {}, []
+    for label in tqdm(info.labels, desc="TIS statistics", unit="label", disable=not progress):
+        path = info.files[label]
+        names, _, scores = read_tis_file(path)  # rejects NaN/Inf and repeated images
+        pos = top_positions(scores, max_n)  # (N, max_n)
+        top = top_token_matrix(names, pos, token_indices, path)  # (N, max_n); an unknown image is an error
+        want = info.expected.get(label)
+        if len(names) == 0 or (want is not None and len(names) != want):
+            problems.append(f"{path.name} has {len(names)} rows, the split has {want} images of label {label}")
+            continue
+        tops[label] = top
+        names_of[label] = names
+        info.rows[label] = len(names)
+    if problems:
+        _report(tis_dir, problems, len(tops), len(info.expected), allow_partial, hint)
+        info.problems.extend(problems)
+    labels = sorted(tops)
+
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    source = stats_dir / SOURCE_FILE
+    if source.exists():
+        source.unlink()  # until the new statistics are complete, none are current
+    for label, path in label_files(stats_dir).items():
+        if label not in tops:
+            path.unlink()  # an earlier run's label: not part of this run
     long_rows = []
-    total = 0
-    for label, path in tqdm(files.items(), desc="TIS statistics", unit="label", disable=not progress):
-        names, _, scores = read_tis_file(path)
-        ids = token_matrix(names, token_indices, path)
-        full = label_statistics(names, ids, scores, top_ns, limit=None)
-        sections = {n: rows[:limit] for n, rows in full.items()}
-        write_stats_csv(stats_dir / f"label_{label}.csv", len(names), sections)
-        for n, rows in full.items():
-            for tok, cnt, fl in rows:
-                g_counts[n][tok] += cnt
-                g_files[n][tok].extend(fl)
-        for n, rows in sections.items():
-            long_rows.extend((label, n, tok, cnt) for tok, cnt, _ in rows)
-        total += len(names)
-    with atomic_write(stats_dir / "global_top_tokens_statistics.csv") as f:
-        w = csv.writer(f)
-        w.writerow(["Top N", "Token", "Frequency", "Files"])
-        for n in top_ns:
-            toks = np.fromiter(g_counts[n].keys(), dtype=np.int64)
-            cnts = np.fromiter(g_counts[n].values(), dtype=np.int64)
-            for tok, cnt in rank_counts(toks, cnts, limit):
-                w.writerow([n, tok, cnt, FILE_SEP.join(g_files[n][tok])])
+    for label in labels:
+        sections = sections_from_top(names_of[label], tops[label], top_ns, limit)
+        write_stats_csv(stats_dir / f"label_{label}.csv", len(names_of[label]), sections)
+        long_rows.extend((label, n, tok, cnt) for n, rows in sections.items() for tok, cnt, _ in rows)
+    every = [n for label in labels for n in names_of[label]]
+    glob = sections_from_top(every, np.concatenate([tops[l] for l in labels]) if labels else
+                             np.zeros((0, max_n), np.int16), top_ns, limit)
+    write_global_csv(stats_dir / "global_top_tokens_statistics.csv", glob)
     with atomic_write(stats_dir / "tis_statistics_long.csv") as f:
         w = csv.writer(f)
         w.writerow(["label", "top_n", "token", "count"])
         w.writerows(long_rows)
-    return {"labels": list(files), "images": total}
+    with atomic_write(stats_dir / "global_top_tokens_long.csv") as f:
+        w = csv.writer(f)
+        w.writerow(["top_n", "token", "count"])
+        w.writerows((n, tok, cnt) for n, rows in glob.items() for tok, cnt, _ in rows)
+    if info.config is not None:
+        with atomic_write(stats_dir / TIS_CONFIG) as f:
+            json.dump(info.config, f, indent=2, sort_keys=True)
+    with atomic_write(source) as f:
+        json.dump({"tis_dir": str(tis_dir.resolve()), "tis_config": info.config, "tis_config_sha1": info.config_sha1,
+                   "labels": {str(l): {"rows": len(names_of[l]), "fingerprint": _fingerprint(info.files[l])}
+                              for l in labels},
+                   "complete": info.complete, "problems": info.problems, "top_ns": list(top_ns), "max_rows": limit},
+                  f, indent=2)
+    return {"labels": labels, "images": len(every), "complete": info.complete}
+
+
+def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False) -> dict | None:
+    """Check that the TIS statistics in ``stats_dir`` were computed from the current TIS run.
+
+    Reads ``stats_dir/source.json`` (written last by :func:`analyze_tis`). A CortexError when: the
+    statistics were left unfinished; a statistics file exists for a label outside the recorded run
+    (stale); and, when ``tis_dir`` exists, its ``tis_config.json`` differs from the recorded one, its
+    label files differ, or a TIS file changed since (fingerprint). Without ``source.json`` (statistics
+    not written by this version, e.g. the authors' published files) a warning is printed and ``None``
+    returned, or a CortexError with ``require=True``. Statistics made with ``--allow_partial`` pass with
+    a warning naming what they lack. Returns the recorded source dict.
+    """
+    stats_dir = Path(stats_dir)
+    rerun = "Rerun TIS_analysis.py (same --model/--attribution) to recompute them."
+    src_path = stats_dir / SOURCE_FILE
+    if not src_path.exists():
+        if label_files(stats_dir) and not require:
+            print(f"warning: {stats_dir} has no {SOURCE_FILE}: cannot tell which TIS run these statistics come "
+                  f"from (written by another tool or an older version). {rerun}")
+            return None
+        raise CortexError(f"{stats_dir}: no complete TIS statistics ({SOURCE_FILE} missing: never computed, or "
+                          f"the last TIS_analysis.py run stopped early). {rerun}")
+    src = json.loads(src_path.read_text(encoding="utf-8"))
+    recorded = {int(k): v for k, v in src["labels"].items()}
+    stale = sorted(set(label_files(stats_dir)) - set(recorded))
+    if stale:
+        raise CortexError(f"{stats_dir}: statistics files for labels {_short(stale)} are not part of the recorded "
+                          f"TIS run (left from an earlier run). {rerun}")
+    if tis_dir is not None and Path(tis_dir).is_dir():
+        tis_dir = Path(tis_dir)
+        cpath = tis_dir / TIS_CONFIG
+        sha = _sha1(cpath) if cpath.exists() else None
+        if sha != src.get("tis_config_sha1"):
+            raise CortexError(f"{stats_dir} was computed from another TIS run: {cpath} "
+                              f"{'changed' if sha else 'is missing'} since. {rerun}")
+        files = label_files(tis_dir)
+        changed = [l for l, v in recorded.items() if l not in files or _fingerprint(files[l]) != v["fingerprint"]]
+        new = sorted(set(files) - set(recorded)) if src.get("complete", True) else []
+        if changed or new:
+            what = (f"TIS files changed or removed since: labels {_short(sorted(changed))}. " if changed else "") + \
+                   (f"new TIS files: labels {_short(new)}. " if new else "")
+            raise CortexError(f"{stats_dir} is out of date with {tis_dir}: {what}{rerun}")
+    if not src.get("complete", True):
+        print(f"warning: {stats_dir} was computed with --allow_partial from an incomplete TIS run: "
+              + "; ".join(src.get("problems", [])))
+    return src
 
 
 # ----------------------------------------------------------------------------- frequency baseline
 
 def frequency_baseline(records, limit: int = MAX_ROWS) -> dict[int, list[tuple[int, int]]]:
-    """``{label: [(token, count), ...]}``: the ids occurring most often in a label's images."""
-    by_label = defaultdict(list)
-    for r in records:
-        by_label[int(r.label)].append(np.asarray(r.ids, dtype=np.int64))
-    return {l: count_tokens(np.stack(v), limit) for l, v in sorted(by_label.items())}
+    """``{label: [(token, count), ...]}``: the ids occurring most often in a label's images.
+
+    records: ``cortex.data.Record``s, or ``(labels (N,), ids (N, 256))`` arrays (:func:`read_split_ids`).
+    Counted in file order, ties in first-occurrence order (the authors' ``Counter.most_common``).
+    """
+    if isinstance(records, tuple):
+        labels, ids = np.asarray(records[0]), _compact_ids(records[1])
+    else:
+        labels = np.array([int(r.label) for r in records], dtype=np.int64)
+        ids = _compact_ids(np.array([r.ids for r in records]).reshape(len(records), -1))
+    order = np.argsort(labels, kind="stable")  # rows grouped by label, file order kept
+    cuts = np.flatnonzero(np.diff(labels[order])) + 1
+    return {int(labels[g[0]]): count_tokens(ids[g], limit) for g in np.split(order, cuts) if g.size}
 
 
 def write_frequency_baseline(out_dir, baseline: dict[int, list[tuple[int, int]]]) -> list[Path]:
@@ -240,7 +679,7 @@ def read_frequency_baseline(path, token_num: int | None = None) -> list[int]:
     path = Path(path)
     if not path.exists():
         raise CortexError(f"frequency baseline not found: {path}. Run generate_freq_based_tokens.py first.")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["Token", "Count"]:
@@ -359,29 +798,39 @@ def analysis_parser(model_choices) -> "argparse.ArgumentParser":
 
     from .attribution import ATTRIBUTIONS
 
-    p = argparse.ArgumentParser(add_help=False)
+    p = make_parser(add_help=False)
     p.add_argument("--model", type=int, choices=tuple(model_choices), required=True, help="IEM ClassificationNet{m}")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
                    help="whose TIS to analyse (default: the paper's %(default)s)")
-    p.add_argument("--top_ns", type=int, nargs="+", default=list(TOP_NS),
+    p.add_argument("--top_ns", type=position_int, nargs="+", default=list(TOP_NS),
                    help="n of the Top n sections (default: 1 5 10 20)")
-    p.add_argument("--max_rows", type=int, default=MAX_ROWS, help="tokens listed per section (default: %(default)s)")
+    p.add_argument("--max_rows", type=positive_int, default=MAX_ROWS, help="tokens listed per section (default: %(default)s)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="analyse an incomplete TIS run on purpose: only the labels with a complete TIS file, with "
+                        "a warning that lists what is missing (default: an incomplete run is an error)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
 
 def run_analysis(args, experiment: str) -> dict:
-    """TIS statistics of the train split for ``args`` (from :func:`analysis_parser` + the path flags)."""
+    """TIS statistics of the train split for ``args`` (from :func:`analysis_parser` + the path flags).
+
+    The TIS run is checked against the train split's labels and image counts first
+    (:func:`check_tis_inputs`; ``--allow_partial`` to proceed on an incomplete run).
+    """
     from .data import load_token_indices
     from .paths import ExperimentPaths
     from .utils import save_run_args
 
     paths = ExperimentPaths.from_args(args, experiment)
     stats_dir = paths.stats_dir(args.model, args.attribution)
+    tis_dir = paths.tis_dir(args.model, "train", args.attribution)
+    expected = split_label_counts(paths.data_dir, "train")
+    hint = f" (--model {args.model} --data_type train --attribution {args.attribution})"
     stats_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(args, stats_dir)
-    token_indices = load_token_indices(paths.data_dir, "train")
-    summary = analyze_tis(paths.tis_dir(args.model, "train", args.attribution), stats_dir, token_indices,
-                          top_ns=tuple(args.top_ns), limit=args.max_rows, progress=not args.no_progress)
+    summary = analyze_tis(tis_dir, stats_dir, lambda: load_token_indices(paths.data_dir, "train"), top_ns=tuple(args.top_ns), limit=args.max_rows,
+                          progress=not args.no_progress, expected_labels=expected,
+                          allow_partial=args.allow_partial, hint=hint)
     print(f"TIS statistics of {len(summary['labels'])} labels ({summary['images']} images) -> {stats_dir}")
     return summary

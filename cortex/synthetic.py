@@ -111,6 +111,12 @@ class WorldConfig:
     concept_layout: str = "object"  # object | scattered
     patch_size: int = 4
     seed: int = 0
+    null_classes: int = 0  # extra labels after the planted ones with NO concept (background + distractors only)
+
+    @property
+    def total_classes(self) -> int:
+        """Planted classes plus null classes: the labels ``0 .. total_classes - 1`` of the dataset."""
+        return self.num_classes + self.null_classes
 
 
 @dataclass
@@ -210,14 +216,16 @@ class SyntheticWorld:
     def sample(self, label: int, rng: np.random.Generator) -> np.ndarray:
         """(256,) token ids of one image of class ``label``."""
         ids = self.background_grid(rng)
-        self.place(ids, self.concept_tokens[label], rng)
+        if label in self.concept_tokens:  # a null label (>= num_classes) carries no concept
+            self.place(ids, self.concept_tokens[label], rng)
         return ids
 
     def ground_truth(self) -> dict:
         return {
             "world": "synthetic",
             "layout": self.config.concept_layout,
-            "num_classes": self.config.num_classes,
+            "num_classes": self.config.total_classes,
+            "null_labels": list(range(self.config.num_classes, self.config.total_classes)),
             "n_codes": self.config.n_codes,
             "concept_tokens": {str(k): v for k, v in self.concept_tokens.items()},
             "background_tokens": sorted(self.background),
@@ -256,7 +264,7 @@ def write_world(data_dir, writer, world: SyntheticWorld, vq: SyntheticVQ, counts
 
     sampler = sampler or world.sample
     jobs = []
-    for y in range(world.config.num_classes):
+    for y in range(world.config.total_classes):
         idx = 0
         for split in ("train", "validation", "test"):
             for _ in range(counts.get(split, 0)):

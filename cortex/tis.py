@@ -3,28 +3,58 @@
 ``compute_tis`` scores every image of a dataset with one attribution (``cortex.attribution``) and
 writes one CSV per label, ``label_{k}.csv`` with header ``filename,label,contribution`` (SPEC §3).
 
-Resumable and safe:
+Files of a TIS folder (``results/.../TIS_value_{split}/``), the format other steps may rely on:
 
-* rows of a label go to ``label_{k}.csv.partial``, appended and flushed row by row; when the label's
-  last image is scored the partial file is renamed to ``label_{k}.csv``, so a final file is always
-  complete;
-* ``resume=True`` skips labels whose final file exists and the rows already in a partial file (a torn
-  last line is dropped), so a restarted run ends with exactly one row per image;
-* the score-relevant settings are stored in ``tis_config.json``; resuming with different ones is an
-  error instead of a silent mix;
+* ``label_{k}.csv`` -- a finished label (complete: one row per image of the label, never a name twice).
+* ``label_{k}.csv.partial`` -- an unfinished label: same header and rows, appended and flushed row by row;
+  renamed to ``label_{k}.csv`` when the label's last image is scored.
+* ``label_{k}.csv.run.json`` -- side-car of the label (final or partial): ``{"run_id": "<16 hex>",
+  "config": {...}}``, the identity of the run that wrote its rows (same ``run_id`` and ``config`` as
+  ``tis_config.json``). Written before the label's first row.
+* ``label_{k}.csv.lock`` -- an empty lock file; a process writing label ``k`` holds ``fcntl.flock``
+  (exclusive) on it. Left in place (deleting lock files is racy); harmless.
+* ``tis_config.json`` -- ``{"run_id": ..., <every score-changing setting>}``, sorted keys: attribution,
+  method (channel reduction), nsamples / stdev_spread / noise_scope / seed (stochastic scores),
+  noise_device (``sample`` scope: CPU and CUDA generators differ), batch_size (``batch`` / ``authors``
+  scopes), ig_steps, baseline (integrated gradients / occlusion), fast (``--fast`` settings or false),
+  order (``authors``: the split's order), format (this file's version) and, from ``run_tis``: checkpoint
+  (path, sha256 of the state-dict file), model (experiment, model_id, num_classes, width, depth) and data
+  (split, sha256 of the split CSV, sha256 of ``codebook.npy`` or null, layout). ``run_id`` is the first
+  16 hex digits of the sha256 of the canonical JSON of the other keys. Written atomically under
+  ``tis_config.json.lock``; a shard finding different content refuses to start.
+* ``runs.json`` -- ``{label: run_id}`` of the finished labels (updated under ``runs.json.lock``).
+
+Integrity rules:
+
+* ``resume=True`` skips finished labels (a finished file holding a name twice is rewritten without the
+  repeats; one missing images is reopened as partial) and the rows already in a partial file (a torn last
+  line and repeated names are dropped), so a resumed run ends with exactly one row per image;
+* any label file (final or partial) written under another ``run_id`` (other settings, another checkpoint
+  or dataset) is refused, with or without ``resume``, naming what differs; ``overwrite=True`` deletes
+  such files of this shard's labels and starts them over;
+* two processes never write one label: the second finds its lock held and skips that label (it says so,
+  and the summary lists it under ``"busy"``); shards (``sorted labels[shard::num_shards]``) run side by side;
 * a non-finite score is a CortexError naming the image.
 
-Shards (SLURM arrays) split the *labels* (``sorted labels[shard::num_shards]``), so two shards never
-write the same file. Under ``noise_scope="sample"`` each image's noise comes from a generator seeded
-by ``(seed, filename)``, so scores depend neither on ``batch_size`` nor on sharding or resuming.
+Noise: ``noise_scope="sample"`` (default) draws each image's noise from a generator seeded by
+``(seed, filename)``, so scores depend neither on ``batch_size`` nor on sharding or resuming;
+``"batch"`` takes the scale over the batch (batches are consecutive images of one label);
+``"authors"`` reproduces the authors' script exactly: batches of ``batch_size`` consecutive rows of the
+split in its CSV order (across labels), ``torch.manual_seed(seed)`` once, then per batch per draw one
+``torch.normal`` over the batch from the global CPU generator (``attribution.authors_noise``), gradients
+summed in float64 and written as float64. Resume and shards replay the draws of the batches they skip.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -34,18 +64,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .attribution import ATTRIBUTIONS, NOISE_SCOPES, get_attribution, image_seed, token_scores
+from .attribution import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_memory_bytes, copies_for_budget,
+                          get_attribution, image_seed, memory_per_copy, prepare_fast, reduce_channels,
+                          smoothgrad_from_noise, standard_noise, token_scores, top_overlap)
+from .cli import make_parser, nonneg_float, nonneg_int, positive_float, positive_int
 from .utils import CortexError, atomic_write, format_list, parse_float_list
 
 TIS_HEADER = ["filename", "label", "contribution"]
 N_POS = 256
+FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- configuration
 
 @dataclass
 class TISConfig:
-    """Everything that changes the scores (stored as ``tis_config.json`` beside the CSVs)."""
+    """The TIS settings: everything that changes the scores is in ``score_key`` (-> ``tis_config.json``)."""
 
     attribution: str = "smoothgrad"
     method: str | None = None          # channel reduction; None = the attribution's natural one
@@ -54,7 +88,9 @@ class TISConfig:
     noise_scope: str = "sample"
     seed: int = 0
     ig_steps: int = 32
-    max_copies_per_pass: int | None = None  # memory knob, does not change the scores
+    fast: bool = False                 # BN folding + channels-last (+ bf16 for allowed nets on CUDA)
+    max_copies_per_pass: int | None = None  # memory knob (None: from max_memory_gb; 0: all); not in the key
+    max_memory_gb: float | None = None      # memory budget (None: 50% of the free memory); not in the key
 
     def __post_init__(self):
         get_attribution(self.attribution)
@@ -62,16 +98,23 @@ class TISConfig:
             self.method = "mean"
         if self.noise_scope not in NOISE_SCOPES:
             raise CortexError(f"--noise_scope {self.noise_scope!r}: use one of {', '.join(NOISE_SCOPES)}")
+        if self.noise_scope == "authors" and self.attribution != "smoothgrad":
+            raise CortexError(f"--noise_scope authors reproduces the authors' SmoothGrad; it cannot be used with "
+                              f"--attribution {self.attribution}")
         if self.nsamples < 1:
             raise CortexError(f"--nsamples must be >= 1, got {self.nsamples}")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise CortexError(f"--max_memory_gb must be > 0, got {self.max_memory_gb}")
 
     @property
     def reduction(self) -> str:
         return self.method or ATTRIBUTIONS[self.attribution].reduction
 
     def score_key(self) -> dict:
+        """The settings that change the scores (the memory knobs are left out)."""
         d = asdict(self)
         d.pop("max_copies_per_pass")
+        d.pop("max_memory_gb")
         d["method"] = self.reduction
         a = ATTRIBUTIONS[self.attribution]
         if not a.stochastic:
@@ -82,6 +125,23 @@ class TISConfig:
         return d
 
 
+def run_id_of(key: dict) -> str:
+    """16 hex digits of the sha256 of the canonical JSON of a run key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path) -> str | None:
+    """sha256 of a file's bytes (``None`` when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def shard_labels(labels, shard: int = 0, num_shards: int = 1) -> list[int]:
     """This shard's labels: ``sorted(set(labels))[shard::num_shards]`` (disjoint, covering)."""
     if num_shards < 1 or not 0 <= shard < num_shards:
@@ -89,7 +149,69 @@ def shard_labels(labels, shard: int = 0, num_shards: int = 1) -> list[int]:
     return sorted(set(int(l) for l in labels))[shard::num_shards]
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- near-chance IEMs
+
+def warn_if_near_chance(accuracy_percent: float | None, num_classes: int, source: str, factor: float = 1.5,
+                        what: str = "explanations") -> bool:
+    """Warn loudly (stderr banner + ``warnings.warn``) when an accuracy is within ``factor`` x chance.
+
+    accuracy_percent: accuracy in percent (0-100; ``None``/NaN: nothing to check); num_classes: the IEM's
+    classes (chance = 100 / num_classes percent); source: where the number comes from (shown). Returns
+    True when it warned. Reusable by any script that explains or uses an IEM (TIS, bias detection, eval).
+    """
+    if accuracy_percent is None or not np.isfinite(accuracy_percent) or num_classes < 2:
+        return False
+    chance = 100.0 / num_classes
+    if accuracy_percent > factor * chance:
+        return False
+    msg = (f"the IEM's accuracy is near chance: {accuracy_percent:.2f}% ({source}) vs chance {chance:.2f}% "
+           f"({num_classes} classes). Its {what} are meaningless: train it longer / on more data first.")
+    bar = "!" * 100
+    print(f"\n{bar}\nWARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+    warnings.warn(msg, stacklevel=2)
+    return True
+
+
+def iem_accuracies(checkpoint, testing_results=None) -> dict[str, float]:
+    """Known accuracies (percent) of an IEM: ``{source: value}``.
+
+    From ``testing_results`` (``testing_results.csv``: column ``Top-1 Accuracy`` or ``Accuracy``) and from the
+    ``config.json`` beside ``checkpoint`` (keys ``val_acc`` / ``best_val_acc`` / ``val_accuracy`` /
+    ``validation_accuracy``; a value <= 1 is read as a fraction). Unreadable files are skipped.
+    """
+    out = {}
+    if testing_results is not None and Path(testing_results).exists():
+        try:
+            with open(testing_results, newline="", encoding="utf-8-sig") as f:
+                row = next(csv.DictReader(f), None) or {}
+            for col in ("Top-1 Accuracy", "Accuracy"):
+                if row.get(col) not in (None, ""):
+                    out[f"{testing_results} ({col})"] = float(row[col])
+                    break
+        except (OSError, ValueError):
+            pass
+    cfg = Path(checkpoint).parent / "config.json"
+    if cfg.exists():
+        try:
+            meta = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        for k in ("val_acc", "best_val_acc", "val_accuracy", "validation_accuracy"):
+            if isinstance(meta.get(k), (int, float)):
+                v = float(meta[k])
+                out[f"{cfg} ({k})"] = v * 100 if v <= 1 else v
+                break
+    return out
+
+
+def check_iem_not_near_chance(checkpoint, testing_results, num_classes: int, factor: float = 1.5,
+                              what: str = "explanations") -> list[str]:
+    """``warn_if_near_chance`` for every accuracy ``iem_accuracies`` finds; returns the sources that warned."""
+    return [src for src, acc in iem_accuracies(checkpoint, testing_results).items()
+            if warn_if_near_chance(acc, num_classes, src, factor, what)]
+
+
+# ----------------------------------------------------------------------------- files and locks
 
 def tis_file(out_dir, label: int) -> Path:
     return Path(out_dir) / f"label_{label}.csv"
@@ -99,12 +221,98 @@ def partial_file(out_dir, label: int) -> Path:
     return Path(out_dir) / f"label_{label}.csv.partial"
 
 
+def sidecar_file(out_dir, label: int) -> Path:
+    return Path(out_dir) / f"label_{label}.csv.run.json"
+
+
+def lock_file(out_dir, label: int) -> Path:
+    return Path(out_dir) / f"label_{label}.csv.lock"
+
+
+def try_lock(path) -> int | None:
+    """Exclusive non-blocking ``flock`` on ``path`` (created): the fd, or None when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def blocking_lock(path):
+    """Exclusive blocking ``flock`` on ``path`` for a short critical section."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_sidecar(out_dir, label: int) -> dict | None:
+    p = sidecar_file(out_dir, label)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _diff(old: dict | None, new: dict) -> dict:
+    """``{key: (stored, requested)}`` of the keys whose values differ."""
+    old = old or {}
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k != "run_id" and old.get(k) != new.get(k)}
+
+
+def final_names(path) -> list[str]:
+    """Filenames of a TIS CSV's rows in order (first field only; the scores are not parsed)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        return [row[0] for row in reader if row]
+
+
+def _dedupe_file(path, names: list[str]) -> list[str]:
+    """Rewrite a TIS CSV keeping the first row of each filename; returns the distinct names."""
+    if len(set(names)) == len(names):
+        return names
+    seen, keep = set(), []
+    with open(path, newline="", encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep.append(lines[0])
+    for line in lines[1:]:
+        name = next(csv.reader([line]), [""])[0]
+        if name and name not in seen:
+            seen.add(name)
+            keep.append(line)
+    print(f"note: {path} held {len(names) - len(seen)} repeated rows (two writers?); kept the first of each")
+    with atomic_write(path) as f:
+        f.write("".join(keep))
+    return [n for n in dict.fromkeys(names)]
+
+
+# ----------------------------------------------------------------------------- readers
+
 def read_partial(path) -> list[str]:
-    """Filenames of the complete rows of a partial TIS file; rewrites it without a torn last line."""
+    """Filenames of the complete rows of a partial TIS file; rewrites it without a torn last line and
+    without repeated names (the first row of a name is kept)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
-    good, names = [], []
+    good, names, seen = [], [], set()
     for i, line in enumerate(lines):
         if i == 0:
             if not line.endswith("\n"):
@@ -125,6 +333,9 @@ def read_partial(path) -> list[str]:
                 raise CortexError(f"{path}:{i + 1}: malformed row in the middle of a partial TIS file; delete it "
                                   f"and rerun this label")
             break  # torn last line of a killed run
+        if row[0] in seen:
+            continue  # a repeated name (two writers of an old version): keep the first row
+        seen.add(row[0])
         good.append(line)
         names.append(row[0])
     if "".join(good) != text:
@@ -134,10 +345,21 @@ def read_partial(path) -> list[str]:
 
 
 def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
-    """Read a TIS CSV once: filenames, labels and scores ``(N, 256)`` float64 (no ``ast``)."""
+    """Read a TIS CSV once: filenames, labels and scores ``(N, 256)`` float64 (no ``ast``).
+
+    Linear in the rows: one C parse (``cortex.stats.fast_list_csv``), else the row-by-row reader below,
+    which names a malformed line. A UTF-8 BOM is accepted; a NaN/Inf score or an image listed twice is a
+    CortexError naming the file and line (``cortex.stats.check_tis_rows``).
+    """
+    from .stats import check_tis_rows, fast_list_csv
+
     path = Path(path)
+    fast = fast_list_csv(path, TIS_HEADER, N_POS, np.float64)
+    if fast is not None:
+        check_tis_rows(path, fast[0], fast[2])
+        return fast[0], fast[1].tolist(), fast[2]
     names, labels, rows = [], [], []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != TIS_HEADER:
@@ -151,6 +373,7 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
             labels.append(int(row[1]))
             rows.append(row[2])
     scores = _parse_rows(rows, path)
+    check_tis_rows(path, names, scores)
     return names, labels, scores
 
 
@@ -182,16 +405,201 @@ def _collate(batch):
     return torch.stack([torch.as_tensor(e) for e in embs]), torch.as_tensor(labels, dtype=torch.long), list(names)
 
 
+class _LabelWriter:
+    """The labels this process writes: their locks, resume state, side-cars, rows and finishing.
+
+    ``names_of[l]``: the filenames of label ``l`` in dataset order. ``open(l)`` locks the label and returns
+    the set of names still to score (empty: nothing to do; None: another process holds the label).
+    """
+
+    def __init__(self, out_dir: Path, key: dict, run_id: str, resume: bool, names_of: dict[int, list[str]]):
+        self.out, self.key, self.run_id, self.resume, self.names_of = out_dir, key, run_id, resume, names_of
+        self.handles: dict[int, object] = {}
+        self.locks: dict[int, int] = {}
+        self.todo: dict[int, set[str]] = {}
+        self.busy: list[int] = []
+        self.skipped = self.scored = 0
+
+    def open(self, l: int) -> set[str] | None:
+        fd = try_lock(lock_file(self.out, l))
+        if fd is None:
+            print(f"label {l}: another process is writing {tis_file(self.out, l)} (it holds the lock "
+                  f"{lock_file(self.out, l).name}); skipping this label. When that process ends, rerun with "
+                  f"--resume to check that every label is complete.", flush=True)
+            self.busy.append(l)
+            return None
+        self.locks[l] = fd
+        try:
+            return self._load(l)
+        except BaseException:
+            self._release(l)
+            raise
+
+    def _load(self, l: int) -> set[str]:
+        want = self.names_of[l]
+        final, part = tis_file(self.out, l), partial_file(self.out, l)
+        side = read_sidecar(self.out, l)
+        if (final.exists() or part.exists()) and (side or {}).get("run_id") != self.run_id:
+            raise CortexError(f"{final}: written by another TIS run while this one started (differs: "
+                              f"{_diff((side or {}).get('config'), self.key)}); use a new results directory "
+                              f"or --overwrite")
+        if self.resume and final.exists():
+            names = set(_dedupe_file(final, final_names(final)))
+            missing = [n for n in want if n not in names]
+            if not missing:
+                self.skipped += len(want)
+                self.todo[l] = set()
+                self._record_run(l)
+                self._release(l)
+                return set()
+            print(f"note: {final} lacks {len(missing)} of the label's {len(want)} images; reopened to score them")
+            os.replace(final, part)
+        if part.exists():
+            if self.resume:
+                done = set(read_partial(part))
+            else:
+                part.unlink()
+                done = set()
+        else:
+            done = set()
+        with atomic_write(sidecar_file(self.out, l)) as f:
+            json.dump({"run_id": self.run_id, "config": self.key}, f, indent=2, sort_keys=True)
+        rest = [n for n in want if n not in done]
+        self.skipped += len(want) - len(rest)
+        self.todo[l] = set(rest)
+        if not rest:
+            self.finish(l)
+        return set(rest)
+
+    def write(self, l: int, name: str, scores: np.ndarray) -> None:
+        """Append one row (a name already written is ignored) and finish the label after its last image."""
+        todo = self.todo.get(l)
+        if not todo or name not in todo:
+            return
+        f = self.handles.get(l)
+        if f is None:
+            part = partial_file(self.out, l)
+            new = not part.exists() or part.stat().st_size == 0
+            f = self.handles[l] = open(part, "a", newline="", encoding="utf-8")
+            if new:
+                csv.writer(f).writerow(TIS_HEADER)
+        csv.writer(f).writerow([name, l, format_list(scores)])
+        f.flush()
+        self.scored += 1
+        todo.discard(name)
+        if not todo:
+            self.finish(l)
+
+    def finish(self, l: int) -> None:
+        f = self.handles.pop(l, None)
+        if f is not None:
+            f.close()
+        part, final = partial_file(self.out, l), tis_file(self.out, l)
+        if part.exists():
+            with open(part, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(part, final)
+        self._record_run(l)
+        self._release(l)
+
+    def _record_run(self, l: int) -> None:
+        path = self.out / "runs.json"
+        with blocking_lock(self.out / "runs.json.lock"):
+            runs = json.loads(path.read_text()) if path.exists() else {}
+            if runs.get(str(l)) != self.run_id:
+                runs[str(l)] = self.run_id
+                with atomic_write(path) as f:
+                    json.dump(dict(sorted(runs.items(), key=lambda kv: int(kv[0]))), f, indent=1)
+
+    def _release(self, l: int) -> None:
+        unlock(self.locks.pop(l, None))
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+        self.handles.clear()
+        for l in list(self.locks):
+            self._release(l)
+
+
+def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool) -> None:
+    """Write ``tis_config.json`` (atomically, under its lock) or check that it holds this run's key."""
+    path = out_dir / "tis_config.json"
+    with blocking_lock(out_dir / "tis_config.json.lock"):
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except ValueError:
+                old = {}
+            if old.get("run_id") == run_id:
+                return
+            if not overwrite:
+                diff = _diff(old, key)
+                hint = ("the baseline changed: codebook.npy was added, removed or changed since the stored labels "
+                        "were scored. " if "baseline" in diff else "")
+                raise CortexError(f"{path}: this folder holds a TIS run with other settings (differs, stored -> "
+                                  f"requested: {diff}). {hint}Use a new results directory (--results_dir), or "
+                                  f"pass --overwrite to start this folder over with the new settings.")
+            print(f"--overwrite: {path} replaced (differs: {_diff(old, key)})")
+        with atomic_write(path) as f:
+            json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
+
+
+def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, delete) this shard's label files written under another run id."""
+    bad = []
+    for l in labels:
+        final, part = tis_file(out_dir, l), partial_file(out_dir, l)
+        if not (final.exists() or part.exists()):
+            continue
+        side = read_sidecar(out_dir, l)
+        if side is not None and side.get("run_id") == run_id:
+            continue
+        if overwrite:
+            fd = try_lock(lock_file(out_dir, l))
+            if fd is not None:  # a held label is refused later, when this run reaches it
+                for p in (final, part, sidecar_file(out_dir, l)):
+                    p.unlink(missing_ok=True)
+                unlock(fd)
+            continue
+        what = ("no run identity (written by an older version or another tool)" if not side
+                else f"differs, stored -> requested: {_diff(side.get('config'), key)}")
+        bad.append(f"{(final if final.exists() else part).name}: {what}")
+    if bad:
+        raise CortexError(f"{out_dir}: {len(bad)} label files were not written by a run with these settings:\n  "
+                          + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "") +
+                          "\nUse a new results directory (--results_dir), or pass --overwrite to delete these "
+                          "files and score their labels again.")
+
+
+def _resolve_copies(config: TISConfig, model, device) -> int | None:
+    """Copies per forward+backward pass: ``max_copies_per_pass`` if given (0: all), else from the budget."""
+    if config.max_copies_per_pass is not None:
+        return config.max_copies_per_pass or None
+    free, where = available_memory_bytes(device)
+    budget = config.max_memory_gb * 2 ** 30 if config.max_memory_gb else 0.5 * free
+    per = memory_per_copy(model, torch.zeros(1, 256, 16, 16, device=device))
+    copies = copies_for_budget(budget, per)
+    src = f"--max_memory_gb {config.max_memory_gb}" if config.max_memory_gb else f"50% of {free / 2**30:.1f} GiB ({where})"
+    print(f"memory: budget {budget / 2**30:.2f} GiB ({src}), {per / 2**20:.1f} MiB per copy (measured) -> "
+          f"{copies} copies per forward+backward pass")
+    return copies
+
+
 def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | None = None, *,
-                batch_size: int = 25, device="cpu", codebook=None, resume: bool = False,
-                shard: int = 0, num_shards: int = 1, num_workers: int = 0, progress: bool = True) -> dict:
+                batch_size: int = 25, device="cpu", codebook=None, resume: bool = False, overwrite: bool = False,
+                shard: int = 0, num_shards: int = 1, num_workers: int = 0, progress: bool = True,
+                run_info: dict | None = None, net: tuple[str, int] | None = None) -> dict:
     """Score every image of ``dataset`` (this shard's labels) and write ``out_dir/label_{k}.csv``.
 
     model: IEM taking ``(B, 256, 16, 16)``; dataset: items ``(embedding (256,16,16), label, filename)``
     with a ``labels`` list (``cortex.data.EmbeddingDataset``; items may carry ``(256,)`` token ids instead,
     which its ``lookup`` turns into embeddings on ``device``); codebook ``(n_codes, 256)`` gives the
-    baseline of integrated gradients / occlusion (mean codebook vector; zeros when None).
-    Returns ``{"labels": [...], "scored": n_new_rows, "skipped": n_rows_kept, "files": [...]}``.
+    baseline of integrated gradients / occlusion (mean codebook vector; zeros when None). run_info: extra
+    identity of the run for ``tis_config.json`` (checkpoint hash, model, data; see the module docstring);
+    net: ``(experiment, model_id)`` for ``--fast``'s bf16 allow-list. ``overwrite``: delete label files of
+    another run instead of refusing. See the module docstring for the files and the integrity rules.
+    Returns ``{"labels", "scored", "skipped", "files", "busy", "run_id", "copies_per_pass", "fast_agreement"}``.
     """
     from tqdm import tqdm
 
@@ -199,16 +607,37 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    extra = {}
-    if ATTRIBUTIONS[config.attribution].uses_baseline:  # the baseline changes the scores: part of the config
-        extra["baseline"] = "zeros" if codebook is None else "codebook mean, sha1 " + hashlib.sha1(
-            np.ascontiguousarray(codebook, dtype=np.float32).tobytes()).hexdigest()[:16]
-    _check_config(out_dir, config, resume, extra)
+    attr = ATTRIBUTIONS[config.attribution]
+    authors = config.noise_scope == "authors"
 
+    exact = model.to(device).eval()
+    fast_info = False
+    run_model = exact
+    if config.fast:
+        run_model, fast_info = prepare_fast(exact, device, net)
+        print(f"--fast: {fast_info['bn_folds']} BatchNorms folded, channels-last, bf16 autocast "
+              f"{'on' if fast_info['bf16'] else 'off'}")
+
+    key = {"format": FORMAT_VERSION, **config.score_key(), "fast": fast_info, **(run_info or {})}
+    if attr.uses_baseline:  # the baseline changes the scores: part of the config
+        key["baseline"] = "zeros" if codebook is None else "codebook mean, sha1 " + hashlib.sha1(
+            np.ascontiguousarray(codebook, dtype=np.float32).tobytes()).hexdigest()[:16]
+    if attr.stochastic and config.noise_scope == "sample":
+        key["noise_device"] = device.type
+    if attr.stochastic and config.noise_scope in ("batch", "authors"):
+        key["batch_size"] = int(batch_size)
+    if authors:
+        key["order"] = "split CSV order, batches across labels"
+    run_id = run_id_of(key)
     labels_of = [int(l) for l in dataset.labels]
     mine = shard_labels(labels_of, shard, num_shards)
-    by_label: dict[int, list[int]] = defaultdict(list)
+    if not overwrite:  # refuse before anything is written
+        _check_label_files(out_dir, mine, key, run_id, overwrite=False)
+    _claim_config(out_dir, key, run_id, overwrite)
+    if overwrite:
+        _check_label_files(out_dir, mine, key, run_id, overwrite=True)
     keep = set(mine)
+    by_label: dict[int, list[int]] = defaultdict(list)
     for i, l in enumerate(labels_of):
         if l in keep:
             by_label[l].append(i)
@@ -216,127 +645,140 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     def name_of(i):
         return dataset.records[i].filename if hasattr(dataset, "records") else dataset[i][2]
 
-    todo: list[int] = []
-    remaining: dict[int, int] = {}
-    skipped = 0
-    for l in mine:
-        final, part = tis_file(out_dir, l), partial_file(out_dir, l)
-        if resume and final.exists():
-            skipped += len(by_label[l])
-            continue
-        done = set(read_partial(part)) if resume and part.exists() else set()
-        if not resume and part.exists():
-            part.unlink()
-        rest = [i for i in by_label[l] if name_of(i) not in done]
-        skipped += len(by_label[l]) - len(rest)
-        if not rest:
-            _finish(part, final)
-            continue
-        remaining[l] = len(rest)
-        todo.extend(rest)
-
-    model = model.to(device).eval()
+    writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine})
+    copies = _resolve_copies(config, run_model, device)
     cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
     opts = dict(nsamples=config.nsamples, stdev_spread=config.stdev_spread, noise_scope=config.noise_scope,
-                codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=config.max_copies_per_pass)
-    stochastic = ATTRIBUTIONS[config.attribution].stochastic
-
+                codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies)
     lookup = getattr(dataset, "lookup", None)
-    files: dict[int, object] = {}
-    scored = 0
-    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate)
+    agreement = {}
+
+    def embed(emb):
+        emb = emb.to(device)
+        return lookup(emb) if lookup is not None else emb  # ids (B, 256) -> (B, 256, 16, 16) on the device
+
+    def score(m, emb, lab, noise) -> torch.Tensor:  # (B, 256)
+        if authors:
+            g = smoothgrad_from_noise(m, emb, lab, noise, copies, out_dtype=torch.float64)
+            return reduce_channels(g, config.reduction)
+        return token_scores(config.attribution, m, emb, lab, method=config.reduction, noise=noise, **opts)
+
+    def score_and_write(emb, lab, names, noise, rows) -> None:
+        s = score(run_model, emb, lab, noise)
+        if config.fast and not agreement:
+            ref = score(exact, emb, lab, noise)
+            k = min(20, ref.shape[1])
+            agreement.update(max_abs_diff=(s.double() - ref.double()).abs().max().item(),
+                             max_abs_score=ref.abs().max().item(), top20_overlap=top_overlap(s.float(), ref.float(), k))
+            print(f"--fast vs exact on the first batch: max |diff| {agreement['max_abs_diff']:.3g} (max |score| "
+                  f"{agreement['max_abs_score']:.3g}), top-{k} position overlap {agreement['top20_overlap']:.4f}")
+        s = s.detach().cpu()
+        s = (s.double() if authors else s.float()).numpy()  # (B, 256)
+        labs = lab.tolist()
+        for j in rows:
+            if not np.isfinite(s[j]).all():
+                raise CortexError(f"non-finite TIS for image {names[j]} (label {labs[j]}, file "
+                                  f"{tis_file(out_dir, labs[j])}): the IEM or the embedding {names[j]} produces "
+                                  f"NaN/Inf gradients; check the checkpoint and this embedding")
+            writer.write(labs[j], names[j], s[j])
+
+    def loader_of(ds):
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
+
+    desc = f"TIS {config.attribution} shard {shard}/{num_shards}"
     try:
-        bar = tqdm(loader, desc=f"TIS {config.attribution} shard {shard}/{num_shards}", unit="batch",
-                   disable=not progress)
-        for emb, lab, names in bar:
-            emb, lab = emb.to(device), lab.to(device)
-            if lookup is not None:
-                emb = lookup(emb)  # compact layout: ids (B, 256) -> (B, 256, 16, 16) on the device
-            seeds = [image_seed(config.seed, n) for n in names] if stochastic else None
-            scores = token_scores(config.attribution, model, emb, lab, method=config.reduction, seeds=seeds, **opts)
-            scores = scores.detach().float().cpu().numpy()  # (B, 256)
-            for name, l, s in zip(names, lab.tolist(), scores):
-                if not np.isfinite(s).all():
-                    raise CortexError(f"non-finite TIS for image {name} (label {l}, file "
-                                      f"{tis_file(out_dir, l)}): the IEM or the embedding {name} produces NaN/Inf "
-                                      f"gradients; check the checkpoint and this embedding")
-                f = files.get(l)
-                if f is None:
-                    part = partial_file(out_dir, l)
-                    new = not part.exists() or part.stat().st_size == 0
-                    f = files[l] = open(part, "a", newline="", encoding="utf-8")
-                    if new:
-                        csv.writer(f).writerow(TIS_HEADER)
-                csv.writer(f).writerow([name, l, format_list(s)])
-                f.flush()
-                scored += 1
-                remaining[l] -= 1
-                if remaining[l] == 0:
-                    files.pop(l).close()
-                    _finish(partial_file(out_dir, l), tis_file(out_dir, l))
-    finally:
-        for f in files.values():
-            f.close()
-    return {"labels": mine, "scored": scored, "skipped": skipped,
-            "files": [str(tis_file(out_dir, l)) for l in mine]}
-
-
-def _finish(part: Path, final: Path) -> None:
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, final)
-
-
-def _check_config(out_dir: Path, config: TISConfig, resume: bool, extra: dict | None = None) -> None:
-    path = out_dir / "tis_config.json"
-    key = {**config.score_key(), **(extra or {})}
-    if resume and path.exists():
-        old = json.loads(path.read_text())
-        if "baseline" in key and "baseline" not in old and old == {k: v for k, v in key.items() if k != "baseline"}:
-            # written before the baseline was recorded: trust it, and record the baseline below
-            print(f"note: {path} does not record the baseline; assuming it was {key['baseline']!r} (the current "
-                  f"one) and adding it")
-        elif old != key:
-            diff = {k: (old.get(k), key.get(k)) for k in set(old) | set(key) if old.get(k) != key.get(k)}
-            hint = ("the baseline changed: codebook.npy was added, removed or changed since the stored labels were "
-                    "scored. " if "baseline" in diff else "")
-            raise CortexError(f"{path}: --resume with different settings {diff} (stored, requested). {hint}Rerun "
-                              f"with the stored settings, or without --resume to start over.")
+        if authors:
+            # the authors' loop: every batch of the split in order, noise drawn for each (kept in step)
+            opened: dict[int, set[str] | None] = {}
+            it = iter(loader_of(dataset))  # created before seeding: the iterator itself draws from the global RNG
+            torch.manual_seed(config.seed)
+            for emb, lab, names in tqdm(it, total=len(it), desc=desc, unit="batch", disable=not progress):
+                emb, lab = embed(emb), lab.to(device)
+                noise = authors_noise(emb, config.nsamples, config.stdev_spread)  # (S, B, 256, 16, 16)
+                rows = []
+                for j, (name, l) in enumerate(zip(names, lab.tolist())):
+                    if l in keep:
+                        if l not in opened:
+                            opened[l] = writer.open(l)
+                        if opened[l] and name in opened[l]:
+                            rows.append(j)
+                if rows:
+                    score_and_write(emb, lab, names, noise, rows)
         else:
-            return
-    with atomic_write(path) as f:
-        json.dump(key, f, indent=2, sort_keys=True)
+            bar = tqdm(total=sum(len(v) for v in by_label.values()), desc=desc, unit="img", disable=not progress)
+            for l in mine:
+                rest = writer.open(l)
+                idx = [i for i in by_label[l] if rest and name_of(i) in rest]
+                bar.update(len(by_label[l]) - len(idx))
+                for emb, lab, names in loader_of(Subset(dataset, idx)):
+                    emb, lab = embed(emb), lab.to(device)
+                    noise = None
+                    if attr.stochastic:
+                        noise = standard_noise(config.nsamples, emb.shape[1:],
+                                               seeds=[image_seed(config.seed, n) for n in names], device=device)
+                    score_and_write(emb, lab, names, noise, range(len(names)))
+                    bar.update(len(names))
+            bar.close()
+    finally:
+        writer.close()
+    if writer.busy:
+        print(f"warning: {len(writer.busy)} labels were skipped because another process holds them: "
+              f"{writer.busy[:20]}{' ...' if len(writer.busy) > 20 else ''}. Rerun with --resume after it ends.")
+    return {"labels": mine, "scored": writer.scored, "skipped": writer.skipped, "busy": writer.busy,
+            "files": [str(tis_file(out_dir, l)) for l in mine], "run_id": run_id, "copies_per_pass": copies,
+            "fast_agreement": agreement}
 
 
 # ----------------------------------------------------------------------------- scripts
 
 def tis_parser(batch_size_default: int = 25, data_type_default: str | None = None) -> argparse.ArgumentParser:
     """The TIS_computation.py flags (parent parser; both experiment folders use it)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = make_parser(add_help=False)
     g = p.add_argument_group("TIS")
     g.add_argument("--data_type", choices=("train", "test", "validation"), default=data_type_default,
                    required=data_type_default is None, help="which split to score")
-    g.add_argument("--batch_size", type=int, default=batch_size_default, help="images per batch (default: %(default)s)")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size_default, help="images per batch (default: %(default)s)")
     g.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
                    help="score: the paper's smoothgrad (default), smoothgrad_x_input, integrated_gradients, "
                         "occlusion; non-paper scores go to results/TIS_<attribution>/")
     g.add_argument("--method", choices=("max", "ave", "mean", "sum"), default=None,
                    help="channel reduction (seed: max|ave). Default: max for smoothgrad, sum for "
                         "smoothgrad_x_input and integrated_gradients, mean for occlusion")
-    g.add_argument("--nsamples", type=int, default=20, help="SmoothGrad noise draws (default: %(default)s)")
-    g.add_argument("--stdev_spread", type=float, default=0.2,
+    g.add_argument("--nsamples", type=positive_int, default=20, help="SmoothGrad noise draws (default: %(default)s)")
+    g.add_argument("--stdev_spread", type=nonneg_float, default=0.2,
                    help="noise sd = stdev_spread * (max - min) (default: %(default)s)")
     g.add_argument("--noise_scope", choices=NOISE_SCOPES, default="sample",
-                   help="max-min per image (default; scores independent of --batch_size) or over the batch "
-                        "(reproduces the seed code)")
-    g.add_argument("--ig_steps", type=int, default=32, help="integrated-gradients steps (default: %(default)s)")
-    g.add_argument("--max_copies_per_pass", type=int, default=256,
-                   help="memory knob: noisy / interpolated / occluded copies per forward+backward; does not "
-                        "change the scores (default: %(default)s; 0 = all copies of a batch at once)")
-    g.add_argument("--resume", action="store_true", help="skip finished labels and the finished rows of a partial label")
-    g.add_argument("--shard", type=int, default=None, help="this shard (default: $SLURM_ARRAY_TASK_ID - min, else 0)")
-    g.add_argument("--num_shards", type=int, default=None, help="number of shards (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+                   help="sample (default): max-min per image and noise seeded by (--seed, filename): scores "
+                        "independent of --batch_size, shards and resuming. batch: max-min over the batch (the "
+                        "authors' scale). authors: the authors' script exactly: batches of --batch_size "
+                        "consecutive rows of the split CSV (across labels), torch.manual_seed(--seed) once, then "
+                        "per batch per draw one torch.normal(0, sd, batch shape) from the global CPU generator, "
+                        "gradients summed in float64, scores written as float64; same seed, batch size and order "
+                        "-> the same files as their script (smoothgrad only)")
+    g.add_argument("--ig_steps", type=positive_int, default=32, help="integrated-gradients steps (default: %(default)s)")
+    g.add_argument("--max_memory_gb", type=positive_float, default=None,
+                   help="memory budget of the noisy / interpolated / occluded copies. Copies per forward+backward "
+                        "pass = floor(budget / memory per copy), the memory per copy measured once on the model "
+                        "with a small probe (CUDA: peak allocated memory; CPU: bytes saved for backward x 1.5). "
+                        "Default: 50%% of the GPU's free memory (CUDA) or of MemAvailable (CPU). Does not change "
+                        "the scores")
+    g.add_argument("--max_copies_per_pass", type=positive_int, default=None,
+                   help="explicit override of the copies per forward+backward pass (0 = all copies of a batch at "
+                        "once); default: from --max_memory_gb. Does not change the scores")
+    g.add_argument("--fast", action="store_true",
+                   help="fold BatchNorm into the preceding conv/linear and run channels-last (+ bf16 autocast on "
+                        "CUDA for nets whose bf16 top-20 positions agree >= 99%% with float32: VQGAN Net3 only). "
+                        "Prints max |diff| and top-20 overlap against the exact path on the first batch. Scores "
+                        "differ from the exact default by float rounding (more with bf16); recorded in "
+                        "tis_config.json")
+    g.add_argument("--resume", action="store_true",
+                   help="skip finished labels and the finished rows of a partial label (refused when the files "
+                        "come from other settings, checkpoint or dataset)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete this shard's label files written with other settings (and replace tis_config.json) "
+                        "instead of refusing to start")
+    g.add_argument("--shard", type=nonneg_int, default=None, help="this shard (default: $SLURM_ARRAY_TASK_ID - min, else 0)")
+    g.add_argument("--num_shards", type=positive_int, default=None, help="number of shards (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
     g.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -360,7 +802,7 @@ def run_tis(args, experiment: str) -> dict:
 
     Uses ``args`` from ``paths_parser``, ``runtime_parser``, ``model_parser`` and ``tis_parser``.
     """
-    from .data import EmbeddingDataset, load_codebook, resolve_num_classes
+    from .data import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
     from .models import load_iem
     from .paths import ExperimentPaths
     from .utils import get_device, require_file, save_run_args, seed_everything
@@ -369,7 +811,8 @@ def run_tis(args, experiment: str) -> dict:
     shard, num_shards = resolve_shard(args.shard, args.num_shards)
     config = TISConfig(attribution=args.attribution, method=args.method, nsamples=args.nsamples,
                        stdev_spread=args.stdev_spread, noise_scope=args.noise_scope, seed=args.seed,
-                       ig_steps=args.ig_steps, max_copies_per_pass=args.max_copies_per_pass)
+                       ig_steps=args.ig_steps, fast=getattr(args, "fast", False),
+                       max_copies_per_pass=args.max_copies_per_pass, max_memory_gb=getattr(args, "max_memory_gb", None))
     out_dir = paths.tis_dir(args.model, args.data_type, args.attribution)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(args, out_dir, name="args.json" if num_shards == 1 else f"args_shard{shard}of{num_shards}.json")
@@ -380,6 +823,8 @@ def run_tis(args, experiment: str) -> dict:
                         f"Train it first (python train.py --model {args.model}) or pass --checkpoint_dir.")
     model = load_iem(ckpt, experiment, args.model, num_classes=args.num_classes, width=args.width,
                      depth=args.depth, map_location="cpu")
+    model_classes = getattr(model, "num_classes", num_classes)
+    check_iem_not_near_chance(ckpt, paths.testing_results(args.model), model_classes, what="token importance scores")
     dataset = EmbeddingDataset(paths.data_dir, args.data_type, num_classes, layout=args.data_layout, return_ids=True)
     codebook = None
     if ATTRIBUTIONS[args.attribution].uses_baseline:
@@ -387,9 +832,18 @@ def run_tis(args, experiment: str) -> dict:
             codebook = load_codebook(paths.data_dir)
         else:
             print(f"note: {paths.data_dir}/codebook.npy not found; the {args.attribution} baseline is zeros")
+    run_info = {
+        "checkpoint": {"file": ckpt.name, "sha256": file_sha256(ckpt)},
+        "model": {"experiment": experiment, "model_id": int(args.model), "num_classes": int(model_classes),
+                  "width": getattr(model, "width", None), "depth": getattr(model, "depth", None)},
+        "data": {"split": args.data_type, "csv_sha256": file_sha256(split_csv(paths.data_dir, args.data_type)),
+                 "codebook_sha256": file_sha256(Path(paths.data_dir) / "codebook.npy")},
+    }
     summary = compute_tis(model, dataset, out_dir, config, batch_size=args.batch_size, device=device,
-                          codebook=codebook, resume=args.resume, shard=shard, num_shards=num_shards,
-                          num_workers=args.num_workers, progress=not args.no_progress)
+                          codebook=codebook, resume=args.resume, overwrite=getattr(args, "overwrite", False),
+                          shard=shard, num_shards=num_shards, num_workers=args.num_workers,
+                          progress=not args.no_progress, run_info=run_info, net=(experiment, int(args.model)))
     print(f"TIS ({args.attribution}, {config.reduction}) of {len(summary['labels'])} labels -> {out_dir}: "
-          f"{summary['scored']} images scored, {summary['skipped']} already done")
+          f"{summary['scored']} images scored, {summary['skipped']} already done"
+          + (f", {len(summary['busy'])} labels held by another process" if summary["busy"] else ""))
     return summary

@@ -18,6 +18,13 @@ class CortexError(RuntimeError):
 
 # ----------------------------------------------------------------------------- files
 
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than two system calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str | None = "utf-8",
                  fsync: bool = False):
@@ -25,11 +32,16 @@ def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str 
 
     An interrupted (killed) run never leaves a half-written file that a later step would trust.
     ``fsync=True`` also survives a power loss, at a large cost per file.
+    The file gets the permissions of a plain ``open()`` (0666 minus the umask: 0644 under umask 022), not
+    ``mkstemp``'s private 0600. An OSError raised while writing (disk full, ...) names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     kwargs = {} if "b" in mode else {"newline": newline, "encoding": encoding}
     try:
         with open(tmp, mode, **kwargs) as f:
@@ -38,9 +50,11 @@ def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str 
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(path)  # a failed write() names no file; the error message should
         raise
 
 
@@ -54,6 +68,17 @@ def atomic_torch_save(obj, path) -> None:
 
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
+
+
+def generator_command(data_dir) -> str:
+    """``python /abs/<experiment>/generate_dataset.py`` for a dataset folder inside an experiment folder (the
+    script found in one of ``data_dir``'s parents: ``<root>/datasets``, ``<root>/datasets/<bias>/embeddings``),
+    else ``python generate_dataset.py``."""
+    here = Path(os.path.abspath(data_dir))
+    for folder in list(here.parents)[:3]:
+        if (folder / "generate_dataset.py").is_file():
+            return f"python {folder / 'generate_dataset.py'}"
+    return "python generate_dataset.py"
 
 
 def require_file(path, what: str, hint: str) -> Path:
@@ -103,28 +128,70 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def warn_no_cuda(flag: str) -> None:
+    """The one-line warning when CUDA is asked for (``flag``, e.g. ``--gpu 0``) on a machine without it."""
+    print(f"warning: {flag}: CUDA is not available on this machine; running on the CPU", file=sys.stderr, flush=True)
+
+
 def get_device(device: str | None = None, gpu: int | None = None):
     """``--device`` wins (``cpu``, ``cuda``, ``cuda:1``); else ``--gpu g`` means ``cuda:g``;
-    else CUDA when present, CPU otherwise. Asking for CUDA on a machine without it is an error."""
+    else CUDA when present, CPU otherwise. CUDA asked for on a machine without it: a one-line warning
+    (stderr) and the CPU. A malformed ``--device`` is a CortexError."""
     import torch
 
     if device in (None, "", "auto"):
-        if gpu is not None and gpu >= 0 and torch.cuda.is_available():
-            device = f"cuda:{gpu}"
+        if gpu is not None and gpu >= 0:
+            device, flag = f"cuda:{gpu}", f"--gpu {gpu}"
         else:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+            device, flag = ("cuda" if torch.cuda.is_available() else "cpu"), None
+    else:
+        flag = f"--device {device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise CortexError(f"--device {device}: not a torch device ({e}); use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CortexError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        warn_no_cuda(flag)
+        return torch.device("cpu")
     return dev
 
 
+_running = {"script": None}
+
+# not settings: where things go and how much is printed (the one-line summary leaves them out)
+_NOT_SETTINGS = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "verbose", "debug", "no_progress"}
+
+
+def set_running_script(path) -> None:
+    """Name the script whose ``main`` runs now (``cortex.cli.run_main``, ``cortex.scripts.run_script``)."""
+    _running["script"] = str(path) if path is not None else None
+
+
+def settings_line(d: dict, out_dir) -> str:
+    """``train.py: model=1 width=32 epochs=10 ... -> /abs/out_dir``: the given settings on one line.
+
+    Path flags, message flags and unset (None / False) values are left out; lists are comma-joined.
+    """
+    script = Path(_running["script"] or sys.argv[0] or "cortex").name
+    parts = []
+    for k, v in d.items():
+        if k.startswith("_") or k in _NOT_SETTINGS or v is None or v is False:
+            continue
+        v = ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
+        parts.append(f"{k}={v}" if v is not True else k)
+    return f"{script}: {' '.join(parts)} -> {Path(out_dir).absolute()}"
+
+
 def save_run_args(args, out_dir, name: str = "args.json", quiet: bool = False) -> Path:
-    """Print the run's arguments and save them as JSON beside its outputs (DINO habit)."""
+    """Save the run's arguments as JSON beside its outputs (DINO habit) and print one settings line
+    (``settings_line``); ``--verbose`` prints every argument, one per line, as before; ``quiet``: nothing."""
     d = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     d["_argv"] = sys.argv
     if not quiet:
-        print("\n".join(f"{k}: {v}" for k, v in sorted(d.items()) if not k.startswith("_")))
+        if d.get("verbose"):
+            print("\n".join(f"{k}: {v}" for k, v in sorted(d.items()) if not k.startswith("_")))
+        else:
+            print(settings_line(d, out_dir), flush=True)
     out = Path(out_dir) / name
     with atomic_write(out) as f:
         json.dump(d, f, indent=2, default=str)

@@ -67,7 +67,7 @@ def test_all_three_nets_train_and_test(root):
         out = root / "results" / BT / "Classification" / f"ClassificationNet{m}" / "testing_results.csv"
         rows = _rows(out)
         assert rows[0] == ["Accuracy"] and float(rows[1][0]) == pytest.approx(acc, abs=0.01)
-    assert list((root / "logs" / BT).glob("training_log_*.txt"))
+    assert len(list((root / "logs").glob("training_log_*.txt"))) >= 3  # logs/ as the authors (no {bias_type}/)
 
 
 def test_tis_files(root):
@@ -84,7 +84,8 @@ def test_bias_detection_outputs(root):
     assert out["csv"] == path
     rows = _rows(path)
     assert rows[0] == ["total_files", "total_token_occurrences", "average_frequency_per_file",
-                       "number_of_target_tokens", "label", "tokens", "cliff_delta", "cliff_delta_seed"]
+                       "number_of_target_tokens", "label", "tokens", "cliff_delta", "cliff_delta_seed",
+                       "p_value", "cliff_delta_ci_low", "cliff_delta_ci_high", "magnitude"]
     assert [r[4] for r in rows[1:]] == ["0", "1"]
     assert all(r[0] == "24" and r[3] == "4" for r in rows[1:])
     d0, d1 = float(rows[1][6]), float(rows[2][6])

@@ -52,7 +52,7 @@ def test_compact_dataset_from_the_authors_files(tiny_root, tmp_path):
     np.save(d / "train" / rec.filename, emb)
     with pytest.raises(CortexError, match=rf"{rec.filename}: position 35 \(row 2, col 3\) holds NaN"):
         run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--no_progress"])
-    with pytest.raises(CortexError, match="the CSVs use token id 63 but --n_codes is 8"):
+    with pytest.raises(CortexError, match="token id 63 is outside the codebook: --n_codes gives 8 codes"):
         run_script("VQGAN_explanation/compact_dataset.py", ["--root", root, "--force", "--n_codes", "8"])
 
 

@@ -2,6 +2,7 @@
 import re
 
 from cortex import demo
+from cortex.scripts import REPO, load_script
 
 
 def test_tiny_demo_end_to_end(tmp_path):
@@ -17,6 +18,10 @@ def test_tiny_demo_end_to_end(tmp_path):
     data = [r for r in rows if re.search(r"[-+]?\d+\.\d+", "|".join(r.split("|")[2:]))]
     assert len(data) >= 4 + 10 + 3 + 4 + 3 + 8  # accuracy, recovery, deletion, concept, codebook, bias rows
     assert "nan" not in report.lower()
+    # the report names its machine, and the README's demo tables have its tables, columns and row labels
+    assert re.search(r"^Machine: .+, \d+ cores, torch \S+, \d{4}-\d\d-\d\d", report, re.M)
+    check = load_script(REPO / "scripts" / "check_readme_demo.py")
+    assert check.check(REPO / "README.md", tmp_path / "results" / "demo_report.md", structure_only=True) == []
     for method in ("smoothgrad (top 5)", "smoothgrad_x_input (top 5)", "frequency_baseline", "random"):
         assert f"| {method} |" in report
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)

@@ -125,7 +125,8 @@ def test_ddp_two_processes_write_once(data_dir, tmp_path):
     assert "skipping batch 0: non-finite loss on another rank" in text  # rank 0 skipped it too
 
     assert _model_files(one) == _model_files(two) == [
-        "best_model.pth", "config.json", "lightning/last.ckpt", "model.pth", "train_args.json"]
+        "best_model.pth", "config.json", "lightning/last.ckpt", "lightning/last.prev.ckpt", "lightning/metrics.csv",
+        "loss_curves.png", "model.pth", "train_args.json"]
     _check_log(_log(one), 2)
     _check_log(_log(two), 2)  # each epoch once: rank 1 wrote nothing
     printed = [l for l in text.splitlines() if EPOCH_LINE.fullmatch(l.strip())]
@@ -168,8 +169,8 @@ def test_killed_run_resumes(data_dir, tmp_path):
     after = _log(out)
     _check_log(after, epochs)
     assert after[: 2 * (k + 1)] == before[: 2 * (k + 1)]  # the checkpointed epochs' lines kept as they were
-    assert _model_files(out) == ["best_model.pth", "config.json", "lightning/last.ckpt", "model.pth",
-                                 "train_args.json"]
+    assert _model_files(out) == ["best_model.pth", "config.json", "lightning/last.ckpt", "lightning/last.prev.ckpt",
+                                 "lightning/metrics.csv", "loss_curves.png", "model.pth", "train_args.json"]
     assert torch.load(ckpt, weights_only=False, map_location="cpu")["epoch"] == epochs - 1
 
 

@@ -40,9 +40,10 @@ def test_token_id_masks():
     assert masks[0].sum() == masks[1].sum() == (ids == 3).sum()  # same id twice: same set
     assert np.array_equal(masks[2], np.isin(ids, [3, 7]))
     assert np.array_equal(M.positions_with_ids(ids, {3, 7}), masks[2])
-    a, b = M.random_positions(0, "0_1.npy"), M.random_positions(0, "0_1.npy")
-    assert np.array_equal(a, b) and sorted(a) == list(range(256))
-    assert not np.array_equal(a, M.random_positions(0, "0_2.npy"))
+    a = M.authors_random_draws(["0_1.npy", "0_2.npy"], [3, 5])
+    assert [len(p) for p in a["0_1.npy"]] == [3, 5] and all(len(set(p)) == len(p) for p in a["0_1.npy"])
+    assert M.authors_random_draws(["0_1.npy", "0_2.npy"], [3, 5]).keys() == a.keys()
+    assert np.array_equal(M.draw_masks(ids, [np.array([3, 7])])[0], np.isin(ids, [3, 7]))
     with pytest.raises(CortexError, match="NaN"):
         M.ranking(np.full(256, np.nan))
     with pytest.raises(CortexError, match="num_tokens"):

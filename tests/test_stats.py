@@ -14,7 +14,7 @@ from tests.helpers import run_script
 IMAGES = {
     "0_0.npy": (0, [7, 5, 9, 5, 0]),
     "0_1.npy": (0, [5, 7, 9, 1, 0]),
-    "0_2.npy": (0, [9, 7, 3, 3, 0]),   # all scores equal: stable order = positions 0, 1, 2, ...
+    "0_2.npy": (0, [9, 7, 3, 3, 0]),
     "1_0.npy": (1, [4, 4, 8, 2, 2]),
 }
 
@@ -40,8 +40,9 @@ def world(tmp_path):
             wr.writerow(["filename", "label", "contribution"])
             for name, (lab, _) in IMAGES.items():
                 if lab == label:
-                    scores = np.full(256, 0.5) if name == "0_2.npy" else (256.0 - np.arange(256)) / 7
+                    scores = (256.0 - np.arange(256)) / 7  # best first: positions 0, 1, 2, ...
                     wr.writerow([name, lab, format_list(scores)])
+    (tis / "tis_config.json").write_text(json.dumps({"attribution": "smoothgrad"}))
     return root
 
 
@@ -57,31 +58,35 @@ def test_sectioned_statistics_and_ties(world):
     rows = _rows(sd / "label_0.csv")
     assert rows[0] == ["Total Images: 3"]
     assert rows[1] == ["Top 1 Tokens"] and rows[2] == ["Token", "Frequency", "Files"]
-    # top-1 tokens 7, 5, 9 once each: ties -> smaller id first
-    assert rows[3:6] == [["5", "1", "0_1.npy"], ["7", "1", "0_0.npy"], ["9", "1", "0_2.npy"]]
+    # top-1 tokens 7, 5, 9 once each: ties in first-occurrence order (the authors' Counter.most_common)
+    assert rows[3:6] == [["7", "1", "0_0.npy"], ["5", "1", "0_1.npy"], ["9", "1", "0_2.npy"]]
     assert rows[6] == ["Top 5 Tokens"]
     top5 = rows[8:14]
-    assert top5 == [["0", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["5", "3", "0_0.npy; 0_1.npy"],
-                    ["7", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["9", "3", "0_0.npy; 0_1.npy; 0_2.npy"],
-                    ["3", "2", "0_2.npy"], ["1", "1", "0_1.npy"]]
+    # Files: one entry per occurrence (5 is twice in 0_0's top 5), as the authors
+    assert top5 == [["7", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["5", "3", "0_0.npy; 0_0.npy; 0_1.npy"],
+                    ["9", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["0", "3", "0_0.npy; 0_1.npy; 0_2.npy"],
+                    ["3", "2", "0_2.npy; 0_2.npy"], ["1", "1", "0_1.npy"]]
     assert rows[14] == ["Top 10 Tokens"]
     total, sections = S.read_stats(sd / "label_0.csv")
     assert total == 3 and sorted(sections) == [1, 5, 10, 20]
     # top-10: positions 5..9 hold token 0 in every image -> 3*5 + 3 = 18
     assert sections[10][0] == (0, 18) and sections[20][0] == (0, 3 * 15 + 3)
-    assert S.read_stats_section(sd / "label_0.csv", 5, 3) == [0, 5, 7]
+    assert S.read_stats_section(sd / "label_0.csv", 5, 3) == [7, 5, 9]
     assert S.read_stats_section(sd / "label_1.csv", 1, 100) == [4]
-    # global: counts summed over labels, same tie rule
+    # global: the authors' sectioned layout, counts over labels read in label order, same tie rule
     g = _rows(sd / "global_top_tokens_statistics.csv")
     assert g[0] == ["Top N", "Token", "Frequency", "Files"]
-    assert [r[:3] for r in g[1:5]] == [["1", "4", "1"], ["1", "5", "1"], ["1", "7", "1"], ["1", "9", "1"]]
-    top5g = [r[:3] for r in g[1:] if r[0] == "5"]
-    assert top5g[:7] == [["5", "0", "3"], ["5", "5", "3"], ["5", "7", "3"], ["5", "9", "3"],
-                         ["5", "2", "2"], ["5", "3", "2"], ["5", "4", "2"]]
+    assert g[1:6] == [["Top 1 Tokens"], ["7", "1", "0_0.npy"], ["5", "1", "0_1.npy"], ["9", "1", "0_2.npy"],
+                      ["4", "1", "1_0.npy"]]
+    assert g[6] == ["Top 5 Tokens"]
+    assert [r[:2] for r in g[7:16]] == [["7", "3"], ["5", "3"], ["9", "3"], ["0", "3"], ["3", "2"], ["4", "2"],
+                                        ["2", "2"], ["1", "1"], ["8", "1"]]
+    assert S.read_stats(sd / "global_top_tokens_statistics.csv")[1][5][5] == (4, 2)
     # tidy long table = rows of the sectioned files
     long = _rows(sd / "tis_statistics_long.csv")
     assert long[0] == ["label", "top_n", "token", "count"]
     assert ["0", "5", "3", "2"] in long and ["1", "5", "2", "2"] in long
+    assert _rows(sd / "global_top_tokens_long.csv")[:3] == [["top_n", "token", "count"], ["1", "7", "1"], ["1", "5", "1"]]
     assert sum(1 for r in long[1:] if r[:2] == ["0", "1"]) == 3
 
 
@@ -108,9 +113,9 @@ def test_frequency_baseline(world):
     fd = world / "results" / "TIS" / "frequency_baseline"
     rows = _rows(fd / "label_0.csv")
     assert rows[0] == ["Token", "Count"]
-    # token 0 fills 251 positions x 3 images + 3; 7, 9 three times; 5 three; 3 twice; 1 once
-    assert rows[1:] == [["0", str(251 * 3 + 3)], ["5", "3"], ["7", "3"], ["9", "3"], ["3", "2"], ["1", "1"]]
-    assert S.read_frequency_baseline(fd / "label_1.csv") == [0, 2, 4, 8]
+    # token 0 fills 251 positions x 3 images + 3; 7, 5, 9 three times (first seen in that order); 3 twice; 1 once
+    assert rows[1:] == [["0", str(251 * 3 + 3)], ["7", "3"], ["5", "3"], ["9", "3"], ["3", "2"], ["1", "1"]]
+    assert S.read_frequency_baseline(fd / "label_1.csv") == [0, 4, 2, 8]
 
 
 def test_concept_recovery_on_hand_made_stats(world):
@@ -122,8 +127,8 @@ def test_concept_recovery_on_hand_made_stats(world):
     by = {(r["method"], r["top_n"]): r["precision"] for r in summary}
     # top-1 section, k=2: label 0 -> [5, 7] (1.0), label 1 -> [4] (0.5)
     assert by[("smoothgrad", 1)] == pytest.approx(0.75)
-    # frequency: label 0 -> [0, 5] (0.5); label 1 -> [0, 2] (0)
-    assert by[("frequency_baseline", "")] == pytest.approx(0.25)
+    # frequency: label 0 -> [0, 7] (0.5); label 1 -> [0, 4] (0.5)
+    assert by[("frequency_baseline", "")] == pytest.approx(0.5)
     # random: label 0 occurring {0,1,3,5,7,9} -> 2/6; label 1 {0,2,4,8} -> 2/4
     assert by[("random", "")] == pytest.approx((2 / 6 + 2 / 4) / 2)
     rows = _rows(world / "results" / "Explanation" / "concept_recovery.csv")
@@ -131,9 +136,9 @@ def test_concept_recovery_on_hand_made_stats(world):
     assert ["1", "smoothgrad", "1", "mean", "2", "0.750000"] in rows
 
 
-def test_rank_counts_ties():
-    assert S.rank_counts([9, 3, 5, 1], [2, 2, 7, 0]) == [(5, 7), (3, 2), (9, 2)]
-    assert S.count_tokens(np.array([[4, 4, 2], [2, 9, 9]]), limit=2) == [(2, 2), (4, 2)]
+def test_count_tokens_ties_first_occurrence():
+    assert S.count_tokens(np.array([[4, 4, 2], [2, 9, 9]]), limit=2) == [(4, 2), (2, 2)]
+    assert S.count_tokens(np.array([9, 3, 5, 5, 3, 9, 5])) == [(5, 3), (9, 2), (3, 2)]
 
 
 def test_concept_recovery_on_synthetic_world(tmp_path):

@@ -101,12 +101,14 @@ def test_baseline_is_part_of_the_config(data_dir, tmp_path):
     T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, progress=False)
     with pytest.raises(CortexError, match="the baseline changed: codebook.npy was added"):
         T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, codebook=ds.codebook, resume=True, progress=False)
-    # a tis_config.json from before the baseline was recorded: resumed (same other settings), key added
+    # a tis_config.json of an older version (no run identity) is refused too; --overwrite starts over
     stored = json.loads((tmp_path / "o" / "tis_config.json").read_text())
-    assert stored.pop("baseline") == "zeros"
+    stored.pop("run_id")
     (tmp_path / "o" / "tis_config.json").write_text(json.dumps(stored))
-    T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, resume=True, progress=False)
-    assert json.loads((tmp_path / "o" / "tis_config.json").read_text())["baseline"] == "zeros"
+    with pytest.raises(CortexError, match="--overwrite"):
+        T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, resume=True, progress=False)
+    T.compute_tis(Tiny(), ds, tmp_path / "o", cfg, codebook=ds.codebook, overwrite=True, progress=False)
+    assert json.loads((tmp_path / "o" / "tis_config.json").read_text())["baseline"].startswith("codebook mean")
 
 
 def test_batch_size_independent(data_dir, tmp_path):
@@ -127,7 +129,8 @@ def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 2:  # killed during the 3rd batch: label 0 done, label 1 has one row
+        if calls["n"] > 3:  # batches are per label ([0_0, 0_1], [0_2], [1_0, 1_1], [1_2], ...): killed during
+            # the 4th batch, label 0 is done and label 1 has two rows
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -140,7 +143,7 @@ def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
     with open(out / "label_1.csv.partial", "a") as f:  # a torn row, as left by a kill mid-write
         f.write('1_9.npy,1,"[0.1, 0.2')
     summary = _run(data_dir, out, batch_size=2, resume=True)
-    assert summary["skipped"] == PER_LABEL + 1 and summary["scored"] == N_CLASSES * PER_LABEL - PER_LABEL - 1
+    assert summary["skipped"] == PER_LABEL + 2 and summary["scored"] == N_CLASSES * PER_LABEL - PER_LABEL - 2
     got, ref = _read_all(out), _read_all(ref_dir)
     assert got.keys() == ref.keys() and not list(out.glob("*.partial"))
     for k in ref:

@@ -8,12 +8,17 @@
         --eval_every 100 --evaluators synthetic
 
 Test images of labels 10..20 except 15 (--labels), target label 30 - label (--target_sum; or explicit
---pairs source:target,...). Only the token rows 7..10 x cols 7..10 (--rows/--cols, inclusive) change.
+--pairs source:target,...); when the dataset lacks those labels and none of these flags is given, the same
+mirror rule on the labels present (sorted labels L: L[i] -> L[K-1-i], the middle one dropped), said on the
+console. Only the token rows 7..10 x cols 7..10 (--rows/--cols, inclusive) change.
 Token mode: logits (region positions x n_codes), random init, one hard straight-through Gumbel-softmax
 sample (temperature --tau) per step, embedding = one_hot @ codebook, loss = -IEM target logit, Adam; the
 positions outside the region keep their ids. Embedding mode: Adam on the embedding, gradient masked to the
-region. Every --eval_every steps and at the end the image is decoded (nearest code -> VQ decoder) and scored
-by the evaluators; each evaluator's best target prob (over those checkpoints) is kept per image.
+region. As the authors: at steps 0, 500, 1000, ... (--eval_every) and the last step (0-based) the image is
+decoded -- in token mode that step's Gumbel sample, in embedding mode the updated embedding snapped to its
+nearest codes -- converted to uint8 (truncated), and scored by the evaluators (ImageNet ones after PIL
+Resize 224); per image and evaluator the checkpoint with the highest target prob (the first one on ties,
+step 0 included) gives the final_* values; initial_* score the decoded original image.
 
 The VQ decoder: the synthetic world's (datasets/synthetic_vq.pt) when present, else the taming VQGAN in
 VQGAN_directory below (or --vqgan_config / --vqgan_ckpt).
@@ -36,51 +41,56 @@ import torch
 # configs/model.yaml and checkpoints/last.ckpt as downloaded (see the README, 'Real VQGAN data').
 VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 
-from cortex.cli import model_parser, paths_parser, runtime_parser  # noqa: E402
-from cortex.data import read_split  # noqa: E402
+from cortex.cli import (grid_index, make_parser, model_parser, nonneg_int, paths_parser, positive_float,
+                        positive_int, run_main, runtime_parser)  # noqa: E402
 from cortex.evaluators import evaluator_parser  # noqa: E402
-from cortex.explain import (CODEBOOK_COLUMNS, best_rows, eval_setup, label_pairs, optimize_embedding,  # noqa: E402
-                            optimize_tokens, region_positions, score_trace, write_rows)
+from cortex.explain import (CODEBOOK_COLUMNS, PAPER_LABELS, SCORE_KEYS, best_rows, check_eval_dataset,  # noqa: E402
+                            codebook_pairs, eval_setup, optimize_embedding, optimize_tokens, region_positions,
+                            score_trace, warn_if_near_chance, write_rows)
+from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
 
 EXPERIMENT = "vqgan"
-PAPER_LABELS = [l for l in range(10, 21) if l != 15]
 PER_IMAGE_COLUMNS = ["filename", "label", "target", "evaluator", "best_step", "initial_target_prob",
                      "final_target_prob", "initial_original_prob", "final_original_prob", "iem_initial_target_logit",
                      "iem_final_target_logit"]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("codebook_level_explanation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[model_parser((1, 2, 3, 4)), paths_parser(root_default=".."),
+    p = make_parser("codebook_level_explanation", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[model_parser((1, 2, 3, 4)), paths_parser(__file__, up=1),
                                          runtime_parser(), evaluator_parser()])
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimization_type", choices=("token", "embedding"), default="token",
                    help="optimise token choices (Gumbel-softmax) or the embedding itself (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=5000, help="optimisation steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--eval_every", type=int, default=500,
+    g.add_argument("--steps", type=positive_int, default=5000, help="optimisation steps (default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--eval_every", type=positive_int, default=500,
                    help="decode and score every N steps, and at the end (default: %(default)s)")
-    g.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature (default: %(default)s)")
-    g.add_argument("--batch_size", type=int, default=16,
+    g.add_argument("--tau", type=positive_float, default=1.0, help="Gumbel-softmax temperature (default: %(default)s)")
+    g.add_argument("--batch_size", type=positive_int, default=16,
                    help="images optimised together (independent parameters; default: %(default)s)")
     g = p.add_argument_group("which images, which region")
-    g.add_argument("--labels", type=int, nargs="+", default=PAPER_LABELS,
-                   help="source labels (default: the paper's 10..20 except 15)")
-    g.add_argument("--target_sum", type=int, default=30,
-                   help="target label = TARGET_SUM - source label (default: the paper's %(default)s)")
+    g.add_argument("--labels", type=nonneg_int, nargs="+", default=None,
+                   help=f"source labels (default: the paper's {PAPER_LABELS[0]}..{PAPER_LABELS[-1]} except 15, or "
+                        f"the labels present when the dataset lacks those)")
+    g.add_argument("--target_sum", type=nonneg_int, default=None,
+                   help="target label = TARGET_SUM - source label (default: the paper's 30)")
     g.add_argument("--pairs", default=None,
                    help="explicit source:target pairs, e.g. 0:5,1:6 (overrides --labels/--target_sum)")
-    g.add_argument("--images_per_label", type=int, default=None, help="first N test images of each source label")
-    g.add_argument("--rows", type=int, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
+    g.add_argument("--images_per_label", type=positive_int, default=None, help="first N test images of each source label")
+    g.add_argument("--rows", type=grid_index, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
                    help="token rows of the region, inclusive (default: 7 10)")
-    g.add_argument("--cols", type=int, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
+    g.add_argument("--cols", type=grid_index, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
                    help="token cols of the region, inclusive (default: 7 10)")
     g = p.add_argument_group("VQ decoder")
-    g.add_argument("--vq", choices=("auto", "synthetic", "taming"), default="auto",
+    g.add_argument("--vq", choices=("auto", "synthetic", "taming", "diffusers"), default="auto",
                    help="decoder: synthetic (datasets/synthetic_vq.pt), taming (--vqgan_config/--vqgan_ckpt, default "
-                        "VQGAN_directory), or auto: synthetic when that file exists and no --vqgan_* flag is given")
+                        "VQGAN_directory), diffusers (a VQModel save_pretrained folder, --tokenizer_config), or auto: "
+                        "synthetic when that file exists and no --vqgan_* flag is given")
+    g.add_argument("--tokenizer_config", default=None,
+                   help="--vq diffusers: the VQModel.save_pretrained folder the dataset was encoded with")
     g.add_argument("--vqgan_config", default=None, help="taming VQGAN YAML (default: <VQGAN_directory>/configs/model.yaml)")
     g.add_argument("--vqgan_ckpt", default=None, help="taming VQGAN checkpoint (default: <VQGAN_directory>/checkpoints/last.ckpt)")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs and images only")
@@ -91,6 +101,11 @@ def get_args_parser():
 def load_vq(args, paths, device):
     """The VQ model whose decoder renders the optimised tokens (synthetic world or taming VQGAN)."""
     synthetic = Path(paths.data_dir) / "synthetic_vq.pt"
+    if args.vq == "diffusers":
+        from cortex.tokenizers import load_diffusers_vq
+
+        print(f"VQ decoder: diffusers VQModel {args.tokenizer_config}")
+        return load_diffusers_vq(args.tokenizer_config, device)
     use_taming = args.vq == "taming" or (args.vq == "auto" and (args.vqgan_config or args.vqgan_ckpt
                                                                  or not synthetic.exists()))
     if not use_taming:
@@ -111,14 +126,18 @@ def load_vq(args, paths, device):
     return load_taming_model(config, ckpt, device)
 
 
-def select_images(paths, pairs, per_label):
-    records = read_split(paths.data_dir, "test")
+def select_images(records, pairs, per_label):
+    """Test images of each pair's source label (CSV order), the pairs ordered by their source label's first
+    row in the test CSV (the authors' order). Returns (records, targets)."""
+    first = {}
+    for i, r in enumerate(records):
+        first.setdefault(r.label, i)
     chosen, targets = [], []
-    for src, tgt in pairs:
+    for src, tgt in sorted(pairs, key=lambda st: first.get(st[0], len(records))):
         recs = [r for r in records if r.label == src][:per_label]
         if not recs:
-            raise CortexError(f"label {src} has no test images in {paths.data_dir}; choose other labels with --labels "
-                              f"or --pairs (e.g. on a 10-class world: --pairs 0:5,1:6)")
+            raise CortexError(f"label {src} has no test images; choose other labels with --labels or --pairs "
+                              f"(e.g. on a 10-class world: --pairs 0:5,1:6)")
         chosen += recs
         targets += [tgt] * len(recs)
     return chosen, targets
@@ -126,32 +145,38 @@ def select_images(paths, pairs, per_label):
 
 def main(args):
     from cortex.models import load_iem
-    from cortex.synthetic import to_uint8
 
-    pairs = label_pairs(args.labels, args.target_sum, args.pairs)
     region = region_positions(args.rows, args.cols)
-    if args.steps < 1 or args.lr <= 0:
-        raise CortexError(f"--steps {args.steps} --lr {args.lr}: need steps >= 1 and lr > 0")
-    paths, device, evaluators = eval_setup(args, EXPERIMENT)
+    # inputs first (dataset, IEM, VQ decoder), evaluators (maybe a download) last
+    paths = ExperimentPaths.from_args(args, EXPERIMENT)
+    test = check_eval_dataset(paths, "test", images=False)
+    from cortex.utils import get_device
+
+    device = get_device(args.device, args.gpu)
     iem = load_iem(paths.best_ckpt(args.model), EXPERIMENT, args.model, num_classes=args.num_classes,
                    width=args.width, depth=args.depth, map_location=device)
     for p_ in iem.parameters():
         p_.requires_grad_(False)
-    n_classes = iem_classes = [m for m in iem.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    iem_classes = [m for m in iem.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    pairs, note = codebook_pairs({r.label for r in test}, iem_classes, args.labels, args.target_sum, args.pairs)
+    if note:
+        print(note)
+    vq = load_vq(args, paths, device)
+    codebook = vq.quantize.embedding.weight.detach()
+    if codebook.shape[1] != 256:
+        raise CortexError(f"the VQ codebook has dimension {codebook.shape[1]}; the IEMs read 256-d token embeddings")
+    records, targets = select_images(test, pairs, args.images_per_label)
+    if max(int(r.ids.max()) for r in records) >= codebook.shape[0]:
+        raise CortexError(f"token ids of {paths.data_dir} exceed the VQ codebook ({codebook.shape[0]} codes): "
+                          f"is this the VQ model that made the dataset?")
+    paths, device, evaluators = eval_setup(args, EXPERIMENT)
+    warn_if_near_chance(paths, args.model)
     n_classes = min([iem_classes] + [e.num_classes for e in evaluators])
     bad = [(s, t) for s, t in pairs if not (0 <= s < n_classes and 0 <= t < n_classes)]
     if bad:
         raise CortexError(f"label pairs {bad} are outside 0..{n_classes - 1} (IEM and evaluators have {n_classes} "
                           f"classes); pass --labels/--target_sum or --pairs, e.g. --pairs 0:5,1:6")
-    vq = load_vq(args, paths, device)
-    codebook = vq.quantize.embedding.weight.detach()
-    if codebook.shape[1] != 256:
-        raise CortexError(f"the VQ codebook has dimension {codebook.shape[1]}; the IEMs read 256-d token embeddings")
 
-    records, targets = select_images(paths, pairs, args.images_per_label)
-    if max(int(r.ids.max()) for r in records) >= codebook.shape[0]:
-        raise CortexError(f"token ids of {paths.data_dir} exceed the VQ codebook ({codebook.shape[0]} codes): "
-                          f"is this the VQ model that made the dataset?")
     tag = f"{args.optimization_type}_{args.steps}_{args.lr}"
     out_dir = paths.explanation_dir(args.model)
     run_dir = out_dir / f"codebook_level_{tag}"
@@ -177,25 +202,28 @@ def main(args):
         traces.append(trace)
         firsts.append(first)
         lasts.append(last)
-        print(f"images {s + 1}..{s + len(recs)}: IEM target logit {trace.iem_target_logit[0].mean():.2f} -> "
+        print(f"images {s + 1}..{s + len(recs)}: IEM target logit {trace.initial_iem_target_logit.mean():.2f} -> "
               f"{trace.iem_target_logit[-1].mean():.2f}")
 
-    # merge batches: scores[name][key] (T, B) -> (T, N)
-    scores = {n: {k: np.concatenate([sc[n][k] for sc in all_scores], axis=1) for k in all_scores[0][n]}
+    # merge batches: scores[name][key] (T, B) -> (T, N), scores[name]["initial"][key] (B,) -> (N,)
+    scores = {n: {k: np.concatenate([sc[n][k] for sc in all_scores], axis=1) for k in SCORE_KEYS}
               for n in all_scores[0]}
+    for n in scores:
+        scores[n]["initial"] = {k: np.concatenate([sc[n]["initial"][k] for sc in all_scores]) for k in SCORE_KEYS}
     rows, best = best_rows(scores)
     out = write_rows(out_dir / f"codebook_level_results_{tag}.csv", CODEBOOK_COLUMNS, rows)
     steps = traces[0].steps
-    iem0 = np.concatenate([t.iem_target_logit[0] for t in traces])
+    iem0 = np.concatenate([t.initial_iem_target_logit for t in traces])
     iem1 = np.concatenate([t.iem_target_logit[-1] for t in traces])
     per_image = []
     for name, s in scores.items():
         for i, r in enumerate(records):
             b = best[name][i]
+            pick = (lambda k: s[k][b, i]) if b >= 0 else (lambda k: 0.0)  # noqa: E731 - none beat 0: zeros
             per_image.append(dict(filename=r.filename, label=r.label, target=targets[i], evaluator=name,
-                                  best_step=steps[b], initial_target_prob=s["tgt_prob"][0, i],
-                                  final_target_prob=s["tgt_prob"][b, i], initial_original_prob=s["orig_prob"][0, i],
-                                  final_original_prob=s["orig_prob"][b, i], iem_initial_target_logit=iem0[i],
+                                  best_step=steps[b] if b >= 0 else "", initial_target_prob=s["initial"]["tgt_prob"][i],
+                                  final_target_prob=pick("tgt_prob"), initial_original_prob=s["initial"]["orig_prob"][i],
+                                  final_original_prob=pick("orig_prob"), iem_initial_target_logit=iem0[i],
                                   iem_final_target_logit=iem1[i]))
     write_rows(run_dir / "per_image.csv", PER_IMAGE_COLUMNS, per_image)
     final_ids = torch.cat([t.ids[-1] for t in traces]).numpy()
@@ -207,8 +235,8 @@ def main(args):
         for i, r in enumerate(records):
             w.writerow([r.filename, r.label, targets[i], int((final_ids[i] != r.ids).sum()), format_list(r.ids),
                         format_list(final_ids[i])])
-    before = to_uint8(torch.cat(firsts) * 2 - 1)
-    after = to_uint8(torch.cat(lasts) * 2 - 1)
+    before = np.ascontiguousarray(torch.cat(firsts).permute(0, 2, 3, 1).numpy())  # (N, H, W, 3) uint8
+    after = np.ascontiguousarray(torch.cat(lasts).permute(0, 2, 3, 1).numpy())
     _save_pngs(run_dir / "images", records, targets, before, after)
 
     print(f"wrote {out}")
@@ -226,8 +254,8 @@ def main(args):
         from cortex import plots
 
         pick = _figure_picks(records, targets, 8)
-        mean_p = lambda b: np.mean([scores[n]["tgt_prob"][b, :] for n in scores], axis=0)  # noqa: E731
-        p0, p1 = mean_p(0), mean_p(-1)
+        p0 = np.mean([scores[n]["initial"]["tgt_prob"] for n in scores], axis=0)
+        p1 = np.mean([scores[n]["tgt_prob"][-1, :] for n in scores], axis=0)
         titles = [f"{records[i].filename}: {records[i].label}->{targets[i]}\np(target) {p0[i]:.2f}->{p1[i]:.2f}"
                   for i in pick]
         fig = plots.before_after([before[i] for i in pick], [after[i] for i in pick], titles,
@@ -262,4 +290,4 @@ def _save_pngs(folder, records, targets, before, after):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -9,10 +9,18 @@ results/TIS/Net{m}/TIS_statistics_train/label_{k}.csv; the baseline = the --toke
 of results/TIS/frequency_baseline/label_{k}.csv. For each test image of the label, every position whose id
 is in the set is blacked out; each evaluator scores the unmasked and the two masked images on the label.
 
+Inputs are checked before any evaluator is loaded: the test split and its images, and a statistics file
+and a frequency-baseline file for every test label, from the current TIS run. Anything missing is an error
+naming it; --allow_partial evaluates the labels that have both, saying which it skips.
+
 Writes results/Explanation/model_{m}/
   sample_concept_level_results_top{n}_token{k}.csv   Model,Avg_Diff_Target,Avg_Diff_Baseline,Avg_Original_Prob,
                                                      Avg_Masked_Prob_Target,Avg_Masked_Prob_Baseline (+ row Overall,
-                                                     the mean over evaluators; Diff = original logit - masked logit)
+                                                     the mean over evaluators; Diff = original logit - masked logit;
+                                                     the authors' columns and numbers, full float precision)
+  sample_concept_level_results_top{n}_token{k}_paired.csv  the paired statistic: per image, CORTEX's drop minus
+                                                     the baseline's drop (logit and prob), its mean per evaluator
+                                                     with a 95% Student-t confidence interval, n images
   sample_concept_level_per_label_top{n}_token{k}.csv  per label and evaluator (incl. masked-position counts)
   sample_concept_level_per_image_top{n}_token{k}.csv
   figures/concept_level_top{n}_token{k}.png
@@ -20,11 +28,12 @@ Writes results/Explanation/model_{m}/
 import argparse
 
 from cortex.attribution import ATTRIBUTIONS
-from cortex.cli import paths_parser, runtime_parser
-from cortex.data import read_split
+from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.evaluators import evaluator_parser
-from cortex.explain import (CONCEPT_COLUMNS, PER_IMAGE_COLUMNS, concept_level, eval_setup, load_images,
-                            output_suffix, records_by_label, write_rows)
+from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, concept_level,
+                            concept_paired_stats, eval_setup, load_images, output_suffix, paired_stats_path,
+                            records_by_label, warn_if_near_chance, write_rows)
+from cortex.paths import ExperimentPaths
 from cortex.stats import read_frequency_baseline, read_stats_section
 from cortex.utils import CortexError, save_run_args
 
@@ -34,43 +43,103 @@ PER_LABEL_COLUMNS = ["label", "evaluator", "images", "concept_tokens", "baseline
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("sample_concept_level_explanation", description=__doc__,
+    p = make_parser("sample_concept_level_explanation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[paths_parser(root_default=".."), runtime_parser(), evaluator_parser()])
+                                parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser()])
     p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS statistics are used")
-    p.add_argument("--top_n", type=int, default=20, help="section 'Top {top_n} Tokens' of the statistics (default: 20)")
-    p.add_argument("--token_num", type=int, default=100, help="concept / baseline tokens per label (default: 100)")
+    p.add_argument("--top_n", type=position_int, default=20, help="section 'Top {top_n} Tokens' of the statistics (default: 20)")
+    p.add_argument("--token_num", type=positive_int, default=100, help="concept / baseline tokens per label (default: 100)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
                    help="whose TIS statistics (default: the paper's %(default)s)")
-    p.add_argument("--labels", type=int, nargs="+", default=None, help="evaluate only these labels (default: all)")
-    p.add_argument("--max_images_per_label", type=int, default=None, help="first N test images of each label")
+    p.add_argument("--labels", type=nonneg_int, nargs="+", default=None, help="evaluate only these labels (default: all)")
+    p.add_argument("--max_images_per_label", type=positive_int, default=None, help="first N test images of each label")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="evaluate the labels that have statistics and a frequency baseline even if others lack "
+                        "them (prints what is skipped); default: refuse")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs only")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def label_data(paths, args):
+def check_inputs(paths, args) -> dict:
+    """Test split, images, statistics and frequency baseline of every label, before any evaluator is loaded.
+
+    Returns ``{label: (records, concept tokens, baseline tokens)}`` of the labels to evaluate.
+    """
+    by_label = records_by_label(check_eval_dataset(paths, "test"), args.labels, args.max_images_per_label)
+    if args.labels is not None:
+        missing = sorted(set(args.labels) - set(by_label))
+        if missing:
+            raise CortexError(f"--labels {missing}: none of them is in the test split of {paths.data_dir}")
+    check_statistics(paths, args)
+    stats = {k: paths.stats_file(args.model, k, args.attribution) for k in by_label}
+    freq = {k: paths.frequency_file(k) for k in by_label}
+    no_stats = [k for k, p in stats.items() if not p.is_file()]
+    no_freq = [k for k, p in freq.items() if not p.is_file()]
+    if no_stats or no_freq:
+        what = []
+        if no_stats:
+            what.append(f"no TIS statistics for labels {_short(no_stats)} in {paths.stats_dir(args.model, args.attribution)} "
+                        f"(TIS_analysis.py --model {args.model})")
+        if no_freq:
+            what.append(f"no frequency baseline for labels {_short(no_freq)} in {paths.frequency_dir()} "
+                        f"(generate_freq_based_tokens.py)")
+        if not args.allow_partial:
+            raise CortexError("; ".join(what) + ". Run those steps, or pass --allow_partial to evaluate only the "
+                              "labels that have both")
+        print("warning: --allow_partial: skipping labels: " + "; ".join(what))
+    out = {}
+    for k, recs in by_label.items():
+        if k in no_stats or k in no_freq:
+            continue
+        out[k] = (recs, read_stats_section(stats[k], args.top_n, args.token_num),
+                  read_frequency_baseline(freq[k], args.token_num))
+    if not out:
+        raise CortexError(f"no label to evaluate: none has both TIS statistics and a frequency baseline")
+    return out
+
+
+def check_statistics(paths, args) -> None:
+    """The statistics must come from the current TIS run (``cortex.stats.check_statistics_current``: stale
+    label files, a changed TIS run, an unfinished analysis). Statistics without provenance (the authors'
+    published files) pass with a warning. With --allow_partial a failed check is a warning, not an error."""
+    from cortex.stats import check_statistics_current
+
+    try:
+        check_statistics_current(paths.stats_dir(args.model, args.attribution),
+                                 paths.tis_dir(args.model, "train", args.attribution))
+    except CortexError as e:
+        if not args.allow_partial:
+            raise CortexError(f"{e} (or pass --allow_partial to evaluate with these statistics on purpose)") from None
+        print(f"warning: --allow_partial: using the statistics anyway: {e}")
+
+
+def _short(items, n: int = 10) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def label_data(paths, inputs):
     """Per label, lazily: (label, records, images, concept tokens, baseline tokens)."""
-    by_label = records_by_label(read_split(paths.data_dir, "test"), args.labels, args.max_images_per_label)
-    if args.labels is not None and not by_label:
-        raise CortexError(f"--labels {args.labels}: none of them is in the test split of {paths.data_dir}")
-    for label, recs in by_label.items():
-        concept = read_stats_section(paths.stats_file(args.model, label, args.attribution), args.top_n, args.token_num)
-        baseline = read_frequency_baseline(paths.frequency_file(label), args.token_num)
+    for label, (recs, concept, baseline) in inputs.items():
         yield label, recs, load_images(paths.data_dir, recs), concept, baseline
 
 
 def main(args):
     if args.token_num < 1 or args.top_n < 1:
         raise CortexError(f"--top_n {args.top_n} --token_num {args.token_num}: both must be >= 1")
+    inputs = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
+    warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"top{args.top_n}_token{args.token_num}{output_suffix(args.attribution)}"
     save_run_args(args, out_dir, f"sample_concept_level_args_{tag}.json")
-    res = concept_level(evaluators, label_data(paths, args), batch_size=args.eval_batch_size,
+    res = concept_level(evaluators, label_data(paths, inputs), batch_size=args.eval_batch_size,
                         progress=not args.no_progress)
     out = write_rows(out_dir / f"sample_concept_level_results_{tag}.csv", CONCEPT_COLUMNS, res.rows)
+    paired = concept_paired_stats(res)
+    write_rows(paired_stats_path(out), PAIRED_COLUMNS, paired)
     write_rows(out_dir / f"sample_concept_level_per_label_{tag}.csv", PER_LABEL_COLUMNS, res.per_label)
     write_rows(out_dir / f"sample_concept_level_per_image_{tag}.csv", PER_IMAGE_COLUMNS, res.per_image())
     print(f"wrote {out}")
@@ -78,6 +147,10 @@ def main(args):
     for r in res.rows:
         print(f"{r['Model']:<16} {r['Avg_Diff_Target']:11.3f} {r['Avg_Diff_Baseline']:10.3f} "
               f"{r['Avg_Original_Prob']:7.3f} {r['Avg_Masked_Prob_Target']:9.3f} {r['Avg_Masked_Prob_Baseline']:8.3f}")
+    print("paired (per image: CORTEX logit drop - baseline logit drop), mean [95% t-interval], n:")
+    for r in paired:
+        if r["Metric"] == "logit_drop":
+            print(f"  {r['Model']:<16} {r['Mean_Paired_Diff']:8.3f} [{r['CI_Low']:.3f}, {r['CI_High']:.3f}]  n={r['N']}")
     pos_t = sum(r["masked_positions_target"] for r in res.per_label) / max(1, len(res.per_label))
     pos_b = sum(r["masked_positions_baseline"] for r in res.per_label) / max(1, len(res.per_label))
     print(f"masked positions per image (of 256): CORTEX {pos_t:.1f}, frequency baseline {pos_b:.1f}")
@@ -94,4 +167,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -7,25 +7,35 @@
 For each test image (its TIS row read once, from results/TIS/Net{m}/TIS_value_test/label_{k}.csv) and
 n = 5, 10, ..., 50: every position whose token id is among the ids at the image's top-n TIS positions is
 blacked out in the decoded image (datasets/images/<a>/<b>.png), and, as control, every position whose id
-is among the ids at n random positions (seeded per image by --seed and its filename). Each evaluator
-scores the masked variants (in batches) on the image's label.
+is among the ids at n random positions, drawn as the authors draw them: one random.sample(range(256), n)
+per image and n from a single stream seeded 42 (--random_seed), images in the order labels ascending /
+test CSV order. Each evaluator scores the masked variants (in batches) on the image's label; ImageNet
+evaluators see the authors' PIL Resize((224, 224)) of the uint8 image.
+
+Inputs are checked before anything is loaded: the dataset's test split and images, and a TIS file for
+every label of the split with one row per image, from one TIS_computation.py run (tis_config.json).
+Anything missing is an error naming it; --allow_partial evaluates the complete labels only, saying what
+it skips.
 
 Writes results/Explanation/model_{m}/
   sample_image_level_results.csv   Model,Num_Masked_Tokens,Method,Avg_Logits,Avg_Probs,Logits_Diff,Probs_Diff
-                                   (Method original [n = 0] / target [top-n TIS] / random; diffs = unmasked - masked)
+                                   (Method original [n = 0] / target [top-n TIS] / random; as the authors:
+                                   diffs = mean(masked) - mean(unmasked), negative when masking hurts; full
+                                   float precision)
   sample_image_level_per_image.csv one row per image, evaluator, method and n (with the masked-position count)
   figures/sample_level_deletion_curves.png, figures/sample_level_tis_grid.png
 """
 import argparse
 
 from cortex.attribution import ATTRIBUTIONS
-from cortex.cli import paths_parser, runtime_parser
-from cortex.data import read_split
+from cortex.cli import (make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
+                        runtime_parser, seed_int)
 from cortex.evaluators import evaluator_parser
-from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, eval_setup, load_images, output_suffix,
-                            sample_level, write_rows)
-from cortex.masking import check_ns
-from cortex.stats import label_files
+from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
+                            load_images, output_suffix, records_by_label, sample_level, warn_if_near_chance,
+                            write_rows)
+from cortex.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
+from cortex.stats import check_tis_inputs, split_label_counts
 from cortex.tis import read_tis_file
 from cortex.utils import CortexError, save_run_args
 
@@ -33,58 +43,93 @@ EXPERIMENT = "vqgan"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("sample_image_level_explanation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[paths_parser(root_default=".."), runtime_parser(), evaluator_parser()])
+    p = make_parser("sample_image_level_explanation", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser()])
     p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS are evaluated")
-    p.add_argument("--num_tokens", type=int, nargs="+", default=list(DEFAULT_NS),
+    p.add_argument("--num_tokens", type=position_int, nargs="+", default=list(DEFAULT_NS),
                    help="numbers n of top TIS / random positions (default: 5 10 ... 50)")
     p.add_argument("--data_type", default="test", choices=("test", "train"),
                    help="split whose TIS and images are used (default: %(default)s)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
                    help="whose TIS (default: the paper's %(default)s)")
-    p.add_argument("--labels", type=int, nargs="+", default=None, help="evaluate only these labels (default: all)")
-    p.add_argument("--max_images_per_label", type=int, default=None, help="first N images of each label (default: all)")
-    p.add_argument("--figure_images", type=int, default=8, help="images in the TIS grid figure (default: %(default)s)")
+    p.add_argument("--random_seed", type=seed_int, default=AUTHORS_RANDOM_SEED,
+                   help="seed of the random control's random.sample stream (default: the authors' %(default)s)")
+    p.add_argument("--labels", type=nonneg_int, nargs="+", default=None, help="evaluate only these labels (default: all)")
+    p.add_argument("--max_images_per_label", type=positive_int, default=None, help="first N images of each label (default: all)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="evaluate the labels whose TIS are complete even if others are missing or partial "
+                        "(prints what is skipped); default: refuse")
+    p.add_argument("--figure_images", type=nonneg_int, default=8, help="images in the TIS grid figure (default: %(default)s)")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs only")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def label_data(paths, args):
-    """Per label, lazily: (label, records, TIS scores (N, 256), images (N, 3, H, W) uint8), each read once."""
+def check_inputs(paths, args):
+    """Dataset split and TIS run, checked before any evaluator is loaded.
+
+    Returns ``(by_label, tis_files)``: the split's records per evaluated label (test CSV order) and
+    ``{label: TIS file}``.
+    """
+    records = check_eval_dataset(paths, args.data_type)
     tis_dir = paths.tis_dir(args.model, args.data_type, args.attribution)
-    files = label_files(tis_dir)
-    if not files:
-        raise CortexError(f"no TIS files in {tis_dir}; run TIS_computation.py --model {args.model} "
-                          f"--data_type {args.data_type} first")
+    hint = f" (TIS_computation.py --model {args.model} --data_type {args.data_type})"
+    info = check_tis_inputs(tis_dir, split_label_counts(paths.data_dir, args.data_type), args.allow_partial,
+                            hint=hint)
+    by_label = records_by_label(records, args.labels, args.max_images_per_label)
     if args.labels is not None:
-        missing = sorted(set(args.labels) - set(files))
+        missing = sorted(set(args.labels) - set(by_label))
         if missing:
-            raise CortexError(f"--labels {missing}: no TIS file for them in {tis_dir}")
-        files = {k: v for k, v in files.items() if k in set(args.labels)}
-    records = {r.filename: r for r in read_split(paths.data_dir, args.data_type)}
-    for label, path in files.items():
+            raise CortexError(f"--labels {missing}: no {args.data_type} images of them in {paths.data_dir}")
+    skipped = sorted(set(by_label) - set(info.files))
+    if skipped:  # only with --allow_partial (else check_tis_inputs raised)
+        print(f"warning: --allow_partial: labels {skipped} have no complete TIS file in {tis_dir}; skipped")
+        by_label = {k: v for k, v in by_label.items() if k in info.files}
+    if not by_label:
+        raise CortexError(f"no label to evaluate: none has a complete TIS file in {tis_dir}{hint}")
+    return records, by_label, info.files
+
+
+def label_data(paths, args, by_label, tis_files):
+    """Per label, lazily: (label, records, TIS scores (N, 256), images (N, 3, H, W) uint8), each read once.
+
+    Images in the split CSV's order (the authors' order); each one's TIS row is looked up by filename.
+    """
+    for label, recs in by_label.items():
+        path = tis_files[label]
         names, _, scores = read_tis_file(path)
-        if args.max_images_per_label is not None:
-            names, scores = names[:args.max_images_per_label], scores[:args.max_images_per_label]
-        unknown = [n for n in names if n not in records]
-        if unknown:
-            raise CortexError(f"{path}: image {unknown[0]} is not in the {args.data_type} split of {paths.data_dir}; "
-                              f"are these TIS from another dataset?")
-        recs = [records[n] for n in names]
-        yield label, recs, scores, load_images(paths.data_dir, recs)
+        row = {n: i for i, n in reversed(list(enumerate(names)))}  # first row of a name, as the authors read
+        missing = [r.filename for r in recs if r.filename not in row]
+        if missing and not args.allow_partial:
+            raise CortexError(f"{path}: no TIS row for {len(missing)} {args.data_type} images of label {label} "
+                              f"(e.g. {missing[0]}); are these TIS from another dataset? Recompute them with "
+                              f"TIS_computation.py --model {args.model} --data_type {args.data_type}, or pass "
+                              f"--allow_partial to skip those images")
+        if missing:
+            print(f"warning: --allow_partial: {len(missing)} images of label {label} have no TIS row in {path}; "
+                  f"skipped ({', '.join(missing[:5])})")
+            recs = [r for r in recs if r.filename in row]
+        if recs:
+            yield label, recs, scores[[row[r.filename] for r in recs]], load_images(paths.data_dir, recs)
 
 
 def main(args):
     ns = check_ns(args.num_tokens)
+    from cortex.paths import ExperimentPaths
+
+    records, by_label, tis_files = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
+    warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = output_suffix(args.attribution)
     save_run_args(args, out_dir, f"sample_image_level_args{suffix}.json")
-    res = sample_level(evaluators, label_data(paths, args), ns, seed=args.seed, batch_size=args.eval_batch_size,
-                       n_examples=args.figure_images, progress=not args.no_progress)
+    # the random control: drawn over the whole split in the authors' order (labels ascending, CSV order)
+    order = [r.filename for recs in records_by_label(records).values() for r in recs]
+    draws = authors_random_draws(order, ns, seed=args.random_seed)
+    res = sample_level(evaluators, label_data(paths, args, by_label, tis_files), ns, random_draws=draws,
+                       batch_size=args.eval_batch_size, n_examples=args.figure_images, progress=not args.no_progress)
     out = write_rows(out_dir / f"sample_image_level_results{suffix}.csv", SAMPLE_COLUMNS, res.rows)
     write_rows(out_dir / f"sample_image_level_per_image{suffix}.csv", PER_IMAGE_COLUMNS, res.per_image())
     print(f"wrote {out}")
@@ -123,4 +168,4 @@ def figures(res, fig_dir, args, suffix=""):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -10,26 +10,82 @@ generate_dataset.py). Compared: the first k tokens of each attribution's `Top n 
 (expected precision of k ids drawn from those occurring in the label's train images).
 k defaults to the number of planted tokens of each label. Writes results/Explanation/concept_recovery.csv
 (columns model,method,top_n,label,k,precision; rows with label "mean" average over labels).
+
+Significance (issue 16.2): from each run's TIS_statistics_train/tis_significance.csv (TIS_analysis.py), the
+tokens with BH q < --alpha are scored against the truth: results/Explanation/concept_recovery_significance.csv
+(columns model,method,top_n,label,kind,significant,true_positives,recall,false_discoveries; label "mean"
+rows: recall of the planted tokens, fdp = false share of the planted labels' significant tokens, and on the
+null labels (generate_dataset.py --null_classes K) the mean number of significant tokens and the fraction of
+null labels with any).
+
+Inputs: only statistics of the current runs are used. Each (model, attribution) is checked with
+cortex.significance.check_current_run (statistics match their TIS run, which names the checkpoint and train
+CSV on disk now) and must cover every label of ground_truth.json.
+Candidates found on disk that fail are left out with a warning (leftovers of an earlier run); one named by
+--model/--attribution that fails is refused, unless --allow_partial.
 """
+
 import argparse
 import csv
 
-from cortex.cli import paths_parser
+from cortex.attribution import ATTRIBUTIONS
+from cortex.cli import float_in, int_in, make_parser, paths_parser, position_int, positive_int, run_main
 from cortex.paths import ExperimentPaths
-from cortex.stats import TOP_NS, concept_recovery
-from cortex.utils import atomic_write, save_run_args
+from cortex.significance import ALPHA, SIGNIFICANCE_FILE, check_current_run, null_labels, significance_recovery
+from cortex.stats import TOP_NS, concept_recovery, find_attributions, find_models, label_files, read_ground_truth
+from cortex.utils import CortexError, atomic_write, save_run_args
 
 COLUMNS = ["model", "method", "top_n", "label", "k", "precision"]
+SIG_COLUMNS = ["model", "method", "top_n", "label", "kind", "significant", "true_positives", "recall",
+               "false_discoveries", "fdp", "null_discoveries", "null_labels_with_discovery"]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("concept_recovery", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[paths_parser(root_default="..")])
-    p.add_argument("--model", type=int, nargs="*", default=None, help="IEMs to evaluate (default: all found)")
-    p.add_argument("--k", type=int, default=None, help="precision@k (default: number of planted tokens per label)")
-    p.add_argument("--top_ns", type=int, nargs="+", default=list(TOP_NS), help="sections to evaluate")
+    p = make_parser("concept_recovery", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[paths_parser(__file__, up=1)])
+    p.add_argument("--model", type=int_in(1, 4), nargs="*", default=None, help="IEMs to evaluate (default: all "
+                                                                                "with current statistics)")
+    p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), nargs="*", default=None,
+                   help="attributions to evaluate (default: all with current statistics)")
+    p.add_argument("--k", type=positive_int, default=None, help="precision@k (default: number of planted tokens per label)")
+    p.add_argument("--top_ns", type=position_int, nargs="+", default=list(TOP_NS), help="sections to evaluate")
+    p.add_argument("--alpha", type=float_in(0, 1, lo_open=True, hi_open=True), default=ALPHA,
+                   help="BH false discovery rate of the significance report")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="use stale or incomplete statistics named by --model/--attribution on purpose (warns)")
     return p
+
+
+def current_runs(paths, models, attributions, labels, allow_partial: bool = False) -> dict[int, list[str]]:
+    """``{model: [attribution, ...]}`` whose statistics are current and cover ``labels``.
+
+    Runs named explicitly that fail the check raise a CortexError (unless ``allow_partial``: warning, kept);
+    runs only found on disk that fail are left out with a warning.
+    """
+    out = {}
+    for m in (models or find_models(paths)):
+        named = attributions is not None or models is not None
+        for a in (attributions or find_attributions(paths, m)):
+            stats_dir = paths.stats_dir(m, a)
+            try:
+                check_current_run(paths, m, a)
+                missing = sorted(set(labels) - set(label_files(stats_dir)))
+                if missing:
+                    raise CortexError(f"{stats_dir}: no statistics for labels {missing} of ground_truth.json; "
+                                      f"rerun TIS_computation.py and TIS_analysis.py --model {m} --attribution {a}")
+            except CortexError as e:
+                if named and not allow_partial:
+                    raise CortexError(f"{e}\n(--allow_partial evaluates it anyway, on purpose.)") from None
+                if not (named and allow_partial):
+                    print(f"warning: left out Net{m} {a} (not the current run): {e}")
+                    continue
+                print(f"warning: --allow_partial: evaluating Net{m} {a} anyway: {e}")
+            out.setdefault(m, []).append(a)
+    if not out:
+        raise CortexError(f"no current TIS statistics under {paths.results_dir}; run TIS_computation.py and "
+                          f"TIS_analysis.py first")
+    return out
 
 
 def format_summary(summary) -> str:
@@ -40,21 +96,56 @@ def format_summary(summary) -> str:
     return "\n".join(lines)
 
 
+def _cell(v):
+    return f"{v:.6f}" if isinstance(v, float) else v
+
+
 def main(args, experiment="vqgan"):
     paths = ExperimentPaths.from_args(args, experiment)
     out = paths.results_dir / "Explanation" / "concept_recovery.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_run_args(args, out.parent, name="concept_recovery_args.json")
-    rows, summary = concept_recovery(paths, models=args.model, k=args.k, top_ns=tuple(args.top_ns))
+    planted = read_ground_truth(paths.data_dir / "ground_truth.json")
+    nulls = null_labels(paths.data_dir)
+    runs = current_runs(paths, args.model, args.attribution, sorted(planted) + nulls, args.allow_partial)
+    rows, summary = [], []
+    for m, attrs in runs.items():
+        r, s = concept_recovery(paths, models=[m], k=args.k, top_ns=tuple(args.top_ns), attributions=attrs)
+        first = not rows  # the frequency baseline and random rows do not depend on the model: keep them once
+        rows += [x for x in r if first or x["model"] != ""]
+        summary += [x for x in s if first or x["model"] != ""]
     print(format_summary(summary))
     with atomic_write(out) as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in rows + summary:
-            w.writerow([r[c] if not isinstance(r[c], float) else f"{r[c]:.6f}" for c in COLUMNS])
+            w.writerow([_cell(r[c]) for c in COLUMNS])
     print(f"-> {out}")
+    sig_rows = []
+    for m, attrs in runs.items():
+        for a in attrs:
+            sig_file = paths.stats_dir(m, a) / SIGNIFICANCE_FILE
+            if not sig_file.exists():
+                print(f"note: {sig_file} not found (statistics from an older TIS_analysis.py); no significance report")
+                continue
+            per, summ = significance_recovery(sig_file, planted, nulls, args.top_ns, args.alpha)
+            sig_rows += [dict(model=m, method=a, **r) for r in per]
+            for s in summ:
+                sig_rows.append(dict(model=m, method=a, label="mean", kind="", significant="", true_positives="",
+                                     false_discoveries="", **s))
+                print(f"Net{m} {a:<20} top {s['top_n']:>2}: significant planted tokens recall {s['recall']:.2f}, "
+                      f"fdp {s['fdp']:.2f}; null labels: {s['null_discoveries']:.2f} significant tokens each, "
+                      f"{s['null_labels_with_discovery']:.2f} with any")
+    if sig_rows:
+        sig_out = out.with_name("concept_recovery_significance.csv")
+        with atomic_write(sig_out) as f:
+            w = csv.writer(f)
+            w.writerow(SIG_COLUMNS)
+            for r in sig_rows:
+                w.writerow([_cell(r.get(c, "")) for c in SIG_COLUMNS])
+        print(f"-> {sig_out}")
     return summary
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser)

@@ -1,0 +1,411 @@
+"""Issue 16: per-token enrichment tests (cortex.significance), the null world, the bias statistics and table."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as ss
+
+from cortex import bias as B
+from cortex import significance as G
+from cortex.data import DatasetWriter
+from cortex.utils import CortexError, atomic_write, format_list
+from tests.helpers import run_script
+
+
+# ----------------------------------------------------------------------------- 16.1 the exact test
+
+def _brute_sf(cs, n):
+    """P(sum_i H(256, c_i, n) >= k) for every k, by plain convolution (independent re-computation)."""
+    pmf = np.array([1.0])
+    for c in cs:
+        pmf = np.convolve(pmf, ss.hypergeom(256, c, n).pmf(np.arange(min(c, n) + 1)))
+    return np.cumsum(pmf[::-1])[::-1]
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_sum_tail_equals_brute_force(n):
+    rng = np.random.default_rng(n)
+    cs = rng.integers(1, 40, 12)
+    sf = _brute_sf(cs, n)
+    u, m = np.unique(cs, return_counts=True)
+    for k in range(sf.size):
+        assert G.sum_tail(G.hypergeom_table(n)[u], m, k) == pytest.approx(sf[k], rel=1e-9, abs=1e-300)
+
+
+def test_token_in_several_positions_exact_not_binomial():
+    """n = 1, one image where the token fills 28 positions: P = 28/256 exactly (the binomial says 0.1038)."""
+    p = G.sum_tail(G.hypergeom_table(1)[[28]], [1], 1)
+    assert p == pytest.approx(28 / 256, rel=1e-12)
+    assert ss.binom.sf(0, 28, 1 / 256) < p  # the binomial shortcut would be anti-conservative here
+
+
+def _label(rng, n_img=40, planted=None):
+    ids = rng.integers(0, 30, (n_img, 256))
+    scores = rng.normal(size=(n_img, 256))
+    if planted is not None:  # token 99 at 3 positions of every image, with the highest scores
+        for i in range(n_img):
+            pos = rng.choice(256, 3, replace=False)
+            ids[i, pos] = planted
+            scores[i, pos] = 10 + rng.random(3)
+    return ids, scores
+
+
+def test_planted_token_significant_random_scores_not():
+    rng = np.random.default_rng(0)
+    t = G.label_tests(0, *_label(rng, planted=99), top_ns=(1, 5, 20))
+    for n, r in t.items():
+        assert r.significant().tolist() == [99], n
+        i = int(np.flatnonzero(r.tokens == 99)[0])
+        assert r.count[i] == (40 if n == 1 else 120) and r.expected[i] == pytest.approx(120 * n / 256)
+        assert r.enrichment[i] == pytest.approx(r.count[i] / r.expected[i])
+        assert r.q_value[i] < 1e-10 and np.all(r.q_value >= r.p_value)
+    # pure null: permuted scores -> p-values valid (P(p <= a) <= a) and no discovery at q < 0.05
+    ps, found = [], 0
+    for _ in range(30):
+        t = G.label_tests(1, *_label(rng), top_ns=(5,))[5]
+        ps.append(t.p_value)
+        found += t.significant().size
+    ps = np.concatenate(ps)
+    for a in (0.01, 0.05, 0.2):
+        assert np.mean(ps <= a) <= a + 0.02
+    assert found <= 1
+
+
+def test_bh_matches_definition():
+    p = np.array([0.001, 0.04, 0.03, 0.2, 0.5])
+    q = G.benjamini_hochberg(p)
+    order = np.argsort(p)
+    raw = p[order] * p.size / np.arange(1, p.size + 1)
+    expect = np.minimum.accumulate(raw[::-1])[::-1]
+    assert np.allclose(q[order], np.minimum(expect, 1))
+
+
+# ----------------------------------------------------------------------------- 16.1 TIS_analysis.py output
+
+@pytest.fixture()
+def hand_world(tmp_path):
+    """Label 0: token 7 at the best-scored position of each of 30 images; label 1: random scores."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "exp"
+    w = DatasetWriter(root / "datasets", np.zeros((40, 256), np.float32), layout="compact")
+    tis = root / "results" / "TIS" / "Net1" / "TIS_value_train"
+    rows = {0: [], 1: []}
+    for label in (0, 1):
+        for i in range(30):
+            ids = rng.integers(10, 40, 256)
+            scores = rng.normal(size=256)
+            if label == 0:
+                ids[5] = 7
+                scores[5] = 50.0
+            w.add("train", f"{label}_{i}.npy", label, ids)
+            rows[label].append([f"{label}_{i}.npy", label, format_list(scores)])
+    w.close({"num_classes": 2})
+    for label, rs in rows.items():
+        with atomic_write(tis / f"label_{label}.csv") as f:
+            wr = csv.writer(f)
+            wr.writerow(["filename", "label", "contribution"])
+            wr.writerows(rs)
+    (tis / "tis_config.json").write_text(json.dumps({"attribution": "smoothgrad"}))
+    return root
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tis_analysis_writes_significance(hand_world):
+    sd = hand_world / "results" / "TIS" / "Net1" / "TIS_statistics_train"
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress"])
+    sectioned = (sd / "label_0.csv").read_bytes()
+    rows = _rows(sd / G.SIGNIFICANCE_FILE)
+    assert list(rows[0]) == G.SIGNIFICANCE_HEADER
+    top = [r for r in rows if r["label"] == "0" and r["top_n"] == "1"]
+    assert top[0]["token"] == "7" and top[0]["count"] == "30" and float(top[0]["q_value"]) < 1e-10
+    assert float(top[0]["expected"]) == pytest.approx(30 / 256, rel=1e-5)
+    assert any(float(r["q_value"]) >= 0.05 for r in rows)  # every token with a count is listed by default
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress",
+                                                     "--significant_only"])
+    sig = _rows(sd / G.SIGNIFICANCE_FILE)
+    assert sig and all(float(r["q_value"]) < 0.05 for r in sig)
+    pairs = {(r["label"], r["token"]) for r in sig}
+    assert ("0", "7") in pairs and len(pairs) <= 3  # (a chance hit or two at q < 0.05)
+    assert (sd / "label_0.csv").read_bytes() == sectioned  # the authors'-format files do not change
+    found = G.significant_tokens(sd / G.SIGNIFICANCE_FILE)
+    assert all(found[(0, n)][0] == 7 for n in (1, 5, 10, 20))
+
+
+# ----------------------------------------------------------------------------- 16.2 null labels and their report
+
+def test_null_classes_in_synthetic_world(tmp_path):
+    from cortex.synthetic import SyntheticWorld, WorldConfig
+
+    w = SyntheticWorld.build(WorldConfig(num_classes=2, null_classes=2, n_codes=96, concept_tokens=3,
+                                         n_background=16, n_distractors=4))
+    gt = w.ground_truth()
+    assert gt["num_classes"] == 4 and gt["null_labels"] == [2, 3] and sorted(gt["concept_tokens"]) == ["0", "1"]
+    rng = np.random.default_rng(0)
+    planted = set().union(*map(set, w.concept_tokens.values()))
+    assert not set(w.sample(3, rng).tolist()) & planted
+    assert set(w.sample(1, rng).tolist()) & set(w.concept_tokens[1])
+    root = tmp_path / "exp"
+    run_script("VQGAN_explanation/generate_dataset.py",
+               ["--root", root, "--num_classes", 2, "--null_classes", 1, "--train_per_class", 2, "--val_per_class", 1,
+                "--test_per_class", 1, "--n_codes", 64, "--concept_tokens", 3, "--n_background", 16,
+                "--n_distractors", 4, "--object_size", 3, 3, "--patch_size", 2, "--layout", "compact"])
+    gt = json.loads((root / "datasets" / "ground_truth.json").read_text())
+    assert gt["null_labels"] == [2] and G.null_labels(root / "datasets") == [2]
+    assert {r["label"] for r in _rows(root / "datasets" / "train_embeddings.csv")} == {"0", "1", "2"}
+
+
+def test_significance_recovery_report(tmp_path):
+    path = tmp_path / G.SIGNIFICANCE_FILE
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(G.SIGNIFICANCE_HEADER)
+        w.writerows([[0, 5, 1, 9, 1, 9, 1e-9, 1e-8], [0, 5, 2, 9, 1, 9, 1e-9, 1e-8], [0, 5, 30, 4, 1, 4, 0.01, 0.04],
+                     [1, 5, 3, 9, 1, 9, 1e-9, 1e-8], [1, 5, 4, 2, 1, 2, 0.2, 0.3], [2, 5, 31, 5, 1, 5, 1e-4, 1e-3]])
+    rows, summary = G.significance_recovery(path, {0: [1, 2], 1: [3, 4]}, [2, 3], [5])
+    by = {r["label"]: r for r in rows}
+    assert by[0]["recall"] == 1.0 and by[0]["false_discoveries"] == 1 and by[1]["recall"] == 0.5
+    assert by[2]["kind"] == "null" and by[2]["false_discoveries"] == 1 and by[3]["significant"] == 0
+    s = summary[0]
+    assert s["recall"] == 0.75 and s["fdp"] == pytest.approx(1 / 4)
+    assert s["null_discoveries"] == 0.5 and s["null_labels_with_discovery"] == 0.5
+
+
+# ----------------------------------------------------------------------------- 16.3 bias statistics
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cliff_delta_from_mannwhitney_equals_sorting(seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 6, rng.integers(1, 60)), rng.integers(0, 6, rng.integers(1, 60))
+    d, p = B.cliffs_delta_mwu(x, y)
+    assert d == pytest.approx(B.cliffs_delta(x, y), abs=1e-12)
+    assert p == pytest.approx(ss.mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    lo, hi = B.bootstrap_ci(x, y, 500, seed=1)
+    assert (lo, hi) == B.bootstrap_ci(x, y, 500, seed=1)  # seeded
+    assert -1 <= lo <= hi <= 1
+
+
+def test_bootstrap_ci_matches_plain_resampling():
+    """The multinomial shortcut gives the distribution of plain with-replacement resampling."""
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 5, 80), rng.integers(1, 6, 70)
+    lo, hi = B.bootstrap_ci(x, y, 4000, seed=0)
+    r2 = np.random.default_rng(9)
+    plain = [B.cliffs_delta(r2.choice(x, x.size), r2.choice(y, y.size)) for _ in range(4000)]
+    assert lo == pytest.approx(np.quantile(plain, 0.025), abs=0.03)
+    assert hi == pytest.approx(np.quantile(plain, 0.975), abs=0.03)
+    assert lo < B.cliffs_delta(x, y) < hi
+
+
+def _authors_rule(stats_files, top_n, token_num, neutral_ids):
+    """The authors' table written from their description: per label file (ascending label), the first
+    token_num rows of 'Top n Tokens'; the tokens cell is the str() of the list of token strings; per neutral
+    image the positions holding one of them; average = total / files as a float; cliff (theirs) halves."""
+    out = []
+    for label in sorted(stats_files):
+        toks = []
+        with open(stats_files[label], newline="") as f:
+            rows = list(csv.reader(f))
+        i = rows.index([f"Top {top_n} Tokens"]) + 2
+        while len(toks) < token_num and i < len(rows) and rows[i] and rows[i][0].isdigit():
+            toks.append(rows[i][0])
+            i += 1
+        counts = [sum(1 for t in img if str(t) in toks) for img in neutral_ids]
+        out.append([str(len(counts)), str(sum(counts)), str(sum(counts) / len(counts)), str(len(toks)), str(label),
+                    str(toks)])
+    return out
+
+
+def test_bias_table_authors_format(tmp_path):
+    from cortex.paths import ExperimentPaths
+
+    files = {}
+    for label, toks in ((1, [12, 7, 3]), (0, [5, 7, 40])):
+        p = tmp_path / f"label_{label}.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["Total Images: 3"])
+            for n in (1, 5):
+                w.writerow([f"Top {n} Tokens"])
+                w.writerow(["Token", "Frequency", "Files"])
+                for t in toks:
+                    w.writerow([t, 3, "a.npy; b.npy"])
+        files[label] = p
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 50, 256) for _ in range(25)]
+    from cortex.stats import read_stats_section
+
+    rows = B.detect_bias({k: read_stats_section(p, 5, 2) for k, p in files.items()}, ids)
+    paths = ExperimentPaths(experiment="dalle", root=tmp_path, bias_type="doctor_gender")
+    out = B.write_bias_csv(paths.bias_dir() / B.bias_csv_name(5, 2), rows)
+    with open(out, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][:8] == ["total_files", "total_token_occurrences", "average_frequency_per_file",
+                            "number_of_target_tokens", "label", "tokens", "cliff_delta", "cliff_delta_seed"]
+    assert table[0][8:] == ["p_value", "cliff_delta_ci_low", "cliff_delta_ci_high", "magnitude"]
+    assert [r[:6] for r in table[1:]] == _authors_rule(files, 5, 2, ids)
+    assert table[1][5] == "['5', '7']"
+    assert float(table[1][7]) == pytest.approx(float(table[1][6]) / 2, abs=1e-6)
+    back = B.read_bias_csv(out)
+    assert back[0]["tokens"] == [5, 7] and back[0]["p_value"] == pytest.approx(rows[0].p_value, rel=1e-5)
+    assert back[0]["cliff_delta_ci_low"] <= back[0]["cliff_delta"] <= back[0]["cliff_delta_ci_high"]
+
+
+def test_bias_figure_draws_only_this_run(tmp_path, monkeypatch):
+    """A doctor_gender figure never draws another bias type's (or an earlier run's) bars."""
+    from cortex.paths import ExperimentPaths
+
+    other = ExperimentPaths(experiment="dalle", root=tmp_path, bias_type="doctor_color")
+    stale = B.detect_bias({0: [1], 1: [2]}, [np.array([1, 1, 2]), np.array([2, 2, 1])], n_boot=0)
+    B.write_bias_csv(other.bias_dir() / B.bias_csv_name(5, 2), stale)
+    drawn = []
+    import matplotlib.axes
+
+    real_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, *a, **k: drawn.append(a) or real_bar(self, *a, **k))
+    paths = ExperimentPaths(experiment="dalle", root=tmp_path, bias_type="doctor_gender")
+    rows = B.detect_bias({0: [1, 5], 1: [2, 7]}, [np.array([1, 1, 2, 5]), np.array([2, 2, 2, 9]), np.array([1, 7])])
+    png = B.plot_bias(paths, 5, 2, rows=rows)
+    assert png.exists() and len([a for a in drawn if np.isscalar(a[0])]) == 2  # this run's two labels only
+
+
+# ----------------------------------------------------------------------------- 12.5 / 14.5 inputs of the current run
+
+def _sha(path):
+    from cortex.tis import file_sha256
+
+    return file_sha256(path)
+
+
+def _fake_tis_run(root, data_dir, tis_dir, ckpt, labels_scores, attribution="smoothgrad"):
+    """TIS files of a run (hand-made scores) whose tis_config.json names ``ckpt`` and the train CSV."""
+    from cortex.data import read_split
+
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists():
+        ckpt.write_bytes(b"weights of the current IEM")
+    rng = np.random.default_rng(0)
+    by = {}
+    for r in read_split(data_dir, "train"):
+        by.setdefault(r.label, []).append(r)
+    for label, recs in by.items():
+        with atomic_write(tis_dir / f"label_{label}.csv") as f:
+            w = csv.writer(f)
+            w.writerow(["filename", "label", "contribution"])
+            for r in recs:
+                w.writerow([r.filename, label, format_list(labels_scores(r, rng))])
+    cfg = {"attribution": attribution, "checkpoint": {"file": ckpt.name, "sha256": _sha(ckpt)},
+           "data": {"split": "train", "csv_sha256": _sha(data_dir / "train_embeddings.csv")}}
+    (tis_dir / "tis_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture()
+def dalle_root(tmp_path):
+    from cortex.paths import ExperimentPaths
+
+    root = tmp_path / "dalle"
+    run_script("Dalle_explanation/generate_dataset.py",
+               ["--root", root, "--bias_type", "doctor_gender", "--train_per_class", 8, "--val_per_class", 2,
+                "--test_per_class", 2, "--neutral_images", 24, "--n_codes", 160, "--attribute_tokens", 6,
+                "--doctor_tokens", 8, "--n_background", 24, "--n_distractors", 8, "--layout", "compact", "--no_images"])
+    paths = ExperimentPaths(experiment="dalle", root=root, bias_type="doctor_gender")
+    gt = json.loads((paths.data_dir / "ground_truth.json").read_text())
+    planted = {int(k): set(v) for k, v in gt["concept_tokens"].items()}
+
+    def scores(r, rng):  # the label's attribute tokens score highest
+        return rng.random(256) + 5.0 * np.isin(r.ids, list(planted[r.label]))
+
+    _fake_tis_run(root, paths.data_dir, paths.tis_dir(1, "train"), paths.best_ckpt(1), scores)
+    run_script("Dalle_explanation/TIS_analysis.py", ["--root", root, "--model", 1, "--bias_type", "doctor_gender",
+                                                     "--no_progress"])
+    return root, paths
+
+
+def test_bias_detection_refuses_inputs_not_of_this_run(dalle_root, capsys):
+    root, paths = dalle_root
+    args = ["--root", root, "--model", 1, "--bias_type", "doctor_gender", "--top_n", 5, "--token_num", 4,
+            "--no_plot", "--n_boot", 200]
+    out = run_script("Dalle_explanation/bias_detection.py", args)
+    ok = out["csv"].read_bytes()
+    r0 = out["rows"][0]
+    assert r0.ci[0] <= r0.cliff_delta <= r0.ci[1] and 0 <= r0.p_value <= 1
+    # another IEM now sits at the checkpoint path: the statistics explain the old one
+    paths.best_ckpt(1).write_bytes(b"a retrained IEM")
+    with pytest.raises(CortexError, match="explains another IEM"):
+        run_script("Dalle_explanation/bias_detection.py", args)
+    out = run_script("Dalle_explanation/bias_detection.py", [*args, "--allow_partial"])
+    assert "--allow_partial" in capsys.readouterr().out and out["csv"].read_bytes() == ok
+    paths.best_ckpt(1).write_bytes(b"weights of the current IEM")
+    # a statistics file left from another run (label 7), and a missing label
+    stats = paths.stats_dir(1)
+    (stats / "label_7.csv").write_bytes((stats / "label_1.csv").read_bytes())
+    with pytest.raises(CortexError, match=r"labels \[?7\b"):
+        run_script("Dalle_explanation/bias_detection.py", args)
+    (stats / "label_7.csv").unlink()
+    (stats / "label_1.csv").rename(stats / "label_1.bak")
+    with pytest.raises(CortexError, match=r"labels \[1\] of the train split have no statistics"):
+        run_script("Dalle_explanation/bias_detection.py", args)
+    (stats / "label_1.bak").rename(stats / "label_1.csv")
+    # near-chance IEM: a loud warning
+    res = paths.testing_results(1)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.write_text("Accuracy\n52.0\n")
+    with pytest.warns(UserWarning, match="near chance"):
+        run_script("Dalle_explanation/bias_detection.py", args)
+
+
+def test_concept_recovery_uses_only_current_runs(hand_world, capsys):
+    """Statistics of an attribution left from an earlier IEM are left out (named: refused)."""
+    from cortex.paths import ExperimentPaths
+
+    root = hand_world
+    paths = ExperimentPaths(experiment="vqgan", root=root)
+    (paths.data_dir / "ground_truth.json").write_text(json.dumps({"concept_tokens": {"0": [7], "1": [99]}}))
+    paths.best_ckpt(1).parent.mkdir(parents=True, exist_ok=True)
+    paths.best_ckpt(1).write_bytes(b"old IEM")
+    _fake_tis_run(root, paths.data_dir, paths.tis_dir(1, "train", "occlusion"), paths.best_ckpt(1),
+                  lambda r, rng: rng.random(256), attribution="occlusion")
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", root, "--no_progress",
+                                                     "--attribution", "occlusion"])
+    paths.best_ckpt(1).write_bytes(b"new IEM")  # retrained since: the occlusion statistics are leftovers
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", root, "--no_progress"])
+    summary = run_script("VQGAN_explanation/explanation_evaluation/concept_recovery.py", ["--root", root])
+    assert {r["method"] for r in summary} == {"smoothgrad", "random"}
+    assert "left out Net1 occlusion" in capsys.readouterr().out
+    sig = _rows(root / "results" / "Explanation" / "concept_recovery_significance.csv")
+    assert {r["method"] for r in sig} == {"smoothgrad"}
+    mean5 = next(r for r in sig if r["label"] == "mean" and r["top_n"] == "5")
+    assert float(mean5["recall"]) == pytest.approx(0.5)  # token 7 found for label 0; 99 does not exist
+    with pytest.raises(CortexError, match="explains another IEM"):
+        run_script("VQGAN_explanation/explanation_evaluation/concept_recovery.py",
+                   ["--root", root, "--attribution", "occlusion"])
+    summary = run_script("VQGAN_explanation/explanation_evaluation/concept_recovery.py",
+                         ["--root", root, "--attribution", "occlusion", "--allow_partial"])
+    assert "occlusion" in {r["method"] for r in summary}
+
+
+# ----------------------------------------------------------------------------- 16.5 model randomisation
+
+def test_model_randomisation_on_tiny_trained_iem(tiny_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "exp"
+    shutil.copytree(tiny_root / "datasets", root / "datasets")
+    run_script("VQGAN_explanation/train.py", ["--model", 1, "--width", 8, "--epochs", 1, "--batch_size", 8,
+                                              "--root", root, "--device", "cpu", "--accelerator", "cpu"])
+    rows = run_script("VQGAN_explanation/explanation_evaluation/model_randomisation.py",
+                      ["--root", root, "--model", 1, "--num_images", 4, "--nsamples", 2, "--max_stages", 3,
+                       "--device", "cpu"])
+    out = root / "results" / "Explanation" / "model_1" / "model_randomisation.csv"
+    table = _rows(out)
+    assert list(table[0]) == ["model", "attribution", "stage", "layer", "spearman_mean", "spearman_std", "images"]
+    for a in ("smoothgrad", "smoothgrad_x_input"):
+        rs = [r for r in rows if r["attribution"] == a]
+        assert [r["stage"] for r in rs] == [0, 1, 2, 3] and rs[1]["layer"] == "fc3"
+        assert rs[0]["spearman_mean"] == pytest.approx(1.0)
+        assert rs[-1]["spearman_mean"] < 0.95, rs
+    assert out.with_suffix(".png").stat().st_size > 10_000
