@@ -8,6 +8,8 @@ How a block is checked depends on the HTML comment right before it:
   ``main`` (``cortex.scripts.run_script``) after the substitutions of ``SUBSTITUTIONS`` below shrink the world.
   All run blocks of one page share one copy, in page order.
 * ``<!-- docs-test: fresh (reason) -->``: runs like the above, in a new copy (the block trains its own IEMs).
+* ``<!-- docs-test: twice (reason) -->``: runs like the above, then again in the same copy: the block must
+  paste cleanly over its own outputs (the README's pipeline over the demo's).
 * ``<!-- docs-test: parse-only (reason) -->``: the block cannot run here (real data, taming checkpoints,
   SLURM, several GPUs, ``make demo``). ``bash -n`` checks its syntax; every ``python script.py ...`` must name
   an existing script whose ``get_args_parser()`` accepts the flags; ``sbatch`` templates and ``*.sh`` scripts
@@ -103,14 +105,14 @@ class Block:
     page: Path
     line: int  # of the opening fence
     text: str
-    mode: str  # "run", "fresh" or "parse-only"
+    mode: str  # "run", "fresh", "twice" or "parse-only"
     reason: str
 
     def where(self) -> str:
         return f"{self.page.relative_to(REPO)}:{self.line}"
 
 
-MARKER = re.compile(r"<!--\s*docs-test:\s*(parse-only|fresh)\s*(?:\((.*)\))?\s*-->")
+MARKER = re.compile(r"<!--\s*docs-test:\s*(parse-only|fresh|twice)\s*(?:\((.*)\))?\s*-->")
 
 
 def bash_blocks(page: Path) -> list[Block]:
@@ -297,6 +299,8 @@ def test_documented_commands_run(page, tmp_path):
             n_work += 1
             work = make_workdir(tmp_path / f"work{n_work}")
         replay(block, record(block, work))
+        if block.mode == "twice":  # pasted again over its own outputs (as over the demo's)
+            replay(block, record(block, work))
 
 
 def test_pages_have_blocks_and_valid_markers():
