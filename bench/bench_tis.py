@@ -81,6 +81,39 @@ def _timed(fn, device, repeats=1):
     return best, out
 
 
+def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
+    """Time smoothgrad's work besides forward+backward, each part alone over all chunks of ``copies`` copies.
+
+    x ``(B, 256, 16, 16)``; z standard noise ``(S, B, 256, 16, 16)``; sd ``(B, 1, 1, 1)``. Returns seconds:
+    ``copies_s`` (``attribution.fill_copies``: noise x sd + inputs), ``accumulate_s``
+    (``attribution.accumulate_draws``: the float64 sums in draw order, on a stand-in gradient) and
+    ``noise_s`` (``attribution.standard_noise`` with per-image seeds: a per-batch cost of ``compute_tis``).
+    """
+    from cortex.attribution import accumulate_draws, draw_pieces, fill_copies
+
+    S, B = z.shape[:2]
+    n = S * B
+    cuts = [draw_pieces(s0, min(s0 + copies, n), B) for s0 in range(0, n, copies)]
+    buf = torch.empty((copies, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    grad = torch.randn_like(buf)
+    sdb = sd.expand(B, *sd.shape[1:])
+
+    def fill():
+        for pieces in cuts:
+            fill_copies(buf, x, z, sdb, pieces)
+
+    def accumulate():
+        total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        for pieces in cuts:
+            accumulate_draws(total, grad, pieces)
+
+    def noise():
+        standard_noise(S, x.shape[1:], seeds=[image_seed(0, i) for i in range(B)], device=device)
+
+    return {"copies_s": _timed(fill, device, repeats)[0], "accumulate_s": _timed(accumulate, device, repeats)[0],
+            "noise_s": _timed(noise, device, repeats)[0]}
+
+
 def bench_lower_bound(args):
     """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
     from cortex.attribution import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
@@ -118,18 +151,24 @@ def bench_lower_bound(args):
                 torch.autograd.grad(model(c).gather(1, tt[s0:s0 + copies, None]).sum(), c)  # input grad only
         with torch.enable_grad():
             t_low, _ = _timed(bare, device, args.repeats)
+        parts = overhead_breakdown(x, z, noise_scale(x, args.stdev_spread, "sample"), copies, device, args.repeats)
         fast, info = prepare_fast(model, device, ("vqgan", m))
         t_fast, f = _timed(lambda: smoothgrad(fast, x, t, noise=z, stdev_spread=args.stdev_spread,
                                               max_copies_per_pass=copies), device, args.repeats)
         so, sf = reduce_channels(ours, "max"), reduce_channels(f, "max")
         ov = top_overlap(sf.float(), so.float(), 20)
         n_img = args.images / t_ours
-        print(f"  Net{m}: smoothgrad {t_ours:7.2f} s ({n_img:.2f} images/s, {copies} copies/pass"
-              + (f", GPU peak {peak:.2f} GiB" if peak is not None else "") + f")  lower bound {t_low:7.2f} s  "
+        other = t_ours - t_low - parts["copies_s"] - parts["accumulate_s"]
+        print(f"  Net{m}: smoothgrad {t_ours:7.3f} s ({n_img:.2f} images/s, {copies} copies/pass"
+              + (f", GPU peak {peak:.2f} GiB" if peak is not None else "") + f")  lower bound {t_low:7.3f} s  "
               f"ratio {t_ours / t_low:.3f}x")
+        print(f"         breakdown: forward+backward {t_low:.4f} s, noisy copies {parts['copies_s']:.4f} s, float64 "
+              f"accumulation {parts['accumulate_s']:.4f} s, other {other:.4f} s (setup, Python; noise < 0); outside "
+              f"smoothgrad, per batch: drawing the noise {parts['noise_s']:.4f} s")
         print(f"         --fast ({info['bn_folds']} BN folded, bf16 {'on' if info['bf16'] else 'off'}): {t_fast:7.2f} s  "
               f"speed-up {t_ours / t_fast:.2f}x  top-20 overlap {ov:.4f}  max |diff| {(sf - so).abs().max().item():.3g}")
-        out[f"net{m}"] = {"ours_s": t_ours, "lower_s": t_low, "ratio": t_ours / t_low, "fast_s": t_fast,
+        out[f"net{m}"] = {"ours_s": t_ours, "lower_s": t_low, "ratio": t_ours / t_low, **parts, "other_s": other,
+                          "fast_s": t_fast,
                           "fast_speedup": t_ours / t_fast, "fast_top20": ov, "images_per_s": n_img, "gpu_peak_gib": peak}
     return out
 

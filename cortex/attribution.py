@@ -119,11 +119,55 @@ def _check(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- SmoothGrad
 
-def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, noise: torch.Tensor,
-                          max_copies_per_pass: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mean input-gradient of the raw target logit over the noisy copies ``inputs + noise``.
+def draw_pieces(start: int, stop: int, B: int) -> list[tuple[int, int, int, int]]:
+    """Copies ``[start, stop)`` (copy ``j = s*B + b``) cut into per-draw pieces ``(s, b0, b1, r0)``.
 
-    inputs ``(B, C, H, W)``; target ``(B,)``; noise ``(S, B, C, H, W)`` already scaled.
+    Piece ``(s, b0, b1, r0)``: draw ``s`` of images ``b0..b1-1``, rows ``r0..r0+b1-b0-1`` of the chunk.
+    Pure Python integers: cutting a chunk never waits for the device.
+    """
+    pieces, j = [], start
+    while j < stop:
+        s, b0 = divmod(j, B)
+        b1 = min(B, b0 + stop - j)
+        pieces.append((s, b0, b1, j - start))
+        j += b1 - b0
+    return pieces
+
+
+@torch.no_grad()
+def fill_copies(buf: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, sd: torch.Tensor | None,
+                pieces: list[tuple[int, int, int, int]]) -> None:
+    """Write a chunk's noisy copies into ``buf`` ``(>= m, C, H, W)``: rows of piece ``(s, b0, b1, r0)`` are
+    ``x[b0:b1] + noise[s, b0:b1] * sd[b0:b1]`` (``sd`` None: noise already scaled). x ``(B, C, H, W)``,
+    noise ``(S, B, C, H, W)``, sd ``(B, 1, 1, 1)``. Same float32 operations as ``x + noise * sd``."""
+    for s, b0, b1, r0 in pieces:
+        rows = buf[r0:r0 + b1 - b0]
+        if sd is None:
+            torch.add(x[b0:b1], noise[s, b0:b1], out=rows)
+        else:
+            torch.mul(noise[s, b0:b1], sd[b0:b1], out=rows)
+            rows.add_(x[b0:b1])
+
+
+@torch.no_grad()
+def accumulate_draws(total: torch.Tensor, grad: torch.Tensor, pieces: list[tuple[int, int, int, int]]) -> None:
+    """Add a chunk's per-copy gradients ``grad`` ``(m, C, H, W)`` to the float64 sums ``total`` ``(B, C, H, W)``.
+
+    One slice ``add_`` per piece ``(s, b0, b1, r0)``, pieces in draw order, the float32 gradient widened to
+    float64 inside the add: every image's draws are summed in ascending ``s`` whatever the chunking (the
+    same sums as adding ``grad.double()`` copy by copy)."""
+    for s, b0, b1, r0 in pieces:
+        total[b0:b1].add_(grad[r0:r0 + b1 - b0])
+
+
+def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, noise: torch.Tensor,
+                          max_copies_per_pass: int | None = None, out_dtype: torch.dtype | None = None,
+                          noise_sd: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean input-gradient of the raw target logit over the noisy copies ``inputs + noise * noise_sd``.
+
+    inputs ``(B, C, H, W)``; target ``(B,)``; noise ``(S, B, C, H, W)``, already scaled when ``noise_sd`` is
+    None, else standard normal and scaled here by ``noise_sd`` (``(B, 1, 1, 1)`` or ``(1, 1, 1, 1)``, see
+    ``noise_scale``; the same float32 product as scaling it beforehand, without a scaled copy of the noise).
     Returns ``(B, C, H, W)``: ``1/S * sum_s d logit_target(inputs + noise[s]) / d x``, in ``out_dtype``
     (default: the inputs' dtype).
 
@@ -132,28 +176,39 @@ def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.
     target logits per chunk. In eval mode the copies do not interact, so each copy receives exactly the
     gradient of its own target logit. The per-copy gradients are summed in float64 in draw order (as the
     authors' script does), so the result does not depend on the chunking.
+
+    Performance: a chunk is cut into per-draw pieces with Python integers (``draw_pieces``); each piece
+    is written into one reused copy buffer (noise x sd, + inputs) and its gradient added, widened to float64
+    on the fly, to the ``(B, C, H, W)`` float64 sum with one slice ``add_``. No mask, no ``index_add``, no
+    float64 copy of the gradients and no host-device synchronisation inside the loop: on a GPU the whole call
+    is queued without waiting.
     """
     target = _check(inputs, target)
     S, B = noise.shape[0], noise.shape[1]
     if tuple(noise.shape[1:]) != tuple(inputs.shape):
         raise ValueError(f"noise {tuple(noise.shape)} does not match inputs {tuple(inputs.shape)}")
     x = inputs.detach()
+    noise = noise.detach().to(x.device, x.dtype)
+    sd = None
+    if noise_sd is not None:
+        sd = noise_sd.detach().to(x.device, x.dtype)
+        sd = sd.expand(B, *sd.shape[1:]) if sd.shape[0] == 1 else sd  # (B, 1, 1, 1)
     total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # (B, C, H, W)
     n = S * B
-    chunk = n if not max_copies_per_pass or max_copies_per_pass <= 0 else int(max_copies_per_pass)
-    noise_flat = noise.reshape(n, *x.shape[1:])
-    with eval_mode(model), torch.enable_grad():
+    chunk = n if not max_copies_per_pass or max_copies_per_pass <= 0 else min(int(max_copies_per_pass), n)
+    targets = target.repeat(S)  # (S*B,): target of copy j = s*B + b is target[b]
+    buf = torch.empty((chunk, *x.shape[1:]), dtype=x.dtype, device=x.device)  # (chunk, C, H, W), reused
+    with eval_mode(model):
         for start in range(0, n, chunk):
-            j = torch.arange(start, min(start + chunk, n), device=x.device)
-            idx = j % B  # image of each copy
-            copies = (x[idx] + noise_flat[start:start + chunk].to(x.device, x.dtype)).requires_grad_(True)
-            logits = _target_logits(model, copies, target[idx])
-            (grad,) = torch.autograd.grad(logits.sum(), copies)
-            grad = grad.detach().to(torch.float64)
-            # add draw by draw (s ascending) so that every image's sum has the same order for any chunking
-            for s in range(int(j[0]) // B, (int(j[-1]) // B) + 1):
-                sel = (j // B) == s
-                total.index_add_(0, idx[sel], grad[sel])
+            stop = min(start + chunk, n)
+            pieces = draw_pieces(start, stop, B)
+            fill_copies(buf, x, noise, sd, pieces)
+            copies = buf[:stop - start].detach().requires_grad_(True)  # (m, C, H, W)
+            with torch.enable_grad():
+                logits = _target_logits(model, copies, targets[start:stop])
+                (grad,) = torch.autograd.grad(logits.sum(), copies)
+            accumulate_draws(total, grad, pieces)
+            del logits, grad, copies
     return (total / S).to(out_dtype or x.dtype)
 
 
@@ -183,10 +238,9 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, 
                                device=inputs.device, dtype=inputs.dtype)
     elif noise.shape[0] != nsamples:
         nsamples = noise.shape[0]
-    sd = noise_scale(inputs, stdev_spread, noise_scope)  # (B|1, 1, 1, 1)
-    scaled = noise.to(inputs.device, inputs.dtype) * sd.unsqueeze(0)
-    return smoothgrad_from_noise(model, inputs, target, scaled, max_copies_per_pass,
-                                 out_dtype=torch.float64 if noise_scope == "authors" else None)
+    sd = noise_scale(inputs, stdev_spread, noise_scope)  # (B|1, 1, 1, 1); the noise is scaled chunk by chunk
+    return smoothgrad_from_noise(model, inputs, target, noise, max_copies_per_pass,
+                                 out_dtype=torch.float64 if noise_scope == "authors" else None, noise_sd=sd)
 
 
 def authors_noise(inputs: torch.Tensor, nsamples: int, stdev_spread: float) -> torch.Tensor:

@@ -8,6 +8,10 @@ Two layouts give identical tensors:
   ``codebook[ids].T.reshape(256, 16, 16)``. Lossless for real VQGAN data and ~1000x smaller.
 
 CSV rows look like ``0_12.npy,0,"[5, 16383, ...]"`` and are read with the csv module.
+
+Other tokenizers (issue 15): a dataset of an ``h x w`` grid of ``D``-d codes records ``grid_size`` [h, w] and
+``code_dim`` D in ``dataset_info.json`` (:func:`dataset_geometry`); its rows then hold ``h*w`` ids and its
+embeddings are ``(D, h, w)``. Without those keys (the authors' data) the geometry is the paper's 16 x 16 x 256.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ GRID = 16
 N_POS = GRID * GRID  # 256 token positions per image, row-major p = row*16 + col
 EMB_DIM = 256
 EMB_SHAPE = (EMB_DIM, GRID, GRID)
+DEFAULT_GRID = (GRID, GRID)
 CSV_HEADER = ["filename", "label", "indices"]
 
 # split name -> (CSV file, per-image .npy folder)
@@ -60,8 +65,10 @@ class Record:
     ids: np.ndarray  # (256,) int64 token ids, row-major
 
 
-def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Record]:
-    """Rows of ``{split}_embeddings.csv``; every problem is a CortexError naming file and line."""
+def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int | None = None) -> list[Record]:
+    """Rows of ``{split}_embeddings.csv``; every problem is a CortexError naming file and line.
+
+    n_pos: ids per row (default: h*w of :func:`dataset_geometry`, 256 for the authors' data)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise CortexError(
@@ -71,6 +78,8 @@ def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Rec
     if not path.exists():
         raise CortexError(f"split CSV not found: {path}. The dataset in {data_dir} has no {split} split; "
                           f"regenerate it or pass the right --data_dir.")
+    if n_pos is None:
+        n_pos = n_positions(data_dir)
     records = []
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM (Excel) reads as-is
         reader = csv.reader(f)
@@ -92,8 +101,8 @@ def read_split(data_dir, split: str, num_classes: int | None = None) -> list[Rec
                 raise CortexError(f"{where}: label {label} is outside 0..{(num_classes or 1) - 1}; "
                                   f"pass the right --num_classes")
             ids = parse_int_list(row[2], where=where)
-            if ids.shape != (N_POS,):
-                raise CortexError(f"{where}: expected {N_POS} token ids, got {ids.size}")
+            if ids.shape != (n_pos,):
+                raise CortexError(f"{where}: expected {n_pos} token ids (the dataset's token grid), got {ids.size}")
             if ids.min() < 0:
                 raise CortexError(f"{where}: negative token id {int(ids.min())}")
             records.append(Record(row[0], label, ids))
@@ -123,42 +132,84 @@ def load_npy(path, what: str = "embedding") -> np.ndarray:
     return arr
 
 
-def load_embedding_file(path) -> np.ndarray:
-    """One per-image embedding ``.npy``: float32 ``(256, 16, 16)``, else a CortexError naming the file."""
+def load_embedding_file(path, shape: tuple[int, int, int] = EMB_SHAPE) -> np.ndarray:
+    """One per-image embedding ``.npy``: float32 ``shape`` (default (256, 16, 16)), else a CortexError naming it."""
     arr = load_npy(path, "embedding")
-    if arr.shape != EMB_SHAPE:
-        raise CortexError(f"{path}: embedding must have shape {EMB_SHAPE}, got {arr.shape}")
+    if arr.shape != tuple(shape):
+        raise CortexError(f"{path}: embedding must have shape {tuple(shape)}, got {arr.shape}")
     return arr
 
 
-def load_codebook(data_dir) -> np.ndarray:
+def load_codebook(data_dir, code_dim: int | None = None) -> np.ndarray:
+    """``codebook.npy`` (n_codes, D); D = ``code_dim`` or the dataset's (:func:`dataset_geometry`, 256 by default)."""
     path = Path(data_dir) / "codebook.npy"
     if not path.exists():
         raise CortexError(f"codebook not found: {path} (needed by the compact layout). Pass --data_layout files "
                           f"to read the per-image .npy files, or build it from them: python compact_dataset.py")
+    dim = dataset_geometry(data_dir)[2] if code_dim is None else int(code_dim)
     cb = load_npy(path, "codebook")
-    if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
-        raise CortexError(f"{path}: codebook must have shape (n_codes, {EMB_DIM}), got {cb.shape}")
+    if cb.ndim != 2 or cb.shape[1] != dim:
+        raise CortexError(f"{path}: codebook must have shape (n_codes, {dim}) (code_dim of "
+                          f"{Path(data_dir) / 'dataset_info.json'}, 256 when absent), got {cb.shape}")
     return cb
 
 
-def ids_to_embedding(codebook: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Token-based embedding. codebook (n_codes, 256), ids (B, 256) any integer dtype -> (B, 256, 16, 16)."""
-    emb = torch.nn.functional.embedding(ids.long(), codebook)  # (B, 256 positions, 256 channels)
+def square_grid(n_pos: int) -> tuple[int, int]:
+    """(g, g) for ``n_pos = g*g`` positions; a non-square count is a CortexError (pass the grid explicitly)."""
+    g = int(round(int(n_pos) ** 0.5))
+    if g * g != int(n_pos) or g <= 0:
+        raise CortexError(f"{n_pos} token positions are not a square grid; pass grid=(h, w)")
+    return g, g
+
+
+def ids_to_embedding(codebook: torch.Tensor, ids: torch.Tensor, grid=None) -> torch.Tensor:
+    """Token-based embedding. codebook (n_codes, D), ids (B, h*w) any integer dtype -> (B, D, h, w).
+
+    grid: (h, w); default the square grid of ``ids.shape[1]`` positions (16 x 16 for the paper's 256 ids).
+    """
+    h, w = square_grid(ids.shape[1]) if grid is None else (int(grid[0]), int(grid[1]))
+    emb = torch.nn.functional.embedding(ids.long(), codebook)  # (B, h*w positions, D channels)
     # contiguous NCHW, as np.load gives: a channels-last view would change the convolutions' rounding
-    return emb.transpose(1, 2).reshape(ids.shape[0], EMB_DIM, GRID, GRID).contiguous()
+    return emb.transpose(1, 2).reshape(ids.shape[0], codebook.shape[1], h, w).contiguous()
 
 
 def embedding_to_ids(codebook: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """Nearest codebook entry per position. emb (B, 256, 16, 16) -> ids (B, 256)."""
-    z = emb.flatten(2).transpose(1, 2)  # (B, 256 positions, 256 channels)
-    d = torch.cdist(z, codebook.to(z)[None].expand(z.shape[0], -1, -1))  # (B, 256, n_codes)
+    """Nearest codebook entry per position. emb (B, D, h, w) -> ids (B, h*w)."""
+    z = emb.flatten(2).transpose(1, 2)  # (B, h*w positions, D channels)
+    d = torch.cdist(z, codebook.to(z)[None].expand(z.shape[0], -1, -1))  # (B, h*w, n_codes)
     return d.argmin(-1)
 
 
 def dataset_info(data_dir) -> dict:
     path = Path(data_dir) / "dataset_info.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_geometry(grid, code_dim, where: str = "") -> tuple[int, int, int]:
+    """``(h, w, D)`` as positive ints, else a CortexError naming ``where``."""
+    try:
+        h, w = (int(grid[0]), int(grid[1])) if isinstance(grid, (list, tuple)) else (int(grid), int(grid))
+        d = int(code_dim)
+    except (TypeError, ValueError, IndexError):
+        raise CortexError(f"{where}: grid_size must be [h, w] and code_dim an integer, got {grid!r} / "
+                          f"{code_dim!r}") from None
+    if min(h, w, d) <= 0:
+        raise CortexError(f"{where}: grid_size {[h, w]} and code_dim {d} must be positive")
+    return h, w, d
+
+
+def dataset_geometry(data_dir) -> tuple[int, int, int]:
+    """``(h, w, D)``: the token grid and code dimension of a dataset, from ``dataset_info.json``'s ``grid_size``
+    [h, w] and ``code_dim``; absent keys (the authors' data) give the paper's 16, 16, 256."""
+    info = dataset_info(data_dir)
+    return check_geometry(info.get("grid_size", DEFAULT_GRID), info.get("code_dim", EMB_DIM),
+                          str(Path(data_dir) / "dataset_info.json"))
+
+
+def n_positions(data_dir) -> int:
+    """h*w token positions per image of a dataset (256 for the authors' data)."""
+    h, w, _ = dataset_geometry(data_dir)
+    return h * w
 
 
 def resolve_num_classes(flag: int | None, data_dir, default: int) -> int:
@@ -191,8 +242,9 @@ class TokenLookup:
     runs where the model runs (on a GPU: at memory speed, after a tiny host-to-device copy).
     """
 
-    def __init__(self, codebook: torch.Tensor | None = None):
+    def __init__(self, codebook: torch.Tensor | None = None, grid=None):
         self.codebook = codebook
+        self.grid = grid  # (h, w); None: the square grid of the ids (16 x 16 for 256 ids)
         self._on: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -206,11 +258,14 @@ class TokenLookup:
         cb = self._on.get(key)
         if cb is None:
             cb = self._on[key] = self.codebook.to(device=x.device, dtype=dtype)
-        return ids_to_embedding(cb, x)  # (B, 256, 16, 16)
+        return ids_to_embedding(cb, x, self.grid)  # (B, D, h, w)
 
 
 class EmbeddingDataset(Dataset):
     """One split as ``(embedding (256, 16, 16) float32, label, filename)`` items.
+
+    Another tokenizer's dataset gives ``(D, h, w)`` embeddings and ``(h*w,)`` ids: ``grid`` (h, w) and
+    ``code_dim`` D come from its ``dataset_info.json`` (:func:`dataset_geometry`).
 
     layout: ``"files"`` (per-image .npy), ``"compact"`` (codebook.npy + ids) or ``"auto"`` (compact if
     ``codebook.npy`` exists, else files). labels: keep only these labels (e.g. one shard's labels).
@@ -225,7 +280,10 @@ class EmbeddingDataset(Dataset):
         self.split = canonical_split(split)
         if layout not in LAYOUTS:
             raise CortexError(f"unknown layout {layout!r}: use {', '.join(LAYOUTS)}")
-        self.records = read_split(self.data_dir, self.split, num_classes)
+        h, w, self.code_dim = dataset_geometry(self.data_dir)
+        self.grid, self.n_pos = (h, w), h * w
+        self.emb_shape = (self.code_dim, h, w)
+        self.records = read_split(self.data_dir, self.split, num_classes, n_pos=self.n_pos)
         if labels is not None:
             keep = set(int(l) for l in labels)
             self.records = [r for r in self.records if r.label in keep]
@@ -240,7 +298,7 @@ class EmbeddingDataset(Dataset):
                                       f"{int(r.ids.max())} but codebook.npy has only {n} codes")
             # int16 holds ids < 32768 (the paper's 16,384 codes): 512 bytes per image on the wire
             id_dtype = np.int16 if n <= np.iinfo(np.int16).max + 1 else np.int32
-            ids = np.array([r.ids for r in self.records], id_dtype).reshape(-1, N_POS)  # (N, 256); (0, 256) if none
+            ids = np.array([r.ids for r in self.records], id_dtype).reshape(-1, self.n_pos)  # (N, h*w); (0, h*w) if none
             self.ids = torch.from_numpy(ids)
             dev = dataset_info(self.data_dir).get("codebook_max_deviation", 0)
             if layout == "auto" and dev and split_npy_dir(self.data_dir, self.split).is_dir():
@@ -251,7 +309,7 @@ class EmbeddingDataset(Dataset):
             if not self.npy_dir.is_dir():
                 raise CortexError(f"embedding folder not found: {self.npy_dir}")
         self.return_ids = bool(return_ids) and self.layout == "compact"
-        self.lookup = TokenLookup(self.codebook)
+        self.lookup = TokenLookup(self.codebook, self.grid)
         self.labels = [r.label for r in self.records]
 
     def __len__(self):
@@ -260,12 +318,12 @@ class EmbeddingDataset(Dataset):
     def embedding(self, i: int) -> torch.Tensor:
         r = self.records[i]
         if self.layout == "compact":
-            return ids_to_embedding(self.codebook, self.ids[i : i + 1])[0]
+            return ids_to_embedding(self.codebook, self.ids[i : i + 1], self.grid)[0]
         path = self.npy_dir / r.filename
         if not path.exists():
             raise CortexError(f"embedding file not found: {path} (row {r.filename} of "
                               f"{split_csv(self.data_dir, self.split)})")
-        return torch.from_numpy(load_embedding_file(path))  # (256, 16, 16) float32
+        return torch.from_numpy(load_embedding_file(path, self.emb_shape))  # (D, h, w) float32
 
     def __getitem__(self, i: int):
         x = self.ids[i] if self.return_ids else self.embedding(i)
@@ -276,7 +334,7 @@ class EmbeddingDataset(Dataset):
         if self.layout != "compact":
             return [self[i] for i in indices]
         idx = torch.as_tensor(indices, dtype=torch.long)
-        xs = self.ids[idx] if self.return_ids else ids_to_embedding(self.codebook, self.ids[idx])
+        xs = self.ids[idx] if self.return_ids else ids_to_embedding(self.codebook, self.ids[idx], self.grid)
         return [(xs[j], self.records[i].label, self.records[i].filename) for j, i in enumerate(indices)]
 
 
@@ -317,15 +375,19 @@ class DatasetWriter:
     renames to the final CSV, then writes the token-index pickles, ``codebook.npy`` and
     ``dataset_info.json``. ``done(split)`` lists the filenames already written, so a restarted run
     skips them. layout: ``files`` (per-image .npy), ``compact`` (codebook only) or ``both``.
+    codebook: (n_codes, D); grid: the token grid (h, w) of every image (default 16 x 16; a generator whose
+    grid depends on its resolution may set ``writer.grid`` before the first ``add``). ``close`` records
+    ``grid_size`` and ``code_dim`` in ``dataset_info.json`` when the geometry is not the paper's.
     """
 
-    def __init__(self, data_dir, codebook: np.ndarray, layout: str = "files"):
+    def __init__(self, data_dir, codebook: np.ndarray, layout: str = "files", grid=None):
         if layout not in ("files", "compact", "both"):
             raise CortexError(f"--layout {layout!r}: use files, compact or both")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.codebook = np.asarray(codebook, dtype=np.float32)
         self.layout = layout
+        self.grid = DEFAULT_GRID if grid is None else check_geometry(grid, 1, "DatasetWriter grid")[:2]
         self._files = {}
 
     def _partial(self, split: str) -> Path:
@@ -342,13 +404,14 @@ class DatasetWriter:
         return {r[0] for r in self._rows(canonical_split(split))}
 
     def add(self, split: str, filename: str, label: int, ids, image: np.ndarray | None = None) -> None:
-        """ids: (256,) ints; image: (H, W, 3) uint8 or None."""
+        """ids: (h*w,) ints (256 by default); image: (H, W, 3) uint8 or None."""
         split = canonical_split(split)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.shape != (N_POS,):
-            raise CortexError(f"{filename}: expected {N_POS} token ids, got {ids.size}")
+        h, w = self.grid
+        if ids.shape != (h * w,):
+            raise CortexError(f"{filename}: expected {h * w} token ids ({h}x{w} grid), got {ids.size}")
         if self.layout in ("files", "both"):
-            emb = self.codebook[ids].T.reshape(EMB_SHAPE)  # (256, 16, 16)
+            emb = self.codebook[ids].T.reshape(self.codebook.shape[1], h, w)  # (D, h, w)
             atomic_save_npy(split_npy_dir(self.data_dir, split) / filename, np.ascontiguousarray(emb))
         if image is not None:
             from PIL import Image
@@ -383,6 +446,8 @@ class DatasetWriter:
                     pickle.dump(cache, f)
         atomic_save_npy(self.data_dir / "codebook.npy", self.codebook)
         if info is not None:
+            if "grid_size" in info or (tuple(self.grid), self.codebook.shape[1]) != (DEFAULT_GRID, EMB_DIM):
+                info = {**info, "grid_size": list(self.grid), "code_dim": int(self.codebook.shape[1])}
             with atomic_write(self.data_dir / "dataset_info.json") as f:
                 json.dump(info, f, indent=2, sort_keys=True)
 

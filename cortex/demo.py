@@ -31,13 +31,15 @@ class Sizes:
     """Demo size (default: minutes on a 2-core laptop) and a tiny size for the tests."""
 
     world: list = field(default_factory=lambda: ["--num_classes", "10", "--train_per_class", "60",
-                                                 "--val_per_class", "10", "--test_per_class", "20"])
+                                                 "--val_per_class", "10", "--test_per_class", "20",
+                                                 "--null_classes", "2"])  # 2 labels with no planted concept
     train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "10", "--batch_size", "64"])
     nsamples: str = "20"
     evaluators_epochs: str = "4"
     codebook_steps: str = "300"
     codebook_eval_every: str = "100"
     codebook_lr: str = "0.1"  # the paper's 0.01 needs its 5000 steps to change a token
+    randomisation_images: str = "16"  # model-randomisation sanity check
     token_num: str = "8"  # concept tokens masked per label (= the planted ones per class)
     pairs: str = "0:5,1:6,2:7,3:8,4:9"  # codebook level: source label -> target label
     bias_world: list = field(default_factory=list)  # the generator's defaults: 300/50/100 images per label, 500 neutral
@@ -45,11 +47,13 @@ class Sizes:
 
 
 TINY = Sizes(
-    world=["--num_classes", "3", "--train_per_class", "10", "--val_per_class", "3", "--test_per_class", "4",
+    world=["--num_classes", "3", "--null_classes", "1", "--train_per_class", "10", "--val_per_class", "3",
+           "--test_per_class", "4",
            "--n_codes", "96", "--concept_tokens", "4", "--n_background", "16", "--n_distractors", "4",
            "--object_size", "3", "4", "--patch_size", "2"],
     train=["--width", "16", "--epochs", "3", "--batch_size", "16"],
-    nsamples="2", evaluators_epochs="1", codebook_steps="4", codebook_eval_every="2", token_num="4", pairs="0:1,1:2",
+    nsamples="2", evaluators_epochs="1", randomisation_images="4", codebook_steps="4", codebook_eval_every="2",
+    token_num="4", pairs="0:1,1:2",
     bias_world=["--train_per_class", "12", "--val_per_class", "4", "--test_per_class", "4", "--neutral_images", "24",
                 "--n_codes", "640", "--patch_size", "2"],
     bias_train=["--width", "16", "--epochs", "2", "--batch_size", "16"],
@@ -62,9 +66,24 @@ class Step:
     cwd: Path  # the script's folder, as a researcher runs it
     argv: list
     outputs: list  # absolute paths; the step is skipped when all exist
+    on_force: tuple = ()  # (flag to drop, flag to add) pairs when FORCE=1 redoes a finished step
 
     def done(self) -> bool:
         return all(Path(o).exists() for o in self.outputs)
+
+    def command(self, force: bool) -> list[str]:
+        """The argv as run: a forced rerun replaces e.g. ``--resume auto`` by ``--overwrite``."""
+        argv = [str(a) for a in self.argv]
+        if force:
+            for drop, add in self.on_force:
+                argv = [a for a in argv if a not in drop] + list(add)
+        return argv
+
+
+# a forced rerun starts over instead of resuming (train.py / TIS_computation.py refuse to mix two runs)
+TRAIN_FORCE = ((("--resume", "auto"), ("--overwrite",)),)
+TIS_FORCE = ((("--resume",), ("--overwrite",)),)
+GEN_FORCE = (((), ("--overwrite",)),)
 
 
 def _root_flag(root: Path, cwd: Path) -> list[str]:
@@ -84,13 +103,13 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
         f"TIS {split} ({attr}, {layout} world)", VQ,
         ["TIS_computation.py", "--model", "1", "--data_type", split, "--batch_size", "25", "--attribution", attr,
          "--nsamples", s.nsamples, "--resume", *r],
-        [tis_root(attr) / f"TIS_value_{split}" / "label_0.csv"])
+        [tis_root(attr) / f"TIS_value_{split}" / "label_0.csv"], TIS_FORCE)
     steps = [
         Step(f"generate the {layout} world", VQ,
              ["generate_dataset.py", "--source", "synthetic", "--concept_layout", layout, "--layout", "compact",
-              *s.world, *r], [root / "datasets/generation_args.json"]),
-        Step(f"train IEM ({layout} world)", VQ, ["train.py", "--model", "1", *s.train, *r],
-             [root / "checkpoints/ClassificationNet1/best_model.pth"]),
+              *s.world, *r], [root / "datasets/generation_args.json"], GEN_FORCE),
+        Step(f"train IEM ({layout} world)", VQ, ["train.py", "--model", "1", *s.train, "--resume", "auto", *r],
+             [root / "checkpoints/ClassificationNet1/best_model.pth"], TRAIN_FORCE),
         Step(f"test IEM ({layout} world)", VQ, ["test.py", "--model", "1", *r],
              [root / "results/Classification/ClassificationNet1/testing_results.csv"]),
     ]
@@ -125,6 +144,10 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
                   s.codebook_steps, "--lr", s.codebook_lr, "--eval_every", s.codebook_eval_every, "--pairs", s.pairs,
                   "--images_per_label", "2", "--evaluators", "synthetic", *e],
                  [out / f"codebook_level_results_token_{s.codebook_steps}_{s.codebook_lr}.csv"]),
+            Step("model-randomisation sanity check", VQ / "explanation_evaluation",
+                 ["model_randomisation.py", "--model", "1", "--num_images", s.randomisation_images, "--nsamples",
+                  s.nsamples, *_root_flag(root, VQ / "explanation_evaluation")],
+                 [out / "model_randomisation.csv"]),
         ]
     return steps
 
@@ -135,13 +158,13 @@ def dalle_steps(root: Path, s: Sizes) -> list[Step]:
                   ["generate_dataset.py", "--source", "synthetic", "--bias_type", "all", "--layout", "compact",
                    *s.bias_world, *r],
                   [root / "datasets/doctor_original/information/results_none.csv",
-                   root / "datasets/doctor_color/embeddings/test_embeddings.csv"])]
+                   root / "datasets/doctor_color/embeddings/test_embeddings.csv"], GEN_FORCE)]
     for bt in ("doctor_gender", "doctor_color"):
         b = ["--bias_type", bt, *r]
         res = root / "results" / bt
         steps += [
-            Step(f"train IEM ({bt})", DA, ["train.py", "--model", "1", *s.bias_train, *b],
-                 [root / f"checkpoints/{bt}/ClassificationNet1/best_model.pth"]),
+            Step(f"train IEM ({bt})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", *b],
+                 [root / f"checkpoints/{bt}/ClassificationNet1/best_model.pth"], TRAIN_FORCE),
             Step(f"test IEM ({bt})", DA, ["test.py", "--model", "1", *b],
                  [res / "Classification/ClassificationNet1/testing_results.csv"]),
         ]
@@ -151,7 +174,7 @@ def dalle_steps(root: Path, s: Sizes) -> list[Step]:
             steps += [
                 Step(f"TIS ({bt}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
                                                  "--nsamples", s.nsamples, "--resume", *a, *b],
-                     [tis / "TIS_value_train/label_1.csv"]),
+                     [tis / "TIS_value_train/label_1.csv"], TIS_FORCE),
                 Step(f"TIS analysis ({bt}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
                      [tis / "TIS_statistics_train/global_top_tokens_statistics.csv"]),
                 Step(f"bias detection ({bt}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
@@ -198,7 +221,7 @@ def run_steps(steps: list[Step], force: bool, subprocesses: bool = False) -> lis
             print(f"{header}: done already, skipped (FORCE=1 to redo)")
             timings.append((st.name, 0.0, True))
             continue
-        argv = [str(a) for a in st.argv]
+        argv = st.command(force)
         print(f"\n{header}\n  cd {os.path.relpath(st.cwd, REPO)} && python {' '.join(shlex.quote(a) for a in argv)}",
               flush=True)
         t = time.time()
@@ -239,8 +262,53 @@ def machine_line() -> str:
             "(another CPU or torch build changes the last digits)")
 
 
+def _significance_section(roots: Roots) -> list[str]:
+    """Enrichment test of the concept tokens (BH q < 0.05) against the planted truth, null labels included."""
+    lines = ["", "## Significant concept tokens (enrichment test, BH q < 0.05): recall of the planted tokens, false "
+             "share among the planted labels' significant tokens, and significant tokens on the labels with no "
+             "planted concept", "",
+             "| world | TIS | top n | recall | false share | significant tokens per null label | null labels with any |",
+             "|---|---|---|---|---|---|---|"]
+    for world, root in (("object", roots.vqgan), ("scattered", roots.scattered)):
+        f = root / "results/Explanation/concept_recovery_significance.csv"
+        for r in (_rows(f) if f.exists() else []):
+            if r["label"] == "mean":
+                lines.append(f"| {world} | {r['method']} | {r['top_n']} | {float(r['recall']):.2f} | "
+                             f"{float(r['fdp']):.2f} | {float(r['null_discoveries']):.2f} | "
+                             f"{float(r['null_labels_with_discovery']):.2f} |")
+    return lines
+
+
+def _paired_section(conc: Path) -> list[str]:
+    """Per image, CORTEX's drop minus the baseline's drop, with its 95% confidence interval."""
+    from .explain import read_paired_stats
+
+    lines = ["", "Paired per image (CORTEX's logit drop minus the baseline's), mean and 95% Student-t interval:", "",
+             "| evaluator | mean paired difference | 95% CI | images |", "|---|---|---|---|"]
+    for r in read_paired_stats(conc):
+        if r["Metric"] == "logit_drop":
+            lines.append(f"| {r['Model']} | {r['Mean_Paired_Diff']:+.2f} | [{r['CI_Low']:+.2f}, {r['CI_High']:+.2f}] "
+                         f"| {r['N']} |")
+    return lines
+
+
+def _randomisation_section(path: Path) -> list[str]:
+    """Cascading model randomisation: Spearman correlation of the TIS with the trained IEM's."""
+    rows = _rows(path)
+    lines = ["", "## Sanity check: cascading model randomisation (Spearman correlation of an image's 256 TIS with "
+             "the trained IEM's; a sound attribution falls towards 0)", "",
+             "| TIS | output layer randomised | half the layers | all layers |", "|---|---|---|---|"]
+    for attr in dict.fromkeys(r["attribution"] for r in rows):
+        st = sorted((r for r in rows if r["attribution"] == attr), key=lambda r: int(r["stage"]))
+        pick = [st[min(1, len(st) - 1)], st[len(st) // 2], st[-1]]
+        lines.append(f"| {attr} | " + " | ".join(f"{float(r['spearman_mean']):.2f}" for r in pick) + " |")
+    return lines
+
+
 def report(roots: Roots, out: Path) -> str:
     """Read every number from the files the steps wrote and format one markdown report."""
+    from .bias import parse_tokens_cell
+
     lines = ["# CORTEX demo report", "",
              "Synthetic worlds generated, explained and evaluated by `make demo`; every number below is read "
              "from the files the pipeline wrote.", "", machine_line(), ""]
@@ -265,6 +333,7 @@ def report(roots: Roots, out: Path) -> str:
                 table.setdefault(key, {})[world] = float(r["precision"])
     for key, v in table.items():
         lines.append(f"| {key} | {v.get('object', float('nan')):.2f} | {v.get('scattered', float('nan')):.2f} |")
+    lines += _significance_section(roots)
     # 3. evaluation with the synthetic evaluators
     ex = roots.vqgan / "results/Explanation/model_1"
     rows = _rows(ex / "sample_image_level_results.csv")
@@ -288,6 +357,7 @@ def report(roots: Roots, out: Path) -> str:
         lines.append(f"| {r['Model']} | {float(r['Avg_Original_Prob']):.3f} | {float(r['Avg_Diff_Target']):.2f} | "
                      f"{float(r['Avg_Diff_Baseline']):.2f} | {float(r['Avg_Masked_Prob_Target']):.3f} | "
                      f"{float(r['Avg_Masked_Prob_Baseline']):.3f} |")
+    lines += _paired_section(conc)
     cb = next(ex.glob("codebook_level_results_token_*.csv"))
     lines += ["", f"## Codebook-level optimisation ({cb.stem.split('results_')[1]}): target-label probability "
               "before and after optimising the 4x4 region's tokens", "",
@@ -295,23 +365,29 @@ def report(roots: Roots, out: Path) -> str:
     for r in _rows(cb):
         i, f = float(r["initial_target_prob"]), float(r["final_target_prob"])
         lines.append(f"| {r['model']} | {i:.3f} | {f:.3f} | {f - i:+.3f} |")
+    lines += _randomisation_section(ex / "model_randomisation.csv")
     # 4. bias detection
     lines += ["", "## Bias detection (DALL-E-mini synthetic world; neutral prompt planted to lean to label 0)", "",
               "| bias type | TIS | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
-              "| Cliff's δ | seed's δ/2 | planted direction found |", "|---|---|---|---|---|---|---|---|"]
+              "| Cliff's δ [95% CI] | p | seed's δ/2 | planted direction found |", "|---|---|---|---|---|---|---|---|---|"]
     for bt in ("doctor_gender", "doctor_color"):
         gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
         want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
         for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
                         for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
             label, delta = r["label"], float(r["cliff_delta"])
-            tokens = json.loads(r["tokens"])
+            tokens = parse_tokens_cell(r["tokens"])
             planted = sum(t in set(gt["concept_tokens"][label]) for t in tokens)
             sign = want if label == "0" else -want
             lines.append(f"| {bt} | {attr} | {label} ({gt['attribute_names'][label]}) | {planted}/{len(tokens)} | "
-                         f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} | "
+                         f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} "
+                         f"[{float(r['cliff_delta_ci_low']):+.2f}, {float(r['cliff_delta_ci_high']):+.2f}] | "
+                         f"{float(r['p_value']):.2g} | "
                          f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} |")
-    figures = sorted((ex / "figures").glob("*.png")) + sorted(roots.dalle.glob("results/*/Bias_detection/*.png"))
+    figures = (sorted((ex / "figures").glob("*.png")) + sorted(ex.glob("model_randomisation*.png"))
+               + sorted(roots.dalle.glob("results/*/Bias_detection/*.png"))
+               + [p for r in (roots.vqgan, roots.scattered, roots.dalle)
+                  for p in sorted(r.glob("checkpoints/**/loss_curves.png"))])
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{p.stem}]({os.path.relpath(p, out.parent)})" for p in figures]

@@ -10,6 +10,9 @@ The evaluations mask by **token id**: every position of an image whose id is in 
   ranking per image, ``prefix_masks``), or at n random positions drawn as the authors draw them
   (``authors_random_draws``: ``random.sample`` from one stream seeded 42, a fresh draw per image and n);
 * concept level: a label's concept tokens (TIS statistics) or its frequency-baseline tokens.
+
+Another tokenizer's ``h x w`` grid (issue 15): positions are ``p = row*w + col`` over ``h*w`` entries; pass
+``grid=(h, w)`` to :func:`mask_images` and ``n_pos=h*w`` to the token choices (default 256).
 """
 from __future__ import annotations
 
@@ -80,11 +83,13 @@ def mask_images(images: torch.Tensor, pos_mask, grid=None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- token choices
 
-def ranking(scores) -> np.ndarray:
-    """Positions of one image by decreasing score (stable: equal scores, lower position first)."""
+def ranking(scores, n_pos: int = N_POS) -> np.ndarray:
+    """Positions of one image by decreasing score (stable: equal scores, lower position first).
+
+    scores: (n_pos,) TIS row (n_pos = h*w, 256 for the paper's grid) -> (n_pos,) positions."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if scores.shape != (N_POS,):
-        raise CortexError(f"expected {N_POS} token scores, got {scores.size}")
+    if scores.shape != (n_pos,):
+        raise CortexError(f"expected {n_pos} token scores (one per token position), got {scores.size}")
     if not np.isfinite(scores).all():
         raise CortexError("TIS row contains NaN/Inf; recompute the TIS of this image")
     return np.argsort(-scores, kind="stable")
@@ -93,7 +98,8 @@ def ranking(scores) -> np.ndarray:
 AUTHORS_RANDOM_SEED = 42  # the authors' sample-level script calls random.seed(42) once, before any draw
 
 
-def authors_random_draws(filenames, ns, seed: int = AUTHORS_RANDOM_SEED, rng=None) -> dict[str, list[np.ndarray]]:
+def authors_random_draws(filenames, ns, seed: int = AUTHORS_RANDOM_SEED, rng=None,
+                         n_pos: int = N_POS) -> dict[str, list[np.ndarray]]:
     """The random control positions of the sample-level evaluation, drawn as the authors' script draws them.
 
     One ``random.Random(seed)`` stream (their ``random.seed(42)``, set once) is consumed image after image in
@@ -103,7 +109,8 @@ def authors_random_draws(filenames, ns, seed: int = AUTHORS_RANDOM_SEED, rng=Non
     draws of an image depend on how many numbers the images before it consumed, so evaluating a subset
     (``--labels``, ``--max_images_per_label``) still gives each image the draws of the full run.
 
-    ``rng``: a ``random.Random`` to continue (then ``seed`` is unused). Returns
+    ``rng``: a ``random.Random`` to continue (then ``seed`` is unused). ``n_pos``: positions per image
+    (h*w of another grid; 256 draws exactly the authors' numbers). Returns
     ``{filename: [positions (n,) int64 for n in ns]}``.
     """
     import random
@@ -112,17 +119,17 @@ def authors_random_draws(filenames, ns, seed: int = AUTHORS_RANDOM_SEED, rng=Non
     ns = [int(n) for n in ns]
     out = {}
     for fn in filenames:
-        out[fn] = [np.asarray(rng.sample(range(N_POS), n), dtype=np.int64) for n in ns]
+        out[fn] = [np.asarray(rng.sample(range(n_pos), n), dtype=np.int64) for n in ns]
     return out
 
 
 def draw_masks(ids, draws) -> np.ndarray:
     """For each draw (positions): mask every position whose id is among the ids at those positions.
 
-    ids: (256,) token ids of one image; draws: list of K position arrays. Returns (K, 256) bool.
+    ids: (h*w,) token ids of one image (256 for 16x16); draws: list of K position arrays. Returns (K, h*w) bool.
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    out = np.zeros((len(draws), N_POS), dtype=bool)
+    out = np.zeros((len(draws), ids.size), dtype=bool)
     for i, pos in enumerate(draws):
         out[i] = np.isin(ids, ids[np.asarray(pos, dtype=np.int64)])
     return out
@@ -131,19 +138,20 @@ def draw_masks(ids, draws) -> np.ndarray:
 def prefix_masks(ids, order: np.ndarray, ns) -> np.ndarray:
     """For each n: mask every position whose id is among the ids at ``order[:n]``.
 
-    ids: (256,) token ids of one image; order: (256,) positions (a ranking); ns: numbers of positions.
-    Returns (len(ns), 256) bool.
+    ids: (h*w,) token ids of one image (256 for 16x16); order: (h*w,) positions (a ranking); ns: numbers of
+    positions. Returns (len(ns), h*w) bool.
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    out = np.zeros((len(ns), N_POS), dtype=bool)
+    out = np.zeros((len(ns), ids.size), dtype=bool)
     for i, n in enumerate(ns):
         out[i] = np.isin(ids, ids[order[: int(n)]])
     return out
 
 
-def check_ns(ns) -> list[int]:
+def check_ns(ns, n_pos: int = N_POS) -> list[int]:
+    """--num_tokens as ints, each in 1..n_pos (h*w positions; 256 for the paper's grid)."""
     ns = [int(n) for n in ns]
-    bad = [n for n in ns if not 1 <= n <= N_POS]
+    bad = [n for n in ns if not 1 <= n <= n_pos]
     if bad or not ns:
-        raise CortexError(f"--num_tokens {bad or ns}: each number of masked positions must be in 1..{N_POS}")
+        raise CortexError(f"--num_tokens {bad or ns}: each number of masked positions must be in 1..{n_pos}")
     return ns

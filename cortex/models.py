@@ -1,7 +1,10 @@
 """The Information Extraction Models (IEMs) of SPEC §4, ``build_model`` and IEM checkpoint I/O.
 
 Every IEM reads a token-based embedding ``(B, 256, 16, 16)`` and returns raw logits
-``(B, num_classes)``. One class per distinct architecture, shared by both experiments:
+``(B, num_classes)``. Other tokenizers (issue 15): ``code_dim`` D and ``grid`` (h, w) build a net for
+``(B, D, h, w)`` embeddings -- the first layer takes D channels, the transformers' positions are h*w+1
+long, and the VGG nets average-pool their map to 4x4 when it is not already 4x4. The defaults (256,
+16 x 16) build exactly the paper's nets. One class per distinct architecture, shared by both experiments:
 
 =====================  ==========================  =================
 class                  VQGAN_explanation           Dalle_explanation
@@ -66,6 +69,17 @@ def _check_depth(depth: int) -> int:
     return depth
 
 
+def _check_geometry(code_dim: int, grid) -> tuple[int, tuple[int, int]]:
+    """``(D, (h, w))`` as positive ints, else a ModelArgumentError."""
+    from cortex.data import check_geometry
+
+    try:
+        h, w, d = check_geometry(grid, code_dim, "IEM geometry")
+    except CortexError as e:
+        raise ModelArgumentError(str(e)) from None
+    return d, (h, w)
+
+
 def _check_num_classes(num_classes: int) -> int:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
         raise ModelArgumentError(f"--num_classes {num_classes!r}: must be a positive integer")
@@ -81,13 +95,20 @@ class VGGNet(nn.Module):
     ``bn2_i`` + ReLU, ``maxpool2``; variant 2 adds ``conv3_1, conv3_2`` (+ ``bn3_i``, ReLU);
     flatten (width·4·4) -> ``fc1`` 8·width + ``bn_fc1`` + ReLU + Dropout(0.5) -> ``fc2`` (8·width for
     variant 1, 4·width for variant 2) + ``bn_fc2`` + ReLU -> ``fc3`` (num_classes).
+    ``code_dim`` D: input channels of ``conv1_1``; ``grid`` (h, w), each side >= 4: after the two max-pools
+    the (h/4, w/4) map is average-pooled to 4x4 (skipped at 16 x 16, where it already is 4x4).
     """
 
-    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, variant: int = 1):
+    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, variant: int = 1, code_dim: int = EMBED_DIM,
+                 grid=(GRID, GRID)):
         super().__init__()
         if variant not in (1, 2):
             raise ModelArgumentError(f"VGGNet variant must be 1 or 2, got {variant!r}")
         self.num_classes, self.width = _check_num_classes(num_classes), _check_width(width)
+        self.code_dim, self.grid = _check_geometry(code_dim, grid)
+        if min(self.grid) < 4:
+            raise ModelArgumentError(f"grid {self.grid}: the VGG IEMs (ClassificationNet1/2) max-pool twice and need "
+                                     f"at least 4x4 tokens; use the ResNet or a transformer IEM")
         self.variant, self.depth = variant, None
         w = width
 
@@ -96,7 +117,7 @@ class VGGNet(nn.Module):
             setattr(self, f"bn{prefix}_{i}", nn.BatchNorm2d(w))
 
         for i in range(1, 5):
-            conv_bn("1", i, EMBED_DIM if i == 1 else w)
+            conv_bn("1", i, self.code_dim if i == 1 else w)
         self.maxpool1 = nn.MaxPool2d(2, 2)
         for i in range(1, 5):
             conv_bn("2", i, w)
@@ -120,9 +141,11 @@ class VGGNet(nn.Module):
             x = F.relu(getattr(self, f"bn{prefix}_{i}")(getattr(self, f"conv{prefix}_{i}")(x)))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:      # (B, 256, 16, 16)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:      # (B, 256, 16, 16) | (B, D, h, w)
         x = self.maxpool1(self._block(x, "1"))                # (B, w, 8, 8)
-        x = self.maxpool2(self._block(x, "2"))                # (B, w, 4, 4)
+        x = self.maxpool2(self._block(x, "2"))                # (B, w, 4, 4) | (B, w, h/4, w/4)
+        if x.shape[-2:] != (4, 4):
+            x = F.adaptive_avg_pool2d(x, 4)                   # (B, w, 4, 4)
         if self.variant == 2:
             x = self._block(x, "3")                           # (B, w, 4, 4)
         x = torch.flatten(x, 1)                               # (B, w*16)
@@ -181,13 +204,16 @@ class ResSENet(nn.Module):
 
     ``layer1`` = 3 blocks 256->width (first stride 2), ``layer2`` = 3 blocks width->width (first
     stride 2); adaptive avg-pool -> ``fc1`` 4·width + ``bn_fc1`` + ReLU + Dropout(0.4) -> ``fc2``.
+    ``code_dim`` D: input channels of ``layer1``'s first block; any ``grid`` (h, w) (recorded only).
     """
 
-    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, blocks: int = 3):
+    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, blocks: int = 3, code_dim: int = EMBED_DIM,
+                 grid=(GRID, GRID)):
         super().__init__()
         self.num_classes, self.width, self.depth = _check_num_classes(num_classes), _check_width(width), None
+        self.code_dim, self.grid = _check_geometry(code_dim, grid)
         w = width
-        self.layer1 = self._make_layer(EMBED_DIM, w, blocks, stride=2)
+        self.layer1 = self._make_layer(self.code_dim, w, blocks, stride=2)
         self.layer2 = self._make_layer(w, w, blocks, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(w, 4 * w)
@@ -267,16 +293,19 @@ class ViTBN(nn.Module):
     ·√width -> prepend ``cls_token`` -> + ``pos_embed`` (1, 257, width) -> Dropout(0.2) ->
     ``depth`` ``ViTBNLayer`` (``encoder.i``) -> ``final_norm`` -> cls -> ``pre_classifier`` -> ``fc``.
     Every dropout (embedding, attention weights, attention branch, both MLP dropouts, pre-classifier)
-    is 0.2, as the authors' ClassificationNet4.
+    is 0.2, as the authors' ClassificationNet4. ``code_dim`` D: ``proj`` input; ``grid`` (h, w): ``pos_embed``
+    is (1, h*w+1, width).
     """
 
-    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 12, dropout: float = 0.2):
+    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 12, dropout: float = 0.2,
+                 code_dim: int = EMBED_DIM, grid=(GRID, GRID)):
         super().__init__()
         self.num_classes, self.width = _check_num_classes(num_classes), _check_width(width)
         self.depth = _check_depth(depth)
+        self.code_dim, self.grid = _check_geometry(code_dim, grid)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, NUM_POSITIONS + 1, width))
-        self.proj = nn.Sequential(nn.Linear(EMBED_DIM, width), nn.LayerNorm(width), nn.GELU())
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, width))
+        self.proj = nn.Sequential(nn.Linear(self.code_dim, width), nn.LayerNorm(width), nn.GELU())
         self.embed_dropout = nn.Dropout(0.2)
         self.encoder = nn.ModuleList([ViTBNLayer(width, NUM_HEADS, 4, dropout) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(width)
@@ -338,15 +367,19 @@ class PostLNTransformer(nn.Module):
     ``proj`` Linear 256->width (no norm) -> prepend zero-initialised ``cls_token`` -> + fixed
     sinusoidal positions (a non-persistent buffer, not in the state dict) -> Dropout(0.1) ->
     ``depth`` ``PostLNLayer`` (``encoder.i``) -> ``norm`` -> cls -> ``pre_classifier`` -> ``fc``.
+    ``code_dim`` D: ``proj`` input; ``grid`` (h, w): the positions are h*w+1 long.
     """
 
-    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 6, dropout: float = 0.1):
+    def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 6, dropout: float = 0.1,
+                 code_dim: int = EMBED_DIM, grid=(GRID, GRID)):
         super().__init__()
         self.num_classes, self.width = _check_num_classes(num_classes), _check_width(width)
         self.depth = _check_depth(depth)
+        self.code_dim, self.grid = _check_geometry(code_dim, grid)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.proj = nn.Linear(EMBED_DIM, width)
-        self.register_buffer("positions", sinusoidal_positions(NUM_POSITIONS + 1, width)[None], persistent=False)
+        self.proj = nn.Linear(self.code_dim, width)
+        n_pos = self.grid[0] * self.grid[1]
+        self.register_buffer("positions", sinusoidal_positions(n_pos + 1, width)[None], persistent=False)
         self.embed_dropout = nn.Dropout(dropout)
         self.encoder = nn.ModuleList([PostLNLayer(width, NUM_HEADS, 4, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
@@ -387,25 +420,27 @@ def has_depth(experiment: str, model_id: int) -> bool:
 
 
 def build_model(experiment: str, model_id: int, num_classes: int, width: int = PAPER_WIDTH,
-                depth: int | None = None) -> nn.Module:
+                depth: int | None = None, code_dim: int | None = None, grid=None) -> nn.Module:
     """ClassificationNet{model_id} of ``experiment`` ("vqgan" | "dalle"), randomly initialised.
 
     ``depth`` (transformer layers) applies to VQGAN Net4 (default 12) and Dalle Net3 (default 6)
-    and is ignored by the convolutional nets.
+    and is ignored by the convolutional nets. ``code_dim`` D (default 256) and ``grid`` (h, w) (default
+    16 x 16): the embeddings ``(B, D, h, w)`` the net reads (``cortex.data.dataset_geometry`` of a dataset).
     """
     _check_model_id(experiment, model_id)
     key = (experiment, model_id)
     if depth is None:
         depth = DEFAULT_DEPTH.get(key)
+    geo = dict(code_dim=EMBED_DIM if code_dim is None else code_dim, grid=(GRID, GRID) if grid is None else grid)
     if key in (("vqgan", 1), ("dalle", 1)):
-        return VGGNet(num_classes, width, variant=1)
+        return VGGNet(num_classes, width, variant=1, **geo)
     if key == ("vqgan", 2):
-        return VGGNet(num_classes, width, variant=2)
+        return VGGNet(num_classes, width, variant=2, **geo)
     if key in (("vqgan", 3), ("dalle", 2)):
-        return ResSENet(num_classes, width)
+        return ResSENet(num_classes, width, **geo)
     if key == ("vqgan", 4):
-        return ViTBN(num_classes, width, depth)
-    return PostLNTransformer(num_classes, width, depth)       # ("dalle", 3)
+        return ViTBN(num_classes, width, depth, **geo)
+    return PostLNTransformer(num_classes, width, depth, **geo)       # ("dalle", 3)
 
 
 # ============================================================================ state-dict inspection
@@ -453,11 +488,18 @@ def _shape(state_dict, key: str) -> tuple[int, ...]:
 
 
 def infer_hparams(state_dict, experiment: str, model_id: int) -> dict:
-    """``{"width", "num_classes", "depth"}`` read off the state-dict shapes (missing ones are None)."""
+    """``{"width", "num_classes", "depth", "code_dim", "grid"}`` read off the state-dict shapes (missing ones
+    are None). ``code_dim`` is the first layer's input size; ``grid`` only the ViT's ``pos_embed`` tells (as a
+    square grid of its h*w positions; the other nets' weights do not depend on the grid)."""
     first, last = _SIGNATURE[(experiment, model_id)]
-    out = {"width": None, "num_classes": None, "depth": None}
+    out = {"width": None, "num_classes": None, "depth": None, "code_dim": None, "grid": None}
     if first in state_dict:
         out["width"] = _shape(state_dict, first)[0]
+        out["code_dim"] = _shape(state_dict, first)[1]
+    if "pos_embed" in state_dict:
+        n = _shape(state_dict, "pos_embed")[1] - 1
+        g = math.isqrt(max(n, 0))
+        out["grid"] = [g, g] if g * g == n and n > 0 else None
     if last in state_dict:
         out["num_classes"] = _shape(state_dict, last)[0]
     if has_depth(experiment, model_id):
@@ -503,11 +545,17 @@ def unwrap_state_dict(obj, where: str = "checkpoint") -> dict:
 
 # ============================================================================ save / load
 
+_HPARAMS = ("num_classes", "width", "depth")
+_GEOMETRY = {"code_dim": EMBED_DIM, "grid": [GRID, GRID]}  # recorded in config.json only when not these
+
+
 def _model_meta(model_or_state_dict) -> dict:
-    """width / num_classes / depth from a model's attributes (built by ``build_model``)."""
+    """width / num_classes / depth / code_dim / grid from a model's attributes (built by ``build_model``)."""
     if isinstance(model_or_state_dict, nn.Module):
-        return {k: getattr(model_or_state_dict, k) for k in ("num_classes", "width", "depth")
-                if hasattr(model_or_state_dict, k)}
+        out = {k: getattr(model_or_state_dict, k) for k in (*_HPARAMS, *_GEOMETRY) if hasattr(model_or_state_dict, k)}
+        if "grid" in out:
+            out["grid"] = list(out["grid"])
+        return out
     return {}
 
 
@@ -515,8 +563,10 @@ def save_iem(model_or_state_dict, path, meta: dict) -> Path:
     """Write the plain ``state_dict`` to ``path`` and ``config.json`` beside it (both atomically).
 
     ``meta`` must name the ``experiment``; ``model_id``, ``num_classes``, ``width`` and ``depth``
-    are taken from ``meta``, else from the model, else from the state-dict shapes. Extra ``meta``
-    keys are kept in ``config.json``. Returns the path of ``config.json``.
+    are taken from ``meta``, else from the model, else from the state-dict shapes. ``code_dim`` and
+    ``grid`` [h, w] likewise, written only when they differ from the paper's 256 and [16, 16] (so the
+    paper-geometry config.json is unchanged). Extra ``meta`` keys are kept in ``config.json``.
+    Returns the path of ``config.json``.
     """
     path = Path(path)
     sd = unwrap_state_dict(model_or_state_dict)
@@ -534,10 +584,15 @@ def save_iem(model_or_state_dict, path, meta: dict) -> Path:
     inferred = infer_hparams(sd, experiment, model_id)
     config = dict(meta)
     config.update(experiment=experiment, model_id=int(model_id))
-    for k in ("num_classes", "width", "depth"):
+    for k in (*_HPARAMS, *_GEOMETRY):
         v = meta.get(k)
         if v is None:
             v = _model_meta(model_or_state_dict).get(k, inferred[k])
+        if k in _GEOMETRY:
+            v = None if v is None else (list(v) if k == "grid" else int(v))
+            if v is None or v == _GEOMETRY[k]:
+                config.pop(k, None)
+                continue
         config[k] = v
     atomic_torch_save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}, path)
     config_path = path.parent / "config.json"
@@ -576,10 +631,10 @@ def _torch_load(path: Path, map_location):
 
 
 def load_iem(path, experiment: str, model_id: int, num_classes: int | None = None, width: int | None = None,
-             depth: int | None = None, map_location="cpu") -> nn.Module:
+             depth: int | None = None, map_location="cpu", code_dim: int | None = None, grid=None) -> nn.Module:
     """Load ClassificationNet{model_id} of ``experiment`` from ``path``, strictly, in eval mode.
 
-    Each of ``num_classes`` / ``width`` / ``depth`` left as None comes from the ``config.json``
+    Each of ``num_classes`` / ``width`` / ``depth`` / ``code_dim`` / ``grid`` left as None comes from the ``config.json``
     beside the checkpoint when present, else from the state-dict shapes, else the paper default.
     Raises ``CortexError`` for a missing file, a checkpoint of another architecture, or a shape
     mismatch (naming the first bad key).
@@ -601,11 +656,11 @@ def load_iem(path, experiment: str, model_id: int, num_classes: int | None = Non
         raise CortexError(f"{path} holds a ClassificationNet{found} checkpoint ({experiment}), "
                           f"but --model {model_id} was given; pass --model {found}")
 
-    given = {"num_classes": num_classes, "width": width, "depth": depth}
+    given = {"num_classes": num_classes, "width": width, "depth": depth, "code_dim": code_dim, "grid": grid}
     config = _read_config(path, experiment, model_id)
     inferred = infer_hparams(sd, experiment, model_id)
     defaults = {"num_classes": DEFAULT_NUM_CLASSES[experiment], "width": PAPER_WIDTH,
-                "depth": DEFAULT_DEPTH.get((experiment, model_id))}
+                "depth": DEFAULT_DEPTH.get((experiment, model_id)), **_GEOMETRY}
     hp, source = {}, {}
     for k in given:
         for src, table in (("argument", given), ("config.json", config), ("checkpoint shapes", inferred),
@@ -616,7 +671,7 @@ def load_iem(path, experiment: str, model_id: int, num_classes: int | None = Non
         else:
             hp[k], source[k] = None, "none"
 
-    model = build_model(experiment, model_id, hp["num_classes"], hp["width"], hp["depth"])
+    model = build_model(experiment, model_id, hp["num_classes"], hp["width"], hp["depth"], hp["code_dim"], hp["grid"])
     _check_compatible(model.state_dict(), sd, path, hp, source)
     model.load_state_dict(sd, strict=True)
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()

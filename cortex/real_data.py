@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import EMB_DIM, GRID, N_POS, canonical_split
+from .data import GRID, N_POS, canonical_split
 from .cli import float_in, nonneg_int, positive_float, positive_int
 from .utils import CortexError, atomic_write, format_list
 
@@ -63,7 +63,7 @@ TOKENIZERS = ("taming", "diffusers")  # --tokenizer of --source images
 
 def add_real_source_args(parser: argparse.ArgumentParser):
     """Add the flags of ``--source cin_transformer`` and ``--source images`` to ``parser``."""
-    g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see the README, 'Real VQGAN data'")
+    g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see docs/real_vqgan_data.md")
     g.add_argument("--vqgan_config", default=None,
                    help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
     g.add_argument("--vqgan_ckpt", default=None,
@@ -190,11 +190,8 @@ def tokenizer_of(model):
 
 
 def codebook_of(model) -> np.ndarray:
-    """(n_codes, 256) float32 codebook of the model's quantiser (any tokenizer adapter)."""
+    """(n_codes, D) float32 codebook of the model's quantiser (any tokenizer adapter; D = 256 for taming's VQGAN)."""
     cb = tokenizer_of(model).codebook.detach().float().cpu().numpy()
-    if cb.ndim != 2 or cb.shape[1] != EMB_DIM:
-        raise CortexError(f"the tokenizer's codes are {cb.shape[1]}-d; the dataset layout (SPEC §3) needs {EMB_DIM}-d "
-                          f"codes (taming: embed_dim {EMB_DIM}; diffusers: vq_embed_dim {EMB_DIM})")
     return np.ascontiguousarray(cb)
 
 
@@ -205,16 +202,24 @@ def model_resolution(model) -> int:
 
 def token_grid(model, resolution: int | None = None) -> int:
     """Tokens per side at ``resolution`` px (default: the model's resolution)."""
+    return grid_at(model, resolution)[0]
+
+
+def grid_at(model, resolution: int | None = None) -> tuple[int, int]:
+    """The token grid (h, w) of a square ``resolution`` px image (default: the model's resolution)."""
     tok = tokenizer_of(model)
-    return tok.grid_at(resolution or tok.image_size[0])[0]
+    return tok.grid_at(resolution or tok.image_size[0])
 
 
-def _check_grid(model, resolution: int | None = None, what: str = "") -> None:
-    g = token_grid(model, resolution)
-    if g != GRID:
+def _check_grid(model, resolution: int | None = None, what: str = "") -> tuple[int, int]:
+    """The token grid (h, w) at ``resolution``; an empty grid (a too small --resolution) is a CortexError."""
+    h, w = grid_at(model, resolution)
+    if h < 1 or w < 1:
         res = resolution or model_resolution(model)
-        raise CortexError(f"{what}at {res} px this tokenizer gives a {g}x{g} token grid; the dataset layout needs "
-                          f"{GRID}x{GRID} (256 tokens). Use --resolution {res * GRID // max(g, 1)} or a matching model.")
+        ph, pw = tokenizer_of(model).patch_size
+        raise CortexError(f"{what}at {res} px this tokenizer gives a {h}x{w} token grid; use --resolution of at "
+                          f"least {max(ph, pw)} px (one {ph}x{pw} px token)")
+    return h, w
 
 
 
@@ -237,7 +242,7 @@ def load_vq_for_dataset(args, device):
             raise CortexError("--source cin_transformer samples with taming's transformer; --tokenizer must be taming")
         if not (getattr(args, "transformer_config", None) and getattr(args, "transformer_ckpt", None)):
             raise CortexError("--source cin_transformer needs --transformer_config and --transformer_ckpt "
-                              "(taming's ImageNet cin_transformer; see the README, 'Real VQGAN data')")
+                              "(taming's ImageNet cin_transformer; see docs/real_vqgan_data.md)")
         model = load_taming_model(args.transformer_config, args.transformer_ckpt, device)
         if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
             raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
@@ -253,7 +258,7 @@ def load_vq_for_dataset(args, device):
             model = first_stage(load_taming_model(args.transformer_config, args.transformer_ckpt, device))
         else:
             raise CortexError("--source images needs --vqgan_config and --vqgan_ckpt (e.g. taming's "
-                              "vqgan_imagenet_f16_16384; see the README, 'Real VQGAN data'), or --tokenizer diffusers "
+                              "vqgan_imagenet_f16_16384; see docs/real_vqgan_data.md), or --tokenizer diffusers "
                               "--tokenizer_config <VQModel.save_pretrained folder>")
     else:
         raise CortexError(f"--source {source!r}: the real sources are {', '.join(SOURCES)}")
@@ -263,17 +268,21 @@ def load_vq_for_dataset(args, device):
 # ----------------------------------------------------------------------------- encode / decode / sample
 
 def encode_ids(model, x):
-    """x (B, 3, R, R) in [-1, 1] -> token ids (B, 256) int64, row-major (any tokenizer adapter)."""
+    """x (B, 3, R, R) in [-1, 1] -> token ids (B, h*w) int64, row-major (any tokenizer adapter; 256 for the
+    paper's VQGAN at 256 px)."""
     ids = tokenizer_of(model).encode(x)  # (B, h, w)
     b, h, w = ids.shape
-    if (h, w) != (GRID, GRID):
-        raise CortexError(f"encoding gave a {h}x{w} token grid; the layout needs {GRID}x{GRID}")
     return ids.reshape(b, h * w)
 
 
-def decode_ids(model, ids):
-    """ids (B, 256) -> images (B, 3, H, W) in about [-1, 1] (any tokenizer adapter)."""
-    return tokenizer_of(model).decode(ids.reshape(ids.shape[0], GRID, GRID))
+def decode_ids(model, ids, grid=None):
+    """ids (B, h*w) -> images (B, 3, H, W) in about [-1, 1] (any tokenizer adapter).
+
+    grid: (h, w); default the square grid of ``ids.shape[1]`` (16 x 16 for 256 ids)."""
+    from .data import square_grid
+
+    h, w = square_grid(ids.shape[1]) if grid is None else grid
+    return tokenizer_of(model).decode(ids.reshape(ids.shape[0], h, w))
 
 
 def to_uint8(x) -> np.ndarray:
@@ -321,7 +330,9 @@ def generate_cin(args, writer, device, model) -> dict:
     import torch
     from tqdm import tqdm
 
-    _check_grid(model)
+    if _check_grid(model) != (GRID, GRID):
+        raise CortexError(f"--source cin_transformer samples {N_POS} tokens (taming's 16x16 cin_transformer); "
+                          f"this model's first stage has a {token_grid(model)}-token grid")
     classes = parse_classes(_arg(args, "classes", "0-999"))
     _check_transformer(model, classes)
     n = int(_arg(args, "images_per_class", 100))
@@ -376,21 +387,24 @@ def generate_cin(args, writer, device, model) -> dict:
     return info
 
 
-def _base_info(model, source, args) -> dict:
+def _base_info(model, source, args, grid=(GRID, GRID)) -> dict:
     """dataset_info.json fields shared by the real sources, with the tokenizer's geometry (``tokenizer``,
-    ``code_dim``, ``grid_size`` [h, w], ``patch_size``; ``tokenizer_config`` for ``--tokenizer diffusers``)."""
+    ``code_dim``, ``grid_size`` [h, w] of the encoded images, ``patch_size``; ``tokenizer_config`` for
+    ``--tokenizer diffusers``)."""
     tok = tokenizer_of(model)
+    h, w = grid
     info = {
         "source": source,
         "n_codes": tok.n_codes,
         "embed_dim": tok.code_dim,
-        "grid": GRID,
-        "image_size": decode_size(model),
-        "layout_note": "E[c, r, k] = codebook[ids[r*16+k], c]",
+        "grid": h if h == w else [h, w],
+        "image_size": h * tok.patch_size[0],
+        "layout_note": f"E[c, r, k] = codebook[ids[r*{w}+k], c]",
         "images_saved": not getattr(args, "no_images", False),
     }
     info.update(tok.info())
-    info["image_size_hw"] = [GRID * tok.patch_size[0], GRID * tok.patch_size[1]]
+    info["grid_size"] = [h, w]
+    info["image_size_hw"] = [h * tok.patch_size[0], w * tok.patch_size[1]]
     if tok.kind == "diffusers":
         info["tokenizer_config"] = str(Path(_arg(args, "tokenizer_config", "")).resolve())
     return info
@@ -510,7 +524,12 @@ def generate_images(args, writer, device, model) -> dict:
     from tqdm import tqdm
 
     resolution = int(_arg(args, "resolution", 0)) or model_resolution(model)
-    _check_grid(model, resolution, "--resolution: ")
+    grid = _check_grid(model, resolution, "--resolution: ")
+    if writer.done("train") or writer.done("validation") or writer.done("test"):
+        if tuple(writer.grid) != grid:
+            raise CortexError(f"{writer.data_dir}: resuming a dataset with a {writer.grid} token grid, but "
+                              f"--resolution {resolution} gives {grid}; use the first run's --resolution")
+    writer.grid = grid  # (h, w) at this resolution: the rows hold h*w ids, the files (D, h, w)
     items, class_names = list_labelled_images(_arg(args, "image_dir"), _arg(args, "labels_csv"))
     fractions = parse_splits(_arg(args, "splits", "0.8,0.1,0.1"))
     seed = int(_arg(args, "seed", 0))
@@ -526,8 +545,8 @@ def generate_images(args, writer, device, model) -> dict:
         for start in range(0, len(todo), bs):
             chunk = todo[start:start + bs]
             x = torch.stack([load_image(p, resolution) for _, _, _, p in chunk]).to(device)
-            ids = encode_ids(model, x)
-            imgs = to_uint8(decode_ids(model, ids)) if save_images else [None] * len(chunk)
+            ids = encode_ids(model, x)  # (B, h*w)
+            imgs = to_uint8(decode_ids(model, ids, grid)) if save_images else [None] * len(chunk)
             ids = ids.cpu().numpy()
             for j, (name, label, split, _) in enumerate(chunk):
                 writer.add(split, name, label, ids[j], imgs[j])
@@ -536,7 +555,7 @@ def generate_images(args, writer, device, model) -> dict:
         dt = time.time() - t0
         print(f"encoded {len(todo)} images in {dt:.1f} s ({dt / len(todo):.3f} s/image on {device})")
     labels = sorted({row[1] for row in plan})
-    info = _base_info(model, "images", args)
+    info = _base_info(model, "images", args, grid)
     info.update({
         "num_classes": (len(class_names) if class_names else max(labels) + 1),
         "class_names": class_names,

@@ -148,28 +148,30 @@ def label_tests(label: int, ids: np.ndarray, scores: np.ndarray, top_ns) -> dict
     N = ids.shape[0]
     if N == 0:
         raise CortexError(f"label {label}: no images to test")
-    if ids.shape[1] != N_POS:
-        raise CortexError(f"label {label}: expected {N_POS} token ids per image, got {ids.shape[1]}")
-    tokens, inv = np.unique(ids, return_inverse=True)  # tokens (T,), inv (N*256,) index into tokens
-    inv = inv.reshape(N, N_POS)
+    n_pos = ids.shape[1]  # h*w positions per image (256 for the paper's 16x16 grid)
+    if np.shape(scores) != ids.shape:
+        raise CortexError(f"label {label}: {np.shape(scores)[-1]} TIS scores but {n_pos} token ids per image; are "
+                          f"the TIS files from another dataset?")
+    tokens, inv = np.unique(ids, return_inverse=True)  # tokens (T,), inv (N*n_pos,) index into tokens
+    inv = inv.reshape(N, n_pos)
     T = tokens.size
     occurrences = np.bincount(inv.ravel(), minlength=T)  # (T,)
     # per (image, token): c_i = positions of the token in image i, grouped per token by value of c
     pair, c = np.unique(np.arange(N)[:, None] * T + inv, return_counts=True)
     pair_tok = pair % T
-    grp, mult = np.unique(pair_tok * (N_POS + 1) + c, return_counts=True)  # (token, c) -> number of images
-    grp_tok, grp_c = grp // (N_POS + 1), grp % (N_POS + 1)
+    grp, mult = np.unique(pair_tok * (n_pos + 1) + c, return_counts=True)  # (token, c) -> number of images
+    grp_tok, grp_c = grp // (n_pos + 1), grp % (n_pos + 1)
     starts = np.searchsorted(grp_tok, np.arange(T + 1))
     top = top_positions(scores, max(top_ns))  # (N, max_n)
     out = {}
     for n in top_ns:
         count = np.bincount(np.take_along_axis(inv, top[:, :n], axis=1).ravel(), minlength=T)  # (T,)
-        table = hypergeom_table(int(n))
+        table = hypergeom_table(min(int(n), n_pos), n_pos)
         p = np.ones(T)
         for t in np.flatnonzero(count):
             s, e = starts[t], starts[t + 1]
             p[t] = sum_tail(table[grp_c[s:e]], mult[s:e], int(count[t]))
-        out[n] = TokenTests(int(label), int(n), tokens, count, occurrences, occurrences * (n / N_POS), p,
+        out[n] = TokenTests(int(label), int(n), tokens, count, occurrences, occurrences * (min(n, n_pos) / n_pos), p,
                             benjamini_hochberg(p))
     return out
 

@@ -282,55 +282,157 @@ def _short(items, n: int = 10) -> str:
 FAST_CSV_MIN_BYTES = 1 << 20  # below ~200 TIS rows pandas' per-call cost exceeds its per-row gain
 
 
-def fast_list_csv(path, header: list[str], n_values: int = 256, dtype=np.float64):
-    """Happy-path reader of ``name,label,"[v1, v2, ...]"`` CSVs (TIS files, split CSVs) in one C parse.
-
-    Returns ``(names list[str], labels (N,) int64, values (N, n_values) dtype)``, or ``None`` for a file
-    under ``FAST_CSV_MIN_BYTES`` and whenever the file is not exactly of that shape (wrong header, a
-    quoted name, a short list, a non-numeric value, no rows ...): callers then use their own row-by-row
-    reader, which names the bad line. Values are parsed with Python's correctly rounded ``float`` rules
-    (identical to ``float(text)``). A UTF-8 BOM before the header is accepted.
-    """
+def _float_list_csv(path: Path, header: list[str], n_values: int, dtype):
+    """Float lists (TIS files): pandas' C parser on the bytes, one column per value, rounding as ``float()``."""
     import io
     import warnings
 
     import pandas as pd
 
-    path = Path(path)
-    if path.stat().st_size < FAST_CSV_MIN_BYTES:
-        return None  # small file: the row reader's lower fixed cost wins
-    text = path.read_text(encoding="utf-8-sig")
-    head, _, body = text.partition("\n")
-    if [h.strip() for h in next(csv.reader([head]), [])] != list(header):
+    raw = path.read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    head, _, body = raw.partition(b"\n")
+    if [h.strip() for h in next(csv.reader([head.decode("utf-8", "replace")]), [])] != list(header):
         return None
+    n_rows = body.count(b'"[')
+    if n_rows == 0 or body.count(b']"') != n_rows or body.count(b",") != n_rows * (n_values + 1):
+        return None  # a short/long list, a quoted name with a comma, ...: not the happy path
+    types = {0: str, 1: np.int64, **{i: dtype for i in range(2, n_values + 2)}}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if np.issubdtype(dtype, np.integer):  # ids: numpy's integer parser is the faster one
-                df = pd.read_csv(io.StringIO(body), header=None, names=range(3), dtype={0: str, 1: np.int64, 2: str},
-                                 na_filter=False, engine="c")
-                lists = df[2].tolist()
-                n_rows = len(lists)
-                if n_rows == 0 or any(v.count(",") != n_values - 1 or v[:1] != "[" for v in lists):
-                    return None  # a short/long list: the row reader names it
-                values = np.fromstring(",".join(v[1:-1] for v in lists), dtype=dtype, sep=",")
-                if values.size != n_rows * n_values:
-                    return None
-                values = values.reshape(n_rows, n_values)
-            else:  # scores: pandas' C float parser, rounding as float()
-                n_rows = body.count('"[')
-                if n_rows == 0 or body.count(']"') != n_rows or body.count(",") != n_rows * (n_values + 1):
-                    return None  # a short/long list, a quoted name with a comma, ...: not the happy path
-                types = {0: str, 1: np.int64, **{i: dtype for i in range(2, n_values + 2)}}
-                df = pd.read_csv(io.StringIO(body.replace('"[', "").replace(']"', "")), header=None,
-                                 names=range(n_values + 2), dtype=types, na_filter=False, engine="c",
-                                 float_precision="round_trip")
-                values = df.iloc[:, 2:].to_numpy(dtype)
+            warnings.simplefilter("ignore")  # float_precision is deprecated in pandas 3 (still honoured)
+            df = pd.read_csv(io.BytesIO(body.replace(b'"[', b"").replace(b']"', b"")), header=None,
+                             names=range(n_values + 2), dtype=types, na_filter=False, engine="c",
+                             float_precision="round_trip")
     except Exception:  # a non-numeric value, a ragged row ...: the precise reader explains
         return None
     if len(df) != n_rows:
         return None
-    return df[0].tolist(), df[1].to_numpy(np.int64), values  # (N,), (N,), (N, n_values)
+    return df[0].tolist(), df[1].to_numpy(np.int64), df.iloc[:, 2:].to_numpy(dtype)  # (N,), (N,), (N, n_values)
+
+
+def _parse_int_rows(rows: list[bytes], n_values: int | None):
+    """``(R, n_values)`` int64 from R list bodies ``b"a, b, ..."`` (no brackets), in one C parse.
+
+    The rows are joined with a sentinel value ``-1`` after each, so a row with a value too many or too
+    few moves a sentinel and is caught without a per-row check. ``None`` unless every value is a
+    non-negative integer that fits int64 and every row has the same number of values (``n_values`` if
+    given); the caller's row reader then names the bad row.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy deprecates stopping at a bad value; the size check catches it
+        try:
+            flat = np.fromstring(b", -1, ".join(rows) + b", -1", dtype=np.int64, sep=",")  # (R * (width + 1),)
+        except ValueError:
+            return None
+    if flat.size % len(rows):
+        return None
+    values = flat.reshape(len(rows), -1)  # (R, width + 1)
+    width = values.shape[1] - 1
+    if width < 1 or (n_values is not None and width != n_values) or not np.all(values[:, -1] == -1):
+        return None
+    values = values[:, :-1]
+    if values.min() < 0 or values.max() == np.iinfo(np.int64).max:  # a negative id or a saturated overflow
+        return None
+    return values
+
+
+def fast_int_list_csv(path, list_column: str, n_values: int | None = 256, prefix_columns: int | None = None):
+    """Happy-path reader of CSVs with one quoted integer list per row (split CSVs, neutral-prompt sets).
+
+    The file is read as bytes; each row must hold exactly one ``"[a, b, ...]"`` (the column
+    ``list_column`` of the header) and no other bracket. The rows are framed by numpy on the bytes, the
+    integers parsed in one C call (:func:`_parse_int_rows`), the fields before the list by pandas' C parser.
+    Returns ``(header, prefix, values)``: header ``list[str]``, prefix a DataFrame of the fields before the list column (str),
+    values ``(N, n_values)`` int64 (``n_values=None``: any length, equal in every row). ``None`` whenever
+    the file is not exactly of that shape (wrong header, a blank or short row, a negative, spaced or
+    non-numeric id ...) or is under ``FAST_CSV_MIN_BYTES``: callers then use their row reader, which
+    names the bad line. A UTF-8 BOM before the header is accepted.
+    """
+    import io
+
+    import pandas as pd
+
+    path = Path(path)
+    if path.stat().st_size < FAST_CSV_MIN_BYTES:
+        return None
+    raw = path.read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    head, _, body = raw.partition(b"\n")
+    header = [h.strip() for h in next(csv.reader([head.decode("utf-8", "replace")]), [])]
+    if list_column not in header or (prefix_columns is not None and header.index(list_column) != prefix_columns):
+        return None
+    j = header.index(list_column)
+    body = body.rstrip(b"\r\n")
+    b = np.frombuffer(body, np.uint8)  # (B,)
+    if b.size == 0:
+        return None
+    line_end = np.r_[np.flatnonzero(b == 10), b.size]  # (N,) index of each row's '\n' (or the end)
+    line_start = np.r_[0, line_end[:-1] + 1]
+    opens, closes = np.flatnonzero(b == 91), np.flatnonzero(b == 93)  # '[' and ']'
+    n = line_end.size
+    if opens.size != n or closes.size != n or not (np.all(opens > line_start) or j == 0):
+        return None
+    if not (np.all(opens < closes) and np.all(closes < line_end) and np.all(opens[1:] > line_end[:-1])):
+        return None  # one list per row, inside its row
+    if not (np.all(b[opens - 1] == 34) and np.all(b[np.minimum(closes + 1, b.size - 1)] == 34)):
+        return None  # the list is a quoted field
+    after = np.minimum(closes + 2, b.size - 1)  # the byte after the closing quote
+    if j == len(header) - 1:  # the last field: the row ends there ('\r\n' accepted)
+        ok = (closes + 2 == line_end) | ((b[after] == 13) & (closes + 3 == line_end))
+    else:
+        ok = (closes + 2 < line_end) & (b[after] == 44)
+    if not np.all(ok):
+        return None
+    if j == 0:
+        if not np.all(opens - 1 == line_start):
+            return None
+        prefix = pd.DataFrame(index=range(n))
+    else:
+        if not np.all(b[opens - 2] == 44):
+            return None
+        text = b"\n".join(body[s:e] for s, e in zip(line_start.tolist(), (opens - 2).tolist()))
+        if b'"' in text or text.count(b",") != n * (j - 1):
+            return None  # a quoted or extra field before the list: the csv module's reader decides
+        try:
+            prefix = pd.read_csv(io.BytesIO(text + b"\n"), header=None, names=range(j), dtype=str,
+                                 na_filter=False, engine="c", skip_blank_lines=False)
+        except Exception:
+            return None
+        if len(prefix) != n:
+            return None
+    rows = [body[o + 1:e] for o, e in zip(opens.tolist(), closes.tolist())]  # (N,) list bodies
+    values = _parse_int_rows(rows, n_values)  # (N, n_values)
+    if values is None:
+        return None
+    return header, prefix, values
+
+
+def fast_list_csv(path, header: list[str], n_values: int = 256, dtype=np.float64):
+    """Happy-path reader of ``name,label,"[v1, v2, ...]"`` CSVs (TIS files, split CSVs) in one pass.
+
+    Returns ``(names list[str], labels (N,) int64, values (N, n_values) dtype)``, or ``None`` for a file
+    under ``FAST_CSV_MIN_BYTES`` and whenever the file is not exactly of that shape (wrong header, a
+    quoted name, a short list, a non-numeric value, no rows ...): callers then use their own row-by-row
+    reader, which names the bad line. Floats are parsed with Python's correctly rounded ``float`` rules
+    (identical to ``float(text)``); integers by :func:`fast_int_list_csv`. A UTF-8 BOM is accepted.
+    """
+    path = Path(path)
+    if path.stat().st_size < FAST_CSV_MIN_BYTES:
+        return None  # small file: the row reader's lower fixed cost wins
+    if not np.issubdtype(dtype, np.integer):
+        return _float_list_csv(path, header, n_values, dtype)
+    fast = fast_int_list_csv(path, header[2], n_values, prefix_columns=2)
+    if fast is None or fast[0] != list(header):
+        return None
+    _, prefix, values = fast
+    try:
+        labels = prefix[1].astype(np.int64).to_numpy()
+    except (ValueError, OverflowError):
+        return None
+    return prefix[0].tolist(), labels, values.astype(dtype, copy=False)  # (N,), (N,), (N, n_values)
 
 
 def check_tis_rows(path, names: list[str], scores: np.ndarray) -> None:
@@ -353,16 +455,17 @@ def check_tis_rows(path, names: list[str], scores: np.ndarray) -> None:
 
 
 def read_split_ids(data_dir, split: str = "train", num_classes: int | None = None):
-    """``(names, labels (N,) int64, ids (N, 256) int64)`` of ``{split}_embeddings.csv`` in file order.
+    """``(names, labels (N,) int64, ids (N, h*w) int64)`` of ``{split}_embeddings.csv`` in file order (h*w = 256
+    for the paper's grid; another tokenizer's from ``dataset_info.json``, :func:`cortex.data.dataset_geometry`).
 
     One C parse on well-formed files; anything else goes through :func:`cortex.data.read_split` (the
     training reader), so every check -- header, field count, integer label within ``0..num_classes-1``,
     256 non-negative ids -- and its message (file and line) are the training reader's.
     """
-    from .data import CSV_HEADER, N_POS, read_split, split_csv
+    from .data import CSV_HEADER, n_positions, read_split, split_csv
 
     path = split_csv(data_dir, split)
-    fast = fast_list_csv(path, CSV_HEADER, N_POS, np.int64) if path.exists() else None
+    fast = fast_list_csv(path, CSV_HEADER, n_positions(data_dir), np.int64) if path.exists() else None
     if fast is not None:
         names, labels, ids = fast
         ok = labels.min() >= 0 and ids.min() >= 0 and (num_classes is None or labels.max() < num_classes)
@@ -500,8 +603,10 @@ def top_token_matrix(names: list[str], positions: np.ndarray, token_indices: dic
 
 
 def token_matrix(names: list[str], token_indices: dict, where) -> np.ndarray:
-    """``(N, 256)`` ids of ``names`` from the token-index cache; a missing image is a CortexError."""
-    return top_token_matrix(names, np.tile(np.arange(256), (len(names), 1)), token_indices, where)
+    """``(N, h*w)`` ids of ``names`` from the token-index cache (256 per image for the paper's grid; the length
+    of the cache's lists); a missing image is a CortexError."""
+    n_pos = len(next(iter(token_indices.values()), range(256)))
+    return top_token_matrix(names, np.tile(np.arange(n_pos), (len(names), 1)), token_indices, where)
 
 
 def _fingerprint(path: Path) -> str:

@@ -216,7 +216,7 @@ def read_state_dict(ckpt_path) -> dict:
 
     path = Path(ckpt_path)
     if not path.is_file():
-        raise CortexError(f"checkpoint not found: {path}. Download it as the README ('Real VQGAN data') says "
+        raise CortexError(f"checkpoint not found: {path}. Download it as docs/real_vqgan_data.md says "
                           f"(e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt) or fix --vqgan_ckpt / "
                           f"--transformer_ckpt.")
     obj = _torch_load(path)

@@ -71,7 +71,7 @@ from .cli import make_parser, nonneg_float, nonneg_int, positive_float, positive
 from .utils import CortexError, atomic_write, format_list, parse_float_list
 
 TIS_HEADER = ["filename", "label", "contribution"]
-N_POS = 256
+N_POS = 256  # scores per row for the paper's 16x16 grid; another tokenizer's files hold h*w (tis_row_length)
 FORMAT_VERSION = 2
 
 
@@ -313,6 +313,7 @@ def read_partial(path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
     good, names, seen = [], [], set()
+    n_pos = None  # scores per row: the first complete row's count (h*w of the dataset's grid)
     for i, line in enumerate(lines):
         if i == 0:
             if not line.endswith("\n"):
@@ -325,7 +326,9 @@ def read_partial(path) -> list[str]:
         ok = line.endswith("\n") and len(row) == 3
         if ok:
             try:
-                ok = parse_float_list(row[2], where=str(path)).shape == (N_POS,)
+                n = parse_float_list(row[2], where=str(path)).size
+                n_pos = n if n_pos is None else n_pos
+                ok = n == n_pos
             except CortexError:
                 ok = False
         if not ok:
@@ -344,8 +347,22 @@ def read_partial(path) -> list[str]:
     return names
 
 
+def tis_row_length(path) -> int:
+    """Scores per row of a TIS file: the first row's count (h*w of the dataset's token grid, 256 for the
+    paper's 16x16); 256 for a file without rows. Every other row must match it (:func:`read_tis_file`)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for row in reader:
+            if len(row) == 3:
+                return row[2].count(",") + 1
+    return N_POS
+
+
 def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
-    """Read a TIS CSV once: filenames, labels and scores ``(N, 256)`` float64 (no ``ast``).
+    """Read a TIS CSV once: filenames, labels and scores ``(N, h*w)`` float64 (no ``ast``); ``(N, 256)`` for
+    the paper's grid. The row length is the first row's (:func:`tis_row_length`); a row of another length is
+    a CortexError naming it.
 
     Linear in the rows: one C parse (``cortex.stats.fast_list_csv``), else the row-by-row reader below,
     which names a malformed line. A UTF-8 BOM is accepted; a NaN/Inf score or an image listed twice is a
@@ -354,7 +371,8 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
     from .stats import check_tis_rows, fast_list_csv
 
     path = Path(path)
-    fast = fast_list_csv(path, TIS_HEADER, N_POS, np.float64)
+    n_pos = tis_row_length(path)
+    fast = fast_list_csv(path, TIS_HEADER, n_pos, np.float64)
     if fast is not None:
         check_tis_rows(path, fast[0], fast[2])
         return fast[0], fast[1].tolist(), fast[2]
@@ -372,15 +390,15 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
             names.append(row[0])
             labels.append(int(row[1]))
             rows.append(row[2])
-    scores = _parse_rows(rows, path)
+    scores = _parse_rows(rows, path, n_pos)
     check_tis_rows(path, names, scores)
     return names, labels, scores
 
 
-def _parse_rows(rows: list[str], path) -> np.ndarray:
-    """All contribution literals of a file in one numpy call: ``(N, 256)``."""
+def _parse_rows(rows: list[str], path, n_pos: int = N_POS) -> np.ndarray:
+    """All contribution literals of a file in one numpy call: ``(N, n_pos)`` (n_pos = 256 for 16x16)."""
     if not rows:
-        return np.zeros((0, N_POS))
+        return np.zeros((0, n_pos))
     body = ",".join(r.strip()[1:-1] for r in rows)
     try:
         with warnings.catch_warnings():
@@ -388,14 +406,15 @@ def _parse_rows(rows: list[str], path) -> np.ndarray:
             flat = np.fromstring(body, dtype=np.float64, sep=",")  # text mode: one C parse per file
     except ValueError:
         flat = None
-    if flat is None or flat.size != len(rows) * N_POS or not all(r.strip()[:1] == "[" for r in rows):
+    if flat is None or flat.size != len(rows) * n_pos or not all(r.strip()[:1] == "[" for r in rows):
         # find the culprit for a precise message
         for i, r in enumerate(rows):
             v = parse_float_list(r, where=f"{path}: row {i + 2}")
-            if v.shape != (N_POS,):
-                raise CortexError(f"{path}: row {i + 2} has {v.size} scores, expected {N_POS}")
+            if v.shape != (n_pos,):
+                raise CortexError(f"{path}: row {i + 2} has {v.size} scores, expected {n_pos} (as the first row: "
+                                  f"one per token position)")
         raise CortexError(f"{path}: malformed contribution lists")
-    return flat.reshape(len(rows), N_POS)
+    return flat.reshape(len(rows), n_pos)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -572,13 +591,14 @@ def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str,
                           "files and score their labels again.")
 
 
-def _resolve_copies(config: TISConfig, model, device) -> int | None:
-    """Copies per forward+backward pass: ``max_copies_per_pass`` if given (0: all), else from the budget."""
+def _resolve_copies(config: TISConfig, model, device, shape=(256, 16, 16)) -> int | None:
+    """Copies per forward+backward pass: ``max_copies_per_pass`` if given (0: all), else from the budget.
+    shape: one embedding (D, h, w), the paper's (256, 16, 16) by default."""
     if config.max_copies_per_pass is not None:
         return config.max_copies_per_pass or None
     free, where = available_memory_bytes(device)
     budget = config.max_memory_gb * 2 ** 30 if config.max_memory_gb else 0.5 * free
-    per = memory_per_copy(model, torch.zeros(1, 256, 16, 16, device=device))
+    per = memory_per_copy(model, torch.zeros(1, *shape, device=device))
     copies = copies_for_budget(budget, per)
     src = f"--max_memory_gb {config.max_memory_gb}" if config.max_memory_gb else f"50% of {free / 2**30:.1f} GiB ({where})"
     print(f"memory: budget {budget / 2**30:.2f} GiB ({src}), {per / 2**20:.1f} MiB per copy (measured) -> "
@@ -646,7 +666,7 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
         return dataset.records[i].filename if hasattr(dataset, "records") else dataset[i][2]
 
     writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine})
-    copies = _resolve_copies(config, run_model, device)
+    copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
     cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
     opts = dict(nsamples=config.nsamples, stdev_spread=config.stdev_spread, noise_scope=config.noise_scope,
                 codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies)

@@ -542,7 +542,8 @@ def train_iem(args, paths, experiment: str) -> dict:
     val_set = EmbeddingDataset(paths.data_dir, "validation", num_classes, layout=args.data_layout, return_ids=True)
     args.batch_size = capped_batch_size(args.batch_size, len(train_set), experiment)
     width = args.width or 512
-    model = build_model(experiment, args.model, num_classes, width=width, depth=args.depth)
+    model = build_model(experiment, args.model, num_classes, width=width, depth=args.depth,
+                        code_dim=train_set.code_dim, grid=train_set.grid)  # the dataset's (D, h, w) embeddings
     meta = dict(experiment=experiment, model_id=args.model, num_classes=num_classes, width=width, depth=args.depth)
 
     model_dir = paths.model_dir(args.model)

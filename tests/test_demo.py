@@ -12,7 +12,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert timings and not any(skipped for *_, skipped in timings)
     report = (tmp_path / "results" / "demo_report.md").read_text()
     for heading in ("## IEM accuracy", "## Concept recovery", "## Deletion", "## Concept-level masking",
-                    "## Codebook-level optimisation", "## Bias detection", "## Figures"):
+                    "## Codebook-level optimisation", "## Bias detection", "## Figures", "## Significant concept tokens",
+                    "Paired per image", "## Sanity check: cascading model randomisation", "loss_curves"):
         assert heading in report, heading
     rows = [l for l in report.splitlines() if l.startswith("| ") and not l.startswith("| ---")]
     data = [r for r in rows if re.search(r"[-+]?\d+\.\d+", "|".join(r.split("|")[2:]))]

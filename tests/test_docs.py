@@ -348,7 +348,7 @@ def test_readme_is_short_and_whole():
     assert "<!-- demo-report:start -->" in text and "<!-- demo-report:end -->" in text
     assert "Machine:" in text
     # the pipeline block pastes as one piece: no `cd eval` without coming back before the next step's cd
-    run = [b for b in bash_blocks(REPO / "README.md") if b.mode == "run"]
+    run = [b for b in bash_blocks(REPO / "README.md") if b.mode in ("run", "twice")]
     assert run and "cd explanation_evaluation" not in run[0].text
     for page in DOCS:  # no section starts mid-sentence (the old README's 'driver behind both folders')
         for para in re.split(r"\n\s*\n", page.read_text()):
@@ -427,3 +427,12 @@ def test_check_readme_demo(tmp_path):
     args = mod.get_args_parser().parse_args(["--readme", str(rd), "--report", str(tmp_path / "missing.md")])
     with pytest.raises(Exception, match="make demo"):
         mod.main(args)
+
+
+def test_code_points_to_pages_that_exist():
+    """Messages and comments of the code that send the reader to a docs page name a page that exists."""
+    for folder in ("cortex", "VQGAN_explanation", "Dalle_explanation", "scripts", "bench", "slurm"):
+        for f in (REPO / folder).rglob("*"):
+            if f.suffix in (".py", ".sh", ".sbatch"):
+                for page in re.findall(r"docs/([\w.-]+\.(?:md|ipynb))", f.read_text()):
+                    assert (REPO / "docs" / page).exists(), f"{f.relative_to(REPO)} cites docs/{page}, which is missing"

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 # Edit this to where the taming VQGAN lives (relative to this eval/ folder, or absolute); it holds
-# configs/model.yaml and checkpoints/last.ckpt as downloaded (see the README, 'Real VQGAN data').
+# configs/model.yaml and checkpoints/last.ckpt as downloaded (see docs/real_vqgan_data.md).
 VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 
 from cortex.cli import (grid_index, make_parser, model_parser, nonneg_int, paths_parser, positive_float,
@@ -120,7 +120,7 @@ def load_vq(args, paths, device):
     for what, f in (("VQGAN config", config), ("VQGAN checkpoint", ckpt)):
         if not Path(f).is_file():
             raise CortexError(f"{what} not found: {f}. Edit VQGAN_directory at the top of codebook_level_explanation.py "
-                              f"or pass --vqgan_config/--vqgan_ckpt (see the README, 'Real VQGAN data'); on the synthetic world "
+                              f"or pass --vqgan_config/--vqgan_ckpt (see docs/real_vqgan_data.md); on the synthetic world "
                               f"generate datasets/synthetic_vq.pt with generate_dataset.py")
     print(f"VQ decoder: taming VQGAN {config} + {ckpt}")
     return load_taming_model(config, ckpt, device)
