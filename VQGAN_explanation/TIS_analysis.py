@@ -35,8 +35,9 @@ def get_args_parser():
 
 
 def main(args):
-    summary = run_analysis(args, EXPERIMENT)
-    run_significance(args, EXPERIMENT)
+    parsed = {}  # {label: (ids, scores)}: the TIS files are parsed once, for both steps
+    summary = run_analysis(args, EXPERIMENT, keep=parsed)
+    run_significance(args, EXPERIMENT, parsed=parsed)
     return summary
 
 

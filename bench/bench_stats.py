@@ -12,11 +12,19 @@ TIS_computation.py writes them) + ``tis_config.json``. Then it times, end to end
   parsing, statistics, writing; not the enrichment tests the script runs after them) against
   ``plain_tis_statistics`` below (pandas ``read_csv`` + ``np.fromstring`` of the score lists, numpy
   argsort, pandas ``value_counts``/``groupby`` for the counts and file lists);
-* ``generate_freq_based_tokens.py`` against ``plain_frequency_baseline`` (pandas + numpy).
+* ``generate_freq_based_tokens.py`` against ``plain_frequency_baseline`` (pandas + numpy);
+* bias detection (``Dalle_explanation/bias_detection.py``'s counting step, once per size N): a neutral-prompt
+  set of N images (``filename,indices``) and two labels' token sets (10 ids each); ours =
+  ``cortex.bias.read_neutral_set`` + ``detect_bias`` (counts, Cliff's delta, Mann-Whitney p; ``n_boot=0``: the
+  bootstrap CI costs the same at every N) against ``plain_bias`` (pandas ``read_csv`` + ``np.fromstring``,
+  ``np.isin`` on the (N, 256) ids, Cliff's delta by sorting).
 
-Both sides write the same files; the benchmark asserts they are byte-equal, then prints images/s of
-each and the ratio (project / plain; >= 1 means the project is at least as fast). Timings include
-parsing the CSVs, which dominates. Use ``--workdir`` to keep the generated folders.
+Both sides write/return the same results; the benchmark asserts they are byte-equal (bias: equal counts and
+equal ``cliff_delta`` cells), then prints images/s of each and the ratio (project / plain; >= 1 means the
+project is at least as fast), the median over ``--repeats`` runs. Timings include parsing the CSVs, which
+dominates. At the ``--significance_sizes`` it also times TIS_analysis.py's second step (the enrichment tests,
+``cortex.significance.run_significance``, on the scores kept by the statistics step) and prints its time
+relative to the statistics. Use ``--workdir`` to keep the generated folders.
 """
 import argparse
 import csv
@@ -35,7 +43,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cortex.data  # noqa: E402,F401  (torch, cortex.tis, scipy.stats, tqdm: imported before any timing)
+import cortex.tis  # noqa: E402,F401
+import scipy.stats  # noqa: E402,F401
+import tqdm  # noqa: E402,F401
+from cortex.bias import detect_bias, read_neutral_set  # noqa: E402
 from cortex.scripts import load_script, run_script  # noqa: E402
+from cortex.significance import run_significance  # noqa: E402
 from cortex.stats import run_analysis  # noqa: E402
 
 TOP_NS = (1, 5, 10, 20)
@@ -77,6 +91,24 @@ def make_experiment(root: Path, n_images: int, n_labels: int, seed: int = 0) -> 
         pickle.dump(cache, f)
     (data / "dataset_info.json").write_text(f'{{"num_classes": {n_labels}}}')
     (tis / "tis_config.json").write_text('{"attribution": "smoothgrad", "method": "max"}')
+
+
+def make_neutral_set(path: Path, n_images: int, seed: int = 0) -> dict[int, list[int]]:
+    """A neutral-prompt CSV of ``n_images`` rows (``filename,indices``) and two labels' token sets: label 0's
+    tokens are planted a little more often than label 1's. Returns ``{label: [10 token ids]}``."""
+    rng = np.random.default_rng(seed + 1)
+    tokens = rng.choice(N_CODES, 20, replace=False)
+    sets = {0: tokens[:10].tolist(), 1: tokens[10:].tolist()}
+    ids = rng.integers(0, N_CODES, (n_images, 256))
+    for label, p in ((0, 0.02), (1, 0.015)):
+        plant = rng.random((n_images, 256)) < p
+        ids[plant] = rng.choice(sets[label], int(plant.sum()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "indices"])
+        w.writerows([f"{i}.png", "[" + ", ".join(map(str, row)) + "]"] for i, row in enumerate(ids.tolist()))
+    return sets
 
 
 # ----------------------------------------------------------------------------- the plain implementations
@@ -140,6 +172,26 @@ def plain_frequency_baseline(root: Path, out: Path) -> None:
             w.writerows((t, c) for t, c, _ in _ranked(ids[rows].ravel(), None))
 
 
+def plain_bias(path: Path, sets: dict[int, list[int]]) -> dict[int, tuple[np.ndarray, float]]:
+    """``{label: (counts (N,), cliff_delta)}``: pandas + numpy, Cliff's delta by sorting."""
+    df = pd.read_csv(path)
+    ids = _parse_lists(df["indices"].tolist(), np.int64)  # (N, 256)
+    out = {}
+    for label, toks in sets.items():
+        own = np.isin(ids, toks).sum(axis=1)  # (N,)
+        rest = np.isin(ids, [t for k, ts in sets.items() if k != label for t in ts]).sum(axis=1)
+        ys = np.sort(rest)
+        greater = np.searchsorted(ys, own, side="left").sum()
+        less = (ys.size - np.searchsorted(ys, own, side="right")).sum()
+        out[label] = (own, (greater - less) / (own.size * rest.size))
+    return out
+
+
+def ours_bias(path: Path, sets: dict[int, list[int]]) -> dict[int, tuple[np.ndarray, float]]:
+    _, ids = read_neutral_set(path)
+    return {r.label: (r.counts, r.cliff_delta) for r in detect_bias(sets, ids, n_boot=0)}
+
+
 # ----------------------------------------------------------------------------- timing
 
 def _same(a: Path, b: Path, names) -> None:
@@ -148,18 +200,25 @@ def _same(a: Path, b: Path, names) -> None:
             raise AssertionError(f"{a / name} differs from the plain implementation's {b / name}")
 
 
-def _timed(fn):
+def _timed(fn, out: list | None = None):
     t0 = time.perf_counter()
     with open(os.devnull, "w") as null:
         old, sys.stdout = sys.stdout, null
         try:
-            fn()
+            result = fn()
         finally:
             sys.stdout = old
+    if out is not None:
+        out.append(result)
     return time.perf_counter() - t0
 
 
-def bench_one(root: Path, n_images: int, n_labels: int, repeats: int) -> dict:
+def _line(name: str, n_images: int, ours: float, plain: float) -> None:
+    print(f"  {name:19} ours {n_images / ours:10,.0f} img/s ({ours:7.2f} s)   plain {n_images / plain:10,.0f} "
+          f"img/s ({plain:7.2f} s)   ours/plain speed {plain / ours:5.2f}x", flush=True)
+
+
+def bench_one(root: Path, n_images: int, n_labels: int, repeats: int, significance: bool = False) -> dict:
     stats = root / "results" / "TIS" / "Net1" / "TIS_statistics_train"
     freq = root / "results" / "TIS" / "frequency_baseline"
     t = {"ours_tis": [], "plain_tis": [], "ours_freq": [], "plain_freq": []}
@@ -174,20 +233,44 @@ def bench_one(root: Path, n_images: int, n_labels: int, repeats: int) -> dict:
     labels = sorted(p.name for p in (root / "plain_stats").glob("label_*.csv"))
     _same(stats, root / "plain_stats", [*labels, "global_top_tokens_statistics.csv"])
     _same(freq, root / "plain_freq", labels)
-    best = {k: min(v) for k, v in t.items()}
-    for what in ("tis", "freq"):
-        ours, plain = best[f"ours_{what}"], best[f"plain_{what}"]
-        name = "TIS statistics" if what == "tis" else "frequency baseline"
-        print(f"  {name:19} ours {n_images / ours:10,.0f} img/s ({ours:7.2f} s)   plain {n_images / plain:10,.0f} "
-              f"img/s ({plain:7.2f} s)   ours/plain speed {plain / ours:5.2f}x")
-    return best
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    _line("TIS statistics", n_images, med["ours_tis"], med["plain_tis"])
+    _line("frequency baseline", n_images, med["ours_freq"], med["plain_freq"])
+    if significance:  # TIS_analysis.py's second step, on the scores the statistics step kept
+        parsed: dict = {}
+        t_stats = _timed(lambda: run_analysis(args, "vqgan", keep=parsed))
+        t_sig = _timed(lambda: run_significance(args, "vqgan", parsed=parsed))
+        t_reread = _timed(lambda: run_significance(args, "vqgan"))  # the TIS files parsed a second time
+        med.update(stats_keep=t_stats, significance=t_sig, significance_reread=t_reread)
+        print(f"  significance step   {t_sig:7.2f} s = {t_sig / t_stats:.2f} x the statistics step ({t_stats:.2f} s, "
+              f"keeping the scores); re-reading the TIS files instead: {t_reread:.2f} s", flush=True)
+    return med
+
+
+def bench_bias(root: Path, n_images: int, repeats: int, seed: int) -> dict:
+    path = root / "results_none.csv"
+    sets = make_neutral_set(path, n_images, seed)
+    t = {"ours_bias": [], "plain_bias": []}
+    ours, plain = [], []
+    for _ in range(repeats):
+        t["ours_bias"].append(_timed(lambda: ours_bias(path, sets), ours))
+        t["plain_bias"].append(_timed(lambda: plain_bias(path, sets), plain))
+    for label, (counts, delta) in plain[-1].items():
+        o_counts, o_delta = ours[-1][label]
+        if not np.array_equal(counts, o_counts) or f"{delta:.6f}" != f"{o_delta:.6f}":
+            raise AssertionError(f"bias detection, label {label}: ours differs from the plain implementation")
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    _line("bias detection", n_images, med["ours_bias"], med["plain_bias"])
+    return med
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("bench_stats", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="numbers of images (default: 1k 10k)")
     p.add_argument("--labels", type=int, nargs="+", default=[10, 1000], help="numbers of labels (default: 10 1000)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side; the best is reported (default: 1)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side; the median is reported (default: 1)")
+    p.add_argument("--significance_sizes", type=int, nargs="*", default=[10000],
+                   help="sizes at which the enrichment-test step is timed too (default: 10000)")
     p.add_argument("--workdir", default=None, help="keep the generated experiments here (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -205,9 +288,17 @@ def main(args):
                 t0 = time.perf_counter()
                 make_experiment(root, n, n_labels, args.seed)
                 print(f"{n:,} images, {min(n_labels, n):,} labels (generated in {time.perf_counter() - t0:.1f} s):")
-                results[(n, n_labels)] = bench_one(root, n, n_labels, args.repeats)
+                results[(n, n_labels)] = bench_one(root, n, n_labels, args.repeats,
+                                                   significance=n in args.significance_sizes)
                 if args.workdir is None:
                     shutil.rmtree(root)
+            root = work / f"n{n}_bias"
+            if root.exists():
+                shutil.rmtree(root)
+            print(f"{n:,} neutral-prompt images, 2 labels x 10 tokens:")
+            results[(n, "bias")] = bench_bias(root, n, args.repeats, args.seed)
+            if args.workdir is None:
+                shutil.rmtree(root)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,9 @@
 0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.smoothgrad`` on
    ``--images`` embeddings x ``--nsamples`` draws, against the bare forward+backward of the same noisy
    copies in the same chunks (nothing else: no noise, no bookkeeping); the ratio should stay <= 1.1x.
-   Then the ``--fast`` model (BatchNorm folded, channels-last, bf16 only where allowed): its speed-up
+   A breakdown follows: forward+backward, building the noisy copies, the float64 accumulation (each timed
+   alone over the same chunks) and the rest; plus the per-image noise draw, a per-batch cost of
+   ``compute_tis`` outside ``smoothgrad``. Then (unless ``--skip_fast``) the ``--fast`` model (BatchNorm folded, channels-last, bf16 only where allowed): its speed-up
    and the top-20 position overlap of its scores with the exact ones (same noise).
 
 1. (``--seed_loop``) SmoothGrad vs the seed. On the same (random-init) IEM and the same 25 random embeddings, under identical noise
@@ -17,7 +19,9 @@
      create_graph=True)`` per sample ``j`` (cost ~ batch^2 per draw);
    - ours: one forward/backward of the summed target logits over all noisy copies;
    and print the ratio and the max abs difference of the per-position scores (channel max).
-2. Parsing. Time reading a TIS file of ``--rows`` rows with ``cortex.tis.read_tis_file`` (one numpy
+2. (``--compute_tis``) ``cortex.tis.compute_tis`` end to end (noise, scores, CSV rows written) against
+   ``smoothgrad`` alone on the same ``--tis_batches`` batches: the per-batch costs outside ``smoothgrad``.
+3. Parsing. Time reading a TIS file of ``--rows`` rows with ``cortex.tis.read_tis_file`` (one numpy
    parse per file) against a csv + ``ast.literal_eval`` per row reader (the seed's), and the full
    statistics of one label (one argsort per image, reused for n = 1, 5, 10, 20) against re-reading and
    re-sorting for every n.
@@ -139,8 +143,9 @@ def bench_lower_bound(args):
         copies = min(copies, args.images * args.nsamples)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        ws = {}  # the buffers compute_tis keeps from batch to batch
         t_ours, ours = _timed(lambda: smoothgrad(model, x, t, noise=z, stdev_spread=args.stdev_spread,
-                                                 max_copies_per_pass=copies), device, args.repeats)
+                                                 max_copies_per_pass=copies, workspace=ws), device, args.repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         noisy = (x.unsqueeze(0) + z).reshape(-1, *x.shape[1:])  # (S*B, 256, 16, 16)
         tt = t.repeat(args.nsamples)
@@ -152,24 +157,87 @@ def bench_lower_bound(args):
         with torch.enable_grad():
             t_low, _ = _timed(bare, device, args.repeats)
         parts = overhead_breakdown(x, z, noise_scale(x, args.stdev_spread, "sample"), copies, device, args.repeats)
-        fast, info = prepare_fast(model, device, ("vqgan", m))
-        t_fast, f = _timed(lambda: smoothgrad(fast, x, t, noise=z, stdev_spread=args.stdev_spread,
-                                              max_copies_per_pass=copies), device, args.repeats)
-        so, sf = reduce_channels(ours, "max"), reduce_channels(f, "max")
-        ov = top_overlap(sf.float(), so.float(), 20)
-        n_img = args.images / t_ours
         other = t_ours - t_low - parts["copies_s"] - parts["accumulate_s"]
+        n_img = args.images / t_ours
         print(f"  Net{m}: smoothgrad {t_ours:7.3f} s ({n_img:.2f} images/s, {copies} copies/pass"
               + (f", GPU peak {peak:.2f} GiB" if peak is not None else "") + f")  lower bound {t_low:7.3f} s  "
               f"ratio {t_ours / t_low:.3f}x")
         print(f"         breakdown: forward+backward {t_low:.4f} s, noisy copies {parts['copies_s']:.4f} s, float64 "
-              f"accumulation {parts['accumulate_s']:.4f} s, other {other:.4f} s (setup, Python; noise < 0); outside "
-              f"smoothgrad, per batch: drawing the noise {parts['noise_s']:.4f} s")
-        print(f"         --fast ({info['bn_folds']} BN folded, bf16 {'on' if info['bf16'] else 'off'}): {t_fast:7.2f} s  "
-              f"speed-up {t_ours / t_fast:.2f}x  top-20 overlap {ov:.4f}  max |diff| {(sf - so).abs().max().item():.3g}")
+              f"accumulation {parts['accumulate_s']:.4f} s, other {other:.4f} s (setup, Python; < 0: timing noise); "
+              f"outside smoothgrad, per batch: drawing the noise {parts['noise_s']:.4f} s")
         out[f"net{m}"] = {"ours_s": t_ours, "lower_s": t_low, "ratio": t_ours / t_low, **parts, "other_s": other,
-                          "fast_s": t_fast,
-                          "fast_speedup": t_ours / t_fast, "fast_top20": ov, "images_per_s": n_img, "gpu_peak_gib": peak}
+                          "images_per_s": n_img, "gpu_peak_gib": peak}
+        if args.skip_fast:
+            continue
+        fast, info = prepare_fast(model, device, ("vqgan", m))
+        t_fast, f = _timed(lambda: smoothgrad(fast, x, t, noise=z, stdev_spread=args.stdev_spread,
+                                              max_copies_per_pass=copies, workspace=ws), device, args.repeats)
+        so, sf = reduce_channels(ours, "max"), reduce_channels(f, "max")
+        ov = top_overlap(sf.float(), so.float(), 20)
+        print(f"         --fast ({info['bn_folds']} BN folded, bf16 {'on' if info['bf16'] else 'off'}): {t_fast:7.3f} s  "
+              f"speed-up {t_ours / t_fast:.2f}x  top-20 overlap {ov:.4f}  max |diff| {(sf - so).abs().max().item():.3g}")
+        out[f"net{m}"].update(fast_s=t_fast, fast_speedup=t_ours / t_fast, fast_top20=ov)
+    return out
+
+
+class _MemoryDataset(torch.utils.data.Dataset):
+    """``compute_tis``'s dataset interface over in-memory embeddings: items ``(emb, label, filename)``."""
+
+    def __init__(self, x, labels):
+        self.x, self.labels = x, [int(l) for l in labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.x[i], self.labels[i], f"{self.labels[i]}_{i}.npy"
+
+
+def bench_compute_tis(args):
+    """End to end: ``cortex.tis.compute_tis`` (noise, scores, CSV rows) against ``smoothgrad`` alone.
+
+    For each net of --nets: ``--tis_batches`` batches of ``--images`` images (two labels), scored and written
+    to a temporary folder (after one warm-up run), against the same batches through ``smoothgrad`` only
+    (noise drawn beforehand). The ratio shows the per-batch costs outside ``smoothgrad`` that the
+    pipelining of ``compute_tis`` (next batch queued before the rows of the previous one are written) hides.
+    """
+    from cortex.models import build_model
+    from cortex.tis import TISConfig, compute_tis
+
+    device = torch.device(args.device)
+    n = args.images * args.tis_batches
+    out = {}
+    for m in args.nets:
+        torch.manual_seed(args.seed)
+        model = build_model("vqgan", m, args.num_classes, width=args.width).to(device).eval()
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(n, 256, 16, 16, generator=g)  # (N, 256, 16, 16) on the host, as a dataset's
+        labels = [i * 2 // n for i in range(n)]
+        ds = _MemoryDataset(x, labels)
+        copies = args.max_copies_per_pass or 0
+        cfg = TISConfig(nsamples=args.nsamples, stdev_spread=args.stdev_spread, max_copies_per_pass=copies)
+        with tempfile.TemporaryDirectory() as d:
+            run = [0]
+
+            def tis():
+                run[0] += 1
+                compute_tis(model, ds, Path(d) / f"r{run[0]}", cfg, batch_size=args.images, device=device,
+                            progress=False)
+            t_tis, _ = _timed(tis, device, args.repeats)
+        xs = [x[i:i + args.images].to(device) for i in range(0, n, args.images)]
+        zs = [standard_noise(args.nsamples, x.shape[1:], seeds=[image_seed(args.seed, i + j) for j in range(len(b))],
+                             device=device) for i, b in zip(range(0, n, args.images), xs)]
+        ts = [torch.tensor(labels[i:i + args.images], device=device) for i in range(0, n, args.images)]
+        ws = {}
+
+        def sg_only():
+            for b, z, t in zip(xs, zs, ts):
+                smoothgrad(model, b, t, noise=z, stdev_spread=args.stdev_spread, max_copies_per_pass=copies,
+                           workspace=ws)
+        t_sg, _ = _timed(sg_only, device, args.repeats)
+        print(f"  Net{m}: compute_tis {n} images in {t_tis:.3f} s ({n / t_tis:.2f} images/s, CSV files written)  "
+              f"smoothgrad alone {t_sg:.3f} s  ratio {t_tis / t_sg:.3f}x")
+        out[f"tis_net{m}"] = {"compute_tis_s": t_tis, "smoothgrad_s": t_sg, "ratio": t_tis / t_sg}
     return out
 
 
@@ -287,6 +355,10 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_lower_bound", action="store_true")
     p.add_argument("--skip_parsing", action="store_true")
+    p.add_argument("--skip_fast", action="store_true", help="lower-bound section: do not time the --fast model")
+    p.add_argument("--compute_tis", action="store_true",
+                   help="also time compute_tis end to end (files written) against smoothgrad alone")
+    p.add_argument("--tis_batches", type=int, default=4, help="compute_tis section: batches of --images images")
     return p
 
 
@@ -294,6 +366,8 @@ def main(args):
     out = {}
     if not args.skip_lower_bound:
         out.update(bench_lower_bound(args))
+    if args.compute_tis:
+        out.update(bench_compute_tis(args))
     if args.seed_loop:
         out.update(bench_smoothgrad(args))
     if not args.skip_parsing:

@@ -39,7 +39,13 @@ REDUCTIONS = ("max", "mean", "sum")
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
+    """Put ``model`` in eval mode for the block and restore its previous mode afterwards.
+
+    A model already wholly in eval mode is left untouched (no ``train()`` walk over every module twice per
+    call: a fixed per-batch cost of the TIS loop)."""
+    if not any(m.training for m in model.modules()):
+        yield model
+        return
     was_training = model.training
     model.eval()
     try:
@@ -119,6 +125,20 @@ def _check(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- SmoothGrad
 
+def scratch(workspace: dict | None, name: str, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``, taken from ``workspace[name]`` when it is large enough (same dtype
+    and device), else allocated (and stored there when ``workspace`` is a dict). Contents are garbage."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    t = workspace.get(name) if workspace is not None else None
+    if t is None or t.dtype != dtype or t.device != torch.device(device) or t.numel() < numel:
+        t = torch.empty(numel, dtype=dtype, device=device)
+        if workspace is not None:
+            workspace[name] = t
+    return t[:numel].view(*shape)
+
+
 def draw_pieces(start: int, stop: int, B: int) -> list[tuple[int, int, int, int]]:
     """Copies ``[start, stop)`` (copy ``j = s*B + b``) cut into per-draw pieces ``(s, b0, b1, r0)``.
 
@@ -139,14 +159,24 @@ def fill_copies(buf: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, sd: tor
                 pieces: list[tuple[int, int, int, int]]) -> None:
     """Write a chunk's noisy copies into ``buf`` ``(>= m, C, H, W)``: rows of piece ``(s, b0, b1, r0)`` are
     ``x[b0:b1] + noise[s, b0:b1] * sd[b0:b1]`` (``sd`` None: noise already scaled). x ``(B, C, H, W)``,
-    noise ``(S, B, C, H, W)``, sd ``(B, 1, 1, 1)``. Same float32 operations as ``x + noise * sd``."""
-    for s, b0, b1, r0 in pieces:
-        rows = buf[r0:r0 + b1 - b0]
+    noise ``(S, B, C, H, W)``, sd ``(B, 1, 1, 1)``. Same float32 operations as ``x + noise * sd``.
+
+    Consecutive whole draws (``b0 = 0, b1 = B``) are written by one broadcast multiply and one add, so a chunk
+    of whole draws costs two kernels whatever ``S``."""
+    B, i = x.shape[0], 0
+    while i < len(pieces):
+        s, b0, b1, r0 = pieces[i]
+        k = i + 1
+        while b0 == 0 and b1 == B and k < len(pieces) and pieces[k][1:3] == (0, B):
+            k += 1
+        nd, nb = k - i, b1 - b0  # nd draws of images b0..b1-1
+        rows = buf[r0:r0 + nd * nb].view(nd, nb, *x.shape[1:])  # (nd, nb, C, H, W)
         if sd is None:
-            torch.add(x[b0:b1], noise[s, b0:b1], out=rows)
+            torch.add(x[b0:b1], noise[s:s + nd, b0:b1], out=rows)
         else:
-            torch.mul(noise[s, b0:b1], sd[b0:b1], out=rows)
+            torch.mul(noise[s:s + nd, b0:b1], sd[b0:b1], out=rows)
             rows.add_(x[b0:b1])
+        i = k
 
 
 @torch.no_grad()
@@ -162,7 +192,7 @@ def accumulate_draws(total: torch.Tensor, grad: torch.Tensor, pieces: list[tuple
 
 def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, noise: torch.Tensor,
                           max_copies_per_pass: int | None = None, out_dtype: torch.dtype | None = None,
-                          noise_sd: torch.Tensor | None = None) -> torch.Tensor:
+                          noise_sd: torch.Tensor | None = None, workspace: dict | None = None) -> torch.Tensor:
     """Mean input-gradient of the raw target logit over the noisy copies ``inputs + noise * noise_sd``.
 
     inputs ``(B, C, H, W)``; target ``(B,)``; noise ``(S, B, C, H, W)``, already scaled when ``noise_sd`` is
@@ -181,7 +211,8 @@ def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.
     is written into one reused copy buffer (noise x sd, + inputs) and its gradient added, widened to float64
     on the fly, to the ``(B, C, H, W)`` float64 sum with one slice ``add_``. No mask, no ``index_add``, no
     float64 copy of the gradients and no host-device synchronisation inside the loop: on a GPU the whole call
-    is queued without waiting.
+    is queued without waiting. ``workspace`` (a dict kept by the caller across calls, e.g. one per TIS run)
+    keeps the copy buffer from one call to the next (on CPU this saves the page faults of a fresh buffer).
     """
     target = _check(inputs, target)
     S, B = noise.shape[0], noise.shape[1]
@@ -197,7 +228,7 @@ def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.
     n = S * B
     chunk = n if not max_copies_per_pass or max_copies_per_pass <= 0 else min(int(max_copies_per_pass), n)
     targets = target.repeat(S)  # (S*B,): target of copy j = s*B + b is target[b]
-    buf = torch.empty((chunk, *x.shape[1:]), dtype=x.dtype, device=x.device)  # (chunk, C, H, W), reused
+    buf = scratch(workspace, "copies", (chunk, *x.shape[1:]), x.dtype, x.device)  # (chunk, C, H, W), reused
     with eval_mode(model):
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -215,7 +246,7 @@ def smoothgrad_from_noise(model: nn.Module, inputs: torch.Tensor, target: torch.
 def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, nsamples: int = 20,
                stdev_spread: float = 0.2, noise_scope: str = "sample", seeds: Sequence[int] | None = None,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-               max_copies_per_pass: int | None = None) -> torch.Tensor:
+               max_copies_per_pass: int | None = None, workspace: dict | None = None) -> torch.Tensor:
     """SmoothGrad of the raw target logit (SPEC §1 step 2), without absolute value.
 
     inputs ``(B, 256, 16, 16)``; target ``(B,)`` long. Returns ``(B, 256, 16, 16)``.
@@ -226,13 +257,15 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, 
     from ``noise`` (standard normal, ``(nsamples, B, 256, 16, 16)``) if given, else from per-image
     generators seeded by ``seeds`` (see ``image_seed``; makes scores independent of the batch), else
     from ``generator``/the global RNG. ``max_copies_per_pass`` bounds the noisy copies per
-    forward/backward (memory knob).
+    forward/backward (memory knob); ``workspace`` keeps buffers across calls (see ``smoothgrad_from_noise``).
+    Neither changes the result.
     """
     target = _check(inputs, target)
     B = inputs.shape[0]
     if noise is None and noise_scope == "authors":
         scaled = authors_noise(inputs, nsamples, stdev_spread)
-        return smoothgrad_from_noise(model, inputs, target, scaled, max_copies_per_pass, out_dtype=torch.float64)
+        return smoothgrad_from_noise(model, inputs, target, scaled, max_copies_per_pass, out_dtype=torch.float64,
+                                     workspace=workspace)
     if noise is None:
         noise = standard_noise(nsamples, inputs.shape[1:], seeds=seeds, generator=generator, batch_size=B,
                                device=inputs.device, dtype=inputs.dtype)
@@ -240,7 +273,8 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, 
         nsamples = noise.shape[0]
     sd = noise_scale(inputs, stdev_spread, noise_scope)  # (B|1, 1, 1, 1); the noise is scaled chunk by chunk
     return smoothgrad_from_noise(model, inputs, target, noise, max_copies_per_pass,
-                                 out_dtype=torch.float64 if noise_scope == "authors" else None, noise_sd=sd)
+                                 out_dtype=torch.float64 if noise_scope == "authors" else None, noise_sd=sd,
+                                 workspace=workspace)
 
 
 def authors_noise(inputs: torch.Tensor, nsamples: int, stdev_spread: float) -> torch.Tensor:

@@ -150,16 +150,28 @@ def magnitude(delta: float) -> str:
 
 # ----------------------------------------------------------------------------- the neutral-prompt set
 
-def read_neutral_set(path) -> tuple[list[str], list[np.ndarray]]:
-    """``(filenames, [ids of each image])`` of a neutral-prompt CSV with an ``indices`` column.
+def read_neutral_set(path) -> tuple[list[str], np.ndarray | list[np.ndarray]]:
+    """``(filenames, ids)`` of a neutral-prompt CSV with an ``indices`` column.
 
-    ``filename`` is optional (row numbers are used when absent); other columns are ignored.
+    ids: ``(N, L)`` int64 when every image has L ids (the usual 256), else a list of N arrays.
+    ``filename`` is optional (row numbers are used when absent); other columns are ignored. Well-formed
+    files are read in one pass (``cortex.stats.fast_int_list_csv``; linear in the images); otherwise the
+    csv module's reader names the bad line.
     """
+    from .stats import fast_int_list_csv, int_lists
+
     path = Path(path)
     if not path.exists():
         raise CortexError(f"neutral-prompt set not found: {path}. Build it with generate_dataset.py "
                           f"(--source synthetic, or --source images --neutral_image_dir DIR), or pass --neutral_csv.")
-    names, ids = [], []
+    fast = fast_int_list_csv(path, "indices", n_values=None)
+    if fast is not None:
+        header, prefix, ids = fast
+        j = header.index("indices")
+        if "filename" not in header[j:]:
+            given = prefix[header.index("filename")].tolist() if "filename" in header else [""] * len(ids)
+            return [name or f"row_{i + 1}" for i, name in enumerate(given)], ids
+    names, texts, where = [], [], []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = [h.strip() for h in (reader.fieldnames or [])]
@@ -171,17 +183,30 @@ def read_neutral_set(path) -> tuple[list[str], list[np.ndarray]]:
             text = row.get("indices")
             if text is None or not text.strip():
                 raise CortexError(f"{path}:{lineno}: empty 'indices' field")
-            ids.append(parse_int_list(text, where=f"{path}:{lineno}"))
+            texts.append(text)
+            where.append(f"{path}:{lineno}")
             names.append(row.get("filename") or f"row_{lineno - 1}")
-    if not ids:
+    if not texts:
         raise CortexError(f"{path}: no rows; the neutral-prompt set is empty")
-    return names, ids
+    ids = int_lists(texts)  # (N, L) in one parse, or None: ragged or malformed rows, parsed one by one
+    return names, ids if ids is not None else [parse_int_list(t, where=w) for t, w in zip(texts, where)]
 
 
 def count_hits(ids_per_image, tokens) -> np.ndarray:
-    """Per image, the number of positions whose token id is in ``tokens``: ``(N,)`` int64."""
-    toks = np.asarray(sorted(set(int(t) for t in tokens)), dtype=np.int64)
-    return np.array([int(np.isin(ids, toks).sum()) for ids in ids_per_image], dtype=np.int64)
+    """Per image, the number of positions whose token id is in ``tokens``: ``(N,)`` int64.
+
+    ids_per_image: ``(N, L)`` ids (one vectorised ``np.isin``) or N arrays of any lengths (concatenated,
+    one ``np.isin``, summed per image).
+    """
+    toks = np.unique(np.asarray([int(t) for t in tokens], dtype=np.int64))  # (K,)
+    if isinstance(ids_per_image, np.ndarray) and ids_per_image.ndim == 2:
+        return np.isin(ids_per_image, toks).sum(axis=1, dtype=np.int64)  # (N, L) -> (N,)
+    rows = [np.asarray(r, dtype=np.int64).ravel() for r in ids_per_image]
+    if not rows:
+        return np.zeros(0, np.int64)
+    lengths = np.array([r.size for r in rows])  # (N,)
+    hits = np.isin(np.concatenate(rows), toks)  # (sum L,)
+    return np.bincount(np.repeat(np.arange(len(rows)), lengths), weights=hits, minlength=len(rows)).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- detection

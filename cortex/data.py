@@ -102,7 +102,8 @@ def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int 
                                   f"pass the right --num_classes")
             ids = parse_int_list(row[2], where=where)
             if ids.shape != (n_pos,):
-                raise CortexError(f"{where}: expected {n_pos} token ids (the dataset's token grid), got {ids.size}")
+                raise CortexError(f"{where}: expected {n_pos} token ids, got {ids.size} (one per position of the "
+                                  f"dataset's token grid, dataset_info.json grid_size; 16x16 when absent)")
             if ids.min() < 0:
                 raise CortexError(f"{where}: negative token id {int(ids.min())}")
             records.append(Record(row[0], label, ids))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids
+from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
 from .evaluators import Evaluator, class_logit_prob, evaluator_logits, to_unit
 from .masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
 from .utils import CortexError, atomic_write
@@ -84,19 +84,32 @@ def records_by_label(records: list[Record], labels=None, max_per_label: int | No
     return dict(sorted(by.items()))
 
 
-def _score_batched(evaluators, images: torch.Tensor, masks: np.ndarray, labels, batch_size: int):
-    """Score ``masks`` (N, V, 256) applied to ``images`` (N, 3, H, W): {name: (logits (N, V), probs (N, V))}.
+def mask_grid(n_pos: int, grid=None):
+    """The ``grid=`` to mask ``n_pos`` positions with: ``grid`` (h, w) if given; None (the paper's 16 x 16 path of
+    :func:`cortex.masking.mask_images`) for 256 positions; else the square grid of ``n_pos``."""
+    if grid is not None:
+        h, w = int(grid[0]), int(grid[1])
+        if h * w != n_pos:
+            raise CortexError(f"a {h}x{w} token grid has {h * w} positions, but the token ids have {n_pos}")
+        return None if (h, w) == (GRID, GRID) else (h, w)
+    return None if n_pos == N_POS else square_grid(n_pos)
 
-    Variants of several images share a forward pass (about ``batch_size`` variants per pass).
+
+def _score_batched(evaluators, images: torch.Tensor, masks: np.ndarray, labels, batch_size: int, grid=None):
+    """Score ``masks`` (N, V, h*w) applied to ``images`` (N, 3, H, W): {name: (logits (N, V), probs (N, V))}.
+
+    Variants of several images share a forward pass (about ``batch_size`` variants per pass). grid: the token
+    grid (h, w) (default: 16 x 16 for 256 positions, else the square grid, :func:`mask_grid`).
     """
     N, V = masks.shape[:2]
+    grid = mask_grid(masks.shape[-1], grid)
     per = max(1, batch_size // V)
     res = {ev.name: (np.zeros((N, V)), np.zeros((N, V))) for ev in evaluators}
     for s in range(0, N, per):
         e = min(N, s + per)
-        m = torch.from_numpy(masks[s:e].reshape(-1, N_POS))
+        m = torch.from_numpy(masks[s:e].reshape(-1, masks.shape[-1]))
         imgs = images[s:e].repeat_interleave(V, dim=0)  # (b*V, 3, H, W)
-        variants = mask_images(imgs, m)
+        variants = mask_images(imgs, m, grid)
         tgt = np.repeat(np.asarray(labels[s:e]), V)
         for ev in evaluators:
             lg, pr = class_logit_prob(evaluator_logits(ev, variants, batch_size), tgt)
@@ -131,7 +144,7 @@ class SampleLevelResult:
 
 
 def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | None = None, batch_size: int = 64,
-                 n_examples: int = 8, progress: bool = True) -> SampleLevelResult:
+                 n_examples: int = 8, progress: bool = True, grid=None) -> SampleLevelResult:
     """Sample-level explanation evaluation, with the authors' numbers (SPEC §5).
 
     label_data: iterable of ``(label, records, scores, images)`` per label -- records (N) with ids,
@@ -145,6 +158,9 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | Non
     Rows as the authors compute them: ``Avg_* = mean over images`` (numpy's mean of the per-image values in
     image order), ``*_Diff = Avg(masked) - Avg(original)`` (negative when masking hurts), and the
     ``original`` row's diffs are the integer 0.
+
+    Another tokenizer's grid: records hold h*w ids and scores are (N, h*w); ``grid`` (h, w) (default: 16 x 16 for
+    256 ids, else the square grid, :func:`mask_grid`) maps positions onto pixels.
     """
     import random
 
@@ -160,24 +176,26 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | Non
     for label, records, scores, images in label_data:
         if len(records) == 0:
             continue
+        n_pos = len(records[0].ids)
         if rng is not None:  # no draws given: one seeded stream over the images in the order given
-            random_draws = authors_random_draws([r.filename for r in records], ns, rng=rng)
+            random_draws = authors_random_draws([r.filename for r in records], ns, rng=rng, n_pos=n_pos)
         missing = [r.filename for r in records if r.filename not in random_draws]
         if missing:
             raise CortexError(f"sample level: no random draws for image {missing[0]} (label {label}); draw them "
                               f"over the whole split with cortex.masking.authors_random_draws")
-        masks = np.zeros((len(records), 1 + 2 * K, N_POS), dtype=bool)
+        masks = np.zeros((len(records), 1 + 2 * K, n_pos), dtype=bool)
         for i, r in enumerate(records):
-            masks[i, 1:1 + K] = prefix_masks(r.ids, ranking(scores[i]), ns)
+            masks[i, 1:1 + K] = prefix_masks(r.ids, ranking(scores[i], n_pos), ns)
             masks[i, 1 + K:] = draw_masks(r.ids, random_draws[r.filename])
-        res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size)
+        res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size, grid)
         blocks.append(([r.filename for r in records], label, res, masks.sum(-1).astype(np.int16)))
         if len(examples) < n_examples:
             mid = ns[min(1, K - 1)]
             v = 1 + ns.index(mid)
             examples.append(dict(filename=records[0].filename, label=label, image=images[0].numpy(),
                                  scores=np.asarray(scores[0]), top_n=mid,
-                                 masked=mask_images(images[0], torch.from_numpy(masks[0, v]))[0].numpy(),
+                                 masked=mask_images(images[0], torch.from_numpy(masks[0, v]),
+                                                    mask_grid(n_pos, grid))[0].numpy(),
                                  probs={name: (res[name][1][0, 0], res[name][1][0, v]) for name in res}))
         bar.update(len(records))
     bar.close()
@@ -220,10 +238,12 @@ class ConceptLevelResult:
                                    masked_positions=int(counts[i, v]), logit=float(lg[i, v]), prob=float(pr[i, v]))
 
 
-def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool = True) -> ConceptLevelResult:
+def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool = True,
+                  grid=None) -> ConceptLevelResult:
     """Concept-level explanation evaluation.
 
-    label_data: iterable of ``(label, records, images, concept_tokens, baseline_tokens)``.
+    label_data: iterable of ``(label, records, images, concept_tokens, baseline_tokens)``; grid: the token grid
+    (h, w) of records with h*w ids (default: 16 x 16 for 256 ids, else the square grid, :func:`mask_grid`).
     Each image: variant 0 unmasked, 1 every position whose id is a concept token masked, 2 every
     position whose id is a baseline token masked. Diff = original logit - masked logit.
     """
@@ -235,10 +255,10 @@ def concept_level(evaluators, label_data, batch_size: int = 64, progress: bool =
     for label, records, images, concept, baseline in label_data:
         if len(records) == 0:
             continue
-        ids = np.stack([r.ids for r in records])  # (N, 256)
+        ids = np.stack([r.ids for r in records])  # (N, h*w)
         masks = np.stack([np.zeros_like(ids, dtype=bool), positions_with_ids(ids, concept),
-                          positions_with_ids(ids, baseline)], axis=1)  # (N, 3, 256)
-        res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size)
+                          positions_with_ids(ids, baseline)], axis=1)  # (N, 3, h*w)
+        res = _score_batched(evaluators, images, masks, [label] * len(records), batch_size, grid)
         counts = masks.sum(-1)
         blocks.append(([r.filename for r in records], label, res, counts, (0, len(concept), len(baseline))))
         for name, (lg, pr) in res.items():
@@ -423,15 +443,28 @@ def codebook_pairs(present_labels, n_classes: int, labels=None, target_sum: int 
     return mirrored, note
 
 
-def region_positions(rows=(7, 10), cols=(7, 10)) -> np.ndarray:
-    """Row-major positions of the token rows r0..r1 x cols c0..c1 (inclusive)."""
+def default_region(grid=(GRID, GRID)) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The codebook-level region of a (h, w) grid, ``((r0, r1), (c0, c1))`` inclusive: the central quarter of each
+    side, placed as the paper's rows/cols 7..10 of 16 (a side s = round(n/4) (>= 1) starting at n/2 - s/2 + 1,
+    kept inside the grid): 7..10 at 16, 4..5 at 8, 13..20 at 32."""
+    def side(n: int) -> tuple[int, int]:
+        s = max(1, round(n / 4))
+        start = max(0, min(n // 2 - s // 2 + 1, n - s))
+        return start, start + s - 1
+
+    return side(int(grid[0])), side(int(grid[1]))
+
+
+def region_positions(rows=(7, 10), cols=(7, 10), grid=(GRID, GRID)) -> np.ndarray:
+    """Row-major positions ``r*w + c`` of the token rows r0..r1 x cols c0..c1 (inclusive) of an (h, w) grid."""
+    h, w = int(grid[0]), int(grid[1])
     r0, r1 = int(rows[0]), int(rows[1])
     c0, c1 = int(cols[0]), int(cols[1])
-    if not (0 <= r0 <= r1 < GRID and 0 <= c0 <= c1 < GRID):
-        raise CortexError(f"--rows {r0} {r1} --cols {c0} {c1}: the region must lie in the {GRID}x{GRID} token grid "
-                          f"(0..{GRID - 1}, first <= last)")
+    if not (0 <= r0 <= r1 < h and 0 <= c0 <= c1 < w):
+        raise CortexError(f"--rows {r0} {r1} --cols {c0} {c1}: the region must lie in the {h}x{w} token grid "
+                          f"(rows 0..{h - 1}, cols 0..{w - 1}, first <= last)")
     rr, cc = np.meshgrid(np.arange(r0, r1 + 1), np.arange(c0, c1 + 1), indexing="ij")
-    return (rr * GRID + cc).reshape(-1)
+    return (rr * w + cc).reshape(-1)
 
 
 def gumbel_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -446,11 +479,14 @@ def straight_through_gumbel(logits: torch.Tensor, noise: torch.Tensor, tau: floa
     return hard - soft.detach() + soft
 
 
-def _assemble(base_seq: torch.Tensor, region: torch.Tensor, region_emb: torch.Tensor) -> torch.Tensor:
-    """Replace the region's positions of (B, 256 pos, C) by region_emb (B, k, C) -> (B, C, 16, 16)."""
+def _assemble(base_seq: torch.Tensor, region: torch.Tensor, region_emb: torch.Tensor, grid=None) -> torch.Tensor:
+    """Replace the region's positions of (B, h*w pos, C) by region_emb (B, k, C) -> (B, C, h, w).
+
+    grid: (h, w); default the square grid of the positions (16 x 16 for 256)."""
+    h, w = square_grid(base_seq.shape[1]) if grid is None else grid
     seq = base_seq.clone()
     seq[:, region] = region_emb
-    return seq.transpose(1, 2).reshape(seq.shape[0], seq.shape[2], GRID, GRID)
+    return seq.transpose(1, 2).reshape(seq.shape[0], seq.shape[2], h, w)
 
 
 @dataclass
@@ -476,17 +512,18 @@ def checkpoint_steps(steps: int, eval_every: int) -> list[int]:
 
 
 @torch.no_grad()
-def _iem_target(iem, codebook, ids, targets) -> np.ndarray:
-    lg = iem(ids_to_embedding(codebook, ids))
+def _iem_target(iem, codebook, ids, targets, grid=None) -> np.ndarray:
+    lg = iem(ids_to_embedding(codebook, ids, grid))
     return lg.gather(1, targets.view(-1, 1))[:, 0].float().cpu().numpy()
 
 
 def optimize_tokens(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, region, steps: int,
                     lr: float, eval_every: int, seed: int = 0, tau: float = 1.0, init_std: float = 1.0,
-                    progress: bool = True) -> OptimizationTrace:
+                    progress: bool = True, grid=None) -> OptimizationTrace:
     """Token mode: Gumbel-softmax logits over the codebook for the region's positions only.
 
-    ids (B, 256) original ids; targets (B,); region: positions to optimise (k,). Positions outside the
+    ids (B, h*w) original ids (256 for 16x16; grid (h, w) default: the square grid); codebook (n_codes, D);
+    targets (B,); region: positions to optimise (k,). Positions outside the
     region keep their original id (the authors pin them with logits +-300, which never lets the Gumbel
     sample move them). Each step draws one hard straight-through Gumbel-softmax sample (temperature
     ``tau``) per region position, builds ``one_hot @ codebook`` and minimises the sum over images of -IEM
@@ -503,13 +540,13 @@ def optimize_tokens(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: tor
     g = torch.Generator().manual_seed(int(seed))
     logits = (torch.randn(B, len(region), n_codes, generator=g) * init_std).to(device).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
-    base_seq = codebook[ids].detach()  # (B, 256, C)
+    base_seq = codebook[ids].detach()  # (B, h*w, C)
     cb = codebook.detach()
-    trace = OptimizationTrace(ids.cpu().clone(), _iem_target(iem, cb, ids, targets), [], [], [])
+    trace = OptimizationTrace(ids.cpu().clone(), _iem_target(iem, cb, ids, targets, grid), [], [], [])
     checks = set(checkpoint_steps(steps, eval_every))
     for step in trange(steps, desc="token optimisation", disable=not progress, leave=False):
         one_hot = straight_through_gumbel(logits, gumbel_noise(logits.shape, g, device), tau)  # (B, k, n_codes)
-        emb = _assemble(base_seq, region, one_hot @ cb)  # (B, C, 16, 16)
+        emb = _assemble(base_seq, region, one_hot @ cb, grid)  # (B, C, h, w)
         loss = -iem(emb).gather(1, targets.view(-1, 1)).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -517,19 +554,20 @@ def optimize_tokens(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: tor
         if step in checks:
             cur = ids.clone()
             cur[:, region] = one_hot.detach().argmax(-1)
-            _record(trace, step, cur, iem, cb, targets)
+            _record(trace, step, cur, iem, cb, targets, grid)
     return trace
 
 
-def _record(trace: OptimizationTrace, step: int, ids: torch.Tensor, iem, cb, targets) -> None:
+def _record(trace: OptimizationTrace, step: int, ids: torch.Tensor, iem, cb, targets, grid=None) -> None:
     trace.steps.append(int(step))
     trace.ids.append(ids.cpu())
-    trace.iem_target_logit.append(_iem_target(iem, cb, ids, targets))
+    trace.iem_target_logit.append(_iem_target(iem, cb, ids, targets, grid))
 
 
 def optimize_embedding(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, region, steps: int,
-                       lr: float, eval_every: int, progress: bool = True) -> OptimizationTrace:
-    """Embedding mode: Adam on the (B, 256, 16, 16) embedding, gradient masked to the region.
+                       lr: float, eval_every: int, progress: bool = True, grid=None) -> OptimizationTrace:
+    """Embedding mode: Adam on the (B, D, h, w) embedding (the paper's (B, 256, 16, 16)), gradient masked to the
+    region; grid (h, w) default: the square grid of the ids' positions.
 
     At each checkpoint step (after that step's update) every position snaps to its nearest codebook entry
     (outside the region that is the original id, as those entries never move)."""
@@ -538,12 +576,13 @@ def optimize_embedding(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: 
     device = codebook.device
     ids, targets = ids.to(device), targets.to(device)
     cb = codebook.detach()
-    emb = ids_to_embedding(cb, ids).clone().requires_grad_(True)  # (B, C, 16, 16)
-    mask = torch.zeros(N_POS, device=device)
+    h, w = square_grid(ids.shape[1]) if grid is None else grid
+    emb = ids_to_embedding(cb, ids, (h, w)).clone().requires_grad_(True)  # (B, C, h, w)
+    mask = torch.zeros(h * w, device=device)
     mask[torch.as_tensor(np.asarray(region), device=device)] = 1
-    mask = mask.view(1, 1, GRID, GRID)
+    mask = mask.view(1, 1, h, w)
     opt = torch.optim.Adam([emb], lr=lr)
-    trace = OptimizationTrace(ids.cpu().clone(), _iem_target(iem, cb, ids, targets), [], [], [])
+    trace = OptimizationTrace(ids.cpu().clone(), _iem_target(iem, cb, ids, targets, grid), [], [], [])
     checks = set(checkpoint_steps(steps, eval_every))
     for step in trange(steps, desc="embedding optimisation", disable=not progress, leave=False):
         loss = -iem(emb).gather(1, targets.view(-1, 1)).sum()
@@ -552,7 +591,7 @@ def optimize_embedding(iem, codebook: torch.Tensor, ids: torch.Tensor, targets: 
         emb.grad.mul_(mask)
         opt.step()
         if step in checks:
-            _record(trace, step, embedding_to_ids(cb, emb.detach()), iem, cb, targets)
+            _record(trace, step, embedding_to_ids(cb, emb.detach()), iem, cb, targets, grid)
     return trace
 
 
@@ -565,13 +604,15 @@ def decoded_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_ids(vq, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Token ids (B, 256) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
+    """Token ids (B, h*w) (256 for 16x16) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
     tokenizer adapter of :mod:`cortex.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
     from .tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
 
     tok = as_tokenizer(vq)
     if not isinstance(tok, (TamingTokenizer, SyntheticTokenizer)):  # diffusers VQModel / custom tokenizer
-        return torch.cat([decoded_to_uint8(tok.decode(ids[s:s + batch_size].reshape(-1, *tok.grid)))
+        # the tokenizer's own grid, else (a dataset encoded at another --resolution) the square grid of the ids
+        grid = tok.grid if tok.grid[0] * tok.grid[1] == ids.shape[1] else square_grid(ids.shape[1])
+        return torch.cat([decoded_to_uint8(tok.decode(ids[s:s + batch_size].reshape(-1, *grid)))
                           for s in range(0, ids.shape[0], batch_size)])
     cb = vq.quantize.embedding.weight
     outs = []

@@ -144,7 +144,7 @@ class VGGNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # (B, 256, 16, 16) | (B, D, h, w)
         x = self.maxpool1(self._block(x, "1"))                # (B, w, 8, 8)
         x = self.maxpool2(self._block(x, "2"))                # (B, w, 4, 4) | (B, w, h/4, w/4)
-        if x.shape[-2:] != (4, 4):
+        if (self.grid[0] // 4, self.grid[1] // 4) != (4, 4):  # static (not x.shape): fx-traceable for --fast
             x = F.adaptive_avg_pool2d(x, 4)                   # (B, w, 4, 4)
         if self.variant == 2:
             x = self._block(x, "3")                           # (B, w, 4, 4)

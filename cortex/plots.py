@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .utils import CortexError
+
 GRID = 16
 
 
@@ -106,12 +108,26 @@ def concept_bars(df, path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_titles=None, title: str = "") -> Path:
+def _grid_of(n_pos: int, grid=None) -> tuple[int, int]:
+    """(h, w) of a TIS row of ``n_pos`` scores: ``grid`` if given, else the square grid (16 x 16 for 256)."""
+    from .data import square_grid
+
+    if grid is None:
+        return square_grid(n_pos)
+    h, w = int(grid[0]), int(grid[1])
+    if h * w != n_pos:
+        raise CortexError(f"a {h}x{w} token grid has {h * w} positions, not {n_pos}")
+    return h, w
+
+
+def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_titles=None, title: str = "",
+             grid=None) -> Path:
     """One row per image: the image with boxes on its top-n TIS positions, the TIS heatmap over the
     image, and (optional) the image with the top-n TIS token ids masked.
 
-    images: list of (3, H, W)/(H, W, 3) arrays; scores: list of (256,) TIS rows; titles: one per row (shown
-    above the image); masked: optional masked images; masked_titles: optional titles for them.
+    images: list of (3, H, W)/(H, W, 3) arrays; scores: list of (h*w,) TIS rows ((256,) for the paper's grid);
+    titles: one per row (shown above the image); masked: optional masked images; masked_titles: optional titles
+    for them; grid: the token grid (h, w) (default: the square grid of the rows, 16 x 16 for 256 scores).
     """
     from matplotlib.patches import Rectangle
 
@@ -121,19 +137,21 @@ def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_
     fig, axes = plt.subplots(n, ncol, figsize=(2.5 * ncol, 2.55 * n), squeeze=False)
     for i in range(n):
         img = _hwc(images[i])
-        H = img.shape[0]
-        p = H / GRID
-        s = np.asarray(scores[i], dtype=np.float64).reshape(GRID, GRID)
+        H, W = img.shape[:2]
+        s = np.asarray(scores[i], dtype=np.float64).reshape(-1)
+        h, w = _grid_of(s.size, grid)
+        ph, pw = H / h, W / w
+        s = s.reshape(h, w)
         top = np.argsort(-s.reshape(-1), kind="stable")[:top_n]
         ax = axes[i][0]
         ax.imshow(img, interpolation="nearest")
         for pos in top:
-            r, c = divmod(int(pos), GRID)
-            ax.add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, ec="yellow", lw=1.2))
+            r, c = divmod(int(pos), w)
+            ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="yellow", lw=1.2))
         ax.set_title(f"{titles[i]}\n+ top-{top_n} TIS positions", fontsize=7)
         ax = axes[i][1]
         ax.imshow(img, interpolation="nearest")
-        hm = ax.imshow(s, cmap="inferno", alpha=0.7, extent=(-0.5, H - 0.5, H - 0.5, -0.5), interpolation="nearest")
+        hm = ax.imshow(s, cmap="inferno", alpha=0.7, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
         fig.colorbar(hm, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
         ax.set_title("TIS heatmap", fontsize=7)
         if masked is not None:
@@ -149,11 +167,11 @@ def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_
     return _save(fig, path)
 
 
-def before_after(befores, afters, titles, path, region=None, title: str = "") -> Path:
+def before_after(befores, afters, titles, path, region=None, title: str = "", grid=(GRID, GRID)) -> Path:
     """Codebook level: pairs (before | after) per image, the optimised region outlined.
 
     befores/afters: lists of images; titles: one string per pair (shown above the pair);
-    region: (row0, row1, col0, col1) inclusive token rows/cols, or None.
+    region: (row0, row1, col0, col1) inclusive token rows/cols, or None; grid: the token grid (h, w).
     """
     from matplotlib.patches import Rectangle
 
@@ -171,9 +189,9 @@ def before_after(befores, afters, titles, path, region=None, title: str = "") ->
             im = _hwc(img)
             ax.imshow(im, interpolation="nearest")
             if region is not None:
-                p = im.shape[0] / GRID
+                ph, pw = im.shape[0] / grid[0], im.shape[1] / grid[1]
                 r0, r1, c0, c1 = region
-                ax.add_patch(Rectangle((c0 * p - 0.5, r0 * p - 0.5), (c1 - c0 + 1) * p, (r1 - r0 + 1) * p,
+                ax.add_patch(Rectangle((c0 * pw - 0.5, r0 * ph - 0.5), (c1 - c0 + 1) * pw, (r1 - r0 + 1) * ph,
                                        fill=False, ec="cyan", lw=1.0, ls="--"))
             ax.set_title(f"{titles[i]}" if j == 0 else "", fontsize=7, loc="left")
             ax.text(0.5, -0.04, tag, transform=ax.transAxes, ha="center", va="top", fontsize=7)

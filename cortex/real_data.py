@@ -330,9 +330,10 @@ def generate_cin(args, writer, device, model) -> dict:
     import torch
     from tqdm import tqdm
 
-    if _check_grid(model) != (GRID, GRID):
+    grid = _check_grid(model)
+    if grid != (GRID, GRID):
         raise CortexError(f"--source cin_transformer samples {N_POS} tokens (taming's 16x16 cin_transformer); "
-                          f"this model's first stage has a {token_grid(model)}-token grid")
+                          f"this model's first stage gives a {grid[0]}x{grid[1]} token grid")
     classes = parse_classes(_arg(args, "classes", "0-999"))
     _check_transformer(model, classes)
     n = int(_arg(args, "images_per_class", 100))
@@ -569,11 +570,6 @@ def generate_images(args, writer, device, model) -> dict:
         "vqgan_ckpt": str(_arg(args, "vqgan_ckpt", _arg(args, "transformer_ckpt", ""))),
     })
     return info
-
-
-def decode_size(model) -> int:
-    """Side of a decoded image (16 tokens x the model's pixels per token)."""
-    return GRID * tokenizer_of(model).patch_size[0]
 
 
 # ----------------------------------------------------------------------------- entry points

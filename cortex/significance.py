@@ -187,13 +187,16 @@ def read_label_tis(path, token_indices: dict) -> tuple[np.ndarray, np.ndarray]:
     return token_matrix(names, token_indices, path), scores
 
 
-def significance_tests(tis_files: dict, token_indices: dict, top_ns, progress: bool = True) -> dict:
-    """``{label: {n: TokenTests}}`` for the TIS files ``{label: path}``."""
+def significance_tests(tis_files: dict, token_indices: dict | None, top_ns, progress: bool = True,
+                       parsed: dict | None = None) -> dict:
+    """``{label: {n: TokenTests}}`` for the TIS files ``{label: path}``; parsed: ``{label: (ids, scores)}``
+    already read (``cortex.stats.analyze_tis(keep=...)``): those files are not read again."""
     from tqdm import tqdm
 
+    parsed = parsed or {}
     out = {}
     for label, path in tqdm(tis_files.items(), desc="enrichment tests", unit="label", disable=not progress):
-        ids, scores = read_label_tis(path, token_indices)
+        ids, scores = parsed[label] if label in parsed else read_label_tis(path, token_indices)
         if ids.shape[0] == 0:
             raise CortexError(f"{path}: no rows (header only); rerun TIS_computation.py for label {label}")
         out[int(label)] = label_tests(label, ids, scores, top_ns)
@@ -251,8 +254,12 @@ def add_significance_args(p) -> None:
                    help="false discovery rate for --significant_only (default: %(default)s)")
 
 
-def run_significance(args, experiment: str) -> Path:
-    """TIS_analysis.py's second output: the enrichment tests of the labels that have statistics."""
+def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
+    """TIS_analysis.py's second output: the enrichment tests of the labels that have statistics.
+
+    parsed: ``{label: (ids, scores)}`` kept by ``cortex.stats.run_analysis(keep=...)`` in the same run, so
+    the TIS files and the token cache are not read a second time.
+    """
     from .data import load_token_indices
     from .paths import ExperimentPaths
     from .stats import label_files
@@ -265,8 +272,10 @@ def run_significance(args, experiment: str) -> Path:
     tis = {k: p for k, p in label_files(paths.tis_dir(args.model, "train", args.attribution)).items() if k in done}
     if not tis:
         raise CortexError(f"no TIS statistics in {stats_dir} to test; run TIS_analysis.py --model {args.model} first")
-    tests = significance_tests(tis, load_token_indices(paths.data_dir, "train"), tuple(args.top_ns),
-                               progress=not getattr(args, "no_progress", False))
+    parsed = parsed or {}
+    token_indices = None if set(tis) <= set(parsed) else load_token_indices(paths.data_dir, "train")
+    tests = significance_tests(tis, token_indices, tuple(args.top_ns),
+                               progress=not getattr(args, "no_progress", False), parsed=parsed)
     out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, args.alpha if args.significant_only else None,
                              getattr(args, "max_rows", None))
     n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in args.top_ns}

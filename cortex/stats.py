@@ -60,15 +60,54 @@ def rank_occurrences(flat, limit: int | None = MAX_ROWS, positions: bool = False
 
     flat: ``(M,)`` token ids in reading order. The authors fill a dict (``collections.Counter``) in that
     order and sort it by count, descending, with a stable sort (``most_common``): equal counts keep the
-    order of their FIRST occurrence. Same here, from one stable sort of ``flat`` (a radix sort for ids
-    < 32768): linear in M. Returns ``(tokens (K,), counts (K,), where)``, K <= ``limit``; ``where`` is
-    ``None`` unless ``positions``, else a list of K arrays: the indices into ``flat`` of each token's
-    occurrences, ascending (reading order).
+    order of their FIRST occurrence. Same here, linear in M: counts by ``np.bincount``; only the tokens
+    that can make the first ``limit`` rows (count >= the limit-th largest count) are located in ``flat``
+    to break ties by first occurrence (ids outside ``0..max(4 M, 65535)``: one stable sort of ``flat``).
+    Returns ``(tokens (K,), counts (K,), where)``, K <= ``limit``; ``where`` is ``None`` unless
+    ``positions``, else a list of K arrays: the indices into ``flat`` of each token's occurrences,
+    ascending (reading order).
     """
-    flat = _compact_ids(np.asarray(flat).ravel())
+    flat = np.asarray(flat).ravel()
     if flat.size == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, ([] if positions else None)
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < 0 or hi >= max(4 * flat.size, 1 << 16):
+        return _rank_by_sort(flat, limit, positions)
+    count = np.bincount(flat, minlength=hi + 1)  # (V,) occurrences of each id
+    present = np.flatnonzero(count)  # (U,) ascending ids
+    cand = present
+    if limit is not None and present.size > limit:
+        kth = np.partition(count[present], present.size - limit)[present.size - limit]  # limit-th largest count
+        cand = present[count[present] >= kth]  # every token that can rank in the first `limit`
+    if cand.size == present.size:
+        where = np.arange(flat.size)  # every position
+    else:
+        keep = np.zeros(hi + 1, bool)
+        keep[cand] = True
+        where = np.flatnonzero(keep[flat])  # (P,) positions of the candidates, reading order
+    sub = flat[where]  # (P,)
+    if not positions:  # first occurrences from a prefix of `sub` (frequent tokens show up early)
+        seen = 4 * cand.size
+        while True:
+            found, idx = np.unique(sub[:seen], return_index=True)  # ascending ids, first index of each
+            if found.size == cand.size or seen >= sub.size:
+                break
+            seen *= 4
+        order = np.lexsort((where[idx], -count[cand]))[:limit]  # count descending, then first occurrence
+        tokens = cand[order].astype(np.int64)
+        return tokens, count[tokens], None
+    perm = np.argsort(_compact_ids(sub), kind="stable")  # equal ids stay in reading order
+    cuts = np.r_[0, np.cumsum(count[cand])]  # candidate j's occurrences: perm[cuts[j]:cuts[j + 1]]
+    first = where[perm[cuts[:-1]]]  # (C,) first occurrence of each candidate
+    order = np.lexsort((first, -count[cand]))[:limit]  # count descending, then first occurrence
+    tokens = cand[order].astype(np.int64)
+    return tokens, count[tokens], [where[perm[cuts[j]:cuts[j + 1]]] for j in order]
+
+
+def _rank_by_sort(flat: np.ndarray, limit: int | None, positions: bool):
+    """:func:`rank_occurrences` for any ids (negative or huge): one stable sort of ``flat`` ``(M,)``."""
+    flat = _compact_ids(flat)
     perm = np.argsort(flat, kind="stable")  # (M,) equal ids stay in reading order
     run = flat[perm]
     starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])  # (U,) first slot of each distinct id
@@ -95,6 +134,50 @@ def label_files(directory, pattern: str = "label_*.csv") -> dict[int, Path]:
         if m:
             out[int(m.group(1))] = p
     return dict(sorted(out.items()))
+
+
+class StagedFiles:
+    """Write many files of one folder, each atomically, at the cost of a plain ``open`` per file.
+
+    ``with StagedFiles(out_dir) as stage: with stage.open(out_dir / "a.csv") as f: ...``: every file is
+    written into a hidden staging folder inside ``out_dir`` and, when the block ends without an error,
+    renamed over its final path (``os.replace``: atomic per file, as :func:`cortex.utils.atomic_write`).
+    On an error the staging folder is removed and no final path is touched. For thousands of small
+    files (1,000 labels) this avoids atomic_write's per-file temp-name search and chmod; the files get
+    the permissions of a plain ``open()``.
+    """
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.staged: list[tuple[Path, Path]] = []
+
+    def __enter__(self):
+        import tempfile
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".staging_", dir=self.out_dir))
+        return self
+
+    def open(self, path):
+        """A text file (``newline=""``, UTF-8) that becomes ``path`` (a file of ``out_dir``) at the end."""
+        path = Path(path)
+        if path.parent.resolve() != self.out_dir.resolve():
+            raise ValueError(f"{path} is not a file of {self.out_dir}")
+        tmp = self.tmp / path.name
+        self.staged.append((tmp, path))
+        return open(tmp, "w", newline="", encoding="utf-8")
+
+    def __exit__(self, exc_type, exc, tb):
+        import os
+        import shutil
+
+        try:
+            if exc_type is None:
+                for tmp, path in self.staged:
+                    os.replace(tmp, path)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
 
 
 # ----------------------------------------------------------------------------- integrity of the inputs
@@ -136,6 +219,10 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
     if not path.exists():
         raise CortexError(f"split CSV not found: {path}; it gives the labels the TIS files must cover. Pass the "
                           f"right --data_dir (or --root).")
+    labels = _fast_labels(path)
+    if labels is not None:
+        found, n = np.unique(labels, return_counts=True)
+        return {int(k): int(v) for k, v in zip(found, n)}
     counts: dict[int, int] = defaultdict(int)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -150,6 +237,42 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
             except (ValueError, IndexError):
                 raise CortexError(f"{path}:{lineno}: label {row[1:2]} is not an integer") from None
     return dict(sorted(counts.items()))
+
+
+def _fast_labels(path: Path):
+    """``(N,)`` int64: the second field (label) of every row of a large split CSV, without parsing the id
+    lists (numpy finds each row's first two commas). ``None`` for a small file or anything unusual (a quoted
+    first field, a blank row, a non-integer label): :func:`split_label_counts`' csv reader then decides."""
+    import warnings
+
+    if path.stat().st_size < FAST_CSV_MIN_BYTES:
+        return None
+    raw = path.read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    head, _, body = raw.partition(b"\n")
+    if [h.strip() for h in head.decode("utf-8", "replace").split(",")[:2]] != ["filename", "label"]:
+        return None
+    body = body.rstrip(b"\r\n")
+    b = np.frombuffer(body, np.uint8)  # (B,)
+    if b.size == 0:
+        return None
+    line_end = np.r_[np.flatnonzero(b == 10), b.size]  # (N,)
+    line_start = np.r_[0, line_end[:-1] + 1]
+    commas = np.flatnonzero(b == 44)
+    k = np.searchsorted(commas, line_start)  # (N,) each row's first comma
+    if k.max() + 1 >= commas.size or np.any(b[line_start] == 34):
+        return None
+    first, second = commas[k], commas[k + 1]
+    if not (np.all(first < line_end) and np.all(second < line_end)):
+        return None
+    text = b",".join(body[s + 1:e] for s, e in zip(first.tolist(), second.tolist()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            labels = np.fromstring(text, dtype=np.int64, sep=",")
+        except ValueError:
+            return None
+    return labels if labels.size == line_end.size and text.count(b",") == line_end.size - 1 else None
 
 
 def _count_rows(path: Path) -> int:
@@ -279,36 +402,38 @@ def _short(items, n: int = 10) -> str:
 
 # ----------------------------------------------------------------------------- fast CSV readers
 
-FAST_CSV_MIN_BYTES = 1 << 20  # below ~200 TIS rows pandas' per-call cost exceeds its per-row gain
+FAST_CSV_MIN_BYTES = 1 << 16  # below ~12 TIS rows the row reader's lower fixed cost wins
 
 
 def _float_list_csv(path: Path, header: list[str], n_values: int, dtype):
-    """Float lists (TIS files): pandas' C parser on the bytes, one column per value, rounding as ``float()``."""
+    """Float lists (TIS files): framed on the bytes (:func:`_frame_list_csv`), then every value parsed by one
+    single-column pandas C parse, rounding as ``float()`` (``float_precision="round_trip"``)."""
     import io
     import warnings
 
     import pandas as pd
 
-    raw = path.read_bytes()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
-    head, _, body = raw.partition(b"\n")
-    if [h.strip() for h in next(csv.reader([head.decode("utf-8", "replace")]), [])] != list(header):
+    framed = _frame_list_csv(path, header[2], prefix_columns=2)
+    if framed is None or framed[0] != list(header):
         return None
-    n_rows = body.count(b'"[')
-    if n_rows == 0 or body.count(b']"') != n_rows or body.count(b",") != n_rows * (n_values + 1):
-        return None  # a short/long list, a quoted name with a comma, ...: not the happy path
-    types = {0: str, 1: np.int64, **{i: dtype for i in range(2, n_values + 2)}}
+    _, prefix, rows = framed
+    # one value per line, a sentinel -inf after each row: a row with a value too many or too few moves it
+    text = (b"\n-inf\n".join(rows) + b"\n-inf").replace(b",", b"\n")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # float_precision is deprecated in pandas 3 (still honoured)
-            df = pd.read_csv(io.BytesIO(body.replace(b'"[', b"").replace(b']"', b"")), header=None,
-                             names=range(n_values + 2), dtype=types, na_filter=False, engine="c",
-                             float_precision="round_trip")
-    except Exception:  # a non-numeric value, a ragged row ...: the precise reader explains
+            column = pd.read_csv(io.BytesIO(text), header=None, names=[0], dtype=np.float64, na_filter=False,
+                                 engine="c", float_precision="round_trip", skip_blank_lines=False)[0]
+        labels = prefix[1].astype(np.int64).to_numpy(np.int64, copy=True)
+    except Exception:  # nan, an empty or non-numeric value ...: the precise reader explains
         return None
-    if len(df) != n_rows:
+    if column.size != len(rows) * (n_values + 1):
         return None
-    return df[0].tolist(), df[1].to_numpy(np.int64), df.iloc[:, 2:].to_numpy(dtype)  # (N,), (N,), (N, n_values)
+    values = column.to_numpy(np.float64).reshape(len(rows), n_values + 1)  # (N, n_values + 1)
+    if not (np.all(values[:, -1] == -np.inf) and np.isfinite(values[:, :-1]).all()):
+        return None  # a moved sentinel, or a non-finite score (check_tis_rows names it on the row path)
+    values = values[:, :-1]
+    return prefix[0].tolist(), labels, values.astype(dtype)  # (N,), (N,), (N, n_values) writable
 
 
 def _parse_int_rows(rows: list[bytes], n_values: int | None):
@@ -339,17 +464,27 @@ def _parse_int_rows(rows: list[bytes], n_values: int | None):
     return values
 
 
-def fast_int_list_csv(path, list_column: str, n_values: int | None = 256, prefix_columns: int | None = None):
-    """Happy-path reader of CSVs with one quoted integer list per row (split CSVs, neutral-prompt sets).
+def int_lists(texts, n_values: int | None = None):
+    """``(N, L)`` int64 from N list literals ``"[a, b, ...]"`` (str) in one C parse, or ``None`` when one is
+    not a bracketed list of non-negative integers or the lengths differ (callers then parse row by row,
+    which names the bad row or keeps ragged rows)."""
+    bodies = []
+    for t in texts:
+        t = t.strip()
+        if len(t) < 2 or t[0] != "[" or t[-1] != "]":
+            return None
+        bodies.append(t[1:-1].encode())
+    return _parse_int_rows(bodies, n_values) if bodies else None
 
-    The file is read as bytes; each row must hold exactly one ``"[a, b, ...]"`` (the column
-    ``list_column`` of the header) and no other bracket. The rows are framed by numpy on the bytes, the
-    integers parsed in one C call (:func:`_parse_int_rows`), the fields before the list by pandas' C parser.
-    Returns ``(header, prefix, values)``: header ``list[str]``, prefix a DataFrame of the fields before the list column (str),
-    values ``(N, n_values)`` int64 (``n_values=None``: any length, equal in every row). ``None`` whenever
-    the file is not exactly of that shape (wrong header, a blank or short row, a negative, spaced or
-    non-numeric id ...) or is under ``FAST_CSV_MIN_BYTES``: callers then use their row reader, which
-    names the bad line. A UTF-8 BOM before the header is accepted.
+
+def _frame_list_csv(path: Path, list_column: str, prefix_columns: int | None = None):
+    """Split a CSV with one quoted list per row into its parts, on the bytes (numpy finds the brackets).
+
+    Returns ``(header, prefix, rows)``: header ``list[str]``; prefix a DataFrame (str) of the fields before
+    the list column; rows the N list bodies ``b"a, b, ..."`` (no brackets). ``None`` unless each row holds
+    exactly one ``"[...]"`` in column ``list_column`` (the ``prefix_columns``-th, if given), no other
+    bracket, no quote before it, and nothing but the other fields after it; and for a file under
+    ``FAST_CSV_MIN_BYTES``.
     """
     import io
 
@@ -359,21 +494,24 @@ def fast_int_list_csv(path, list_column: str, n_values: int | None = 256, prefix
     if path.stat().st_size < FAST_CSV_MIN_BYTES:
         return None
     raw = path.read_bytes()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
-    head, _, body = raw.partition(b"\n")
-    header = [h.strip() for h in next(csv.reader([head.decode("utf-8", "replace")]), [])]
-    if list_column not in header or (prefix_columns is not None and header.index(list_column) != prefix_columns):
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    head_end = raw.find(b"\n", start)
+    header = [h.strip() for h in next(csv.reader([raw[start:max(head_end, start)].decode("utf-8", "replace")]), [])]
+    if head_end < 0 or list_column not in header or (prefix_columns is not None and
+                                                      header.index(list_column) != prefix_columns):
         return None
     j = header.index(list_column)
-    body = body.rstrip(b"\r\n")
-    b = np.frombuffer(body, np.uint8)  # (B,)
+    base, end = head_end + 1, len(raw)
+    while end > base and raw[end - 1] in b"\r\n":
+        end -= 1
+    b = np.frombuffer(raw, np.uint8)[base:end]  # (B,) the rows, a view (positions below are relative to base)
     if b.size == 0:
         return None
     line_end = np.r_[np.flatnonzero(b == 10), b.size]  # (N,) index of each row's '\n' (or the end)
     line_start = np.r_[0, line_end[:-1] + 1]
     opens, closes = np.flatnonzero(b == 91), np.flatnonzero(b == 93)  # '[' and ']'
     n = line_end.size
-    if opens.size != n or closes.size != n or not (np.all(opens > line_start) or j == 0):
+    if opens.size != n or closes.size != n or not np.all(opens > line_start):
         return None
     if not (np.all(opens < closes) and np.all(closes < line_end) and np.all(opens[1:] > line_end[:-1])):
         return None  # one list per row, inside its row
@@ -393,7 +531,7 @@ def fast_int_list_csv(path, list_column: str, n_values: int | None = 256, prefix
     else:
         if not np.all(b[opens - 2] == 44):
             return None
-        text = b"\n".join(body[s:e] for s, e in zip(line_start.tolist(), (opens - 2).tolist()))
+        text = b"\n".join(raw[s:e] for s, e in zip((line_start + base).tolist(), (opens - 2 + base).tolist()))
         if b'"' in text or text.count(b",") != n * (j - 1):
             return None  # a quoted or extra field before the list: the csv module's reader decides
         try:
@@ -403,7 +541,26 @@ def fast_int_list_csv(path, list_column: str, n_values: int | None = 256, prefix
             return None
         if len(prefix) != n:
             return None
-    rows = [body[o + 1:e] for o, e in zip(opens.tolist(), closes.tolist())]  # (N,) list bodies
+    rows = [raw[o:e] for o, e in zip((opens + 1 + base).tolist(), (closes + base).tolist())]  # (N,) list bodies
+    return header, prefix, rows
+
+
+def fast_int_list_csv(path, list_column: str, n_values: int | None = 256, prefix_columns: int | None = None):
+    """Happy-path reader of CSVs with one quoted integer list per row (split CSVs, neutral-prompt sets).
+
+    The file is read as bytes; each row must hold exactly one ``"[a, b, ...]"`` (the column
+    ``list_column`` of the header) and no other bracket (:func:`_frame_list_csv`); the integers are parsed
+    in one C call (:func:`_parse_int_rows`), the fields before the list by pandas' C parser.
+    Returns ``(header, prefix, values)``: header ``list[str]``, prefix a DataFrame of the fields before the
+    list column (str), values ``(N, n_values)`` int64 (``n_values=None``: any length, equal in every row).
+    ``None`` whenever the file is not exactly of that shape (wrong header, a blank or short row, a
+    negative, spaced or non-numeric id ...) or is under ``FAST_CSV_MIN_BYTES``: callers then use their row
+    reader, which names the bad line. A UTF-8 BOM before the header is accepted.
+    """
+    framed = _frame_list_csv(Path(path), list_column, prefix_columns)
+    if framed is None:
+        return None
+    header, prefix, rows = framed
     values = _parse_int_rows(rows, n_values)  # (N, n_values)
     if values is None:
         return None
@@ -429,7 +586,7 @@ def fast_list_csv(path, header: list[str], n_values: int = 256, dtype=np.float64
         return None
     _, prefix, values = fast
     try:
-        labels = prefix[1].astype(np.int64).to_numpy()
+        labels = prefix[1].astype(np.int64).to_numpy(np.int64, copy=True)
     except (ValueError, OverflowError):
         return None
     return prefix[0].tolist(), labels, values.astype(dtype, copy=False)  # (N,), (N,), (N, n_values)
@@ -521,9 +678,9 @@ def label_statistics(names: list[str], ids: np.ndarray, scores: np.ndarray, top_
     return sections_from_top(names, top_tokens(ids, scores, max(top_ns)), top_ns, limit)
 
 
-def write_stats_csv(path, total_images: int, sections: dict[int, list]) -> None:
-    """The sectioned per-label statistics file (SPEC §3)."""
-    with atomic_write(path) as f:
+def write_stats_csv(path, total_images: int, sections: dict[int, list], opener=atomic_write) -> None:
+    """The sectioned per-label statistics file (SPEC §3); ``opener``: atomic_write or ``StagedFiles.open``."""
+    with opener(path) as f:
         w = csv.writer(f)
         w.writerow([f"Total Images: {total_images}"])
         for n, rows in sections.items():
@@ -532,10 +689,10 @@ def write_stats_csv(path, total_images: int, sections: dict[int, list]) -> None:
             w.writerows([tok, cnt, FILE_SEP.join(files)] for tok, cnt, files in rows)
 
 
-def write_global_csv(path, sections: dict[int, list]) -> None:
+def write_global_csv(path, sections: dict[int, list], opener=atomic_write) -> None:
     """``global_top_tokens_statistics.csv`` in the authors' layout: a header ``Top N,Token,Frequency,Files``,
     then per n a row ``Top n Tokens`` and the rows ``token,count,files`` (no per-section header)."""
-    with atomic_write(path) as f:
+    with opener(path) as f:
         w = csv.writer(f)
         w.writerow(["Top N", "Token", "Frequency", "Files"])
         for n, rows in sections.items():
@@ -585,6 +742,12 @@ def read_stats_section(path, top_n: int, token_num: int) -> list[int]:
     return [t for t, _ in sections[top_n][:token_num]]
 
 
+def _missing_image(where, name) -> CortexError:
+    return CortexError(f"{where}: image {name} is not in the train token indices "
+                       f"(datasets/train_token_indices.pkl / train_embeddings.csv); are the TIS files from "
+                       f"another dataset? Delete a stale pkl to rebuild it.")
+
+
 def top_token_matrix(names: list[str], positions: np.ndarray, token_indices: dict, where) -> np.ndarray:
     """Token ids at given positions of each image: ``(N, k)`` from ``positions (N, k)`` and the
     ``{filename: [256 ids]}`` cache; only the k ids per image are touched. A missing image is a CortexError."""
@@ -594,9 +757,7 @@ def top_token_matrix(names: list[str], positions: np.ndarray, token_indices: dic
     try:
         rows = [itemgetter(*p)(token_indices[n]) for n, p in zip(names, positions.tolist())]
     except KeyError as e:
-        raise CortexError(f"{where}: image {e.args[0]} is not in the train token indices "
-                          f"(datasets/train_token_indices.pkl / train_embeddings.csv); are the TIS files from "
-                          f"another dataset? Delete a stale pkl to rebuild it.") from None
+        raise _missing_image(where, e.args[0]) from None
     if k == 1:
         rows = [(r,) for r in rows]
     return _compact_ids(np.array(rows, dtype=np.int64).reshape(len(names), k))
@@ -604,9 +765,18 @@ def top_token_matrix(names: list[str], positions: np.ndarray, token_indices: dic
 
 def token_matrix(names: list[str], token_indices: dict, where) -> np.ndarray:
     """``(N, h*w)`` ids of ``names`` from the token-index cache (256 per image for the paper's grid; the length
-    of the cache's lists); a missing image is a CortexError."""
-    n_pos = len(next(iter(token_indices.values()), range(256)))
-    return top_token_matrix(names, np.tile(np.arange(n_pos), (len(names), 1)), token_indices, where)
+    of the cache's lists), in one numpy conversion; a missing image or lists of unequal length are a CortexError."""
+    try:
+        rows = [token_indices[n] for n in names]
+    except KeyError as e:
+        raise _missing_image(where, e.args[0]) from None
+    if not rows:
+        return np.zeros((0, len(next(iter(token_indices.values()), range(256)))), np.int16)
+    try:
+        return _compact_ids(np.array(rows, dtype=np.int64))  # (N, h*w)
+    except ValueError:
+        raise CortexError(f"{where}: the token indices of these images have different lengths; rebuild "
+                          f"datasets/train_token_indices.pkl (delete it) from train_embeddings.csv.") from None
 
 
 def _fingerprint(path: Path) -> str:
@@ -622,7 +792,8 @@ def _fingerprint(path: Path) -> str:
 
 
 def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = MAX_ROWS,
-                progress: bool = True, expected_labels=None, allow_partial: bool = False, hint: str = "") -> dict:
+                progress: bool = True, expected_labels=None, allow_partial: bool = False, hint: str = "",
+                keep: dict | None = None) -> dict:
     """Write the statistics of a TIS run (``tis_dir/label_{k}.csv``) to ``stats_dir``, as the authors' script.
 
     token_indices: ``{filename: [256 ids]}`` or a function returning it (called after the checks).
@@ -633,6 +804,9 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
     file counts the labels in increasing label order (the authors': ``os.listdir`` order). Statistics of
     labels outside this run are removed, and ``source.json`` records the ``tis_config.json`` and each TIS
     file's fingerprint (:func:`check_statistics_current`). Returns ``{"labels": [...], "images": N}``.
+    keep: a dict to fill with ``{label: (ids (N, 256), scores (N, 256))}`` of the labels analysed, so a later
+    step (the enrichment tests, ``cortex.significance.run_significance(parsed=...)``) need not parse the
+    TIS files again.
     """
     from tqdm import tqdm
 
@@ -653,13 +827,19 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
         path = info.files[label]
         names, _, scores = read_tis_file(path)  # rejects NaN/Inf and repeated images
         pos = top_positions(scores, max_n)  # (N, max_n)
-        top = top_token_matrix(names, pos, token_indices, path)  # (N, max_n); an unknown image is an error
+        if keep is None:  # only the max_n ids per image are needed
+            top = top_token_matrix(names, pos, token_indices, path)  # (N, max_n); an unknown image is an error
+        else:
+            ids = token_matrix(names, token_indices, path)  # (N, 256)
+            top = np.take_along_axis(ids, pos, axis=1)  # (N, max_n)
         want = info.expected.get(label)
         if len(names) == 0 or (want is not None and len(names) != want):
             problems.append(f"{path.name} has {len(names)} rows, the split has {want} images of label {label}")
             continue
         tops[label] = top
         names_of[label] = names
+        if keep is not None:
+            keep[label] = (ids, scores)
         info.rows[label] = len(names)
     if problems:
         _report(tis_dir, problems, len(tops), len(info.expected), allow_partial, hint)
@@ -674,22 +854,23 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
         if label not in tops:
             path.unlink()  # an earlier run's label: not part of this run
     long_rows = []
-    for label in labels:
-        sections = sections_from_top(names_of[label], tops[label], top_ns, limit)
-        write_stats_csv(stats_dir / f"label_{label}.csv", len(names_of[label]), sections)
-        long_rows.extend((label, n, tok, cnt) for n, rows in sections.items() for tok, cnt, _ in rows)
-    every = [n for label in labels for n in names_of[label]]
-    glob = sections_from_top(every, np.concatenate([tops[l] for l in labels]) if labels else
-                             np.zeros((0, max_n), np.int16), top_ns, limit)
-    write_global_csv(stats_dir / "global_top_tokens_statistics.csv", glob)
-    with atomic_write(stats_dir / "tis_statistics_long.csv") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "top_n", "token", "count"])
-        w.writerows(long_rows)
-    with atomic_write(stats_dir / "global_top_tokens_long.csv") as f:
-        w = csv.writer(f)
-        w.writerow(["top_n", "token", "count"])
-        w.writerows((n, tok, cnt) for n, rows in glob.items() for tok, cnt, _ in rows)
+    with StagedFiles(stats_dir) as stage:  # every file atomic; one plain open per label file
+        for label in labels:
+            sections = sections_from_top(names_of[label], tops[label], top_ns, limit)
+            write_stats_csv(stats_dir / f"label_{label}.csv", len(names_of[label]), sections, stage.open)
+            long_rows.extend((label, n, tok, cnt) for n, rows in sections.items() for tok, cnt, _ in rows)
+        every = [n for label in labels for n in names_of[label]]
+        glob = sections_from_top(every, np.concatenate([tops[l] for l in labels]) if labels else
+                                 np.zeros((0, max_n), np.int16), top_ns, limit)
+        write_global_csv(stats_dir / "global_top_tokens_statistics.csv", glob, stage.open)
+        with stage.open(stats_dir / "tis_statistics_long.csv") as f:
+            w = csv.writer(f)
+            w.writerow(["label", "top_n", "token", "count"])
+            w.writerows(long_rows)
+        with stage.open(stats_dir / "global_top_tokens_long.csv") as f:
+            w = csv.writer(f)
+            w.writerow(["top_n", "token", "count"])
+            w.writerows((n, tok, cnt) for n, rows in glob.items() for tok, cnt, _ in rows)
     if info.config is not None:
         with atomic_write(stats_dir / TIS_CONFIG) as f:
             json.dump(info.config, f, indent=2, sort_keys=True)
@@ -768,14 +949,16 @@ def frequency_baseline(records, limit: int = MAX_ROWS) -> dict[int, list[tuple[i
 
 
 def write_frequency_baseline(out_dir, baseline: dict[int, list[tuple[int, int]]]) -> list[Path]:
+    """``out_dir/label_{k}.csv`` (header ``Token,Count``) for every label, each file atomic (:class:`StagedFiles`)."""
     out = []
-    for label, rows in baseline.items():
-        p = Path(out_dir) / f"label_{label}.csv"
-        with atomic_write(p) as f:
-            w = csv.writer(f)
-            w.writerow(["Token", "Count"])
-            w.writerows(rows)
-        out.append(p)
+    with StagedFiles(out_dir) as stage:
+        for label, rows in baseline.items():
+            p = Path(out_dir) / f"label_{label}.csv"
+            with stage.open(p) as f:
+                w = csv.writer(f)
+                w.writerow(["Token", "Count"])
+                w.writerows(rows)
+            out.append(p)
     return out
 
 
@@ -917,11 +1100,12 @@ def analysis_parser(model_choices) -> "argparse.ArgumentParser":
     return p
 
 
-def run_analysis(args, experiment: str) -> dict:
+def run_analysis(args, experiment: str, keep: dict | None = None) -> dict:
     """TIS statistics of the train split for ``args`` (from :func:`analysis_parser` + the path flags).
 
     The TIS run is checked against the train split's labels and image counts first
-    (:func:`check_tis_inputs`; ``--allow_partial`` to proceed on an incomplete run).
+    (:func:`check_tis_inputs`; ``--allow_partial`` to proceed on an incomplete run). keep: filled with the
+    parsed ``{label: (ids, scores)}`` (:func:`analyze_tis`) for the enrichment tests that follow.
     """
     from .data import load_token_indices
     from .paths import ExperimentPaths
@@ -936,6 +1120,6 @@ def run_analysis(args, experiment: str) -> dict:
     save_run_args(args, stats_dir)
     summary = analyze_tis(tis_dir, stats_dir, lambda: load_token_indices(paths.data_dir, "train"), top_ns=tuple(args.top_ns), limit=args.max_rows,
                           progress=not args.no_progress, expected_labels=expected,
-                          allow_partial=args.allow_partial, hint=hint)
+                          allow_partial=args.allow_partial, hint=hint, keep=keep)
     print(f"TIS statistics of {len(summary['labels'])} labels ({summary['images']} images) -> {stats_dir}")
     return summary

@@ -541,8 +541,15 @@ class _LabelWriter:
             self._release(l)
 
 
-def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool) -> None:
-    """Write ``tis_config.json`` (atomically, under its lock) or check that it holds this run's key."""
+def _baseline_hint(diff: dict) -> str:
+    """The explanation added to a refusal whose differing keys include the baseline."""
+    return ("the baseline changed: codebook.npy was added, removed or changed since the stored labels were "
+            "scored. " if "baseline" in diff else "")
+
+
+def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool, write: bool = True) -> None:
+    """Write ``tis_config.json`` (atomically, under its lock) or check that it holds this run's key
+    (``write=False``: only refuse a different one, write nothing)."""
     path = out_dir / "tis_config.json"
     with blocking_lock(out_dir / "tis_config.json.lock"):
         if path.exists():
@@ -554,19 +561,20 @@ def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool) -> Non
                 return
             if not overwrite:
                 diff = _diff(old, key)
-                hint = ("the baseline changed: codebook.npy was added, removed or changed since the stored labels "
-                        "were scored. " if "baseline" in diff else "")
+                hint = _baseline_hint(diff)
                 raise CortexError(f"{path}: this folder holds a TIS run with other settings (differs, stored -> "
                                   f"requested: {diff}). {hint}Use a new results directory (--results_dir), or "
                                   f"pass --overwrite to start this folder over with the new settings.")
             print(f"--overwrite: {path} replaced (differs: {_diff(old, key)})")
+        if not write:
+            return
         with atomic_write(path) as f:
             json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
 
 
 def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str, overwrite: bool) -> None:
     """Refuse (or, with ``overwrite``, delete) this shard's label files written under another run id."""
-    bad = []
+    bad, hint = [], ""
     for l in labels:
         final, part = tis_file(out_dir, l), partial_file(out_dir, l)
         if not (final.exists() or part.exists()):
@@ -581,13 +589,15 @@ def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str,
                     p.unlink(missing_ok=True)
                 unlock(fd)
             continue
+        diff = _diff(side.get("config"), key) if side else {}
+        hint = hint or _baseline_hint(diff)
         what = ("no run identity (written by an older version or another tool)" if not side
-                else f"differs, stored -> requested: {_diff(side.get('config'), key)}")
+                else f"differs, stored -> requested: {diff}")
         bad.append(f"{(final if final.exists() else part).name}: {what}")
     if bad:
         raise CortexError(f"{out_dir}: {len(bad)} label files were not written by a run with these settings:\n  "
-                          + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "") +
-                          "\nUse a new results directory (--results_dir), or pass --overwrite to delete these "
+                          + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "") + "\n" + hint +
+                          "Use a new results directory (--results_dir), or pass --overwrite to delete these "
                           "files and score their labels again.")
 
 
@@ -651,7 +661,8 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     run_id = run_id_of(key)
     labels_of = [int(l) for l in dataset.labels]
     mine = shard_labels(labels_of, shard, num_shards)
-    if not overwrite:  # refuse before anything is written
+    if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
+        _claim_config(out_dir, key, run_id, overwrite=False, write=False)
         _check_label_files(out_dir, mine, key, run_id, overwrite=False)
     _claim_config(out_dir, key, run_id, overwrite)
     if overwrite:
@@ -668,22 +679,34 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine})
     copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
     cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
+    workspace: dict = {}  # buffers reused from batch to batch (smoothgrad's copy buffer)
     opts = dict(nsamples=config.nsamples, stdev_spread=config.stdev_spread, noise_scope=config.noise_scope,
-                codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies)
+                codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies, workspace=workspace)
     lookup = getattr(dataset, "lookup", None)
     agreement = {}
 
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        # pinned + non_blocking: a plain host->GPU copy would wait for the previous batch's queued work
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
     def embed(emb):
-        emb = emb.to(device)
+        emb = to_device(emb)
         return lookup(emb) if lookup is not None else emb  # ids (B, 256) -> (B, 256, 16, 16) on the device
 
     def score(m, emb, lab, noise) -> torch.Tensor:  # (B, 256)
         if authors:
-            g = smoothgrad_from_noise(m, emb, lab, noise, copies, out_dtype=torch.float64)
+            g = smoothgrad_from_noise(m, emb, lab, noise, copies, out_dtype=torch.float64, workspace=workspace)
             return reduce_channels(g, config.reduction)
         return token_scores(config.attribution, m, emb, lab, method=config.reduction, noise=noise, **opts)
 
-    def score_and_write(emb, lab, names, noise, rows) -> None:
+    # One batch in flight: its scores are copied to the host asynchronously and its rows written only after
+    # the next batch has been queued, so that on a GPU the CSV writing (and data loading) of one batch overlaps
+    # the forward+backward of the next. Same rows, same order, same bytes; on an error the computed batch is
+    # still written (see the except clause below).
+    pending: list[tuple] = []
+
+    def score_and_write(emb, lab, labs, names, noise, rows) -> None:
+        """Queue a batch's scores; write the previous batch's rows. labs: the labels as a host list."""
         s = score(run_model, emb, lab, noise)
         if config.fast and not agreement:
             ref = score(exact, emb, lab, noise)
@@ -692,15 +715,30 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
                              max_abs_score=ref.abs().max().item(), top20_overlap=top_overlap(s.float(), ref.float(), k))
             print(f"--fast vs exact on the first batch: max |diff| {agreement['max_abs_diff']:.3g} (max |score| "
                   f"{agreement['max_abs_score']:.3g}), top-{k} position overlap {agreement['top20_overlap']:.4f}")
-        s = s.detach().cpu()
-        s = (s.double() if authors else s.float()).numpy()  # (B, 256)
-        labs = lab.tolist()
-        for j in rows:
-            if not np.isfinite(s[j]).all():
-                raise CortexError(f"non-finite TIS for image {names[j]} (label {labs[j]}, file "
-                                  f"{tis_file(out_dir, labs[j])}): the IEM or the embedding {names[j]} produces "
-                                  f"NaN/Inf gradients; check the checkpoint and this embedding")
-            writer.write(labs[j], names[j], s[j])
+        s, ready = s.detach(), None
+        if s.device.type == "cuda":
+            host = torch.empty(s.shape, dtype=s.dtype, pin_memory=True)
+            host.copy_(s, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            s = host
+        write_pending()
+        pending.append((s, ready, labs, names, rows))
+
+    def write_pending() -> None:
+        """Write the rows of the batch in flight (waiting for its scores to reach the host)."""
+        while pending:
+            s, ready, labs, names, rows = pending.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            s = s.cpu()
+            s = (s.double() if authors else s.float()).numpy()  # (B, 256)
+            for j in rows:
+                if not np.isfinite(s[j]).all():
+                    raise CortexError(f"non-finite TIS for image {names[j]} (label {labs[j]}, file "
+                                      f"{tis_file(out_dir, labs[j])}): the IEM or the embedding {names[j]} produces "
+                                      f"NaN/Inf gradients; check the checkpoint and this embedding")
+                writer.write(labs[j], names[j], s[j])
 
     def loader_of(ds):
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
@@ -713,17 +751,18 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
             it = iter(loader_of(dataset))  # created before seeding: the iterator itself draws from the global RNG
             torch.manual_seed(config.seed)
             for emb, lab, names in tqdm(it, total=len(it), desc=desc, unit="batch", disable=not progress):
-                emb, lab = embed(emb), lab.to(device)
+                labs = lab.tolist()
+                emb, lab = embed(emb), to_device(lab)
                 noise = authors_noise(emb, config.nsamples, config.stdev_spread)  # (S, B, 256, 16, 16)
                 rows = []
-                for j, (name, l) in enumerate(zip(names, lab.tolist())):
+                for j, (name, l) in enumerate(zip(names, labs)):
                     if l in keep:
                         if l not in opened:
                             opened[l] = writer.open(l)
                         if opened[l] and name in opened[l]:
                             rows.append(j)
                 if rows:
-                    score_and_write(emb, lab, names, noise, rows)
+                    score_and_write(emb, lab, labs, names, noise, rows)
         else:
             bar = tqdm(total=sum(len(v) for v in by_label.values()), desc=desc, unit="img", disable=not progress)
             for l in mine:
@@ -731,14 +770,20 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
                 idx = [i for i in by_label[l] if rest and name_of(i) in rest]
                 bar.update(len(by_label[l]) - len(idx))
                 for emb, lab, names in loader_of(Subset(dataset, idx)):
-                    emb, lab = embed(emb), lab.to(device)
+                    labs = lab.tolist()
+                    emb, lab = embed(emb), to_device(lab)
                     noise = None
                     if attr.stochastic:
                         noise = standard_noise(config.nsamples, emb.shape[1:],
                                                seeds=[image_seed(config.seed, n) for n in names], device=device)
-                    score_and_write(emb, lab, names, noise, range(len(names)))
+                    score_and_write(emb, lab, labs, names, noise, range(len(names)))
                     bar.update(len(names))
             bar.close()
+        write_pending()
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the rows already computed (resume starts after them)
+            write_pending()
+        raise
     finally:
         writer.close()
     if writer.busy:

@@ -544,7 +544,8 @@ def train_iem(args, paths, experiment: str) -> dict:
     width = args.width or 512
     model = build_model(experiment, args.model, num_classes, width=width, depth=args.depth,
                         code_dim=train_set.code_dim, grid=train_set.grid)  # the dataset's (D, h, w) embeddings
-    meta = dict(experiment=experiment, model_id=args.model, num_classes=num_classes, width=width, depth=args.depth)
+    meta = dict(experiment=experiment, model_id=args.model, num_classes=num_classes, width=width, depth=args.depth,
+                code_dim=train_set.code_dim, grid=list(train_set.grid))  # recorded only when not 256 / 16x16
 
     model_dir = paths.model_dir(args.model)
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def _parse_error(capsys, script, argv):
     ("Dalle_explanation/bias_detection.py", ["--top_n", 300], "argument --top_n: must be an integer in 1..256, got '300'"),
     ("Dalle_explanation/generate_dataset.py", ["--bias_ratio", 1.5], "argument --bias_ratio: must be a number >= 0 and <= 1"),
     ("VQGAN_explanation/eval/sample_concept_level_explanation.py", ["--model", 1, "--top_n", 0], "argument --top_n: must be an integer in 1..256"),
-    ("VQGAN_explanation/eval/codebook_level_explanation.py", ["--model", 1, "--rows", 7, 16], "argument --rows: must be an integer in 0..15"),
+    ("VQGAN_explanation/eval/codebook_level_explanation.py", ["--model", 1, "--rows", -1, 3], "argument --rows: must be an integer >= 0"),
 ])
 def test_bad_flag_is_a_parse_error(capsys, script, argv, message):
     code, line = _parse_error(capsys, script, argv)

@@ -42,5 +42,5 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert all(s.shape == (256,) for s in ns["tis"].values())
     assert len(ns["concept"]) == ns["k"] and set(ns["hits"]) <= set(ns["truth"][ns["label"]])
     assert 0 < int(ns["where"].sum()) < 256 and (ns["masked"] == 0).any()
-    for fig in ("quickstart_tis.png", "quickstart_masking.png"):
-        assert (root / fig).stat().st_size > 0
+    for fig in ("tis.png", "masking.png"):  # figures go to results/ (git-ignored)
+        assert (root / "results" / "quickstart" / fig).stat().st_size > 0

@@ -37,9 +37,8 @@ def _write_tis(path, rows):
 def world(tmp_path, request, monkeypatch):
     """3 labels, ids over 400 codes (many tokens seen once: ties at the 100-row cut) and coarse scores
     (values in {0, .25, .5, .75, 1}: many equal scores, so numpy's tie order matters). Run with the
-    row-by-row CSV readers and with the one-parse readers (``fast_list_csv``, used for files over 1 MiB)."""
-    if request.param == "fast_reader":
-        monkeypatch.setattr(S, "FAST_CSV_MIN_BYTES", 0)
+    row-by-row CSV readers and with the one-parse readers (``fast_list_csv``, used for files over 64 KiB)."""
+    monkeypatch.setattr(S, "FAST_CSV_MIN_BYTES", 0 if request.param == "fast_reader" else 1 << 40)
     rng = np.random.default_rng(3)
     root = tmp_path / "exp"
     w = DatasetWriter(root / "datasets", np.zeros((N_CODES, 256), np.float32), layout="compact")

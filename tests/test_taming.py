@@ -289,7 +289,8 @@ def test_images_source_folders_csv_and_neutral_set(tiny, tmp_path):
     with pytest.raises(CortexError, match="--vqgan_config and --vqgan_ckpt go together"):
         run_script("VQGAN_explanation/compact_dataset.py", ["--data_dir", tmp_path / "ds", "--force",
                                                             "--vqgan_ckpt", tiny / "vq.ckpt"])
-    # a resolution that does not give 16x16 tokens is refused
-    with pytest.raises(CortexError, match="16x16"):
-        real_data.generate_real(real_args(tiny, source="images", image_dir=str(tmp_path / "pics"),
-                                          resolution=64), tmp_path / "ds3", "cpu", model=model)
+    # another resolution gives another token grid (issue 15): 64 px -> 32x32 tokens, recorded in dataset_info.json
+    info = real_data.generate_real(real_args(tiny, source="images", image_dir=str(tmp_path / "pics"),
+                                             resolution=64), tmp_path / "ds3", "cpu", model=model)
+    assert info["grid_size"] == [32, 32] and info["code_dim"] == 256 and info["image_size_hw"] == [64, 64]
+    assert {r.ids.size for r in read_split(tmp_path / "ds3", "train")} == {32 * 32}

@@ -10,7 +10,8 @@
 Test images of labels 10..20 except 15 (--labels), target label 30 - label (--target_sum; or explicit
 --pairs source:target,...); when the dataset lacks those labels and none of these flags is given, the same
 mirror rule on the labels present (sorted labels L: L[i] -> L[K-1-i], the middle one dropped), said on the
-console. Only the token rows 7..10 x cols 7..10 (--rows/--cols, inclusive) change.
+console. Only the token rows 7..10 x cols 7..10 (--rows/--cols, inclusive) change (on another dataset's grid
+(dataset_info.json grid_size): its central quarter, e.g. 4..5 at 8x8, 13..20 at 32x32).
 Token mode: logits (region positions x n_codes), random init, one hard straight-through Gumbel-softmax
 sample (temperature --tau) per step, embedding = one_hot @ codebook, loss = -IEM target logit, Adam; the
 positions outside the region keep their ids. Embedding mode: Adam on the embedding, gradient masked to the
@@ -41,11 +42,12 @@ import torch
 # configs/model.yaml and checkpoints/last.ckpt as downloaded (see docs/real_vqgan_data.md).
 VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 
-from cortex.cli import (grid_index, make_parser, model_parser, nonneg_int, paths_parser, positive_float,
+from cortex.cli import (make_parser, model_parser, nonneg_int, paths_parser, positive_float,
                         positive_int, run_main, runtime_parser)  # noqa: E402
 from cortex.evaluators import evaluator_parser  # noqa: E402
 from cortex.explain import (CODEBOOK_COLUMNS, PAPER_LABELS, SCORE_KEYS, best_rows, check_eval_dataset,  # noqa: E402
-                            codebook_pairs, eval_setup, optimize_embedding, optimize_tokens, region_positions,
+                            codebook_pairs, default_region, eval_setup, optimize_embedding, optimize_tokens,
+                            region_positions,
                             score_trace, warn_if_near_chance, write_rows)
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
@@ -80,10 +82,11 @@ def get_args_parser():
     g.add_argument("--pairs", default=None,
                    help="explicit source:target pairs, e.g. 0:5,1:6 (overrides --labels/--target_sum)")
     g.add_argument("--images_per_label", type=positive_int, default=None, help="first N test images of each source label")
-    g.add_argument("--rows", type=grid_index, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
-                   help="token rows of the region, inclusive (default: 7 10)")
-    g.add_argument("--cols", type=grid_index, nargs=2, default=(7, 10), metavar=("FIRST", "LAST"),
-                   help="token cols of the region, inclusive (default: 7 10)")
+    g.add_argument("--rows", type=nonneg_int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="token rows of the region, inclusive (default: 7 10 on the 16x16 grid; the central quarter "
+                        "of another dataset's grid, e.g. 4 5 at 8x8, 13 20 at 32x32)")
+    g.add_argument("--cols", type=nonneg_int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="token cols of the region, inclusive (default: as --rows)")
     g = p.add_argument_group("VQ decoder")
     g.add_argument("--vq", choices=("auto", "synthetic", "taming", "diffusers"), default="auto",
                    help="decoder: synthetic (datasets/synthetic_vq.pt), taming (--vqgan_config/--vqgan_ckpt, default "
@@ -144,11 +147,16 @@ def select_images(records, pairs, per_label):
 
 
 def main(args):
+    from cortex.data import dataset_geometry
     from cortex.models import load_iem
 
-    region = region_positions(args.rows, args.cols)
     # inputs first (dataset, IEM, VQ decoder), evaluators (maybe a download) last
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
+    *grid, code_dim = dataset_geometry(paths.data_dir)  # the token grid (h, w) and code dim (16, 16, 256 by default)
+    grid = tuple(grid)
+    rows, cols = default_region(grid)
+    args.rows, args.cols = tuple(args.rows or rows), tuple(args.cols or cols)
+    region = region_positions(args.rows, args.cols, grid)
     test = check_eval_dataset(paths, "test", images=False)
     from cortex.utils import get_device
 
@@ -163,8 +171,9 @@ def main(args):
         print(note)
     vq = load_vq(args, paths, device)
     codebook = vq.quantize.embedding.weight.detach()
-    if codebook.shape[1] != 256:
-        raise CortexError(f"the VQ codebook has dimension {codebook.shape[1]}; the IEMs read 256-d token embeddings")
+    if codebook.shape[1] != code_dim:
+        raise CortexError(f"the VQ codebook has dimension {codebook.shape[1]}; the dataset {paths.data_dir} (and its "
+                          f"IEM) has {code_dim}-d codes: pass the VQ model that made it (--vq, --tokenizer_config)")
     records, targets = select_images(test, pairs, args.images_per_label)
     if max(int(r.ids.max()) for r in records) >= codebook.shape[0]:
         raise CortexError(f"token ids of {paths.data_dir} exceed the VQ codebook ({codebook.shape[0]} codes): "
@@ -193,10 +202,10 @@ def main(args):
         tgt = torch.tensor(tg)
         if args.optimization_type == "token":
             trace = optimize_tokens(iem, codebook, ids, tgt, region, args.steps, args.lr, args.eval_every,
-                                    seed=args.seed + s, tau=args.tau, progress=not args.no_progress)
+                                    seed=args.seed + s, tau=args.tau, progress=not args.no_progress, grid=grid)
         else:
             trace = optimize_embedding(iem, codebook, ids, tgt, region, args.steps, args.lr, args.eval_every,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, grid=grid)
         scores, first, last = score_trace(evaluators, vq, trace, [r.label for r in recs], tg, args.eval_batch_size)
         all_scores.append(scores)
         traces.append(trace)
@@ -260,7 +269,7 @@ def main(args):
                   for i in pick]
         fig = plots.before_after([before[i] for i in pick], [after[i] for i in pick], titles,
                                  paths.figures_dir(args.model) / f"codebook_level_{tag}.png",
-                                 region=(args.rows[0], args.rows[1], args.cols[0], args.cols[1]),
+                                 region=(args.rows[0], args.rows[1], args.cols[0], args.cols[1]), grid=grid,
                                  title=f"Codebook level ({args.optimization_type}, {args.steps} steps, lr {args.lr}); "
                                        f"p(target) = mean over evaluators, after = last step")
         print(f"figure: {fig}")

@@ -135,8 +135,11 @@ def main(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"top{args.top_n}_token{args.token_num}{output_suffix(args.attribution)}"
     save_run_args(args, out_dir, f"sample_concept_level_args_{tag}.json")
+    from cortex.data import dataset_geometry
+
+    h, w, _ = dataset_geometry(paths.data_dir)  # the token grid (16x16 unless dataset_info.json says otherwise)
     res = concept_level(evaluators, label_data(paths, inputs), batch_size=args.eval_batch_size,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, grid=(h, w))
     out = write_rows(out_dir / f"sample_concept_level_results_{tag}.csv", CONCEPT_COLUMNS, res.rows)
     paired = concept_paired_stats(res)
     write_rows(paired_stats_path(out), PAIRED_COLUMNS, paired)
@@ -153,7 +156,7 @@ def main(args):
             print(f"  {r['Model']:<16} {r['Mean_Paired_Diff']:8.3f} [{r['CI_Low']:.3f}, {r['CI_High']:.3f}]  n={r['N']}")
     pos_t = sum(r["masked_positions_target"] for r in res.per_label) / max(1, len(res.per_label))
     pos_b = sum(r["masked_positions_baseline"] for r in res.per_label) / max(1, len(res.per_label))
-    print(f"masked positions per image (of 256): CORTEX {pos_t:.1f}, frequency baseline {pos_b:.1f}")
+    print(f"masked positions per image (of {h * w}): CORTEX {pos_t:.1f}, frequency baseline {pos_b:.1f}")
     if not args.no_figures:
         import pandas as pd
 

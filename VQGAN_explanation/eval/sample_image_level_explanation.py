@@ -115,9 +115,11 @@ def label_data(paths, args, by_label, tis_files):
 
 
 def main(args):
-    ns = check_ns(args.num_tokens)
+    from cortex.data import dataset_geometry
     from cortex.paths import ExperimentPaths
 
+    h, w, _ = dataset_geometry(ExperimentPaths.from_args(args, EXPERIMENT).data_dir)  # 16x16 unless dataset_info says
+    ns = check_ns(args.num_tokens, h * w)
     records, by_label, tis_files = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
     warn_if_near_chance(paths, args.model)
@@ -127,9 +129,11 @@ def main(args):
     save_run_args(args, out_dir, f"sample_image_level_args{suffix}.json")
     # the random control: drawn over the whole split in the authors' order (labels ascending, CSV order)
     order = [r.filename for recs in records_by_label(records).values() for r in recs]
-    draws = authors_random_draws(order, ns, seed=args.random_seed)
+    draws = authors_random_draws(order, ns, seed=args.random_seed, n_pos=h * w)
     res = sample_level(evaluators, label_data(paths, args, by_label, tis_files), ns, random_draws=draws,
-                       batch_size=args.eval_batch_size, n_examples=args.figure_images, progress=not args.no_progress)
+                       batch_size=args.eval_batch_size, n_examples=args.figure_images, progress=not args.no_progress,
+                       grid=(h, w))
+    args.grid = (h, w)
     out = write_rows(out_dir / f"sample_image_level_results{suffix}.csv", SAMPLE_COLUMNS, res.rows)
     write_rows(out_dir / f"sample_image_level_per_image{suffix}.csv", PER_IMAGE_COLUMNS, res.per_image())
     print(f"wrote {out}")
@@ -162,7 +166,8 @@ def figures(res, fig_dir, args, suffix=""):
                         fig_dir / f"sample_level_tis_grid{suffix}.png", top_n=ex[0]["top_n"] if ex else 10,
                         masked=[e["masked"] for e in ex],
                         masked_titles=[f"p(label), mean of evaluators: {mean(e, 0):.2f} -> {mean(e, 1):.2f}" for e in ex],
-                        title=f"TIS of IEM Net{args.model} ({args.attribution}) on {args.data_type} images")
+                        title=f"TIS of IEM Net{args.model} ({args.attribution}) on {args.data_type} images",
+                        grid=getattr(args, "grid", None))
     print(f"figures: {p1}, {p2}")
     return [p1, p2]
 
