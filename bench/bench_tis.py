@@ -2,6 +2,7 @@
 
     python bench/bench_tis.py                                  # CPU, Net1/3/4 at width 512, a few minutes
     python bench/bench_tis.py --device cuda --images 25 --nsamples 20  # on a GPU: device, images/s, peak memory
+    python bench/bench_tis.py --device cuda --images 25 --nsamples 20 --repeats 5 --compute_tis --skip_parsing
     python bench/bench_tis.py --images 2 --width 32 --nets 1 --seed_loop   # quick smoke test
 
 0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.smoothgrad`` on
@@ -9,7 +10,8 @@
    copies in the same chunks (nothing else: no noise, no bookkeeping); the ratio should stay <= 1.1x.
    A breakdown follows: forward+backward, building the noisy copies, the float64 accumulation (each timed
    alone over the same chunks) and the rest; plus the per-image noise draw, a per-batch cost of
-   ``compute_tis`` outside ``smoothgrad``. Then (unless ``--skip_fast``) the ``--fast`` model (BatchNorm folded, channels-last, bf16 only where allowed): its speed-up
+   ``compute_tis`` outside ``smoothgrad``. Then (unless ``--skip_fast``) the ``--fast`` model (BatchNorm
+   folded, channels-last, bf16 only where allowed): its speed-up
    and the top-20 position overlap of its scores with the exact ones (same noise).
 
 1. (``--seed_loop``) SmoothGrad vs the seed. On the same (random-init) IEM and the same 25 random embeddings, under identical noise

@@ -20,11 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
     | tee -a "$OUT/device.txt"
 
-# DRY=1: a CPU rehearsal of sections 3-4 on a tiny world (sections 1-2 skipped)
+# DRY=1: a CPU rehearsal of sections 3-4 on a tiny world (sections 1-2 skipped); QUICK=1: sections 3-4 only
 DRY=${DRY:-0}
-if [ "$DRY" = 0 ]; then
+if [ "$DRY" = 0 ] && [ "${QUICK:-0}" = 0 ]; then
 step "1. TIS lower bound (width 512, 25 images, 20 draws)"
-$PY bench/bench_tis.py --device cuda --images 25 --nsamples 20 --repeats 3 --skip_parsing 2>&1 | tee "$OUT/bench_tis.txt"
+$PY bench/bench_tis.py --device cuda --images 25 --nsamples 20 --nets 1 3 4 --repeats 3 --skip_parsing --compute_tis --tis_batches 4 2>&1 | tee "$OUT/bench_tis.txt"
 
 step "2. loading (compact vs files, ready on cuda)"
 $PY bench/bench_loading.py --device cuda --images 4000 2>&1 | tee "$OUT/bench_loading.txt"
@@ -60,9 +60,10 @@ for r in "abc":
 EOF
 echo "32-true, 4 epochs, 1000 images, width 64: $($PY -c "print(round($t1 - $t0, 1))") s (process start included)" | tee -a "$OUT/training.txt"
 
-step "4. TIS on CUDA vs CPU, same checkpoint"
+step "4. TIS on CUDA vs CPU, same checkpoint and the same noise (--noise_scope authors: drawn on the CPU)"
+# (the default per-sample noise is drawn on the compute device, so CUDA and CPU runs use other draws)
 for d in $TD cpu; do
-  $PY $VQ/TIS_computation.py --model 1 --data_type test --batch_size 25 --device $d --root "$W/a" \
+  $PY $VQ/TIS_computation.py --model 1 --data_type test --batch_size 25 --noise_scope authors --device $d --root "$W/a" \
       --results_dir "$W/a/results_$d" >/dev/null || echo "TIS on $d failed"
 done
 $PY - "$W" "$TD" <<'EOF' 2>&1 | tee "$OUT/tis_cuda_vs_cpu.txt"

@@ -200,13 +200,23 @@ def count_hits(ids_per_image, tokens) -> np.ndarray:
     """
     toks = np.unique(np.asarray([int(t) for t in tokens], dtype=np.int64))  # (K,)
     if isinstance(ids_per_image, np.ndarray) and ids_per_image.ndim == 2:
-        return np.isin(ids_per_image, toks).sum(axis=1, dtype=np.int64)  # (N, L) -> (N,)
+        return _is_token(ids_per_image, toks).sum(axis=1, dtype=np.int64)  # (N, L) -> (N,)
     rows = [np.asarray(r, dtype=np.int64).ravel() for r in ids_per_image]
     if not rows:
         return np.zeros(0, np.int64)
     lengths = np.array([r.size for r in rows])  # (N,)
-    hits = np.isin(np.concatenate(rows), toks)  # (sum L,)
+    hits = _is_token(np.concatenate(rows), toks)  # (sum L,)
     return np.bincount(np.repeat(np.arange(len(rows)), lengths), weights=hits, minlength=len(rows)).astype(np.int64)
+
+
+def _is_token(ids: np.ndarray, toks: np.ndarray) -> np.ndarray:
+    """``np.isin(ids, toks)`` (any shape): one gather from a boolean table over the id range when the ids are
+    non-negative and below 2**24 (token ids of a codebook), else ``np.isin``."""
+    if ids.size == 0 or ids.min() < 0 or ids.max() >= 1 << 24:
+        return np.isin(ids, toks)
+    table = np.zeros(int(ids.max()) + 1, bool)  # (V,)
+    table[toks[(toks >= 0) & (toks < table.size)]] = True
+    return table[ids]
 
 
 # ----------------------------------------------------------------------------- detection
@@ -270,11 +280,17 @@ def detect_bias(label_tokens: dict, ids_per_image, exclude_shared: bool = False,
     if exclude_shared:
         label_tokens = drop_shared(label_tokens)
     labels = sorted(label_tokens)
-    rows = []
+    rows, counted = [], {}  # counts per token set: with two labels, one label's rest is the other's own
+
+    def hits(tokens) -> np.ndarray:
+        key = frozenset(int(t) for t in tokens)
+        if key not in counted:
+            counted[key] = count_hits(ids_per_image, key)
+        return counted[key]
+
     for k in labels:
-        own = count_hits(ids_per_image, label_tokens[k])
-        rest_tokens = set().union(*(set(label_tokens[j]) for j in labels if j != k))
-        rest = count_hits(ids_per_image, rest_tokens)
+        own = hits(label_tokens[k])
+        rest = hits(set().union(*(set(label_tokens[j]) for j in labels if j != k)))
         d, p = cliffs_delta_mwu(own, rest)
         ci = bootstrap_ci(own, rest, n_boot, seed) if n_boot > 0 else (float("nan"), float("nan"))
         rows.append(BiasRow(int(k), [int(t) for t in label_tokens[k]], own, d, d / 2.0, p, ci))

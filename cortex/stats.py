@@ -161,7 +161,7 @@ class StagedFiles:
     def open(self, path):
         """A text file (``newline=""``, UTF-8) that becomes ``path`` (a file of ``out_dir``) at the end."""
         path = Path(path)
-        if path.parent.resolve() != self.out_dir.resolve():
+        if path.parent != self.out_dir and path.parent.resolve() != self.out_dir.resolve():
             raise ValueError(f"{path} is not a file of {self.out_dir}")
         tmp = self.tmp / path.name
         self.staged.append((tmp, path))

@@ -54,6 +54,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 import warnings
 from collections import defaultdict
@@ -601,6 +602,36 @@ def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str,
                           "files and score their labels again.")
 
 
+def _remove_foreign_labels(out_dir: Path, labels: set[int]) -> list[int]:
+    """``--overwrite``: delete the files of labels the dataset does not have (an earlier run on another world).
+
+    They belong to no shard, so any shard may remove them; each goes under its label's lock. Their entries in
+    ``runs.json`` go too. Returns the labels removed."""
+    found = set()
+    for p in out_dir.glob("label_*.csv*"):
+        m = re.match(r"^label_(\d+)\.csv(\.partial|\.run\.json)?$", p.name)
+        if m and int(m.group(1)) not in labels:
+            found.add(int(m.group(1)))
+    removed = []
+    for l in sorted(found):
+        fd = try_lock(lock_file(out_dir, l))
+        if fd is None:  # another process writes it: leave it, TIS_analysis.py will name it
+            continue
+        for q in (tis_file(out_dir, l), partial_file(out_dir, l), sidecar_file(out_dir, l)):
+            q.unlink(missing_ok=True)
+        unlock(fd)
+        removed.append(l)
+    runs = out_dir / "runs.json"
+    if removed and runs.exists():
+        with blocking_lock(out_dir / "runs.json.lock"):
+            kept = {k: v for k, v in json.loads(runs.read_text()).items() if int(k) not in set(removed)}
+            with atomic_write(runs) as f:
+                json.dump(kept, f, indent=1)
+    if removed:
+        print(f"--overwrite: removed the files of labels the dataset does not have: {removed}")
+    return removed
+
+
 def _resolve_copies(config: TISConfig, model, device, shape=(256, 16, 16)) -> int | None:
     """Copies per forward+backward pass: ``max_copies_per_pass`` if given (0: all), else from the budget.
     shape: one embedding (D, h, w), the paper's (256, 16, 16) by default."""
@@ -667,6 +698,7 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     _claim_config(out_dir, key, run_id, overwrite)
     if overwrite:
         _check_label_files(out_dir, mine, key, run_id, overwrite=True)
+        _remove_foreign_labels(out_dir, set(labels_of))
     keep = set(mine)
     by_label: dict[int, list[int]] = defaultdict(list)
     for i, l in enumerate(labels_of):

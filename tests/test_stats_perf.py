@@ -143,11 +143,12 @@ def test_read_neutral_set_one_matrix_and_count_hits(tmp_path, monkeypatch, fast)
     toks = ids[0, :5].tolist() + [16385]
     want = [int(np.isin(r, toks).sum()) for r in ids]
     calls = []
-    real = np.isin
-    monkeypatch.setattr(np, "isin", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = B._is_token
+    monkeypatch.setattr(B, "_is_token", lambda *a: calls.append(1) or real(*a))
     assert B.count_hits(got, set(toks)).tolist() == want
     assert B.count_hits(list(got), toks).tolist() == want  # a list of rows: one call too
-    assert len(calls) == 2  # one np.isin per call, not one per image
+    assert B.count_hits(got - 20, toks).tolist() == [int(np.isin(r - 20, toks).sum()) for r in ids]  # np.isin path
+    assert len(calls) == 3  # one membership test per call, not one per image
 
 
 def test_read_neutral_set_ragged_and_bad_rows(tmp_path):

@@ -171,6 +171,23 @@ def test_resume_refuses_files_of_another_run(data_dir, tmp_path):
     assert {json.loads((out / f"label_{k}.csv.run.json").read_text())["run_id"] for k in range(N_CLASSES)} == {rid}
 
 
+def test_overwrite_removes_labels_the_dataset_lacks(data_dir, tmp_path):
+    """A results folder of an earlier, larger world: --overwrite leaves only this dataset's labels."""
+    import shutil
+
+    out = tmp_path / "tis"
+    _run(data_dir, out, run_info={"checkpoint": {"sha256": "aaa"}})
+    for k, x in ((N_CLASSES, ""), (N_CLASSES, ".run.json"), (N_CLASSES + 1, ".partial")):  # an earlier world's
+        shutil.copy(out / f"label_0.csv{x.replace('.partial', '')}", out / f"label_{k}.csv{x}")
+    runs = json.loads((out / "runs.json").read_text())
+    (out / "runs.json").write_text(json.dumps({**runs, str(N_CLASSES): "old"}))
+    s = _run(data_dir, out, overwrite=True, run_info={"checkpoint": {"sha256": "bbb"}})
+    assert s["scored"] == N_CLASSES * PER_LABEL
+    left = sorted(p.name for p in out.glob("label_*.csv*") if not p.name.endswith(".lock"))
+    assert left == sorted(f"label_{k}.csv{x}" for k in range(N_CLASSES) for x in ("", ".run.json"))
+    assert sorted(json.loads((out / "runs.json").read_text())) == [str(k) for k in range(N_CLASSES)]
+
+
 def test_shards_write_identical_config_or_refuse(data_dir, tmp_path):
     out = tmp_path / "tis"
     _run(data_dir, out, shard=0, num_shards=2)

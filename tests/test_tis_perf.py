@@ -108,3 +108,45 @@ def test_bench_prints_the_breakdown(capsys):
     assert out["lower_s"] > 0 and out["copies_s"] >= 0 and out["accumulate_s"] >= 0
     text = capsys.readouterr().out
     assert "breakdown: forward+backward" in text and "float64 accumulation" in text
+
+
+class _Images(torch.utils.data.Dataset):
+    """compute_tis's dataset interface: items (embedding (256, 16, 16), label, filename)."""
+
+    def __init__(self, n, label=0):
+        self.x = torch.randn(n, 256, 16, 16, generator=torch.Generator().manual_seed(1))
+        self.labels = [label] * n
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.x[i], self.labels[i], f"{self.labels[i]}_{i}.npy"
+
+
+def test_compute_tis_writes_a_batch_while_the_next_is_scored(tmp_path, monkeypatch):
+    """Rows of batch k are written after batch k+1 is queued (on a GPU the writing overlaps its work); an
+    error keeps the rows already scored; the files are the same as scoring batch by batch."""
+    from cortex import tis as T
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(256, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    cfg = T.TISConfig(nsamples=2, max_copies_per_pass=0)
+    T.compute_tis(model, _Images(6), tmp_path / "ref", cfg, batch_size=6, progress=False)  # one batch
+    rows_seen, real = [], T.token_scores
+
+    def spy(*a, **k):  # rows of label 0 on disk when a batch is scored
+        part = tmp_path / "o" / "label_0.csv.partial"
+        rows_seen.append(len(part.read_text().splitlines()) - 1 if part.exists() else 0)
+        if len(rows_seen) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "token_scores", spy)
+    with pytest.raises(KeyboardInterrupt):
+        T.compute_tis(model, _Images(8), tmp_path / "o", cfg, batch_size=2, progress=False)
+    assert rows_seen == [0, 0, 2, 4]  # batch 1's rows appear while batch 3 is scored
+    part = (tmp_path / "o" / "label_0.csv.partial").read_text().splitlines()
+    assert len(part) == 1 + 6  # the interruption still wrote batch 3's rows
+    ref = (tmp_path / "ref" / "label_0.csv").read_text().splitlines()
+    assert part == ref[:7]  # same bytes as one batch of 6
