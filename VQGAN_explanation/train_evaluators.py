@@ -18,7 +18,6 @@ class and an evaluator's drop in confidence means the masked tokens carried the 
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
-from .evaluators import Evaluator, class_logit_prob, evaluator_logits, to_unit
+from .evaluators import class_logit_prob, evaluator_logits, to_unit
 from .masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
 from .utils import CortexError, atomic_write
 

@@ -19,3 +19,13 @@ def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("vqgan_root")
     run_script("VQGAN_explanation/generate_dataset.py", ["--root", root, "--layout", "both", *TINY_WORLD])
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead; two threads on shared cores are ~10x slower.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,6 +1,5 @@
 """cortex.data: the authors' layout and the compact layout give identical tensors; bad input is named."""
 import csv
-import json
 import shutil
 
 import numpy as np

@@ -1,5 +1,4 @@
 """cortex.dataset_tools: compact_dataset.py (files -> codebook.npy) and merge_datasets.py (folders -> one)."""
-import csv
 import json
 import os
 import pickle

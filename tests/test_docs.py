@@ -28,7 +28,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass

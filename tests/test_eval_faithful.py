@@ -26,7 +26,7 @@ from cortex.data import image_path, read_split
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, format_list
-from tests.helpers import run_script
+from tests.helpers import LinearIEM, run_script
 
 NC = 3
 EVAL = "VQGAN_explanation/eval/"
@@ -299,15 +299,6 @@ def test_checkpoint_steps_and_best_rule():
     assert row["final_original_logit"] == np.mean(final)  # the authors' zeros where nothing beat 0
     assert row["initial_target_prob"] == np.mean(s["initial"]["tgt_prob"])
 
-
-class LinearIEM(nn.Module):
-    def __init__(self, n_classes=3):
-        super().__init__()
-        torch.manual_seed(1)
-        self.w = nn.Parameter(torch.randn(n_classes, 256))
-
-    def forward(self, x):  # (B, 256, 16, 16)
-        return torch.einsum("kc,bchw->bk", self.w, x)
 
 
 def test_token_checkpoint_is_that_steps_gumbel_sample():

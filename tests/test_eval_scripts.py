@@ -20,7 +20,7 @@ from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import load_vq
 from cortex.utils import CortexError, format_list
-from tests.helpers import run_script
+from tests.helpers import LinearIEM, run_script
 
 NC, CONCEPT = 3, 4
 EVAL = "VQGAN_explanation/eval/"
@@ -208,15 +208,6 @@ def test_codebook_level_flag_errors(world):
     with pytest.raises(CortexError, match="region"):
         run_script(EVAL + "codebook_level_explanation.py", [*base, "--pairs", "0:1", "--rows", 10, 9])
 
-
-class LinearIEM(nn.Module):
-    def __init__(self, n_classes=3):
-        super().__init__()
-        torch.manual_seed(1)
-        self.w = nn.Parameter(torch.randn(n_classes, 256))
-
-    def forward(self, x):  # (B, 256, 16, 16)
-        return torch.einsum("kc,bchw->bk", self.w, x)
 
 
 @pytest.mark.parametrize("mode", ["token", "embedding"])

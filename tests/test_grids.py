@@ -29,12 +29,7 @@ GEOMETRIES = [("g8d8", 8, 8, 3, 32), ("g32d256", 32, 256, 2, 64)]
 N_CODES = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vqmodel_dir(root, blocks: int, dim: int, size: int):

@@ -4,7 +4,6 @@ No Jupyter is needed (nor installed by requirements.txt): the cells are read fro
 ``exec`` in one namespace, as a kernel would, with the Agg backend. The notebook is stored without outputs.
 """
 import json
-import os
 
 import matplotlib
 import pytest

@@ -95,7 +95,7 @@ def check_inputs(paths, args) -> dict:
         out[k] = (recs, read_stats_section(stats[k], args.top_n, args.token_num),
                   read_frequency_baseline(freq[k], args.token_num))
     if not out:
-        raise CortexError(f"no label to evaluate: none has both TIS statistics and a frequency baseline")
+        raise CortexError("no label to evaluate: none has both TIS statistics and a frequency baseline")
     return out
 
 
