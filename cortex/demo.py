@@ -272,7 +272,7 @@ def _significance_section(roots: Roots) -> list[str]:
     for world, root in (("object", roots.vqgan), ("scattered", roots.scattered)):
         f = root / "results/Explanation/concept_recovery_significance.csv"
         for r in (_rows(f) if f.exists() else []):
-            if r["label"] == "mean":
+            if r["label"] == "mean" and r["top_n"] in ("5", "20"):
                 lines.append(f"| {world} | {r['method']} | {r['top_n']} | {float(r['recall']):.2f} | "
                              f"{float(r['fdp']):.2f} | {float(r['null_discoveries']):.2f} | "
                              f"{float(r['null_labels_with_discovery']):.2f} |")
@@ -348,7 +348,8 @@ def report(roots: Roots, out: Path) -> str:
                                      and (n is None or int(r["Num_Masked_Tokens"]) == n))
         lines.append(f"| {ev} | {get('original'):.3f} | "
                      + " | ".join(f"{get('target', n):.3f} | {get('random', n):.3f}" for n in show) + " |")
-    conc = next(ex.glob("sample_concept_level_results_top*_token*.csv"))
+    conc = next(p for p in sorted(ex.glob("sample_concept_level_results_top*_token*.csv"))
+                if not p.stem.endswith("_paired"))
     lines += ["", f"## Concept-level masking ({conc.stem.split('results_')[1]}): drop of the target logit when the "
               "label's CORTEX concept tokens vs its frequency-baseline tokens are masked", "",
               "| evaluator | original prob | CORTEX: logit drop | baseline: logit drop | CORTEX: prob | baseline: prob |",
