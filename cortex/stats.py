@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -875,7 +876,8 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
         with atomic_write(stats_dir / TIS_CONFIG) as f:
             json.dump(info.config, f, indent=2, sort_keys=True)
     with atomic_write(source) as f:
-        json.dump({"tis_dir": str(tis_dir.resolve()), "tis_config": info.config, "tis_config_sha1": info.config_sha1,
+        # tis_dir relative to the statistics: the same file wherever the experiment folder lies (moved, SLURM)
+        json.dump({"tis_dir": os.path.relpath(tis_dir.resolve(), stats_dir.resolve()), "tis_config": info.config, "tis_config_sha1": info.config_sha1,
                    "labels": {str(l): {"rows": len(names_of[l]), "fingerprint": _fingerprint(info.files[l])}
                               for l in labels},
                    "complete": info.complete, "problems": info.problems, "top_ns": list(top_ns), "max_rows": limit},
