@@ -31,3 +31,20 @@ def test_tiny_demo_end_to_end(tmp_path):
     # a second run reuses every finished step
     again = demo.main(args)
     assert all(skipped for *_, skipped in again)
+
+
+def test_forced_rerun_starts_over(tmp_path):
+    """FORCE=1 redoes finished steps: train/TIS/generate start over (--overwrite) instead of resuming, and every
+    forced command line is accepted by its script's own parser."""
+    steps = demo.all_steps(demo.TINY, demo.Roots.under(tmp_path))
+    seen = set()
+    for st in steps:
+        argv = st.command(force=True)
+        script = argv[0]
+        if script in ("train.py", "TIS_computation.py", "generate_dataset.py"):
+            assert "--overwrite" in argv and "--resume" not in argv, argv
+            seen.add(script)
+        if script == "train.py":
+            assert "--resume" in st.command(force=False)  # a normal rerun resumes an interrupted training
+        load_script(st.cwd / script).get_args_parser().parse_args(argv[1:])
+    assert seen == {"train.py", "TIS_computation.py", "generate_dataset.py"}
