@@ -6,7 +6,8 @@
 Reads results/{bias_type}/TIS/Net{m}/TIS_value_train/label_{k}.csv and the token ids
 (datasets/{bias_type}/embeddings/train_token_indices.pkl, built from train_embeddings.csv when missing);
 writes results/{bias_type}/TIS/Net{m}/TIS_statistics_train/label_{k}.csv (sectioned: Top 1/5/10/20 Tokens),
-global_top_tokens_statistics.csv and tis_statistics_long.csv. The work is done by cortex.stats.analyze_tis.
+global_top_tokens_statistics.csv, tis_statistics_long.csv and tis_significance.csv (the per-token
+enrichment test, as in VQGAN_explanation/TIS_analysis.py; --significant_only, --alpha).
 The TIS run is checked first: every label of the train split needs a complete label_{k}.csv of the one
 run in tis_config.json (no .partial file, no missing/extra label, one row per image, no NaN, no image
 twice); --allow_partial analyses the complete labels only, on purpose, with a warning. Files are
@@ -16,19 +17,22 @@ source.json records the TIS run (cortex.stats.check_statistics_current).
 import argparse
 
 from cortex.cli import bias_parser, make_parser, paths_parser, run_main
-from cortex.stats import analysis_parser, run_analysis
+from cortex.significance import add_significance_args, run_tis_analysis
+from cortex.stats import analysis_parser
 
 EXPERIMENT = "dalle"
 
 
 def get_args_parser():
-    return make_parser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       parents=[analysis_parser((1, 2, 3)), bias_parser(), paths_parser(__file__)])
+    p = make_parser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[analysis_parser((1, 2, 3)), bias_parser(), paths_parser(__file__)])
+    add_significance_args(p)
+    return p
 
 
 def main(args):
-    return run_analysis(args, EXPERIMENT)
+    return run_tis_analysis(args, EXPERIMENT)
 
 
 if __name__ == "__main__":

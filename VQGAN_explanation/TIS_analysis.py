@@ -20,8 +20,8 @@ source.json records the TIS run (cortex.stats.check_statistics_current).
 import argparse
 
 from cortex.cli import make_parser, paths_parser, run_main
-from cortex.significance import add_significance_args, run_significance
-from cortex.stats import analysis_parser, run_analysis
+from cortex.significance import add_significance_args, run_tis_analysis
+from cortex.stats import analysis_parser
 
 EXPERIMENT = "vqgan"
 
@@ -35,10 +35,7 @@ def get_args_parser():
 
 
 def main(args):
-    parsed = {}  # {label: (ids, scores)}: the TIS files are parsed once, for both steps
-    summary = run_analysis(args, EXPERIMENT, keep=parsed)
-    run_significance(args, EXPERIMENT, parsed=parsed)
-    return summary
+    return run_tis_analysis(args, EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -254,6 +254,17 @@ def add_significance_args(p) -> None:
                    help="false discovery rate for --significant_only (default: %(default)s)")
 
 
+def run_tis_analysis(args, experiment: str) -> dict:
+    """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
+    enrichment tests of the same labels; each TIS file is parsed once for both."""
+    from .stats import run_analysis
+
+    parsed = {}  # {label: (ids, scores)}
+    summary = run_analysis(args, experiment, keep=parsed)
+    run_significance(args, experiment, parsed=parsed)
+    return summary
+
+
 def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     """TIS_analysis.py's second output: the enrichment tests of the labels that have statistics.
 
