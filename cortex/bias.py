@@ -487,9 +487,9 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     ax.set_ylim(-1.1, 1.1)
     ax.set_ylabel("Cliff's delta (standard)")
     ax.set_title(f"Bias of the neutral prompt ({Path(name).stem}): Top {top_n}, {token_num} tokens per label\n"
-                 f"(> 0: the label's tokens are more frequent; bars: bootstrap 95% CI; p: Mann-Whitney; "
-                 f"* planted token; dotted: small/medium/large)",
-                 fontsize=9)
+                 f"(> 0: the label's tokens are more frequent; bars: bootstrap 95% CI;\n"
+                 f"p: Mann-Whitney; * planted token; dotted: small/medium/large)",
+                 fontsize=8.5)
     if rows is not None:
         ax2 = axes[0, 1]
         names = results[paths.bias_type][1]
