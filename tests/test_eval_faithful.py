@@ -26,7 +26,7 @@ from cortex.data import image_path, read_split
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, format_list
-from tests.helpers import LinearIEM, run_script
+from tests.helpers import LinearIEM, run_script, write_frequency_baseline, write_sectioned_stats
 
 NC = 3
 EVAL = "VQGAN_explanation/eval/"
@@ -72,19 +72,9 @@ def world(tmp_path_factory):
     for k, recs in X.records_by_label(read_split(paths.data_dir, "train")).items():
         toks, cnts = np.unique(np.concatenate([r.ids for r in recs]), return_counts=True)
         order = np.lexsort((toks, -cnts))
-        paths.stats_dir(1).mkdir(parents=True, exist_ok=True)
-        with open(paths.stats_file(1, k), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([f"Total Images: {len(recs)}"])
-            for n in (1, 5, 10, 20):
-                w.writerow([f"Top {n} Tokens"])
-                w.writerow(["Token", "Frequency", "Files"])
-                w.writerows([(int(toks[i]), 9 - j, recs[0].filename) for j, i in enumerate(order[-6:])])
-        paths.frequency_dir().mkdir(parents=True, exist_ok=True)
-        with open(paths.frequency_file(k), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["Token", "Count"])
-            w.writerows([(int(toks[i]), int(cnts[i])) for i in order[:20]])
+        write_sectioned_stats(paths.stats_file(1, k), len(recs),
+                              [(int(toks[i]), 9 - j, recs[0].filename) for j, i in enumerate(order[-6:])])
+        write_frequency_baseline(paths.frequency_file(k), [(int(toks[i]), int(cnts[i])) for i in order[:20]])
     return paths
 
 

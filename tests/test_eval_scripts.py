@@ -20,7 +20,7 @@ from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import load_vq
 from cortex.utils import CortexError, format_list
-from tests.helpers import LinearIEM, run_script
+from tests.helpers import LinearIEM, run_script, write_frequency_baseline, write_sectioned_stats
 
 NC, CONCEPT = 3, 4
 EVAL = "VQGAN_explanation/eval/"
@@ -96,21 +96,10 @@ def world(tmp_path_factory):
         toks, cnts = np.unique(np.concatenate([r.ids for r in recs]), return_counts=True)
         order = np.lexsort((toks, -cnts))
         freq = [(int(toks[i]), int(cnts[i])) for i in order]
-        paths.stats_dir(1).mkdir(parents=True, exist_ok=True)
-        with open(paths.stats_file(1, k), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([f"Total Images: {len(recs)}"])
-            for n in (1, 5, 10, 20):
-                w.writerow([f"Top {n} Tokens"])
-                w.writerow(["Token", "Frequency", "Files"])
-                rows = [(t, 50 - i, recs[0].filename) for i, t in enumerate(concept[k])]
-                rows += [(t, 3, recs[0].filename) for t, _ in freq if t not in concept[k]][:5]
-                w.writerows(rows)
-        paths.frequency_dir().mkdir(parents=True, exist_ok=True)
-        with open(paths.frequency_file(k), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["Token", "Count"])
-            w.writerows(freq[:100])
+        rows = [(t, 50 - i, recs[0].filename) for i, t in enumerate(concept[k])]
+        rows += [(t, 3, recs[0].filename) for t, _ in freq if t not in concept[k]][:5]
+        write_sectioned_stats(paths.stats_file(1, k), len(recs), rows)
+        write_frequency_baseline(paths.frequency_file(k), freq[:100])
     yield paths
     mp.undo()
 

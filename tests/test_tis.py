@@ -9,8 +9,9 @@ from torch import nn
 
 from cortex import tis as T
 from cortex.attribution import image_seed, token_scores
-from cortex.data import DatasetWriter, EmbeddingDataset
+from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError
+from tests.helpers import compact_dataset
 
 N_CLASSES, PER_LABEL = 4, 3
 
@@ -29,14 +30,7 @@ class Tiny(nn.Module):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ds") / "datasets"
-    rng = np.random.default_rng(0)
-    w = DatasetWriter(d, rng.normal(size=(24, 256)).astype(np.float32), layout="compact")
-    for k in range(N_CLASSES):
-        for j in range(PER_LABEL):
-            w.add("train", f"{k}_{j}.npy", k, rng.integers(0, 24, 256))
-    w.close({"num_classes": N_CLASSES})
-    return d
+    return compact_dataset(tmp_path_factory.mktemp("ds") / "datasets", N_CLASSES, PER_LABEL)
 
 
 def _read_all(out_dir):

@@ -13,8 +13,9 @@ from torch import nn
 
 from cortex import attribution as A
 from cortex import tis as T
-from cortex.data import DatasetWriter, EmbeddingDataset
+from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError
+from tests.helpers import compact_dataset
 
 N_CLASSES, PER_LABEL = 3, 3
 
@@ -43,13 +44,7 @@ class Tiny(nn.Module):
 
 
 def make_data(d, n_classes=N_CLASSES, per_label=PER_LABEL):
-    rng = np.random.default_rng(0)
-    w = DatasetWriter(d, rng.normal(size=(24, 256)).astype(np.float32), layout="compact")
-    for k in range(n_classes):
-        for j in range(per_label):
-            w.add("train", f"{k}_{j}.npy", k, rng.integers(0, 24, 256))
-    w.close({"num_classes": n_classes})
-    return d
+    return compact_dataset(d, n_classes, per_label)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +65,8 @@ def _names(path):
 # ----------------------------------------------------------------------------- 12.1 locks
 
 WORKER = textwrap.dedent('''
-    import sys, json
-    sys.path.insert(0, {tests!r})
+    import os, sys, json
+    sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]  # this module, and the repo for tests.helpers
     from test_tis_integrity import Tiny, _run
     from pathlib import Path
     shard, num = int(sys.argv[1]), int(sys.argv[2])
