@@ -29,8 +29,8 @@ from pathlib import Path
 from cortex.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
 from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, nonneg_float, nonneg_int,
                         paths_parser, positive_int, run_main, runtime_parser)
-from cortex.data import SPLITS, DatasetWriter, split_csv
-from cortex.dataset_tools import recover_staged, staged_dataset
+from cortex.data import DatasetWriter
+from cortex.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import save_vq, write_json, write_world
 from cortex.utils import CortexError, save_run_args
@@ -225,7 +225,7 @@ def generate_images(args, bias_types) -> dict:
     if args.image_dir:
         paths = _paths(args, bias_types[0])
         recover_staged(paths.data_dir)
-        if not args.overwrite and any(split_csv(paths.data_dir, s).exists() for s in SPLITS):
+        if not args.overwrite and holds_dataset(paths.data_dir):
             raise CortexError(f"{paths.data_dir} already holds a dataset; pass --overwrite to replace it (the new one "
                               f"is built beside it and swapped in when complete), or another --data_dir")
         stamp = {k: v for k, v in vars(args).items() if k not in IMAGES_NOT_DATA}

@@ -17,8 +17,8 @@ import argparse
 import json
 
 from cortex.cli import int_in, make_parser, nonneg_int, paths_parser, positive_int, run_main, runtime_parser
-from cortex.data import SPLITS, DatasetWriter, split_csv
-from cortex.dataset_tools import recover_staged, staged_dataset
+from cortex.data import DatasetWriter
+from cortex.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
 from cortex.tokenizers import SyntheticTokenizer
@@ -87,7 +87,7 @@ def main(args):
         if old == json.loads(json.dumps(data_args(args), default=str)):
             print(f"{data_dir} is complete for these arguments; nothing to do (--overwrite to rebuild)")
             return data_dir
-    if not args.overwrite and not stamp.exists() and any(split_csv(data_dir, s).exists() for s in SPLITS):
+    if not args.overwrite and not stamp.exists() and holds_dataset(data_dir):
         raise CortexError(f"{data_dir} holds a dataset that generate_dataset.py did not make (no generation_args.json:"
                           f" the authors' download, a merge?); pass --overwrite to replace it, or another --data_dir")
 

@@ -28,7 +28,7 @@ relative to the statistics. Use ``--workdir`` to keep the generated folders.
 """
 import argparse
 import csv
-import io
+import importlib
 import os
 import pickle
 import shutil
@@ -43,14 +43,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cortex.data  # noqa: E402,F401  (torch, cortex.tis, scipy.stats, tqdm: imported before any timing)
-import cortex.tis  # noqa: E402,F401
-import scipy.stats  # noqa: E402,F401
-import tqdm  # noqa: E402,F401
 from cortex.bias import detect_bias, read_neutral_set  # noqa: E402
 from cortex.scripts import load_script, run_script  # noqa: E402
 from cortex.significance import run_significance  # noqa: E402
 from cortex.stats import run_analysis  # noqa: E402
+
+for _module in ("cortex.data", "cortex.tis", "scipy.stats", "tqdm"):  # (torch ...) imported before any timing
+    importlib.import_module(_module)
 
 TOP_NS = (1, 5, 10, 20)
 LIMIT = 100

@@ -199,6 +199,17 @@ def model_parser(model_choices=(1, 2, 3, 4), default_model: int | None = None) -
     return p
 
 
+def label_subset_parser(allow_partial_help: str) -> argparse.ArgumentParser:
+    """Which labels / images an explanation evaluation covers, and whether incomplete inputs are skipped."""
+    p = make_parser(add_help=False)
+    g = p.add_argument_group("which labels")
+    g.add_argument("--labels", type=nonneg_int, nargs="+", default=None, help="evaluate only these labels (default: all)")
+    g.add_argument("--max_images_per_label", type=positive_int, default=None,
+                   help="first N images of each label (default: all)")
+    g.add_argument("--allow_partial", action="store_true", help=allow_partial_help)
+    return p
+
+
 def bias_parser() -> argparse.ArgumentParser:
     p = make_parser(add_help=False)
     p.add_argument("--bias_type", choices=BIAS_TYPES, default="doctor_gender",

@@ -199,10 +199,11 @@ def check_geometry(grid, code_dim, where: str = "") -> tuple[int, int, int]:
     return h, w, d
 
 
-def dataset_geometry(data_dir) -> tuple[int, int, int]:
+def dataset_geometry(data_dir, info: dict | None = None) -> tuple[int, int, int]:
     """``(h, w, D)``: the token grid and code dimension of a dataset, from ``dataset_info.json``'s ``grid_size``
-    [h, w] and ``code_dim``; absent keys (the authors' data) give the paper's 16, 16, 256."""
-    info = dataset_info(data_dir)
+    [h, w] and ``code_dim``; absent keys (the authors' data) give the paper's 16, 16, 256.
+    info: the dataset's ``dataset_info`` when the caller has already read it."""
+    info = dataset_info(data_dir) if info is None else info
     return check_geometry(info.get("grid_size", DEFAULT_GRID), info.get("code_dim", EMB_DIM),
                           str(Path(data_dir) / "dataset_info.json"))
 
@@ -281,7 +282,8 @@ class EmbeddingDataset(Dataset):
         self.split = canonical_split(split)
         if layout not in LAYOUTS:
             raise CortexError(f"unknown layout {layout!r}: use {', '.join(LAYOUTS)}")
-        h, w, self.code_dim = dataset_geometry(self.data_dir)
+        info = dataset_info(self.data_dir)  # read once: geometry, codebook width, codebook_max_deviation
+        h, w, self.code_dim = dataset_geometry(self.data_dir, info)
         self.grid, self.n_pos = (h, w), h * w
         self.emb_shape = (self.code_dim, h, w)
         self.records = read_split(self.data_dir, self.split, num_classes, n_pos=self.n_pos)
@@ -291,7 +293,7 @@ class EmbeddingDataset(Dataset):
         self.layout = detect_layout(self.data_dir, self.split) if layout == "auto" else layout
         self.codebook = None
         if self.layout == "compact":
-            self.codebook = torch.from_numpy(load_codebook(self.data_dir))
+            self.codebook = torch.from_numpy(load_codebook(self.data_dir, self.code_dim))
             n = self.codebook.shape[0]
             for r in self.records:
                 if r.ids.max(initial=0) >= n:
@@ -301,7 +303,7 @@ class EmbeddingDataset(Dataset):
             id_dtype = np.int16 if n <= np.iinfo(np.int16).max + 1 else np.int32
             ids = np.array([r.ids for r in self.records], id_dtype).reshape(-1, self.n_pos)  # (N, h*w); (0, h*w) if none
             self.ids = torch.from_numpy(ids)
-            dev = dataset_info(self.data_dir).get("codebook_max_deviation", 0)
+            dev = info.get("codebook_max_deviation", 0)
             if layout == "auto" and dev and split_npy_dir(self.data_dir, self.split).is_dir():
                 print(f"note: {self.data_dir}/codebook.npy matches the per-image files up to {dev:.3g} (float "
                       f"rounding, see compact_dataset.py); --data_layout files reads the files' exact values")

@@ -60,8 +60,9 @@ def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndar
         n_codes, source = n_codes or reference.shape[0], "the VQGAN's codebook"
         if reference.shape != (n_codes, EMB_DIM):
             raise CortexError(f"the VQGAN codebook has shape {reference.shape}, expected ({n_codes}, {EMB_DIM})")
-    if n_codes is None and dataset_info(data_dir).get("n_codes"):
-        n_codes, source = int(dataset_info(data_dir)["n_codes"]), f"{data_dir / 'dataset_info.json'} (n_codes)"
+    info_codes = dataset_info(data_dir).get("n_codes") if n_codes is None else None
+    if info_codes:
+        n_codes, source = int(info_codes), f"{data_dir / 'dataset_info.json'} (n_codes)"
     if n_codes is None:
         if top > MAX_INFERRED_CODES:
             raise CortexError(f"{where}: token id {top - 1} would make a {top}-code codebook (the paper's VQGAN has "
@@ -274,7 +275,7 @@ def run_merge(args, data_dir) -> dict:
     out = Path(data_dir)
     merged_from = [m.get("data_dir") for m in dataset_info(out).get("merged_from", [])]
     rerun = merged_from == [str(Path(d)) for d in args.inputs]  # the same merge again (e.g. after a kill)
-    if any(split_csv(out, s).exists() for s in SPLITS) and not (rerun or args.force):
+    if holds_dataset(out) and not (rerun or args.force):
         raise CortexError(f"{out} already holds another dataset; pass --force to merge into it anyway (its CSVs "
                           f"are replaced), or choose another --data_dir")
     info = merge_datasets(args.inputs, out, copy=args.copy, progress=not args.no_progress)
@@ -284,6 +285,11 @@ def run_merge(args, data_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------- staged generation
+
+def holds_dataset(data_dir) -> bool:
+    """True when ``data_dir`` has any split CSV (``{split}_embeddings.csv``): a dataset, finished or not."""
+    return any(split_csv(data_dir, s).exists() for s in SPLITS)
+
 
 STAGE_SUFFIX = ".generating"   # the dataset being built
 OLD_SUFFIX = ".replaced"       # the previous dataset, during the swap only

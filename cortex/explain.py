@@ -740,11 +740,23 @@ def check_eval_dataset(paths, split: str = "test", images: bool = True) -> list[
     return records
 
 
-def eval_setup(args, experiment: str = "vqgan"):
+def evaluated_labels(records: list[Record], labels, max_per_label: int | None, split: str,
+                     data_dir) -> dict[int, list[Record]]:
+    """``records_by_label`` of the ``--labels`` / ``--max_images_per_label`` subset; a ``--labels`` entry with no
+    image in the split is a CortexError."""
+    by_label = records_by_label(records, labels, max_per_label)
+    missing = sorted(set(labels or ()) - set(by_label))
+    if missing:
+        raise CortexError(f"--labels {missing}: no {split} images of them in {data_dir}")
+    return by_label
+
+
+def eval_setup(args, experiment: str = "vqgan", device=None):
     """Shared start of the eval scripts: paths, device, seed, evaluators (``args`` from evaluator_parser).
 
     Call it *after* checking the dataset and inputs (``check_eval_dataset``), so that a missing dataset
-    is reported before evaluator weights are looked for or downloaded. Returns ``(paths, device, evaluators)``.
+    is reported before evaluator weights are looked for or downloaded. ``device``: one the script already
+    resolved (default: ``--device`` / ``--gpu``). Returns ``(paths, device, evaluators)``.
     """
     from .data import dataset_info
     from .evaluators import load_evaluators
@@ -752,7 +764,7 @@ def eval_setup(args, experiment: str = "vqgan"):
     from .utils import get_device, seed_everything
 
     paths = ExperimentPaths.from_args(args, experiment)
-    device = get_device(args.device, args.gpu)
+    device = get_device(args.device, args.gpu) if device is None else device
     seed_everything(args.seed)
     n = dataset_info(paths.data_dir).get("num_classes")
     evaluators = load_evaluators(args.evaluators, paths, device, weights_dir=args.weights_dir,

@@ -72,11 +72,6 @@ def crop_around(image: np.ndarray, position: int, grid: tuple[int, int], context
     return crop, ((c - c0) * pw, (r - r0) * ph, pw, ph)
 
 
-def cut_patch(image: np.ndarray, position: int, grid: tuple[int, int]) -> np.ndarray:
-    """The pixels of token ``position`` (row-major in an ``h x w`` grid) of an (H, W, 3) image: (H/h, W/w, 3)."""
-    return crop_around(image, position, grid)[0]
-
-
 def _read_png(path: Path) -> np.ndarray:
     from PIL import Image
 

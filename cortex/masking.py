@@ -141,11 +141,7 @@ def prefix_masks(ids, order: np.ndarray, ns) -> np.ndarray:
     ids: (h*w,) token ids of one image (256 for 16x16); order: (h*w,) positions (a ranking); ns: numbers of
     positions. Returns (len(ns), h*w) bool.
     """
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    out = np.zeros((len(ns), ids.size), dtype=bool)
-    for i, n in enumerate(ns):
-        out[i] = np.isin(ids, ids[order[: int(n)]])
-    return out
+    return draw_masks(ids, [order[: int(n)] for n in ns])
 
 
 def check_ns(ns, n_pos: int = N_POS) -> list[int]:

@@ -200,11 +200,6 @@ def model_resolution(model) -> int:
     return int(tokenizer_of(model).image_size[0])
 
 
-def token_grid(model, resolution: int | None = None) -> int:
-    """Tokens per side at ``resolution`` px (default: the model's resolution)."""
-    return grid_at(model, resolution)[0]
-
-
 def grid_at(model, resolution: int | None = None) -> tuple[int, int]:
     """The token grid (h, w) of a square ``resolution`` px image (default: the model's resolution)."""
     tok = tokenizer_of(model)
@@ -220,7 +215,6 @@ def _check_grid(model, resolution: int | None = None, what: str = "") -> tuple[i
         raise CortexError(f"{what}at {res} px this tokenizer gives a {h}x{w} token grid; use --resolution of at "
                           f"least {max(ph, pw)} px (one {ph}x{pw} px token)")
     return h, w
-
 
 
 def load_vq_for_dataset(args, device):

@@ -26,11 +26,14 @@ label file, a NaN score or a repeated image is an error, not a silent skip.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +156,6 @@ class StagedFiles:
         self.staged: list[tuple[Path, Path]] = []
 
     def __enter__(self):
-        import tempfile
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=".staging_", dir=self.out_dir))
         return self
@@ -169,9 +170,6 @@ class StagedFiles:
         return open(tmp, "w", newline="", encoding="utf-8")
 
     def __exit__(self, exc_type, exc, tb):
-        import os
-        import shutil
-
         try:
             if exc_type is None:
                 for tmp, path in self.staged:
@@ -220,7 +218,8 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
     if not path.exists():
         raise CortexError(f"split CSV not found: {path}; it gives the labels the TIS files must cover. Pass the "
                           f"right --data_dir (or --root).")
-    labels = _fast_labels(path)
+    framed = _frame_list_csv(path, "indices", prefix_columns=2)  # one pass on a large well-formed file
+    labels = _int_column(framed[1][1]) if framed is not None and framed[0][:2] == ["filename", "label"] else None
     if labels is not None:
         found, n = np.unique(labels, return_counts=True)
         return {int(k): int(v) for k, v in zip(found, n)}
@@ -238,42 +237,6 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
             except (ValueError, IndexError):
                 raise CortexError(f"{path}:{lineno}: label {row[1:2]} is not an integer") from None
     return dict(sorted(counts.items()))
-
-
-def _fast_labels(path: Path):
-    """``(N,)`` int64: the second field (label) of every row of a large split CSV, without parsing the id
-    lists (numpy finds each row's first two commas). ``None`` for a small file or anything unusual (a quoted
-    first field, a blank row, a non-integer label): :func:`split_label_counts`' csv reader then decides."""
-    import warnings
-
-    if path.stat().st_size < FAST_CSV_MIN_BYTES:
-        return None
-    raw = path.read_bytes()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
-    head, _, body = raw.partition(b"\n")
-    if [h.strip() for h in head.decode("utf-8", "replace").split(",")[:2]] != ["filename", "label"]:
-        return None
-    body = body.rstrip(b"\r\n")
-    b = np.frombuffer(body, np.uint8)  # (B,)
-    if b.size == 0:
-        return None
-    line_end = np.r_[np.flatnonzero(b == 10), b.size]  # (N,)
-    line_start = np.r_[0, line_end[:-1] + 1]
-    commas = np.flatnonzero(b == 44)
-    k = np.searchsorted(commas, line_start)  # (N,) each row's first comma
-    if k.max() + 1 >= commas.size or np.any(b[line_start] == 34):
-        return None
-    first, second = commas[k], commas[k + 1]
-    if not (np.all(first < line_end) and np.all(second < line_end)):
-        return None
-    text = b",".join(body[s + 1:e] for s, e in zip(first.tolist(), second.tolist()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            labels = np.fromstring(text, dtype=np.int64, sep=",")
-        except ValueError:
-            return None
-    return labels if labels.size == line_end.size and text.count(b",") == line_end.size - 1 else None
 
 
 def _count_rows(path: Path) -> int:
@@ -406,18 +369,15 @@ def _short(items, n: int = 10) -> str:
 FAST_CSV_MIN_BYTES = 1 << 16  # below ~12 TIS rows the row reader's lower fixed cost wins
 
 
-def _float_list_csv(path: Path, header: list[str], n_values: int, dtype):
-    """Float lists (TIS files): framed on the bytes (:func:`_frame_list_csv`), then every value parsed by one
-    single-column pandas C parse, rounding as ``float()`` (``float_precision="round_trip"``)."""
+def _parse_float_rows(rows: list[bytes], n_values: int, dtype):
+    """``(R, n_values)`` ``dtype`` (a fresh, writable array) from R list bodies ``b"a, b, ..."`` (TIS scores):
+    every value parsed by one single-column pandas C parse, rounding as ``float()``
+    (``float_precision="round_trip"``). ``None`` unless every row has ``n_values`` finite numbers."""
     import io
     import warnings
 
     import pandas as pd
 
-    framed = _frame_list_csv(path, header[2], prefix_columns=2)
-    if framed is None or framed[0] != list(header):
-        return None
-    _, prefix, rows = framed
     # one value per line, a sentinel -inf after each row: a row with a value too many or too few moves it
     text = (b"\n-inf\n".join(rows) + b"\n-inf").replace(b",", b"\n")
     try:
@@ -425,7 +385,6 @@ def _float_list_csv(path: Path, header: list[str], n_values: int, dtype):
             warnings.simplefilter("ignore")  # float_precision is deprecated in pandas 3 (still honoured)
             column = pd.read_csv(io.BytesIO(text), header=None, names=[0], dtype=np.float64, na_filter=False,
                                  engine="c", float_precision="round_trip", skip_blank_lines=False)[0]
-        labels = prefix[1].astype(np.int64).to_numpy(np.int64, copy=True)
     except Exception:  # nan, an empty or non-numeric value ...: the precise reader explains
         return None
     if column.size != len(rows) * (n_values + 1):
@@ -433,8 +392,7 @@ def _float_list_csv(path: Path, header: list[str], n_values: int, dtype):
     values = column.to_numpy(np.float64).reshape(len(rows), n_values + 1)  # (N, n_values + 1)
     if not (np.all(values[:, -1] == -np.inf) and np.isfinite(values[:, :-1]).all()):
         return None  # a moved sentinel, or a non-finite score (check_tis_rows names it on the row path)
-    values = values[:, :-1]
-    return prefix[0].tolist(), labels, values.astype(dtype)  # (N,), (N,), (N, n_values) writable
+    return values[:, :-1].astype(dtype)  # (R, n_values), a copy
 
 
 def _parse_int_rows(rows: list[bytes], n_values: int | None):
@@ -575,22 +533,28 @@ def fast_list_csv(path, header: list[str], n_values: int = 256, dtype=np.float64
     under ``FAST_CSV_MIN_BYTES`` and whenever the file is not exactly of that shape (wrong header, a
     quoted name, a short list, a non-numeric value, no rows ...): callers then use their own row-by-row
     reader, which names the bad line. Floats are parsed with Python's correctly rounded ``float`` rules
-    (identical to ``float(text)``); integers by :func:`fast_int_list_csv`. A UTF-8 BOM is accepted.
+    (identical to ``float(text)``); integers as :func:`fast_int_list_csv`. A UTF-8 BOM is accepted.
     """
-    path = Path(path)
-    if path.stat().st_size < FAST_CSV_MIN_BYTES:
-        return None  # small file: the row reader's lower fixed cost wins
-    if not np.issubdtype(dtype, np.integer):
-        return _float_list_csv(path, header, n_values, dtype)
-    fast = fast_int_list_csv(path, header[2], n_values, prefix_columns=2)
-    if fast is None or fast[0] != list(header):
+    framed = _frame_list_csv(Path(path), header[2], prefix_columns=2)  # None for a small file
+    if framed is None or framed[0] != list(header):
         return None
-    _, prefix, values = fast
-    try:
-        labels = prefix[1].astype(np.int64).to_numpy(np.int64, copy=True)
-    except (ValueError, OverflowError):
+    _, prefix, rows = framed
+    if np.issubdtype(dtype, np.integer):
+        values = _parse_int_rows(rows, n_values)  # (N, n_values) int64
+    else:
+        values = _parse_float_rows(rows, n_values, dtype)
+    labels = _int_column(prefix[1])
+    if values is None or labels is None:
         return None
     return prefix[0].tolist(), labels, values.astype(dtype, copy=False)  # (N,), (N,), (N, n_values)
+
+
+def _int_column(column):
+    """``(N,)`` int64 of a str column of :func:`_frame_list_csv`'s prefix, or ``None`` (not all integers)."""
+    try:
+        return column.astype(np.int64).to_numpy(np.int64, copy=True)
+    except (ValueError, OverflowError):
+        return None
 
 
 def check_tis_rows(path, names: list[str], scores: np.ndarray) -> None:
@@ -1036,6 +1000,7 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
     choice (expected precision over the ids occurring in the label's train images). ``k`` defaults to
     the number of planted tokens of each label. Returns ``(per_label_rows, summary_rows)``; the rows
     are dicts with keys ``model, method, top_n, label, k, precision`` (summary: label ``"mean"``).
+    attributions: a list for every model, or ``{model: [attribution, ...]}``; default: all found per model.
     """
     from .data import read_split
 
@@ -1052,7 +1017,8 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
         return k if k is not None else len(planted[label])
 
     for m in models:
-        for a in attributions or find_attributions(paths, m):
+        attrs = attributions.get(m) if isinstance(attributions, dict) else attributions
+        for a in attrs or find_attributions(paths, m):
             files = label_files(paths.stats_dir(m, a))
             for n in top_ns:
                 for label in labels:
@@ -1082,10 +1048,8 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
 
 # ----------------------------------------------------------------------------- the TIS_analysis.py scripts
 
-def analysis_parser(model_choices) -> "argparse.ArgumentParser":
+def analysis_parser(model_choices) -> argparse.ArgumentParser:
     """Flags of both folders' TIS_analysis.py (the VQGAN one adds paths; the Dalle one also --bias_type)."""
-    import argparse
-
     from .attribution import ATTRIBUTIONS
 
     p = make_parser(add_help=False)

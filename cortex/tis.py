@@ -230,9 +230,13 @@ def lock_file(out_dir, label: int) -> Path:
     return Path(out_dir) / f"label_{label}.csv.lock"
 
 
+def _open_lock(path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
+
+
 def try_lock(path) -> int | None:
     """Exclusive non-blocking ``flock`` on ``path`` (created): the fd, or None when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -252,13 +256,12 @@ def unlock(fd: int | None) -> None:
 @contextlib.contextmanager
 def blocking_lock(path):
     """Exclusive blocking ``flock`` on ``path`` for a short critical section."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        unlock(fd)
 
 
 def read_sidecar(out_dir, label: int) -> dict | None:
@@ -302,7 +305,7 @@ def _dedupe_file(path, names: list[str]) -> list[str]:
     print(f"note: {path} held {len(names) - len(seen)} repeated rows (two writers?); kept the first of each")
     with atomic_write(path) as f:
         f.write("".join(keep))
-    return [n for n in dict.fromkeys(names)]
+    return list(dict.fromkeys(names))
 
 
 # ----------------------------------------------------------------------------- readers
@@ -573,6 +576,17 @@ def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool, write:
             json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
 
 
+def _delete_label(out_dir: Path, l: int) -> bool:
+    """Delete label ``l``'s files (final, partial, side-car) under its lock; False when another process holds it."""
+    fd = try_lock(lock_file(out_dir, l))
+    if fd is None:
+        return False
+    for p in (tis_file(out_dir, l), partial_file(out_dir, l), sidecar_file(out_dir, l)):
+        p.unlink(missing_ok=True)
+    unlock(fd)
+    return True
+
+
 def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str, overwrite: bool) -> None:
     """Refuse (or, with ``overwrite``, delete) this shard's label files written under another run id."""
     bad, hint = [], ""
@@ -584,11 +598,7 @@ def _check_label_files(out_dir: Path, labels: list[int], key: dict, run_id: str,
         if side is not None and side.get("run_id") == run_id:
             continue
         if overwrite:
-            fd = try_lock(lock_file(out_dir, l))
-            if fd is not None:  # a held label is refused later, when this run reaches it
-                for p in (final, part, sidecar_file(out_dir, l)):
-                    p.unlink(missing_ok=True)
-                unlock(fd)
+            _delete_label(out_dir, l)  # a held label is refused later, when this run reaches it
             continue
         diff = _diff(side.get("config"), key) if side else {}
         hint = hint or _baseline_hint(diff)
@@ -612,15 +622,8 @@ def _remove_foreign_labels(out_dir: Path, labels: set[int]) -> list[int]:
         m = re.match(r"^label_(\d+)\.csv(\.partial|\.run\.json)?$", p.name)
         if m and int(m.group(1)) not in labels:
             found.add(int(m.group(1)))
-    removed = []
-    for l in sorted(found):
-        fd = try_lock(lock_file(out_dir, l))
-        if fd is None:  # another process writes it: leave it, TIS_analysis.py will name it
-            continue
-        for q in (tis_file(out_dir, l), partial_file(out_dir, l), sidecar_file(out_dir, l)):
-            q.unlink(missing_ok=True)
-        unlock(fd)
-        removed.append(l)
+    # a label another process writes is left (TIS_analysis.py will name it)
+    removed = [l for l in sorted(found) if _delete_label(out_dir, l)]
     runs = out_dir / "runs.json"
     if removed and runs.exists():
         with blocking_lock(out_dir / "runs.json.lock"):

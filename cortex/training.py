@@ -89,27 +89,21 @@ def previous_checkpoint(path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def atomic_checkpoint_save(checkpoint: dict, path, keep_previous: bool = True) -> None:
-    """``torch.save`` to a temp file beside ``path`` (flushed and fsynced), then rename it over ``path``.
+def atomic_checkpoint_save(checkpoint: dict, path) -> None:
+    """``torch.save`` to a temp file beside ``path`` (``utils.atomic_write``, flushed and fsynced), then rename
+    it over ``path``.
 
-    A save that fails mid-way (disk full, a kill) leaves ``path`` as it was and removes the temp file. With
-    ``keep_previous`` the replaced checkpoint becomes ``last.prev.ckpt`` (so a checkpoint that later turns
-    out unreadable still has a good predecessor).
+    A save that fails mid-way (disk full, a kill) leaves ``path`` as it was and removes the temp file. The
+    replaced checkpoint becomes ``last.prev.ckpt`` (so a checkpoint that later turns out unreadable still has
+    a good predecessor).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if keep_previous and path.exists():
-        os.replace(path, previous_checkpoint(path))  # a kill right here: last.prev.ckpt is found by resume
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:  # temp file beside path, removed on failure, renamed over path on success
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())  # durable before the previous checkpoint is rotated away
+        if path.exists():
+            os.replace(path, previous_checkpoint(path))  # a kill right here: last.prev.ckpt is found by resume
 
 
 def make_atomic_checkpoint_io():

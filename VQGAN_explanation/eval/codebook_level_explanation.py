@@ -178,7 +178,7 @@ def main(args):
     if max(int(r.ids.max()) for r in records) >= codebook.shape[0]:
         raise CortexError(f"token ids of {paths.data_dir} exceed the VQ codebook ({codebook.shape[0]} codes): "
                           f"is this the VQ model that made the dataset?")
-    paths, device, evaluators = eval_setup(args, EXPERIMENT)
+    paths, device, evaluators = eval_setup(args, EXPERIMENT, device=device)
     warn_if_near_chance(paths, args.model)
     n_classes = min([iem_classes] + [e.num_classes for e in evaluators])
     bad = [(s, t) for s, t in pairs if not (0 <= s < n_classes and 0 <= t < n_classes)]

@@ -28,13 +28,13 @@ Writes results/Explanation/model_{m}/
 import argparse
 
 from cortex.attribution import ATTRIBUTIONS
-from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
+from cortex.cli import label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.evaluators import evaluator_parser
 from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, concept_level,
-                            concept_paired_stats, eval_setup, load_images, output_suffix, paired_stats_path,
-                            records_by_label, warn_if_near_chance, write_rows)
+                            concept_paired_stats, eval_setup, evaluated_labels, load_images, output_suffix,
+                            paired_stats_path, warn_if_near_chance, write_rows)
 from cortex.paths import ExperimentPaths
-from cortex.stats import read_frequency_baseline, read_stats_section
+from cortex.stats import _short, read_frequency_baseline, read_stats_section
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -44,18 +44,15 @@ PER_LABEL_COLUMNS = ["label", "evaluator", "images", "concept_tokens", "baseline
 
 def get_args_parser():
     p = make_parser("sample_concept_level_explanation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser()])
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser(),
+                             label_subset_parser("evaluate the labels that have statistics and a frequency baseline "
+                                                 "even if others lack them (prints what is skipped); default: refuse")])
     p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS statistics are used")
     p.add_argument("--top_n", type=position_int, default=20, help="section 'Top {top_n} Tokens' of the statistics (default: 20)")
     p.add_argument("--token_num", type=positive_int, default=100, help="concept / baseline tokens per label (default: 100)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
                    help="whose TIS statistics (default: the paper's %(default)s)")
-    p.add_argument("--labels", type=nonneg_int, nargs="+", default=None, help="evaluate only these labels (default: all)")
-    p.add_argument("--max_images_per_label", type=positive_int, default=None, help="first N test images of each label")
-    p.add_argument("--allow_partial", action="store_true",
-                   help="evaluate the labels that have statistics and a frequency baseline even if others lack "
-                        "them (prints what is skipped); default: refuse")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs only")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
@@ -66,11 +63,8 @@ def check_inputs(paths, args) -> dict:
 
     Returns ``{label: (records, concept tokens, baseline tokens)}`` of the labels to evaluate.
     """
-    by_label = records_by_label(check_eval_dataset(paths, "test"), args.labels, args.max_images_per_label)
-    if args.labels is not None:
-        missing = sorted(set(args.labels) - set(by_label))
-        if missing:
-            raise CortexError(f"--labels {missing}: none of them is in the test split of {paths.data_dir}")
+    by_label = evaluated_labels(check_eval_dataset(paths, "test"), args.labels, args.max_images_per_label, "test",
+                                paths.data_dir)
     check_statistics(paths, args)
     stats = {k: paths.stats_file(args.model, k, args.attribution) for k in by_label}
     freq = {k: paths.frequency_file(k) for k in by_label}
@@ -114,11 +108,6 @@ def check_statistics(paths, args) -> None:
         print(f"warning: --allow_partial: using the statistics anyway: {e}")
 
 
-def _short(items, n: int = 10) -> str:
-    items = [str(i) for i in items]
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
 def label_data(paths, inputs):
     """Per label, lazily: (label, records, images, concept tokens, baseline tokens)."""
     for label, (recs, concept, baseline) in inputs.items():
@@ -126,8 +115,6 @@ def label_data(paths, inputs):
 
 
 def main(args):
-    if args.token_num < 1 or args.top_n < 1:
-        raise CortexError(f"--top_n {args.top_n} --token_num {args.token_num}: both must be >= 1")
     inputs = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
     warn_if_near_chance(paths, args.model)

@@ -28,12 +28,12 @@ Writes results/Explanation/model_{m}/
 import argparse
 
 from cortex.attribution import ATTRIBUTIONS
-from cortex.cli import (make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
+from cortex.cli import (label_subset_parser, make_parser, nonneg_int, paths_parser, position_int, run_main,
                         runtime_parser, seed_int)
 from cortex.evaluators import evaluator_parser
 from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
-                            load_images, output_suffix, records_by_label, sample_level, warn_if_near_chance,
-                            write_rows)
+                            evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
+                            warn_if_near_chance, write_rows)
 from cortex.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
 from cortex.stats import check_tis_inputs, split_label_counts
 from cortex.tis import read_tis_file
@@ -45,7 +45,9 @@ EXPERIMENT = "vqgan"
 def get_args_parser():
     p = make_parser("sample_image_level_explanation", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser()])
+                    parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser(),
+                             label_subset_parser("evaluate the labels whose TIS are complete even if others are "
+                                                 "missing or partial (prints what is skipped); default: refuse")])
     p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS are evaluated")
     p.add_argument("--num_tokens", type=position_int, nargs="+", default=list(DEFAULT_NS),
                    help="numbers n of top TIS / random positions (default: 5 10 ... 50)")
@@ -55,11 +57,6 @@ def get_args_parser():
                    help="whose TIS (default: the paper's %(default)s)")
     p.add_argument("--random_seed", type=seed_int, default=AUTHORS_RANDOM_SEED,
                    help="seed of the random control's random.sample stream (default: the authors' %(default)s)")
-    p.add_argument("--labels", type=nonneg_int, nargs="+", default=None, help="evaluate only these labels (default: all)")
-    p.add_argument("--max_images_per_label", type=positive_int, default=None, help="first N images of each label (default: all)")
-    p.add_argument("--allow_partial", action="store_true",
-                   help="evaluate the labels whose TIS are complete even if others are missing or partial "
-                        "(prints what is skipped); default: refuse")
     p.add_argument("--figure_images", type=nonneg_int, default=8, help="images in the TIS grid figure (default: %(default)s)")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs only")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -77,11 +74,7 @@ def check_inputs(paths, args):
     hint = f" (TIS_computation.py --model {args.model} --data_type {args.data_type})"
     info = check_tis_inputs(tis_dir, split_label_counts(paths.data_dir, args.data_type), args.allow_partial,
                             hint=hint)
-    by_label = records_by_label(records, args.labels, args.max_images_per_label)
-    if args.labels is not None:
-        missing = sorted(set(args.labels) - set(by_label))
-        if missing:
-            raise CortexError(f"--labels {missing}: no {args.data_type} images of them in {paths.data_dir}")
+    by_label = evaluated_labels(records, args.labels, args.max_images_per_label, args.data_type, paths.data_dir)
     skipped = sorted(set(by_label) - set(info.files))
     if skipped:  # only with --allow_partial (else check_tis_inputs raised)
         print(f"warning: --allow_partial: labels {skipped} have no complete TIS file in {tis_dir}; skipped")
@@ -118,9 +111,10 @@ def main(args):
     from cortex.data import dataset_geometry
     from cortex.paths import ExperimentPaths
 
-    h, w, _ = dataset_geometry(ExperimentPaths.from_args(args, EXPERIMENT).data_dir)  # 16x16 unless dataset_info says
+    paths = ExperimentPaths.from_args(args, EXPERIMENT)
+    h, w, _ = dataset_geometry(paths.data_dir)  # 16x16 unless dataset_info.json says otherwise
     ns = check_ns(args.num_tokens, h * w)
-    records, by_label, tis_files = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
+    records, by_label, tis_files = check_inputs(paths, args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
     warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
@@ -133,13 +127,12 @@ def main(args):
     res = sample_level(evaluators, label_data(paths, args, by_label, tis_files), ns, random_draws=draws,
                        batch_size=args.eval_batch_size, n_examples=args.figure_images, progress=not args.no_progress,
                        grid=(h, w))
-    args.grid = (h, w)
     out = write_rows(out_dir / f"sample_image_level_results{suffix}.csv", SAMPLE_COLUMNS, res.rows)
     write_rows(out_dir / f"sample_image_level_per_image{suffix}.csv", PER_IMAGE_COLUMNS, res.per_image())
     print(f"wrote {out}")
     _print_summary(res.rows, ns)
     if not args.no_figures:
-        figures(res, paths.figures_dir(args.model), args, suffix)
+        figures(res, paths.figures_dir(args.model), args, suffix, grid=(h, w))
     return out
 
 
@@ -151,7 +144,7 @@ def _print_summary(rows, ns):
         print(f"{model:<16} {d[('original', 0)]:8.2f} {cells}   (mean prob of the label: TIS-masked/random-masked)")
 
 
-def figures(res, fig_dir, args, suffix=""):
+def figures(res, fig_dir, args, suffix="", grid=None):
     import pandas as pd
 
     from cortex import plots
@@ -167,7 +160,7 @@ def figures(res, fig_dir, args, suffix=""):
                         masked=[e["masked"] for e in ex],
                         masked_titles=[f"p(label), mean of evaluators: {mean(e, 0):.2f} -> {mean(e, 1):.2f}" for e in ex],
                         title=f"TIS of IEM Net{args.model} ({args.attribution}) on {args.data_type} images",
-                        grid=getattr(args, "grid", None))
+                        grid=grid)
     print(f"figures: {p1}, {p2}")
     return [p1, p2]
 

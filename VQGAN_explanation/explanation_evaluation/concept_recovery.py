@@ -108,12 +108,8 @@ def main(args, experiment="vqgan"):
     planted = read_ground_truth(paths.data_dir / "ground_truth.json")
     nulls = null_labels(paths.data_dir)
     runs = current_runs(paths, args.model, args.attribution, sorted(planted) + nulls, args.allow_partial)
-    rows, summary = [], []
-    for m, attrs in runs.items():
-        r, s = concept_recovery(paths, models=[m], k=args.k, top_ns=tuple(args.top_ns), attributions=attrs)
-        first = not rows  # the frequency baseline and random rows do not depend on the model: keep them once
-        rows += [x for x in r if first or x["model"] != ""]
-        summary += [x for x in s if first or x["model"] != ""]
+    # one call: the train split and ground truth are read once; baseline and random rows come once, after the models'
+    rows, summary = concept_recovery(paths, models=list(runs), k=args.k, top_ns=tuple(args.top_ns), attributions=runs)
     print(format_summary(summary))
     with atomic_write(out) as f:
         w = csv.writer(f)
