@@ -11,7 +11,9 @@ datasets/codebook.npy with --layout compact), datasets/images/<label>/<i>.png, t
 dataset_info.json and, for the synthetic world, ground_truth.json and synthetic_vq.pt (its decoder).
 A finished dataset with the same arguments is left alone; an interrupted one is resumed. The dataset is built in
 datasets.generating/ beside datasets/ and swapped in when complete, so a killed run leaves the old dataset intact.
-A dataset not made by this script (the authors' download, a merge) is only replaced with --overwrite.
+A finished dataset made with other arguments (another --seed, --source images over a synthetic world) or not
+made by this script (the authors' download, a merge) is only replaced with --overwrite: the IEMs and results
+computed from it would no longer match it.
 """
 import argparse
 import json
@@ -84,9 +86,15 @@ def main(args):
     stamp = data_dir / "generation_args.json"
     if not args.overwrite and stamp.exists() and (data_dir / "test_embeddings.csv").exists():
         old = {k: v for k, v in json.loads(stamp.read_text()).items() if v is not None}
-        if old == json.loads(json.dumps(data_args(args), default=str)):
+        want = json.loads(json.dumps(data_args(args), default=str))
+        if old == want:
             print(f"{data_dir} is complete for these arguments; nothing to do (--overwrite to rebuild)")
             return data_dir
+        diff = ", ".join(f"--{k} {old.get(k)} -> {want.get(k)}" for k in sorted(set(old) | set(want))
+                         if old.get(k) != want.get(k))
+        raise CortexError(f"{data_dir} holds a finished dataset made with other settings ({diff}); the IEMs, TIS "
+                          f"and results computed from it would no longer match it: pass --overwrite to replace it, "
+                          f"or another --data_dir (--root)")
     if not args.overwrite and not stamp.exists() and holds_dataset(data_dir):
         raise CortexError(f"{data_dir} holds a dataset that generate_dataset.py did not make (no generation_args.json:"
                           f" the authors' download, a merge?); pass --overwrite to replace it, or another --data_dir")

@@ -10,14 +10,17 @@ Labels are checked as the training reader checks them: an integer in 0..num_clas
 (--num_classes, else datasets/dataset_info.json, else 1000).
 Linear in the images: the CSV is parsed in one pass (cortex.stats.read_split_ids; the row-by-row reader
 only for a malformed file, to name the line), counts by np.bincount; every label file is written
-atomically (cortex.stats.StagedFiles). bench/bench_stats.py times it against a plain pandas version.
+atomically (cortex.stats.StagedFiles); results/TIS/frequency_baseline/source.json records the split CSV's
+sha256 and the labels, and says "unfinished" while the files are written (cortex.provenance: a failed run
+is refused by its consumers, not used). bench/bench_stats.py times it against a plain pandas version.
 """
 import argparse
 
 from cortex.cli import int_in, make_parser, paths_parser, positive_int, run_main
 from cortex.data import resolve_num_classes
 from cortex.paths import ExperimentPaths
-from cortex.stats import MAX_ROWS, frequency_baseline, read_split_ids, write_frequency_baseline
+from cortex.provenance import begin_frequency_baseline, check_dataset, finish_frequency_baseline
+from cortex.stats import MAX_ROWS, frequency_baseline, label_files, read_split_ids, write_frequency_baseline
 from cortex.utils import save_run_args
 
 
@@ -35,11 +38,18 @@ def get_args_parser():
 def main(args, experiment="vqgan"):
     paths = ExperimentPaths.from_args(args, experiment)
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
+    check_dataset(paths, args.split)
     _, labels, ids = read_split_ids(paths.data_dir, args.split, num_classes)  # (N,), (N, 256)
     out_dir = paths.frequency_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(args, out_dir)
-    files = write_frequency_baseline(out_dir, frequency_baseline((labels, ids), limit=args.max_rows))
+    begin_frequency_baseline(paths)  # source.json says "unfinished" until every file is written
+    baseline = frequency_baseline((labels, ids), limit=args.max_rows)
+    files = write_frequency_baseline(out_dir, baseline)
+    for label, path in label_files(out_dir).items():
+        if label not in baseline:
+            path.unlink()  # an earlier dataset's label: not part of this baseline
+    finish_frequency_baseline(paths, args.split, baseline)  # the split CSV's sha256 (cortex.provenance)
     print(f"frequency baseline of {len(files)} labels -> {out_dir}")
     return files
 

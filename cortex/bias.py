@@ -397,7 +397,8 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     (:func:`check_bias_inputs`); an IEM whose accuracy is near chance gets a loud warning. Returns
     ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
     """
-    from .stats import read_stats_section
+    from .provenance import dataset_hashes, file_sha256, write_output_record
+    from .stats import SOURCE_FILE, read_stats_section
     from .tis import check_iem_not_near_chance
 
     files = check_bias_inputs(paths, model, attribution, allow_partial)
@@ -414,6 +415,9 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     if attribution != "smoothgrad":
         name = name.replace(".csv", f"_{attribution}.csv")
     out = write_bias_csv(paths.bias_dir() / name, rows)
+    src = paths.stats_dir(model, attribution) / SOURCE_FILE
+    write_output_record(out, {"dataset": dataset_hashes(paths.data_dir), "neutral_csv_sha256": file_sha256(neutral),
+                              "statistics_id": json.loads(src.read_text()).get("statistics_id") if src.exists() else None})
     names = label_names(paths.data_dir)
     for r in rows:
         print(f"label {r.label} ({names.get(r.label, '?')}): {len(r.tokens)} tokens, "

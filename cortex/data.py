@@ -235,6 +235,34 @@ def detect_layout(data_dir, split: str) -> str:
                       f"dataset, or build codebook.npy from the per-image files (python compact_dataset.py)")
 
 
+def check_codebook_against_files(data_dir, split: str, records: list[Record], codebook: torch.Tensor, grid,
+                                 max_deviation: float = 0.0, n: int = 3) -> None:
+    """When a dataset has both layouts, the compact one must give the per-image files' tensors: the first,
+    middle and last image of the split (those whose ``.npy`` exists) are looked up in ``codebook`` and compared
+    with their files (tolerance: ``codebook_max_deviation`` of ``dataset_info.json``, else float rounding).
+    A ``codebook.npy`` of another dataset or VQ model is a CortexError naming both files."""
+    folder = split_npy_dir(data_dir, split)
+    if not records or not folder.is_dir():
+        return
+    picks = sorted({0, len(records) // 2, len(records) - 1})[:n]
+    for i in picks:
+        r = records[i]
+        path = folder / r.filename
+        if not path.exists():
+            continue
+        ids = torch.as_tensor(np.asarray(r.ids, dtype=np.int64)).reshape(1, -1)
+        looked_up = ids_to_embedding(codebook, ids, grid)[0].numpy()  # (D, h, w)
+        stored = load_npy(path)
+        if stored.shape != looked_up.shape or not np.allclose(stored, looked_up, rtol=1e-5,
+                                                               atol=max(2 * float(max_deviation), 1e-6)):
+            diff = (float(np.abs(stored - looked_up).max()) if stored.shape == looked_up.shape
+                    else f"shape {stored.shape} vs {looked_up.shape}")
+            raise CortexError(f"{Path(data_dir) / 'codebook.npy'} disagrees with the per-image file {path} (largest "
+                              f"difference {diff}): the codebook is not the one these embeddings were made with. "
+                              f"Rebuild it from the files: python compact_dataset.py --data_dir {data_dir} --force, "
+                              f"or read the files with --data_layout files")
+
+
 class TokenLookup:
     """Turns a loader's batch into embeddings on the compute device.
 
@@ -304,6 +332,7 @@ class EmbeddingDataset(Dataset):
             ids = np.array([r.ids for r in self.records], id_dtype).reshape(-1, self.n_pos)  # (N, h*w); (0, h*w) if none
             self.ids = torch.from_numpy(ids)
             dev = info.get("codebook_max_deviation", 0)
+            check_codebook_against_files(self.data_dir, self.split, self.records, self.codebook, self.grid, dev)
             if layout == "auto" and dev and split_npy_dir(self.data_dir, self.split).is_dir():
                 print(f"note: {self.data_dir}/codebook.npy matches the per-image files up to {dev:.3g} (float "
                       f"rounding, see compact_dataset.py); --data_layout files reads the files' exact values")
@@ -341,24 +370,50 @@ class EmbeddingDataset(Dataset):
         return [(xs[j], self.records[i].label, self.records[i].filename) for j, i in enumerate(indices)]
 
 
+def token_indices_path(data_dir, split: str) -> Path:
+    return Path(data_dir) / f"{canonical_split(split)}_token_indices.pkl"
+
+
+def write_token_indices(data_dir, split: str, cache: dict) -> Path:
+    """Write ``{split}_token_indices.pkl`` (the authors' format) and, beside it, ``.pkl.source.json``: the
+    sha256 of the pickle and of the CSV it was built from (:func:`load_token_indices` trusts only those)."""
+    from .provenance import file_sha256
+
+    path = token_indices_path(data_dir, split)
+    with atomic_write(path, "wb") as f:
+        pickle.dump(cache, f)
+    with atomic_write(path.with_name(path.name + ".source.json")) as f:
+        json.dump({"csv": split_csv(data_dir, split).name, "csv_sha256": file_sha256(split_csv(data_dir, split)),
+                   "pkl_sha256": file_sha256(path)}, f, indent=2)
+    return path
+
+
 def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
     """``{split}_token_indices.pkl`` (filename -> list of 256 ids, the authors' format), built from the CSV when
-    missing or stale: a CSV modified after the pickle (edited, regenerated, merged) wins, and the pickle is
-    rebuilt (kept in memory only when the folder is read-only)."""
+    missing or not current. Current is decided by content, not time: the pickle's ``.pkl.source.json`` records
+    the sha256 of the pickle and of the CSV it was built from, and both must equal the files' now (an edited
+    pickle, an edited, regenerated or merged CSV, or a pickle with no record -- the authors' download -- is
+    rebuilt; kept in memory only when the folder is read-only)."""
+    from .provenance import file_sha256
+
     split = canonical_split(split)
-    short = {"validation": "validation"}.get(split, split)
-    path = Path(data_dir) / f"{short}_token_indices.pkl"
+    path = token_indices_path(data_dir, split)
     csv_path = split_csv(data_dir, split)
     if path.exists():
-        stale = csv_path.exists() and csv_path.stat().st_mtime_ns > path.stat().st_mtime_ns
-        if not stale:
+        rec_path = path.with_name(path.name + ".source.json")
+        try:
+            rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+        except ValueError:
+            rec = {}
+        if (csv_path.exists() and rec.get("csv_sha256") == file_sha256(csv_path)
+                and rec.get("pkl_sha256") == file_sha256(path)):
             with open(path, "rb") as f:
                 return pickle.load(f)
-        print(f"{path} is older than {csv_path.name}: rebuilding it from the CSV")
+        why = "has no record of its CSV" if not rec else "does not match"
+        print(f"{path} {why} {csv_path.name} (content check): rebuilding it from the CSV")
     cache = {r.filename: r.ids.tolist() for r in read_split(data_dir, split)}
     try:
-        with atomic_write(path, "wb") as f:
-            pickle.dump(cache, f)
+        write_token_indices(data_dir, split, cache)
     except OSError as e:
         print(f"note: could not write {path} ({e}); using the token indices read from {csv_path.name}")
     return cache
@@ -444,9 +499,7 @@ class DatasetWriter:
                 w.writerows(rows)
             self._partial(split).unlink()
             if split in ("train", "test"):
-                cache = {r[0]: parse_int_list(r[2]).tolist() for r in rows}
-                with atomic_write(self.data_dir / f"{split}_token_indices.pkl", "wb") as f:
-                    pickle.dump(cache, f)
+                write_token_indices(self.data_dir, split, {r[0]: parse_int_list(r[2]).tolist() for r in rows})
         atomic_save_npy(self.data_dir / "codebook.npy", self.codebook)
         if info is not None:
             if "grid_size" in info or (tuple(self.grid), self.codebook.shape[1]) != (DEFAULT_GRID, EMB_DIM):

@@ -13,14 +13,14 @@ import contextlib
 import csv
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .data import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
-                   load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir)
+                   load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir,
+                   write_token_indices)
 from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
 
 
@@ -247,8 +247,7 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
             w.writerow(CSV_HEADER)
             w.writerows(rs)
         if s in ("train", "test"):
-            with atomic_write(out_dir / f"{s}_token_indices.pkl", "wb") as f:
-                pickle.dump({r[0]: parse_int_list(r[2]).tolist() for r in rs}, f)
+            write_token_indices(out_dir, s, {r[0]: parse_int_list(r[2]).tolist() for r in rs})
     return info
 
 

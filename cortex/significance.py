@@ -273,6 +273,7 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     """
     from .data import load_token_indices
     from .paths import ExperimentPaths
+    from .provenance import write_significance_record
     from .stats import label_files
 
     if not 0 < args.alpha < 1:
@@ -289,6 +290,7 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
                                progress=not getattr(args, "no_progress", False), parsed=parsed)
     out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, args.alpha if args.significant_only else None,
                              getattr(args, "max_rows", None))
+    write_significance_record(out, stats_dir)  # the statistics_id these tests were computed with
     n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in args.top_ns}
     print(f"enrichment tests (exact hypergeometric, BH q < {args.alpha}): significant tokens over "
           f"{len(tests)} labels: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {out}")
@@ -340,31 +342,14 @@ def significance_recovery(sig_file, planted: dict, nulls, top_ns, alpha: float =
 
 # ----------------------------------------------------------------------------- inputs of the current run (issue 14.5)
 
-def check_current_run(paths, model: int, attribution: str) -> None:
+def check_current_run(paths, model: int, attribution: str) -> dict:
     """CortexError unless the statistics of (model, attribution) come from the *current* run.
 
-    Current: ``cortex.stats.check_statistics_current`` passes (the statistics match their TIS run, nothing
-    unfinished or left over) and that TIS run's ``tis_config.json`` names the checkpoint and train CSV that
-    are on disk now (same sha256): statistics left from an earlier IEM or dataset are not current.
+    Current: every link of ``cortex.provenance`` up to the dataset holds -- the statistics are complete and
+    match their TIS run (``cortex.stats.check_statistics_current``), that run names the checkpoint, train CSV
+    and codebook on disk now, the checkpoint was trained on this dataset, and ``tis_significance.csv`` was
+    computed with these statistics. Returns the ids used (``cortex.provenance.verify``).
     """
-    import json
+    from .provenance import verify
 
-    from .data import split_csv
-    from .stats import check_statistics_current
-    from .tis import file_sha256
-
-    stats_dir, tis_dir = paths.stats_dir(model, attribution), paths.tis_dir(model, "train", attribution)
-    check_statistics_current(stats_dir, tis_dir)  # no source.json (e.g. the authors' files): a warning
-    cfg_path = tis_dir / "tis_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-    redo = (f"Rerun TIS_computation.py and TIS_analysis.py --model {model} --attribution {attribution} "
-            f"for the current run.")
-    want = cfg.get("checkpoint", {}).get("sha256")
-    ckpt = paths.model_dir(model) / cfg.get("checkpoint", {}).get("file", "best_model.pth")
-    if want and want != file_sha256(ckpt):
-        raise CortexError(f"{stats_dir} explains another IEM: {cfg_path} names a checkpoint that is not the current "
-                          f"{ckpt} (left from an earlier run). {redo}")
-    want = cfg.get("data", {}).get("csv_sha256")
-    if want and want != file_sha256(split_csv(paths.data_dir, "train")):
-        raise CortexError(f"{stats_dir} was computed on another dataset: {cfg_path} names a train CSV that is not "
-                          f"the current {split_csv(paths.data_dir, 'train')} (left from an earlier run). {redo}")
+    return verify(paths, model, statistics=True, attribution=attribution)

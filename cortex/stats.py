@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import make_parser, position_int, positive_int
+from .provenance import record_id
 from .utils import CortexError, atomic_write
 
 TOP_NS = (1, 5, 10, 20)
@@ -813,8 +814,8 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
 
     stats_dir.mkdir(parents=True, exist_ok=True)
     source = stats_dir / SOURCE_FILE
-    if source.exists():
-        source.unlink()  # until the new statistics are complete, none are current
+    with atomic_write(source) as f:  # until the new statistics are complete, none are current (a kill -9 included)
+        json.dump({"in_progress": True}, f)
     for label, path in label_files(stats_dir).items():
         if label not in tops:
             path.unlink()  # an earlier run's label: not part of this run
@@ -839,17 +840,19 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
     if info.config is not None:
         with atomic_write(stats_dir / TIS_CONFIG) as f:
             json.dump(info.config, f, indent=2, sort_keys=True)
+    # tis_dir relative to the statistics: the same file wherever the experiment folder lies (moved, SLURM)
+    record = {"tis_dir": os.path.relpath(tis_dir.resolve(), stats_dir.resolve()), "tis_config": info.config,
+              "tis_config_sha1": info.config_sha1,
+              "labels": {str(l): {"rows": len(names_of[l]), "fingerprint": _fingerprint(info.files[l])}
+                         for l in labels},
+              "complete": info.complete, "problems": info.problems, "top_ns": list(top_ns), "max_rows": limit}
+    record["statistics_id"] = record_id(record)  # what the significance file and the eval outputs record
     with atomic_write(source) as f:
-        # tis_dir relative to the statistics: the same file wherever the experiment folder lies (moved, SLURM)
-        json.dump({"tis_dir": os.path.relpath(tis_dir.resolve(), stats_dir.resolve()), "tis_config": info.config, "tis_config_sha1": info.config_sha1,
-                   "labels": {str(l): {"rows": len(names_of[l]), "fingerprint": _fingerprint(info.files[l])}
-                              for l in labels},
-                   "complete": info.complete, "problems": info.problems, "top_ns": list(top_ns), "max_rows": limit},
-                  f, indent=2)
+        json.dump(record, f, indent=2)
     return {"labels": labels, "images": len(every), "complete": info.complete}
 
 
-def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False) -> dict | None:
+def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False, rebuild: str | None = None) -> dict | None:
     """Check that the TIS statistics in ``stats_dir`` were computed from the current TIS run.
 
     Reads ``stats_dir/source.json`` (written last by :func:`analyze_tis`). A CortexError when: the
@@ -861,7 +864,7 @@ def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False) 
     a warning naming what they lack. Returns the recorded source dict.
     """
     stats_dir = Path(stats_dir)
-    rerun = "Rerun TIS_analysis.py (same --model/--attribution) to recompute them."
+    rerun = f"Rebuild them: {rebuild}" if rebuild else "Rerun TIS_analysis.py (same --model/--attribution) to recompute them."
     src_path = stats_dir / SOURCE_FILE
     if not src_path.exists():
         if label_files(stats_dir) and not require:
@@ -871,6 +874,9 @@ def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False) 
         raise CortexError(f"{stats_dir}: no complete TIS statistics ({SOURCE_FILE} missing: never computed, or "
                           f"the last TIS_analysis.py run stopped early). {rerun}")
     src = json.loads(src_path.read_text(encoding="utf-8"))
+    if src.get("in_progress"):
+        raise CortexError(f"stale statistics {stats_dir}: the last TIS_analysis.py run did not finish (stopped "
+                          f"while writing them; the files may mix two runs). {rerun}")
     recorded = {int(k): v for k, v in src["labels"].items()}
     stale = sorted(set(label_files(stats_dir)) - set(recorded))
     if stale:
@@ -1075,11 +1081,13 @@ def run_analysis(args, experiment: str, keep: dict | None = None) -> dict:
     """
     from .data import load_token_indices
     from .paths import ExperimentPaths
+    from .provenance import check_tis_run
     from .utils import save_run_args
 
     paths = ExperimentPaths.from_args(args, experiment)
     stats_dir = paths.stats_dir(args.model, args.attribution)
     tis_dir = paths.tis_dir(args.model, "train", args.attribution)
+    check_tis_run(paths, args.model, "train", args.attribution)  # TIS of the current IEM on the current dataset
     expected = split_label_counts(paths.data_dir, "train")
     hint = f" (--model {args.model} --data_type train --attribution {args.attribution})"
     stats_dir.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ from .attribution import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_m
                           get_attribution, image_seed, memory_per_copy, prepare_fast, reduce_channels,
                           smoothgrad_from_noise, standard_noise, token_scores, top_overlap)
 from .cli import make_parser, nonneg_float, nonneg_int, positive_float, positive_int
+from .provenance import file_sha256  # noqa: F401  (cortex.tis.file_sha256: one hashing function)
 from .utils import CortexError, atomic_write, format_list, parse_float_list
 
 TIS_HEADER = ["filename", "label", "contribution"]
@@ -129,18 +130,6 @@ class TISConfig:
 def run_id_of(key: dict) -> str:
     """16 hex digits of the sha256 of the canonical JSON of a run key."""
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha256(path) -> str | None:
-    """sha256 of a file's bytes (``None`` when it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_labels(labels, shard: int = 0, num_shards: int = 1) -> list[int]:
@@ -905,6 +894,7 @@ def run_tis(args, experiment: str) -> dict:
     from .data import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
     from .models import load_iem
     from .paths import ExperimentPaths
+    from .provenance import check_checkpoint
     from .utils import get_device, require_file, save_run_args, seed_everything
 
     paths = ExperimentPaths.from_args(args, experiment)
@@ -921,6 +911,7 @@ def run_tis(args, experiment: str) -> dict:
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
     ckpt = require_file(paths.best_ckpt(args.model), "IEM checkpoint",
                         f"Train it first (python train.py --model {args.model}) or pass --checkpoint_dir.")
+    check_checkpoint(paths, args.model)  # trained on the dataset on disk now (cortex.provenance)
     model = load_iem(ckpt, experiment, args.model, num_classes=args.num_classes, width=args.width,
                      depth=args.depth, map_location="cpu")
     model_classes = getattr(model, "num_classes", num_classes)

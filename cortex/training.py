@@ -525,6 +525,8 @@ def train_iem(args, paths, experiment: str) -> dict:
     Returns ``{'best', 'last', 'log', 'curves', 'metrics'}`` paths. A fresh run refuses to replace a trained IEM
     without ``--overwrite``; a resumed one refuses other training settings (``check_resume_settings``).
     """
+    from .provenance import dataset_hashes
+
     pl = _lightning()
     verbose = bool(getattr(args, "verbose", False))  # Lightning's INFO lines: cortex.cli.quiet_third_party
     if args.resume and getattr(args, "overwrite", False):
@@ -539,7 +541,8 @@ def train_iem(args, paths, experiment: str) -> dict:
     model = build_model(experiment, args.model, num_classes, width=width, depth=args.depth,
                         code_dim=train_set.code_dim, grid=train_set.grid)  # the dataset's (D, h, w) embeddings
     meta = dict(experiment=experiment, model_id=args.model, num_classes=num_classes, width=width, depth=args.depth,
-                code_dim=train_set.code_dim, grid=list(train_set.grid))  # recorded only when not 256 / 16x16
+                code_dim=train_set.code_dim, grid=list(train_set.grid),  # recorded only when not 256 / 16x16
+                dataset=dataset_hashes(paths.data_dir))  # the data it is trained on (cortex.provenance)
 
     model_dir = paths.model_dir(args.model)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -623,6 +626,9 @@ def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10)) -> dict:
     """Evaluate best_model.pth on the test split and write testing_results.csv."""
     from .utils import get_device
 
+    from .provenance import verify
+
+    verify(paths, args.model, split="test")  # the checkpoint was trained on this dataset
     device = get_device(args.device, args.gpu)
     model = load_iem(paths.best_ckpt(args.model), experiment, args.model, num_classes=args.num_classes,
                      width=args.width, depth=args.depth)

@@ -149,6 +149,7 @@ def select_images(records, pairs, per_label):
 def main(args):
     from cortex.data import dataset_geometry
     from cortex.models import load_iem
+    from cortex.provenance import verify, write_output_record
 
     # inputs first (dataset, IEM, VQ decoder), evaluators (maybe a download) last
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
@@ -158,6 +159,7 @@ def main(args):
     args.rows, args.cols = tuple(args.rows or rows), tuple(args.cols or cols)
     region = region_positions(args.rows, args.cols, grid)
     test = check_eval_dataset(paths, "test", images=False)
+    used = verify(paths, args.model, split="test")  # the IEM was trained on this dataset (cortex.provenance)
     from cortex.utils import get_device
 
     device = get_device(args.device, args.gpu)
@@ -221,6 +223,7 @@ def main(args):
         scores[n]["initial"] = {k: np.concatenate([sc[n]["initial"][k] for sc in all_scores]) for k in SCORE_KEYS}
     rows, best = best_rows(scores)
     out = write_rows(out_dir / f"codebook_level_results_{tag}.csv", CODEBOOK_COLUMNS, rows)
+    write_output_record(out, used)
     steps = traces[0].steps
     iem0 = np.concatenate([t.initial_iem_target_logit for t in traces])
     iem1 = np.concatenate([t.iem_target_logit[-1] for t in traces])

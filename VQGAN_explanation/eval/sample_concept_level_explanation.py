@@ -34,6 +34,7 @@ from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, 
                             concept_paired_stats, eval_setup, evaluated_labels, load_images, output_suffix,
                             paired_stats_path, warn_if_near_chance, write_rows)
 from cortex.paths import ExperimentPaths
+from cortex.provenance import write_output_record
 from cortex.stats import _short, read_frequency_baseline, read_stats_section
 from cortex.utils import CortexError, save_run_args
 
@@ -58,14 +59,15 @@ def get_args_parser():
     return p
 
 
-def check_inputs(paths, args) -> dict:
+def check_inputs(paths, args) -> tuple[dict, dict]:
     """Test split, images, statistics and frequency baseline of every label, before any evaluator is loaded.
 
-    Returns ``{label: (records, concept tokens, baseline tokens)}`` of the labels to evaluate.
+    Returns ``({label: (records, concept tokens, baseline tokens)}`` of the labels to evaluate, the ids of the
+    inputs (``cortex.provenance.verify``)).
     """
     by_label = evaluated_labels(check_eval_dataset(paths, "test"), args.labels, args.max_images_per_label, "test",
                                 paths.data_dir)
-    check_statistics(paths, args)
+    used = check_statistics(paths, args)
     stats = {k: paths.stats_file(args.model, k, args.attribution) for k in by_label}
     freq = {k: paths.frequency_file(k) for k in by_label}
     no_stats = [k for k, p in stats.items() if not p.is_file()]
@@ -90,22 +92,24 @@ def check_inputs(paths, args) -> dict:
                   read_frequency_baseline(freq[k], args.token_num))
     if not out:
         raise CortexError("no label to evaluate: none has both TIS statistics and a frequency baseline")
-    return out
+    return out, used
 
 
-def check_statistics(paths, args) -> None:
-    """The statistics must come from the current TIS run (``cortex.stats.check_statistics_current``: stale
-    label files, a changed TIS run, an unfinished analysis). Statistics without provenance (the authors'
-    published files) pass with a warning. With --allow_partial a failed check is a warning, not an error."""
-    from cortex.stats import check_statistics_current
+def check_statistics(paths, args) -> dict:
+    """The whole chain up to the dataset (``cortex.provenance.verify``): the statistics come from the current
+    TIS run (stale label files, a changed TIS run, an unfinished analysis), that run from the current IEM on
+    the current dataset, and the frequency baseline is complete and counted on the current dataset. Inputs
+    without provenance (the authors' published files) pass with a warning. With --allow_partial a failed check
+    is a warning, not an error. Returns the ids of the inputs."""
+    from cortex.provenance import verify
 
     try:
-        check_statistics_current(paths.stats_dir(args.model, args.attribution),
-                                 paths.tis_dir(args.model, "train", args.attribution))
+        return verify(paths, args.model, statistics=True, frequency=True, attribution=args.attribution)
     except CortexError as e:
         if not args.allow_partial:
-            raise CortexError(f"{e} (or pass --allow_partial to evaluate with these statistics on purpose)") from None
-        print(f"warning: --allow_partial: using the statistics anyway: {e}")
+            raise CortexError(f"{e} (or pass --allow_partial to evaluate with these inputs on purpose)") from None
+        print(f"warning: --allow_partial: using the inputs anyway: {e}")
+        return {"allow_partial": str(e)}
 
 
 def label_data(paths, inputs):
@@ -115,7 +119,7 @@ def label_data(paths, inputs):
 
 
 def main(args):
-    inputs = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
+    inputs, used = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
     warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
@@ -128,6 +132,7 @@ def main(args):
     res = concept_level(evaluators, label_data(paths, inputs), batch_size=args.eval_batch_size,
                         progress=not args.no_progress, grid=(h, w))
     out = write_rows(out_dir / f"sample_concept_level_results_{tag}.csv", CONCEPT_COLUMNS, res.rows)
+    write_output_record(out, used)  # <out>.source.json: the statistics, baseline, IEM and dataset it used
     paired = concept_paired_stats(res)
     write_rows(paired_stats_path(out), PAIRED_COLUMNS, paired)
     write_rows(out_dir / f"sample_concept_level_per_label_{tag}.csv", PER_LABEL_COLUMNS, res.per_label)

@@ -35,6 +35,7 @@ from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check
                             evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
                             warn_if_near_chance, write_rows)
 from cortex.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
+from cortex.provenance import verify, write_output_record
 from cortex.stats import check_tis_inputs, split_label_counts
 from cortex.tis import read_tis_file
 from cortex.utils import CortexError, save_run_args
@@ -66,10 +67,12 @@ def get_args_parser():
 def check_inputs(paths, args):
     """Dataset split and TIS run, checked before any evaluator is loaded.
 
-    Returns ``(by_label, tis_files)``: the split's records per evaluated label (test CSV order) and
-    ``{label: TIS file}``.
+    Returns ``(records, by_label, tis_files, used)``: the split's records, those per evaluated label (test CSV
+    order), ``{label: TIS file}`` and the ids of the inputs (``cortex.provenance.verify``: the TIS run, the IEM
+    and the dataset, each checked against the files on disk now).
     """
     records = check_eval_dataset(paths, args.data_type)
+    used = verify(paths, args.model, tis_split=args.data_type, attribution=args.attribution)
     tis_dir = paths.tis_dir(args.model, args.data_type, args.attribution)
     hint = f" (TIS_computation.py --model {args.model} --data_type {args.data_type})"
     info = check_tis_inputs(tis_dir, split_label_counts(paths.data_dir, args.data_type), args.allow_partial,
@@ -81,7 +84,7 @@ def check_inputs(paths, args):
         by_label = {k: v for k, v in by_label.items() if k in info.files}
     if not by_label:
         raise CortexError(f"no label to evaluate: none has a complete TIS file in {tis_dir}{hint}")
-    return records, by_label, info.files
+    return records, by_label, info.files, used
 
 
 def label_data(paths, args, by_label, tis_files):
@@ -114,7 +117,7 @@ def main(args):
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     h, w, _ = dataset_geometry(paths.data_dir)  # 16x16 unless dataset_info.json says otherwise
     ns = check_ns(args.num_tokens, h * w)
-    records, by_label, tis_files = check_inputs(paths, args)
+    records, by_label, tis_files, used = check_inputs(paths, args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
     warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
@@ -129,6 +132,7 @@ def main(args):
                        grid=(h, w))
     out = write_rows(out_dir / f"sample_image_level_results{suffix}.csv", SAMPLE_COLUMNS, res.rows)
     write_rows(out_dir / f"sample_image_level_per_image{suffix}.csv", PER_IMAGE_COLUMNS, res.per_image())
+    write_output_record(out, used)  # <out>.source.json: the TIS run, IEM and dataset it used
     print(f"wrote {out}")
     _print_summary(res.rows, ns)
     if not args.no_figures:

@@ -31,6 +31,7 @@ import csv
 from cortex.attribution import ATTRIBUTIONS
 from cortex.cli import float_in, int_in, make_parser, paths_parser, position_int, positive_int, run_main
 from cortex.paths import ExperimentPaths
+from cortex.provenance import check_frequency_baseline, dataset_hashes, record_id, write_output_record
 from cortex.significance import ALPHA, SIGNIFICANCE_FILE, check_current_run, null_labels, significance_recovery
 from cortex.stats import TOP_NS, concept_recovery, find_attributions, find_models, label_files, read_ground_truth
 from cortex.utils import CortexError, atomic_write, save_run_args
@@ -57,8 +58,11 @@ def get_args_parser():
     return p
 
 
-def current_runs(paths, models, attributions, labels, allow_partial: bool = False) -> dict[int, list[str]]:
+def current_runs(paths, models, attributions, labels, allow_partial: bool = False,
+                 used: dict | None = None) -> dict[int, list[str]]:
     """``{model: [attribution, ...]}`` whose statistics are current and cover ``labels``.
+
+    used: filled with ``{"Net{m} {attribution}": statistics_id}`` of the runs kept (their provenance).
 
     Runs named explicitly that fail the check raise a CortexError (unless ``allow_partial``: warning, kept);
     runs only found on disk that fail are left out with a warning.
@@ -69,7 +73,9 @@ def current_runs(paths, models, attributions, labels, allow_partial: bool = Fals
         for a in (attributions or find_attributions(paths, m)):
             stats_dir = paths.stats_dir(m, a)
             try:
-                check_current_run(paths, m, a)
+                ids = check_current_run(paths, m, a)
+                if used is not None:
+                    used[f"Net{m} {a}"] = ids.get("statistics_id")
                 missing = sorted(set(labels) - set(label_files(stats_dir)))
                 if missing:
                     raise CortexError(f"{stats_dir}: no statistics for labels {missing} of ground_truth.json; "
@@ -107,7 +113,12 @@ def main(args, experiment="vqgan"):
     save_run_args(args, out.parent, name="concept_recovery_args.json")
     planted = read_ground_truth(paths.data_dir / "ground_truth.json")
     nulls = null_labels(paths.data_dir)
-    runs = current_runs(paths, args.model, args.attribution, sorted(planted) + nulls, args.allow_partial)
+    used = {}
+    runs = current_runs(paths, args.model, args.attribution, sorted(planted) + nulls, args.allow_partial, used)
+    freq = check_frequency_baseline(paths)  # unfinished or of another dataset: refused, not silently dropped
+    if freq is None and not label_files(paths.frequency_dir()):
+        print(f"note: no frequency baseline in {paths.frequency_dir()}: no frequency_baseline rows "
+              f"(python generate_freq_based_tokens.py adds them)")
     # one call: the train split and ground truth are read once; baseline and random rows come once, after the models'
     rows, summary = concept_recovery(paths, models=list(runs), k=args.k, top_ns=tuple(args.top_ns), attributions=runs)
     print(format_summary(summary))
@@ -116,6 +127,9 @@ def main(args, experiment="vqgan"):
         w.writerow(COLUMNS)
         for r in rows + summary:
             w.writerow([_cell(r[c]) for c in COLUMNS])
+    write_output_record(out, {"dataset": dataset_hashes(paths.data_dir),
+                              "frequency_baseline_id": record_id(freq) if freq else None,
+                              "statistics": used})
     print(f"-> {out}")
     sig_rows = []
     for m, attrs in runs.items():
