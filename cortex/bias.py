@@ -369,7 +369,7 @@ def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_
         check_current_run(paths, model, attribution)
     except CortexError as e:
         if not allow_partial:
-            raise CortexError(f"{e}\n(--allow_partial uses these statistics anyway, on purpose.)") from None
+            raise CortexError(f"{e} (--allow_partial uses these statistics anyway, on purpose.)") from None
         print(f"warning: --allow_partial: {e}")
     expected = set(split_label_counts(paths.data_dir, "train"))
     problems = []

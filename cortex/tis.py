@@ -903,6 +903,7 @@ def run_tis(args, experiment: str) -> dict:
                        stdev_spread=args.stdev_spread, noise_scope=args.noise_scope, seed=args.seed,
                        ig_steps=args.ig_steps, fast=getattr(args, "fast", False),
                        max_copies_per_pass=args.max_copies_per_pass, max_memory_gb=getattr(args, "max_memory_gb", None))
+    check_checkpoint(paths, args.model)  # trained on the dataset on disk now (cortex.provenance); before any write
     out_dir = paths.tis_dir(args.model, args.data_type, args.attribution)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(args, out_dir, name="args.json" if num_shards == 1 else f"args_shard{shard}of{num_shards}.json")
@@ -911,7 +912,6 @@ def run_tis(args, experiment: str) -> dict:
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
     ckpt = require_file(paths.best_ckpt(args.model), "IEM checkpoint",
                         f"Train it first (python train.py --model {args.model}) or pass --checkpoint_dir.")
-    check_checkpoint(paths, args.model)  # trained on the dataset on disk now (cortex.provenance)
     model = load_iem(ckpt, experiment, args.model, num_classes=args.num_classes, width=args.width,
                      depth=args.depth, map_location="cpu")
     model_classes = getattr(model, "num_classes", num_classes)

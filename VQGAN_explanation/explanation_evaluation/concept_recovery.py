@@ -82,7 +82,7 @@ def current_runs(paths, models, attributions, labels, allow_partial: bool = Fals
                                       f"rerun TIS_computation.py and TIS_analysis.py --model {m} --attribution {a}")
             except CortexError as e:
                 if named and not allow_partial:
-                    raise CortexError(f"{e}\n(--allow_partial evaluates it anyway, on purpose.)") from None
+                    raise CortexError(f"{e} (--allow_partial evaluates it anyway, on purpose.)") from None
                 if not (named and allow_partial):
                     print(f"warning: left out Net{m} {a} (not the current run): {e}")
                     continue
