@@ -207,12 +207,14 @@ def test_killed_generation_keeps_the_old_dataset_and_resumes(tmp_path, monkeypat
     d = old_root / "datasets"
     old = _snapshot(d)
     _kill_after(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(CortexError, match=r"other settings \(--seed 0 -> 1\).*--overwrite"):  # issue 21
         run_script(f"{V}/generate_dataset.py", ["--root", old_root, *world, "--seed", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        run_script(f"{V}/generate_dataset.py", ["--root", old_root, *world, "--seed", "1", "--overwrite"])
     assert _snapshot(d) == old  # old CSVs with old .npy / PNGs: nothing of the new run in datasets/
     assert (old_root / "datasets.generating").is_dir()
     calls = _kill_after(monkeypatch, None)
-    run_script(f"{V}/generate_dataset.py", ["--root", old_root, *world, "--seed", "1"])
+    run_script(f"{V}/generate_dataset.py", ["--root", old_root, *world, "--seed", "1", "--overwrite"])
     assert calls["n"] == 39 - 5  # resumed: the 5 images written before the kill are not redone
     assert not (old_root / "datasets.generating").exists() and not (old_root / "datasets.replaced").exists()
     run_script(f"{V}/generate_dataset.py", ["--root", ref_root, *world, "--seed", "1"])

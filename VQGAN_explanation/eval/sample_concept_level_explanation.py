@@ -108,7 +108,7 @@ def check_statistics(paths, args) -> dict:
     except CortexError as e:
         if not args.allow_partial:
             raise CortexError(f"{e} (or pass --allow_partial to evaluate with these inputs on purpose)") from None
-        print(f"warning: --allow_partial: using the inputs anyway: {e}")
+        print(f"warning: --allow_partial: using the statistics anyway: {e}")
         return {"allow_partial": str(e)}
 
 
