@@ -19,7 +19,7 @@ import argparse
 from cortex.cli import int_in, make_parser, paths_parser, positive_int, run_main
 from cortex.data import resolve_num_classes
 from cortex.paths import ExperimentPaths
-from cortex.provenance import begin_frequency_baseline, check_dataset, finish_frequency_baseline
+from cortex.provenance import begin_frequency_baseline, finish_frequency_baseline
 from cortex.stats import MAX_ROWS, frequency_baseline, label_files, read_split_ids, write_frequency_baseline
 from cortex.utils import save_run_args
 
@@ -38,7 +38,6 @@ def get_args_parser():
 def main(args, experiment="vqgan"):
     paths = ExperimentPaths.from_args(args, experiment)
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
-    check_dataset(paths, args.split)
     _, labels, ids = read_split_ids(paths.data_dir, args.split, num_classes)  # (N,), (N, 256)
     out_dir = paths.frequency_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

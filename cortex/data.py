@@ -65,10 +65,8 @@ class Record:
     ids: np.ndarray  # (256,) int64 token ids, row-major
 
 
-def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int | None = None) -> list[Record]:
-    """Rows of ``{split}_embeddings.csv``; every problem is a CortexError naming file and line.
-
-    n_pos: ids per row (default: h*w of :func:`dataset_geometry`, 256 for the authors' data)."""
+def require_split(data_dir, split: str) -> Path:
+    """``{split}_embeddings.csv`` of ``data_dir``; a CortexError saying what to do when it or the folder is missing."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise CortexError(
@@ -78,6 +76,15 @@ def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int 
     if not path.exists():
         raise CortexError(f"split CSV not found: {path}. The dataset in {data_dir} has no {split} split; "
                           f"regenerate it or pass the right --data_dir.")
+    return path
+
+
+def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int | None = None) -> list[Record]:
+    """Rows of ``{split}_embeddings.csv``; every problem is a CortexError naming file and line.
+
+    n_pos: ids per row (default: h*w of :func:`dataset_geometry`, 256 for the authors' data)."""
+    data_dir = Path(data_dir)
+    path = require_split(data_dir, split)
     if n_pos is None:
         n_pos = n_positions(data_dir)
     records = []

@@ -118,14 +118,10 @@ def _short(sha: str | None) -> str:
 # ----------------------------------------------------------------------------- the links
 
 def check_dataset(paths, split: str = "train") -> None:
-    """The dataset exists (its ``split`` CSV)."""
-    from .data import split_csv
-    from .utils import generator_command
+    """The dataset exists (its ``split`` CSV): the head of every chain."""
+    from .data import require_split
 
-    csv_path = split_csv(paths.data_dir, split)
-    if not csv_path.exists():
-        raise CortexError(f"dataset not found: {csv_path} is missing; build it: {generator_command(paths.data_dir)}"
-                          f" (or pass --data_dir/--root)")
+    require_split(paths.data_dir, split)
 
 
 def checkpoint_record(paths, model: int) -> dict:
