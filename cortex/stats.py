@@ -11,7 +11,9 @@ Formats (SPEC §3):
 * ``TIS_statistics_train/tis_statistics_long.csv`` -- tidy ``label,top_n,token,count`` (the rows of
   the sectioned files) and ``global_top_tokens_long.csv`` -- tidy ``top_n,token,count``, for pandas;
 * ``TIS_statistics_train/source.json`` (+ a copy of ``tis_config.json``) -- which TIS run the statistics
-  come from (:func:`check_statistics_current`);
+  come from and their ``statistics_id`` (:func:`check_statistics_current`); ``{"in_progress": true}`` from
+  the first file written until the last (a killed run leaves statistics no consumer accepts);
+  one link of the provenance chain of ``cortex.provenance``;
 * ``TIS/frequency_baseline/label_{k}.csv`` -- header ``Token,Count``, top 100.
 
 Counting rule, the authors' (their TIS_analysis.py / generate_freq_based_tokens.py give byte-equal
