@@ -17,6 +17,7 @@ from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError
 from tests.conftest import TINY_WORLD
 from tests.helpers import REPO, run_script
+from tests.test_significance import dalle_root  # noqa: F401  (the fixture: a DALL-E run analysed)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = "VQGAN_explanation"
@@ -130,19 +131,10 @@ def test_retrained_iem_makes_tis_and_statistics_stale(exp):
     assert str(paths.tis_dir(1, "train")) in _one_error(_cli(f"{V}/TIS_analysis.py", ["--model", 1, *r])[2])
 
 
-def test_dalle_tis_analysis_refuses_the_previous_iems_tis(tmp_path):
-    from tests.test_significance import _fake_tis_run
-
-    root = tmp_path / "dalle"
-    run_script("Dalle_explanation/generate_dataset.py",
-               ["--root", root, "--bias_type", "doctor_gender", "--train_per_class", 4, "--val_per_class", 2,
-                "--test_per_class", 2, "--neutral_images", 8, "--n_codes", 160, "--attribute_tokens", 6,
-                "--doctor_tokens", 8, "--n_background", 24, "--n_distractors", 8, "--layout", "compact", "--no_images"])
-    paths = ExperimentPaths(experiment="dalle", root=root, bias_type="doctor_gender")
-    _fake_tis_run(root, paths.data_dir, paths.tis_dir(1, "train"), paths.best_ckpt(1), lambda r, rng: rng.random(256))
-    args = ["--root", root, "--model", 1, "--bias_type", "doctor_gender", "--no_progress"]
-    run_script("Dalle_explanation/TIS_analysis.py", args)
+def test_dalle_tis_analysis_refuses_the_previous_iems_tis(dalle_root):
+    root, paths = dalle_root  # a TIS run naming the checkpoint of then, analysed
     paths.best_ckpt(1).write_bytes(b"a retrained IEM")
+    args = ["--root", root, "--model", 1, "--bias_type", "doctor_gender", "--no_progress"]
     code, _, err = _cli("Dalle_explanation/TIS_analysis.py", args)
     line = _one_error(err)
     assert code == 2 and "stale TIS run" in line and "--bias_type doctor_gender" in line
