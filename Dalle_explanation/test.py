@@ -12,6 +12,7 @@ import argparse
 from cortex.cli import (bias_parser, data_parser, make_parser, model_parser, paths_parser, positive_int, run_main,
                         runtime_parser)
 from cortex.paths import ExperimentPaths
+from cortex.provenance import write_output_record
 from cortex.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
 
@@ -31,8 +32,10 @@ def main(args):
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     out = paths.testing_results(args.model)
     save_run_args(args, out.parent, "test_args.json")
-    acc = test_iem(args, paths, EXPERIMENT, ks=(1,))[1]
+    used = {}
+    acc = test_iem(args, paths, EXPERIMENT, ks=(1,), used=used)[1]
     write_csv_row(out, ["Accuracy"], [acc])  # full precision, as the authors
+    write_output_record(out, used)  # the checkpoint and dataset tested (cortex.provenance)
     print(f"{args.bias_type} ClassificationNet{args.model}: accuracy {acc:.2f}%")
     print(f"wrote {out}")
     return acc

@@ -8,6 +8,7 @@ import argparse
 
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
+from cortex.provenance import write_output_record
 from cortex.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
 
@@ -27,8 +28,10 @@ def main(args):
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     out = paths.testing_results(args.model)
     save_run_args(args, out.parent, "test_args.json")
-    acc = test_iem(args, paths, EXPERIMENT, KS)
+    used = {}
+    acc = test_iem(args, paths, EXPERIMENT, KS, used)
     write_csv_row(out, [f"Top-{k} Accuracy" for k in KS], [acc[k] for k in KS])  # full precision, as the authors
+    write_output_record(out, used)  # the checkpoint and dataset tested (cortex.provenance)
     print(", ".join(f"Top-{k}: {acc[k]:.2f}%" for k in KS))
     print(f"wrote {out}")
     return acc

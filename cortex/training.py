@@ -622,13 +622,13 @@ def write_csv_row(path, header: list[str], row: list) -> None:
         w.writerow(row)
 
 
-def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10)) -> dict:
-    """Evaluate best_model.pth on the test split and write testing_results.csv."""
+def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10), used: dict | None = None) -> dict:
+    """Top-k accuracies (percent) of best_model.pth on the test split, after checking that the checkpoint was
+    trained on this dataset (``cortex.provenance.verify``); ``used`` is filled with the ids of the inputs."""
+    from .provenance import verify
     from .utils import get_device
 
-    from .provenance import verify
-
-    verify(paths, args.model, split="test")  # the checkpoint was trained on this dataset
+    (used if used is not None else {}).update(verify(paths, args.model, split="test"))
     device = get_device(args.device, args.gpu)
     model = load_iem(paths.best_ckpt(args.model), experiment, args.model, num_classes=args.num_classes,
                      width=args.width, depth=args.depth)

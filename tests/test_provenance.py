@@ -79,6 +79,10 @@ def test_every_artifact_records_what_it_was_computed_from(exp):
     assert freq["dataset"] == {"train_embeddings.csv": file_sha256(paths.data_dir / "train_embeddings.csv")}
     used = verify(paths, 1, tis_split="test", statistics=True, frequency=True)
     assert used["statistics_id"] == src["statistics_id"] and used["tis_run_train"] == tis["run_id"]
+    out = run_script(f"{V}/test.py", ["--model", 1, "--root", exp, *CPU]) and paths.testing_results(1)
+    rec = json.loads((out.parent / "testing_results.csv.source.json").read_text())  # an output's record
+    assert rec["inputs"]["checkpoint_sha256"] == file_sha256(paths.best_ckpt(1))
+    assert rec["inputs"]["dataset"]["test_embeddings.csv"] == cfg["dataset"]["test_embeddings.csv"]
 
 
 def test_regenerated_dataset_is_refused_by_every_consumer(exp, tmp_path):
