@@ -91,6 +91,13 @@ def test_regenerated_dataset_is_refused_by_every_consumer(exp, tmp_path):
     code, _, err = _cli(f"{V}/generate_dataset.py", [*r, "--layout", "both", *TINY_WORLD, "--seed", 5])
     assert code == 2 and "--seed 0 -> 5" in _one_error(err) and "--overwrite" in err  # not replaced silently
     run_script(f"{V}/generate_dataset.py", [*r, "--layout", "both", *TINY_WORLD, "--seed", 5, "--overwrite"])
+    paths = ExperimentPaths(root=exp)
+    from cortex.provenance import check_frequency_baseline
+
+    with pytest.raises(CortexError, match="stale frequency baseline.*another dataset.*generate_freq_based_tokens"):
+        check_frequency_baseline(paths)  # the dataset's own child is stale too
+    run_script(f"{V}/generate_freq_based_tokens.py", r)  # a new baseline: current, but the IEM below it is not
+    assert check_frequency_baseline(paths)["labels"] == [0, 1, 2]
     retrain = "python train.py --model 1 --overwrite"
     m = ["--model", 1]
     cases = [
@@ -108,12 +115,6 @@ def test_regenerated_dataset_is_refused_by_every_consumer(exp, tmp_path):
         line = _one_error(err)
         assert code == 2 and "stale IEM checkpoint" in line and "trained on another dataset" in line, (script, err)
         assert retrain in line, (script, line)
-    # the frequency baseline is the dataset's own child: it is stale too
-    paths = ExperimentPaths(root=exp)
-    from cortex.provenance import check_frequency_baseline
-
-    with pytest.raises(CortexError, match="stale frequency baseline.*another dataset.*generate_freq_based_tokens"):
-        check_frequency_baseline(paths)
 
 
 def test_retrained_iem_makes_tis_and_statistics_stale(exp):
