@@ -306,13 +306,15 @@ def evaluator_dataset(path) -> dict | None:
 
 def check_evaluator_dataset(name: str, path, trained_on: dict | None, data_dir, current: dict | None = None) -> dict:
     """CortexError unless the evaluator ``name`` (checkpoint ``path``) was trained on ``data_dir``'s dataset
-    (same content hash). A checkpoint without a record gets one warning line. Returns the dataset's record."""
-    current = current or dataset_record(data_dir)
+    (same content hash). A checkpoint without a record gets one warning line. Returns the dataset's record (computed
+    once: pass it back as ``current``), or ``current`` unchanged for a checkpoint without a record."""
     if trained_on is None:
         print(f"warning: evaluator {name} ({path}) does not record which dataset it was trained on (written by an "
               f"older train_evaluators.py); cannot check it against {data_dir}. Retrain it with train_evaluators.py "
               f"--overwrite", file=sys.stderr, flush=True)
-    elif trained_on.get("content_hash") != current["content_hash"]:
+        return current
+    current = current or dataset_record(data_dir)
+    if trained_on.get("content_hash") != current["content_hash"]:
         raise CortexError(f"evaluator {name} ({path}) was trained on another dataset: {describe_dataset(trained_on)}, "
                           f"not on {describe_dataset(current)}. Train evaluators on this dataset into their own folder: "
                           f"python train_evaluators.py --data_dir {data_dir} --evaluator_dir <folder>, then pass the "
