@@ -269,8 +269,10 @@ _NOISY_WARNINGS = (
     r".*Consider setting `persistent_workers=True`.*",
     r".*is deprecated.*torch\.utils\._pytree.*",
     r".*Checkpoint directory .* exists and is not empty.*",  # resume writes into its own folder on purpose
-    r"the IEM's accuracy is near chance.*",  # cortex.tis prints its own banner; the warning would repeat it
 )
+# ours: cortex.tis prints a banner on stderr and also warns (for callers that catch it); the warnings module would
+# print the same text again. Appended after every other filter, so a catcher (pytest.warns, -W) still sees it.
+_REPEATED_WARNINGS = (r"the IEM's accuracy is near chance",)
 _quiet_state = {"filters": []}
 
 
@@ -298,6 +300,9 @@ def quiet_third_party(verbose: bool = False) -> None:
         for pattern in _NOISY_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
             _quiet_state["filters"].append(warnings.filters[0])
+        for pattern in _REPEATED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, append=True)
+            _quiet_state["filters"].append(warnings.filters[-1])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # in case a TensorFlow import sneaks in (tensorboard)
 
 
