@@ -146,7 +146,7 @@ def draw_gallery(cards: list[TokenCard], path, title: str = "") -> Path:
         raise CortexError("no tokens to draw")
     n_cols = 1 + max(1, max(len(c.patches) for c in cards))
     width = min(MAX_WIDTH_IN, 0.85 * n_cols + 0.7)  # a paper's text width at most
-    fig, axes = plt.subplots(len(cards), n_cols, figsize=(width, 1.15 * len(cards) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(cards), n_cols, figsize=(width, 1.35 * len(cards) + 0.3), squeeze=False)
     for row, card in zip(axes, cards):
         for ax in row:
             ax.set_xticks([])
