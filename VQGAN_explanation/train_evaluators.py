@@ -35,8 +35,8 @@ from cortex.cli import (fraction, make_parser, nonneg_float, paths_parser, posit
                         runtime_parser)
 from cortex.data import dataset_geometry, dataset_info, read_split
 from cortex.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthetic_net, dataset_record,
-                               describe_dataset, evaluator_logits, net_input_size, pretrained_net,
-                               evaluator_folder, save_synthetic_evaluator)
+                               describe_dataset, evaluator_folder, evaluator_logits, has_imagenet_weights,
+                               net_input_size, pretrained_net, save_synthetic_evaluator)
 from cortex.explain import load_images, write_rows
 from cortex.masking import mask_images
 from cortex.paths import ExperimentPaths
@@ -114,7 +114,7 @@ def train_one(arch, num_classes, image_size, data, args, device, grid=(16, 16)):
         net = build_synthetic_net(arch, num_classes, image_size)
     print(f"{arch}: " + (f"fine-tuning from the ImageNet weights {weights}" if weights else "training from scratch"
                          + (" (no local ImageNet weights found; --weights_dir)" if args.pretrained == "auto"
-                            and arch not in DEFAULT_SYNTHETIC_ARCHS and weights is None else "")))
+                            and has_imagenet_weights(arch) else "")))
     ev = Evaluator(arch, net, net_input_size(net, image_size), num_classes).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     (xtr, ytr), (xva, yva) = data["train"], data["validation"]
@@ -165,7 +165,11 @@ def existing_checkpoints(out_dir, archs, record: dict, args) -> list[str]:
         path = out_dir / f"{arch}.pth"
         if args.overwrite or not path.exists():
             continue
-        meta = torch.load(path, map_location="cpu", weights_only=True).get("meta") or {}
+        try:
+            meta = torch.load(path, map_location="cpu", weights_only=True).get("meta") or {}
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways
+            raise CortexError(f"{path}: cannot read this evaluator checkpoint ({type(e).__name__}: {e}); "
+                              f"retrain it with --overwrite") from e
         trained_on = meta.get("dataset")
         if trained_on is None or trained_on.get("content_hash") != record["content_hash"]:
             was = describe_dataset(trained_on) if trained_on else "an unrecorded dataset (older train_evaluators.py)"
