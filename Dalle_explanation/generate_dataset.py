@@ -207,7 +207,7 @@ def refresh_ground_truth(args, world, key, neutral) -> None:
 
 # flags that do not change an encoded --source images dataset (a staged one is resumed across them)
 IMAGES_NOT_DATA = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "device", "gpu", "num_workers",
-                   "overwrite", "neutral_image_dir", "_argv"}
+                   "overwrite", "neutral_image_dir", "_argv", "quiet"}
 
 
 def generate_images(args, bias_types) -> dict:

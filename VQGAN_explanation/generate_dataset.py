@@ -29,7 +29,7 @@ from cortex.utils import CortexError, save_run_args, settings_line
 EXPERIMENT = "vqgan"
 # Flags that do not change the data (a finished dataset made with other values is still complete).
 NOT_DATA = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "device", "gpu", "num_workers",
-            "overwrite", "_argv", "verbose", "debug"}
+            "overwrite", "_argv", "verbose", "debug", "quiet"}
 
 
 def synthetic_parser():

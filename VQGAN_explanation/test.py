@@ -1,4 +1,5 @@
-"""Top-1/3/5/10 accuracy of a trained IEM on the test split.
+"""Top-1/3/5/10 accuracy of a trained IEM on the test split (a top-k with k above the number of classes is
+printed as n/a).
 
     python test.py --model 1 --gpu 0
 
@@ -9,7 +10,7 @@ import argparse
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.training import test_iem, write_csv_row
+from cortex.training import test_iem, topk_line, write_csv_row
 from cortex.utils import save_run_args
 
 EXPERIMENT = "vqgan"
@@ -32,7 +33,7 @@ def main(args):
     acc = test_iem(args, paths, EXPERIMENT, KS, used)
     write_csv_row(out, [f"Top-{k} Accuracy" for k in KS], [acc[k] for k in KS])  # full precision, as the authors
     write_output_record(out, used)  # the checkpoint and dataset tested (cortex.provenance)
-    print(", ".join(f"Top-{k}: {acc[k]:.2f}%" for k in KS))
+    print(topk_line(acc, KS))  # the CSV keeps the authors' four columns (k above the classes: 100%)
     print(f"wrote {out}")
     return acc
 

@@ -56,6 +56,7 @@ def get_args_parser():
 
 def main(args):
     from cortex.gallery import build_gallery, draw_gallery
+    from cortex.plots import class_name, class_names_of
     from cortex.stats import label_files
     from cortex.tokenizers import tokenizer_for_dataset
 
@@ -69,12 +70,12 @@ def main(args):
                                 get_device(args.device, args.gpu))
     print(f"tokenizer: {tok}")
     out = {}
+    names = class_names_of(paths.data_dir)
     for label in labels:
         cards = build_gallery(paths.data_dir, tok, paths.stats_file(args.model, label, args.attribution), label,
                               args.top_n, args.k, args.patches, args.split, args.context)
         path = paths.token_gallery_file(args.model, label, args.top_n, args.attribution)
-        title = (f"Net{args.model}, label {label}: top-{len(cards)} concept tokens (Top {args.top_n} Tokens); "
-                 f"left: decoded alone, right: where they sit")
+        title = f"Net{args.model}, label {class_name(label, names)}: {len(cards)} concept tokens (top {args.top_n})"
         out[label] = draw_gallery(cards, path, title)
         print(f"label {label}: {len(cards)} tokens -> {out[label]}")
     save_run_args(args, paths.figures_dir(args.model), "token_gallery_args.json", quiet=True)

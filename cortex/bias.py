@@ -449,18 +449,16 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     the size label above each bar, the label's tokens under it (``*`` = a planted attribute token of the
     synthetic world). Right: the per-image token counts of the labels over the neutral-prompt set.
     """
-    import matplotlib
+    from .plots import MAX_WIDTH_IN, _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     name = name or bias_csv_name(top_n, token_num)
     own = [dict(label=r.label, tokens=r.tokens, cliff_delta=r.cliff_delta, p_value=r.p_value,
                 cliff_delta_ci_low=r.ci[0], cliff_delta_ci_high=r.ci[1]) for r in rows] if rows is not None \
         else read_bias_csv(paths.bias_dir() / name)
     results = {paths.bias_type: (own, label_names(paths.data_dir), _planted(paths.data_dir))}
 
-    fig, axes = plt.subplots(1, 2 if rows is not None else 1, figsize=(13 if rows is not None else 7.5, 4.8),
+    fig, axes = plt.subplots(1, 2 if rows is not None else 1, figsize=(MAX_WIDTH_IN if rows is not None else 3.5, 3.6),
                              squeeze=False)
     ax = axes[0, 0]
     xt, xl, x = [], [], 0.0
@@ -471,7 +469,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
             lo, hi = r.get("cliff_delta_ci_low", float("nan")), r.get("cliff_delta_ci_high", float("nan"))
             err = None if np.isnan(lo) else [[max(d - lo, 0.0)], [max(hi - d, 0.0)]]
             ax.bar(x, d, width=0.8, color=colours.get(r["label"] % 2, "grey"), edgecolor="black", yerr=err,
-                   capsize=4)
+                   capsize=3)
             tip = hi if d >= 0 and err is not None else (lo if err is not None else d)
             p = r.get("p_value", float("nan"))
             ax.text(x, tip + (0.03 if d >= 0 else -0.03), f"{d:+.2f} ({magnitude(d)})" +
@@ -479,7 +477,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
             toks = [f"{t}*" if t in planted.get(r["label"], ()) else str(t) for t in r["tokens"]]
             lines = [", ".join(toks[i:i + 4]) for i in range(0, len(toks), 4)]
             xt.append(x)
-            xl.append(f"{bt}\nlabel {r['label']} ({names.get(r['label'], '?')})\n" + "\n".join(lines))
+            xl.append(f"label {r['label']} ({names.get(r['label'], '?')})\n" + "\n".join(lines))
             x += 1.0
         x += 0.6
     ax.axhline(0, color="black", lw=0.8)
@@ -487,13 +485,12 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
         ax.axhline(t, color="grey", ls=":", lw=0.6)
         ax.axhline(-t, color="grey", ls=":", lw=0.6)
     ax.set_xticks(xt)
-    ax.set_xticklabels(xl, fontsize=6.5)
+    ax.set_xticklabels(xl, fontsize=7)
     ax.set_ylim(-1.1, 1.1)
-    ax.set_ylabel("Cliff's delta (standard)")
-    ax.set_title(f"Bias of the neutral prompt ({Path(name).stem}): Top {top_n}, {token_num} tokens per label\n"
-                 f"(> 0: the label's tokens are more frequent; bars: bootstrap 95% CI;\n"
-                 f"p: Mann-Whitney; * planted token; dotted: small/medium/large)",
-                 fontsize=8.5)
+    ax.set_ylabel("Cliff's δ, bootstrap 95% CI")
+    ax.set_xlabel("label: its tokens (* planted)")
+    tis = Path(name).stem.partition("_cliff")[2].lstrip("_") or "smoothgrad"  # the attribution (file suffix)
+    ax.set_title(f"{paths.bias_type}, {tis}: top {top_n}, {token_num} tokens")
     if rows is not None:
         ax2 = axes[0, 1]
         names = results[paths.bias_type][1]
@@ -502,17 +499,13 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
         for r in rows:
             ax2.hist(r.counts, bins=bins, alpha=0.55, color=colours.get(r.label % 2, "grey"),
                      label=f"label {r.label} ({names.get(r.label, '?')}): mean {r.counts.mean():.2f}")
-        ax2.set_xlabel("occurrences of the label's tokens per neutral-prompt image")
+        ax2.set_xlabel("label's tokens per neutral image")
         ax2.set_ylabel("images")
-        ax2.set_title(f"{paths.bias_type}: token counts over {rows[0].counts.size} neutral images", fontsize=9)
-        ax2.legend(fontsize=8)
+        ax2.set_title(f"token counts, {rows[0].counts.size} neutral images")
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out) if out else paths.bias_dir() / name.replace(".csv", ".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_ratio_sweep(rows: list[dict], out) -> Path:
@@ -522,12 +515,10 @@ def plot_ratio_sweep(rows: list[dict], out) -> Path:
     The ideal for perfectly recovered token sets of equal size is about ``2 ratio - 1`` (dashed).
     Saved with the Agg backend to ``out``.
     """
-    import matplotlib
+    from .plots import _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["bias_type"], r["method"]), []).append((float(r["ratio"]), float(r["cliff_delta"])))
@@ -542,11 +533,6 @@ def plot_ratio_sweep(rows: list[dict], out) -> Path:
     ax.set_ylabel("Cliff's delta of label 0 (standard)")
     ax.set_ylim(-1.05, 1.05)
     ax.legend(fontsize=7)
-    ax.set_title("Bias detection on the synthetic world: delta vs planted ratio", fontsize=9)
+    ax.set_title("Cliff's delta vs planted bias ratio (synthetic world)")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

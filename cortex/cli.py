@@ -90,10 +90,36 @@ fraction = float_in(0, 1)         # probabilities and ratios
 # ----------------------------------------------------------------------------- parsers
 
 
+class CortexArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``train.py: error: unrecognized arguments: --epoch 3 (did you mean
+    --epochs?); python train.py -h lists every flag`` instead of the whole usage; exit status 2 as argparse's."""
+
+    def suggestions(self, words) -> list[str]:
+        """``--flag (did you mean --close?)`` for each unknown ``--flag`` with a close match (difflib)."""
+        import difflib
+
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        out = []
+        for w in words:
+            if w.startswith("--"):
+                close = difflib.get_close_matches(w.split("=", 1)[0], known, n=1, cutoff=0.6)
+                if close:
+                    out.append(f"{w.split('=', 1)[0]}: did you mean {close[0]}?")
+        return out
+
+    def error(self, message: str):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            tips = self.suggestions(message.split(":", 1)[1].split())
+            hint = f" ({'; '.join(tips)})" if tips else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}; -h lists every flag\n")
+
+
 def make_parser(*args, **kwargs) -> argparse.ArgumentParser:
-    """``argparse.ArgumentParser`` with ``allow_abbrev=False`` (an unknown ``--epoch`` is an error)."""
+    """A ``CortexArgumentParser`` with ``allow_abbrev=False`` (an unknown ``--epoch`` is an error, with a
+    one-line ``did you mean --epochs?`` instead of the whole usage)."""
     kwargs.setdefault("allow_abbrev", False)
-    return argparse.ArgumentParser(*args, **kwargs)
+    return CortexArgumentParser(*args, **kwargs)
 
 
 def experiment_folder(script, up: int = 0) -> Path:
@@ -123,6 +149,8 @@ def paths_parser(script=None, up: int = 0) -> argparse.ArgumentParser:
                    help="print every argument and the libraries' own messages (Lightning's summaries, warnings)")
     g.add_argument("--debug", action="store_true",
                    help="show the Python traceback of an error (also CORTEX_DEBUG=1)")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars (tqdm's and Lightning's): a log file keeps only the result lines")
     return p
 
 
@@ -242,6 +270,9 @@ _NOISY_WARNINGS = (
     r".*is deprecated.*torch\.utils\._pytree.*",
     r".*Checkpoint directory .* exists and is not empty.*",  # resume writes into its own folder on purpose
 )
+# ours: cortex.tis prints a banner on stderr and also warns (for callers that catch it); the warnings module would
+# print the same text again. Appended after every other filter, so a catcher (pytest.warns, -W) still sees it.
+_REPEATED_WARNINGS = (r"the IEM's accuracy is near chance",)
 _quiet_state = {"filters": []}
 
 
@@ -269,7 +300,34 @@ def quiet_third_party(verbose: bool = False) -> None:
         for pattern in _NOISY_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
             _quiet_state["filters"].append(warnings.filters[0])
+        for pattern in _REPEATED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, append=True)
+            _quiet_state["filters"].append(warnings.filters[-1])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # in case a TensorFlow import sneaks in (tensorboard)
+
+
+_progress_state: dict = {}
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Every tqdm progress bar on (the default) or off (``--quiet``), in one place: tqdm bars created while off
+    are disabled whatever their call site says (Lightning's bar is a tqdm too; ``train_iem`` also switches it
+    off). Reversible: ``set_progress_bars(True)`` restores tqdm."""
+    if enabled and not _progress_state:
+        return
+    from tqdm import std
+
+    original = _progress_state.setdefault("init", std.tqdm.__init__)
+    if enabled:
+        std.tqdm.__init__ = original
+        _progress_state.clear()
+        return
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = quiet_init
 
 
 def write_error_message(e: OSError) -> str | None:
@@ -304,6 +362,7 @@ def run_main(main, get_args_parser, argv: list | None = None):
     parser.allow_abbrev = False
     args = parser.parse_args(argv)
     quiet_third_party(verbose=getattr(args, "verbose", False))
+    set_progress_bars(not getattr(args, "quiet", False))
     set_running_script(getattr(main, "__globals__", {}).get("__file__") or sys.argv[0])  # for the settings line
     debug = debug_requested(args)
     try:

@@ -5,9 +5,13 @@
   put torchvision's weight file (named as torchvision names it, e.g. ``resnet18-f37072fd.pth``) in a
   folder and pass ``--weights_dir`` (a ``TORCH_HOME`` folder, with ``hub/checkpoints/`` inside, works
   too), or set ``TORCH_HOME``. Absent weights that cannot be downloaded are a clear ``CortexError``.
-* **Synthetic world**: small torchvision architectures (``weights=None``) trained on the world's
-  rendered images by ``VQGAN_explanation/train_evaluators.py`` and stored as
-  ``checkpoints/evaluators/<arch>.pth``; ``--evaluators synthetic`` loads all of them.
+* **Trained on the dataset** (the synthetic world, or your own labelled images): torchvision architectures
+  trained on the dataset's decoded images by ``VQGAN_explanation/train_evaluators.py`` -- small ones from
+  scratch (``weights=None``), or torchvision's ImageNet models fine-tuned from their ImageNet weights when a
+  local weight file is found (never downloaded) -- and stored as ``checkpoints/evaluators/<arch>.pth``;
+  ``--evaluators synthetic`` (alias ``trained``) loads all of them. Each checkpoint records the dataset it
+  was trained on (folder, labels, class names, a hash of its split CSVs: ``dataset_record``); the eval
+  scripts refuse an evaluator of another dataset (``check_evaluator_dataset``).
 
 Every evaluator is an ``Evaluator`` module: it takes images ``(B, 3, H, W)`` with values in
 ``[0, 1]`` (a masked patch is 0, black), normalises them with the ImageNet mean/std and returns raw
@@ -22,6 +26,7 @@ theirs. Float tensors passed straight to ``forward`` (training the synthetic eva
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,6 +43,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_SIZE = 224
 SYNTHETIC = "synthetic"
+TRAINED = "trained"  # alias of SYNTHETIC: the evaluators train_evaluators.py trained on this dataset
 AUTO = "auto"
 EVALUATOR_SUBDIR = "evaluators"  # under checkpoints/
 
@@ -49,6 +55,7 @@ class Evaluator(nn.Module):
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, source: str = ""):
         super().__init__()
         self.name, self.net, self.input_size, self.num_classes, self.source = name, net, input_size, num_classes, source
+        self.meta: dict = {}  # a trained evaluator's checkpoint meta (summary, settings, dataset record)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -208,6 +215,114 @@ def build_synthetic_net(arch: str, num_classes: int, image_size: int) -> nn.Modu
     return get_model(arch, weights=None, num_classes=num_classes)
 
 
+def net_input_size(net: nn.Module, image_size: int) -> int:
+    """The input size an evaluator feeds ``net``: a torchvision ViT's fixed ``image_size`` (224 for vit_b_16),
+    else the dataset's ``image_size`` (CNNs take any size)."""
+    return int(getattr(net, "image_size", None) or image_size)
+
+
+def has_imagenet_weights(arch: str) -> bool:
+    """Whether torchvision publishes ImageNet weights for ``arch`` (the small SYNTHETIC_ARCHS have none)."""
+    if arch in SYNTHETIC_ARCHS:
+        return False
+    from torchvision.models import get_model_weights
+
+    try:
+        get_model_weights(arch)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def replace_head(net: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the last ``nn.Linear`` of a torchvision classifier (``fc``, ``heads.head``, ``classifier[-1]``) for
+    a fresh ``Linear(in_features, num_classes)``: the same modules as ``get_model(arch, num_classes=...)``."""
+    name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    old = net.get_submodule(name)
+    setattr(parent, name.rpartition(".")[2], nn.Linear(old.in_features, num_classes))
+    return net
+
+
+def pretrained_net(arch: str, num_classes: int, weights_dir=None) -> tuple[nn.Module | None, Path | None]:
+    """torchvision ``arch`` with its ImageNet weights from a **local** file (``find_local_weights``; never
+    downloaded) and a new ``num_classes`` head, or ``(None, None)`` when ``arch`` has no ImageNet weights or no
+    local copy is found (then the caller trains from scratch). An unreadable file is a CortexError."""
+    if not has_imagenet_weights(arch):
+        return None, None
+    local = find_local_weights(arch, weights_dir)
+    if local is None:
+        return None, None
+    ev = load_imagenet_evaluator(arch, weights_dir, download=False)
+    net = replace_head(ev.net, num_classes)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net.train(), local
+
+
+# ----------------------------------------------------------------------------- which dataset an evaluator knows
+
+DATASET_FILES = ("train_embeddings.csv", "validation_embeddings.csv", "test_embeddings.csv")
+
+
+def dataset_record(data_dir) -> dict:
+    """What an evaluator trained on ``data_dir`` records about it: ``{data_dir, labels, class_names,
+    num_classes, content_hash}``. labels: the sorted labels of the train split; content_hash: SHA-256 over
+    the three split CSVs (file names, labels and token ids of every image), so that a regenerated or another
+    dataset in the same folder is told apart, and a copy of the dataset elsewhere is recognised."""
+    import hashlib
+
+    from .data import dataset_info, read_split
+
+    data_dir = Path(data_dir)
+    h = hashlib.sha256()
+    for name in DATASET_FILES:
+        f = data_dir / name
+        if not f.is_file():
+            raise CortexError(f"{f} not found: the evaluators are tied to a dataset's split CSVs; generate the "
+                              f"dataset first (generate_dataset.py) or check --data_dir")
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    info = dataset_info(data_dir)
+    labels = sorted({r.label for r in read_split(data_dir, "train")})
+    return {"data_dir": str(data_dir.absolute()), "labels": labels, "class_names": info.get("class_names"),
+            "num_classes": info.get("num_classes", (max(labels) + 1) if labels else 0),
+            "content_hash": h.hexdigest()}
+
+
+def describe_dataset(rec: dict) -> str:
+    labels = rec.get("labels") or []
+    shown = ", ".join(map(str, labels[:6])) + (", ..." if len(labels) > 6 else "")
+    return f"{rec.get('data_dir')} ({len(labels)} labels: {shown}; content hash {str(rec.get('content_hash'))[:12]})"
+
+
+def evaluator_dataset(path) -> dict | None:
+    """The ``dataset`` record stored in an evaluator checkpoint (None: written before evaluators recorded it)."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return (d.get("meta") or {}).get("dataset") if isinstance(d, dict) else None
+
+
+def check_evaluator_dataset(name: str, path, trained_on: dict | None, data_dir, current: dict | None = None) -> dict:
+    """CortexError unless the evaluator ``name`` (checkpoint ``path``) was trained on ``data_dir``'s dataset
+    (same content hash). A checkpoint without a record gets one warning line. Returns the dataset's record (computed
+    once: pass it back as ``current``), or ``current`` unchanged for a checkpoint without a record."""
+    if trained_on is None:
+        print(f"warning: evaluator {name} ({path}) does not record which dataset it was trained on (written by an "
+              f"older train_evaluators.py); cannot check it against {data_dir}. Retrain it with train_evaluators.py "
+              f"--overwrite", file=sys.stderr, flush=True)
+        return current
+    current = current or dataset_record(data_dir)
+    if trained_on.get("content_hash") != current["content_hash"]:
+        raise CortexError(f"evaluator {name} ({path}) was trained on another dataset: {describe_dataset(trained_on)}, "
+                          f"not on {describe_dataset(current)}. Train evaluators on this dataset into their own folder: "
+                          f"python train_evaluators.py --data_dir {data_dir} --evaluator_dir <folder>, then pass the "
+                          f"same --evaluator_dir to the eval script (or --evaluators with ImageNet models if its "
+                          f"labels are ImageNet class ids)")
+    return current
+
+
 def synthetic_dir(checkpoint_dir) -> Path:
     return Path(checkpoint_dir) / EVALUATOR_SUBDIR
 
@@ -233,12 +348,20 @@ def load_synthetic_evaluator(path, device="cpu") -> Evaluator:
         raise CortexError(f"{path}: not an evaluator checkpoint written by train_evaluators.py")
     net = build_synthetic_net(d["arch"], d["num_classes"], d["image_size"])
     net.load_state_dict(d["state_dict"], strict=True)
-    return _freeze(Evaluator(d["arch"], net, d["image_size"], d["num_classes"], d.get("mean", IMAGENET_MEAN),
-                             d.get("std", IMAGENET_STD), source=str(path)), device)
+    ev = Evaluator(d["arch"], net, d["image_size"], d["num_classes"], d.get("mean", IMAGENET_MEAN),
+                   d.get("std", IMAGENET_STD), source=str(path))
+    ev.meta = dict(d.get("meta") or {})  # the training summary, settings and ``dataset`` record (train_evaluators.py)
+    return _freeze(ev, device)
 
 
-def synthetic_checkpoints(checkpoint_dir) -> list[Path]:
-    return sorted(synthetic_dir(checkpoint_dir).glob("*.pth"))
+def evaluator_folder(paths, evaluator_dir=None) -> Path:
+    """Where the trained evaluators live: ``--evaluator_dir``, else ``<checkpoint_dir>/evaluators``."""
+    return Path(evaluator_dir).absolute() if evaluator_dir else synthetic_dir(paths.checkpoint_dir)
+
+
+def synthetic_checkpoints(checkpoint_dir=None, folder=None) -> list[Path]:
+    """The ``*.pth`` of ``folder`` (default ``<checkpoint_dir>/evaluators``)."""
+    return sorted((Path(folder) if folder is not None else synthetic_dir(checkpoint_dir)).glob("*.pth"))
 
 
 # ----------------------------------------------------------------------------- choosing evaluators
@@ -248,9 +371,14 @@ def evaluator_parser() -> argparse.ArgumentParser:
     p = make_parser(add_help=False)
     g = p.add_argument_group("evaluators (independent image classifiers)")
     g.add_argument("--evaluators", nargs="+", default=[AUTO],
-                   help=f"'synthetic' (every checkpoints/{EVALUATOR_SUBDIR}/*.pth from train_evaluators.py), "
-                        f"ImageNet models among {', '.join(REAL_EVALUATORS)}, or '{AUTO}': synthetic when those "
-                        f"checkpoints exist and the dataset is the synthetic world, else the four ImageNet models")
+                   help=f"'{SYNTHETIC}' or '{TRAINED}' (every checkpoints/{EVALUATOR_SUBDIR}/*.pth from "
+                        f"train_evaluators.py; refused unless trained on this dataset), ImageNet models among "
+                        f"{', '.join(REAL_EVALUATORS)}, or '{AUTO}': this dataset's trained evaluators when they "
+                        f"exist, else the four ImageNet models (an error on the synthetic world or on your own "
+                        f"labelled images, whose labels are not ImageNet ids)")
+    g.add_argument("--evaluator_dir", default=None,
+                   help=f"folder of the evaluators train_evaluators.py trained (default: <checkpoint_dir>/"
+                        f"{EVALUATOR_SUBDIR}); give each dataset its own")
     g.add_argument("--weights_dir", default=None,
                    help="folder with torchvision's ImageNet weight files (e.g. resnet18-f37072fd.pth) for offline "
                         "use; a TORCH_HOME folder works too (default: torch hub's cache, $TORCH_HOME)")
@@ -265,40 +393,75 @@ def is_synthetic_dataset(data_dir) -> bool:
     return (Path(data_dir) / "synthetic_vq.pt").exists() or dataset_info(data_dir).get("source") == SYNTHETIC
 
 
-def resolve_evaluator_names(names, paths) -> list[str]:
-    names = list(names or [AUTO])
+def trained_for(paths, folder) -> list[Path]:
+    """The evaluator checkpoints of ``folder`` trained on ``paths.data_dir``'s dataset (or not recording one)."""
+    ckpts = synthetic_checkpoints(folder=folder)
+    if not ckpts or not all((Path(paths.data_dir) / f).is_file() for f in DATASET_FILES):
+        return []
+    want = dataset_record(paths.data_dir)["content_hash"]
+    out = []
+    for c in ckpts:
+        try:
+            rec = evaluator_dataset(c)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported when it is loaded
+            rec = None
+        if rec is None or rec.get("content_hash") == want:
+            out.append(c)
+    return out
+
+
+def resolve_evaluator_names(names, paths, evaluator_dir=None) -> list[str]:
+    """``--evaluators`` as given, with ``auto`` resolved: this dataset's trained evaluators when
+    ``checkpoints/evaluators/`` holds some (on the synthetic world: any), else the four ImageNet models -- unless
+    the dataset's labels are not ImageNet class ids (the synthetic world, your own labelled images), which is a
+    CortexError saying to run train_evaluators.py."""
+    from .data import dataset_info
+
+    names = [SYNTHETIC if n == TRAINED else n for n in (names or [AUTO])]
+    folder = evaluator_folder(paths, evaluator_dir)
     if names == [AUTO]:
-        if synthetic_checkpoints(paths.checkpoint_dir) and is_synthetic_dataset(paths.data_dir):
+        synthetic = is_synthetic_dataset(paths.data_dir)
+        if trained_for(paths, folder) or (synthetic and synthetic_checkpoints(folder=folder)):
             return [SYNTHETIC]
-        if is_synthetic_dataset(paths.data_dir):
-            raise CortexError(f"the dataset {paths.data_dir} is the synthetic world, but no evaluator checkpoints "
-                              f"are in {synthetic_dir(paths.checkpoint_dir)}: run train_evaluators.py first (or pass "
-                              f"--evaluators {' '.join(REAL_EVALUATORS)} for ImageNet classifiers)")
+        own = dataset_info(paths.data_dir).get("source") == "images"
+        if synthetic or own:
+            what = "the synthetic world" if synthetic else "your own labelled images (--source images)"
+            raise CortexError(f"the dataset {paths.data_dir} is {what}: its labels are not ImageNet class ids, and no "
+                              f"evaluators trained on it are in {folder}. Run "
+                              f"train_evaluators.py on it first (see docs/evaluation.md, 'Your own labels'), or pass "
+                              f"--evaluators {' '.join(REAL_EVALUATORS)} if its labels are ImageNet class ids")
         return list(REAL_EVALUATORS)
     return names
 
 
 def load_evaluators(names, paths, device="cpu", weights_dir=None, download: bool = True,
-                    num_classes: int | None = None) -> list[Evaluator]:
-    """Evaluators by name ('synthetic' expands to every synthetic checkpoint); checks their class count."""
-    out = []
-    for name in resolve_evaluator_names(names, paths):
+                    num_classes: int | None = None, evaluator_dir=None) -> list[Evaluator]:
+    """Evaluators by name ('synthetic'/'trained' expands to every checkpoint of ``checkpoints/evaluators/``);
+    checks their class count, and that trained ones were trained on ``paths.data_dir`` (CortexError if not)."""
+    out, current = [], None
+    folder = evaluator_folder(paths, evaluator_dir)
+    for name in resolve_evaluator_names(names, paths, evaluator_dir):
+        own = folder / f"{name}.pth"
         if name == SYNTHETIC:
-            ckpts = synthetic_checkpoints(paths.checkpoint_dir)
+            ckpts = synthetic_checkpoints(folder=folder)
             if not ckpts:
-                raise CortexError(f"--evaluators synthetic: no checkpoints in {synthetic_dir(paths.checkpoint_dir)}; "
-                                  f"run train_evaluators.py first")
-            out += [load_synthetic_evaluator(c, device) for c in ckpts]
-        elif (synthetic_dir(paths.checkpoint_dir) / f"{name}.pth").is_file() and name not in REAL_EVALUATORS:
-            out.append(load_synthetic_evaluator(synthetic_dir(paths.checkpoint_dir) / f"{name}.pth", device))
+                raise CortexError(f"--evaluators {SYNTHETIC}: no checkpoints in {folder}; run train_evaluators.py "
+                                  f"first")
+        elif own.is_file() and name not in REAL_EVALUATORS:
+            ckpts = [own]
         else:
             out.append(load_imagenet_evaluator(name, weights_dir, download, device))
+            continue
+        for c in ckpts:
+            ev = load_synthetic_evaluator(c, device)
+            current = check_evaluator_dataset(ev.name, c, ev.meta.get("dataset"), paths.data_dir, current)
+            out.append(ev)
     if num_classes is not None:
         for ev in out:
             if ev.num_classes < num_classes:
                 raise CortexError(f"evaluator {ev.name} predicts {ev.num_classes} classes but the dataset has "
                                   f"{num_classes} labels; use evaluators trained on this dataset "
-                                  f"(train_evaluators.py, --evaluators synthetic)")
+                                  f"(train_evaluators.py, --evaluators {TRAINED})")
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise CortexError(f"--evaluators: the same evaluator twice ({names})")

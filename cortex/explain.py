@@ -768,7 +768,8 @@ def eval_setup(args, experiment: str = "vqgan", device=None):
     seed_everything(args.seed)
     n = dataset_info(paths.data_dir).get("num_classes")
     evaluators = load_evaluators(args.evaluators, paths, device, weights_dir=args.weights_dir,
-                                 download=not args.no_download, num_classes=n)
+                                 download=not args.no_download, num_classes=n,
+                                 evaluator_dir=getattr(args, "evaluator_dir", None))
     print("evaluators: " + ", ".join(f"{e.name} ({e.source})" for e in evaluators))
     return paths, device, evaluators
 

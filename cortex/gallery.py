@@ -6,8 +6,9 @@ file) the gallery shows
 * the token **decoded on its own**: the tokenizer's decode of a grid filled with that token
   (:meth:`cortex.tokenizers.VQTokenizer.decode_token`), and
 * the token **in context**: up to ``n_patches`` patches cut from the dataset's decoded images
-  ``datasets/images/<a>/<b>.png`` where the token sits (the label's images of ``split``, reading order of
-  the split CSV, then row-major positions; patch = image size / grid),
+  ``datasets/images/<a>/<b>.png`` where the token sits, drawn from as many images as possible (the first
+  occurrence in each of the label's images of ``split``, in the split CSV's order, then the second ones, ...:
+  :func:`spread_occurrences`; patch = image size / grid),
 
 one row per token, one PNG per label (matplotlib Agg). Works for every tokenizer adapter (synthetic world,
 taming, diffusers, :class:`~cortex.tokenizers.CallableTokenizer`).
@@ -72,6 +73,14 @@ def crop_around(image: np.ndarray, position: int, grid: tuple[int, int], context
     return crop, ((c - c0) * pw, (r - r0) * ph, pw, ph)
 
 
+def spread_occurrences(hit: np.ndarray) -> list[tuple[int, int]]:
+    """(image, position) of every True of ``hit`` (N, h*w), ordered so that a gallery row draws from as many
+    images as it can: each image's first occurrence (images in reading order), then each image's second, ..."""
+    per_image = [(i, np.flatnonzero(row)) for i, row in enumerate(hit) if row.any()]
+    depth = max((len(p) for _, p in per_image), default=0)
+    return [(i, int(p[k])) for k in range(depth) for i, p in per_image if k < len(p)]
+
+
 def _read_png(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -112,9 +121,7 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
         hit = ids == token  # (N, h*w)
         card = TokenCard(token=token, count=count, decoded=to_uint8(tok.decode_token(token)[None])[0],
                          occurrences=int(hit.sum()), images_with_token=int(hit.any(1).sum()))
-        for i, p in zip(*np.nonzero(hit)):  # reading order, then row-major positions
-            if len(card.patches) >= n_patches:
-                break
+        for i, p in spread_occurrences(hit)[:n_patches]:  # one per image first, then second ones, ...
             name = records[i].filename
             if name not in images:
                 path = image_path(data_dir, name)
@@ -132,31 +139,32 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
 
 def draw_gallery(cards: list[TokenCard], path, title: str = "") -> Path:
     """One row per token: its decode on its own, then its patches from the dataset. Saves a PNG."""
-    from .plots import _plt, _save
+    from .plots import MAX_WIDTH_IN, _plt, _save
 
     plt = _plt()
     if not cards:
         raise CortexError("no tokens to draw")
     n_cols = 1 + max(1, max(len(c.patches) for c in cards))
-    fig, axes = plt.subplots(len(cards), n_cols, figsize=(1.5 * n_cols + 1.2, 1.55 * len(cards)), squeeze=False)
+    width = min(MAX_WIDTH_IN, 0.85 * n_cols + 0.7)  # a paper's text width at most
+    fig, axes = plt.subplots(len(cards), n_cols, figsize=(width, 1.35 * len(cards) + 0.3), squeeze=False)
     for row, card in zip(axes, cards):
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.axis("off")
         row[0].imshow(card.decoded, interpolation="nearest")
-        row[0].set_title(f"token {card.token}\nTIS count {card.count}", fontsize=7)
+        row[0].set_title(f"token {card.token}\ncount {card.count}", fontsize=7)
         for j, (patch, (name, pos)) in enumerate(zip(card.patches, card.sources)):
             ax = row[1 + j]
             ax.imshow(patch, interpolation="nearest")
             x, y, pw, ph = card.boxes[j] if j < len(card.boxes) else (0, 0, patch.shape[1], patch.shape[0])
             if (pw, ph) != (patch.shape[1], patch.shape[0]):  # context around the token: box the token
                 ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), pw, ph, fill=False, edgecolor="red", linewidth=1))
-            ax.set_title(f"{name} @{pos}", fontsize=6)
+            ax.set_title(f"{Path(name).stem}\n@{pos}", fontsize=7)
         if not card.patches:
             row[1].text(0.5, 0.5, "not in this split's images", ha="center", va="center", fontsize=7)
         row[-1].text(1.05, 0.5, f"{card.occurrences} pos.\n{card.images_with_token} img.", transform=row[-1].transAxes,
-                     fontsize=6, va="center")
+                     fontsize=7, va="center")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

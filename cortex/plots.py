@@ -3,13 +3,22 @@
 Each function takes plain data (DataFrames / arrays), writes one PNG (and returns its path), and
 closes its figure. The eval scripts save theirs under ``results/Explanation/model_{m}/figures/``.
 
-* ``deletion_curves``  sample level: evaluator target prob vs number of masked tokens, TIS vs random;
-* ``concept_bars``     concept level: original vs CORTEX-masked vs frequency-baseline-masked prob;
-* ``tis_grid``         test images with their TIS heatmap, top-token boxes and the masked image;
+* ``deletion_curves``  sample level: evaluator target prob vs number of masked tokens, TIS vs random, with
+                       95% bands over images;
+* ``concept_bars``     concept level: original vs CORTEX-masked vs frequency-baseline-masked prob, with 95%
+                       error bars over images;
+* ``tis_grid``         test images with their TIS heatmap (labelled colour bar), top-token boxes and the masked image;
 * ``before_after``     codebook level: decoded image before/after the optimisation.
+
+Fit for a paper: ``PAPER_STYLE`` (every text >= 7 pt) and figures at most ``MAX_WIDTH_IN`` (7 in, a two-column
+paper's text width; one-panel plots 3.5 in, a column) wide, so that printed at that width no text is smaller
+than 7 pt. ``save_figure`` writes a summary of the figure's panels (titles, axis labels, lines, bands, error
+bars, colour-bar labels, smallest font, size) into the PNG's ``Description`` text chunk;
+``read_figure_summary`` reads it back (the tests check every figure of the demo with it).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +26,11 @@ import numpy as np
 from .utils import CortexError
 
 GRID = 16
+MIN_FONT_PT = 7.0
+COLUMN_WIDTH_IN = 3.5   # one column of a two-column paper (ICML: 3.25 in)
+MAX_WIDTH_IN = 7.0      # the text width of a two-column paper (ICML: 6.75 in)
+PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7,
+               "ytick.labelsize": 7, "legend.fontsize": 7, "figure.titlesize": 9}
 
 
 def _plt():
@@ -25,18 +39,90 @@ def _plt():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(PAPER_STYLE)
     return plt
 
 
-def _save(fig, path) -> Path:
+def class_name(label, names=None) -> str:
+    """``3 (cat)`` when the dataset stores ``class_names`` (dataset_info.json), else ``3``."""
+    if names and 0 <= int(label) < len(names) and names[int(label)] not in (None, ""):
+        return f"{int(label)} ({names[int(label)]})"
+    return str(int(label))
+
+
+def class_names_of(data_dir) -> list | None:
+    """The dataset's ``class_names`` (dataset_info.json; ``--source images`` stores the folder names), or None."""
+    from .data import dataset_info
+
+    names = dataset_info(data_dir).get("class_names")
+    return list(names) if names else None
+
+
+def figure_summary(fig) -> dict:
+    """What a figure shows, for the tests: ``{width_in, height_in, suptitle, min_font_pt, panels: [{title,
+    xlabel, ylabel, lines, bands, errorbars, images, legend}], colorbars: [label]}`` (colour bars are not panels)."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.text import Text
+
+    panels, colorbars = [], []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        if ax.get_label() == "<colorbar>":
+            colorbars.append(ax.get_ylabel() or ax.get_xlabel())
+            continue
+        if not ax.axison and not ax.images:  # an empty cell of a grid of panels
+            continue
+        leg = ax.get_legend()
+        panels.append({"title": ax.get_title() or ax.get_title(loc="left"), "xlabel": ax.get_xlabel(),
+                       "ylabel": ax.get_ylabel(), "lines": len(ax.lines),
+                       "bands": sum(isinstance(c, PolyCollection) for c in ax.collections),
+                       "errorbars": sum(isinstance(c, ErrorbarContainer) for c in ax.containers),
+                       "images": len(ax.images), "ylim": [float(v) for v in ax.get_ylim()],
+                       "legend": [t.get_text() for t in leg.get_texts()] if leg else []})
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    sup = getattr(fig, "_suptitle", None)
+    w, h = fig.get_size_inches()
+    return {"width_in": round(float(w), 3), "height_in": round(float(h), 3),
+            "suptitle": sup.get_text() if sup is not None else "", "min_font_pt": float(min(sizes, default=0.0)),
+            "panels": panels, "colorbars": colorbars}
+
+
+def save_figure(fig, path, dpi: int = 150, tight: bool = True) -> Path:
+    """Write ``fig`` as a PNG (atomically; its ``figure_summary`` in the ``Description`` text chunk) and close it."""
     from .utils import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    summary = json.dumps(figure_summary(fig))
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
+                    metadata={"Description": summary})
     _plt().close(fig)
     return path
+
+
+_save = save_figure  # the name the figure functions of this package use
+
+
+def read_figure_summary(path) -> dict:
+    """The ``figure_summary`` that ``save_figure`` stored in a PNG (a CortexError for a PNG without one)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}).get("Description")
+    if not text:
+        raise CortexError(f"{path}: no figure summary in this PNG (not written by cortex.plots.save_figure)")
+    return json.loads(text)
+
+
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``values`` and its Student-t interval (NaN bounds for one value)."""
+    from .explain import paired_t_interval
+
+    ci = paired_t_interval(np.asarray(values, dtype=np.float64), confidence)
+    return ci["mean"], ci["low"], ci["high"]
 
 
 def _hwc(img) -> np.ndarray:
@@ -48,17 +134,33 @@ def _hwc(img) -> np.ndarray:
     return a / 255.0 if a.max(initial=0) > 1.0 else a
 
 
-def deletion_curves(df, path, title: str = "") -> Path:
-    """Sample-level deletion curves, one panel per evaluator.
+def _interval_table(per_image, keys: list[str], value: str = "prob") -> dict:
+    """``{key tuple: (mean, low, high)}`` over the images of each group of ``per_image`` (the per-image rows)."""
+    out = {}
+    for key, g in per_image.groupby(keys, sort=False):
+        out[key if isinstance(key, tuple) else (key,)] = mean_interval(g[value].to_numpy(dtype=float))
+    return out
 
-    df: the sample-level results (columns Model, Num_Masked_Tokens, Method, Avg_Probs).
+
+def deletion_curves(df, path, title: str = "", per_image=None) -> Path:
+    """Sample-level deletion curves, one panel per evaluator, with 95% bands over images.
+
+    df: the sample-level results (columns Model, Num_Masked_Tokens, Method, Avg_Probs); per_image: optional
+    per-image rows (columns evaluator, method, num_tokens, prob: ``SampleLevelResult.per_image()``), which
+    give each point its 95% Student-t interval over images, drawn as a band.
     """
     plt = _plt()
     models = list(dict.fromkeys(df["Model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), squeeze=False, sharey=True)
+    ncol = min(len(models), 3)
+    nrow = (len(models) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(min(MAX_WIDTH_IN, 2.3 * ncol + 0.4), 2.2 * nrow + 0.5),
+                             squeeze=False, sharey=True)
     styles = {"target": dict(color="tab:red", marker="o", label="top-n TIS tokens (CORTEX)"),
               "random": dict(color="tab:gray", marker="s", label="n random tokens")}
-    for ax, m in zip(axes[0], models):
+    ci = _interval_table(per_image, ["evaluator", "method", "num_tokens"]) if per_image is not None else {}
+    for ax in axes.ravel()[len(models):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.ravel(), models):
         d = df[df["Model"] == m]
         orig = d[d["Method"] == "original"]["Avg_Probs"]
         for method, st in styles.items():
@@ -66,44 +168,67 @@ def deletion_curves(df, path, title: str = "") -> Path:
             if len(dm):
                 x = np.r_[0, dm["Num_Masked_Tokens"].to_numpy()]
                 y = np.r_[orig.iloc[0] if len(orig) else np.nan, dm["Avg_Probs"].to_numpy()]
-                ax.plot(x, y, lw=1.6, ms=3.5, **st)
-        ax.set_title(m, fontsize=10)
-        ax.set_xlabel("n (positions whose ids are masked)")
+                ax.plot(x, y, lw=1.3, ms=2.5, **st)
+                if ci:
+                    keys = [(m, "original", 0)] + [(m, method, int(n)) for n in x[1:]]
+                    lo = [ci.get(k, (np.nan,) * 3)[1] for k in keys]
+                    hi = [ci.get(k, (np.nan,) * 3)[2] for k in keys]
+                    ax.fill_between(x, lo, hi, color=st["color"], alpha=0.2, lw=0)
+        ax.set_title(m)
+        ax.set_xlabel("n masked (top-n / random)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("evaluator prob. of the true label")
-    axes[0][0].legend(fontsize=8, loc="lower left")
-    if title:
-        fig.suptitle(title, fontsize=11)
+    for row in axes:
+        row[0].set_ylabel("p(true label)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if ci:
+        labels = [f"{lab}, 95% CI" if i == 0 else lab for i, lab in enumerate(labels)]
     fig.tight_layout()
+    # after tight_layout: the legend under the panels, the title above them (bbox_inches="tight" keeps both)
+    fig.legend(handles, labels, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 0.0), frameon=False)
+    if title:
+        fig.suptitle(title, y=1.0, va="bottom")
     return _save(fig, path)
 
 
-def concept_bars(df, path, title: str = "") -> Path:
+def concept_bars(df, path, title: str = "", per_image=None) -> Path:
     """Concept-level bars per evaluator (and Overall): original / CORTEX-masked / baseline-masked prob.
 
-    df: the concept-level results (Model, Avg_Original_Prob, Avg_Masked_Prob_Target, Avg_Masked_Prob_Baseline).
+    df: the concept-level results (Model, Avg_Original_Prob, Avg_Masked_Prob_Target, Avg_Masked_Prob_Baseline);
+    per_image: optional per-image rows (evaluator, filename, method original/target/baseline, prob:
+    ``ConceptLevelResult.per_image()``), which give each bar its 95% Student-t interval over images (Overall:
+    over the per-image means across evaluators) as an error bar.
     """
     plt = _plt()
     models = list(df["Model"])
     x = np.arange(len(models))
     w = 0.27
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(models) + 1.5), 3.4))
-    series = [("Avg_Original_Prob", "unmasked", "tab:blue"),
-              ("Avg_Masked_Prob_Target", "CORTEX concept tokens masked", "tab:red"),
-              ("Avg_Masked_Prob_Baseline", "frequency-baseline tokens masked", "tab:gray")]
-    for i, (col, label, color) in enumerate(series):
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(COLUMN_WIDTH_IN, 0.8 * len(models) + 0.8)), 2.6))
+    series = [("Avg_Original_Prob", "original", "unmasked", "tab:blue"),
+              ("Avg_Masked_Prob_Target", "target", "CORTEX tokens masked", "tab:red"),
+              ("Avg_Masked_Prob_Baseline", "baseline", "frequency tokens masked", "tab:gray")]
+    ci = {}
+    if per_image is not None:
+        ci = _interval_table(per_image, ["evaluator", "method"])
+        overall = per_image.groupby(["filename", "method"], sort=False)["prob"].mean().reset_index()
+        ci.update({("Overall", k[0]): v for k, v in _interval_table(overall, ["method"]).items()})
+    for i, (col, method, label, color) in enumerate(series):
         vals = df[col].to_numpy(dtype=float)
-        bars = ax.bar(x + (i - 1) * w, vals, w, label=label, color=color)
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, models, fontsize=9)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("prob. of the true label")
-    ax.legend(fontsize=8, loc="upper center", ncol=3, bbox_to_anchor=(0.5, -0.12))
+        err = None
+        if ci:
+            bounds = [ci.get((m, method), (v, np.nan, np.nan)) for m, v in zip(models, vals)]
+            err = np.array([[max(v - b[1], 0.0) if np.isfinite(b[1]) else 0.0 for v, b in zip(vals, bounds)],
+                            [max(b[2] - v, 0.0) if np.isfinite(b[2]) else 0.0 for v, b in zip(vals, bounds)]])
+        ax.bar(x + (i - 1) * w, vals, w, label=label, color=color, yerr=err, capsize=2,
+               error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x, models)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("p(true label)" + (" (mean, 95% CI)" if ci else ""))
+    ax.legend(loc="upper center", ncol=3, bbox_to_anchor=(0.5, -0.13), frameon=False, columnspacing=0.8,
+              handlelength=1.2)
     ax.grid(axis="y", alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -134,7 +259,7 @@ def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_
     plt = _plt()
     ncol = 3 if masked is not None else 2
     n = len(images)
-    fig, axes = plt.subplots(n, ncol, figsize=(2.5 * ncol, 2.55 * n), squeeze=False)
+    fig, axes = plt.subplots(n, ncol, figsize=(2.2 * ncol, 2.3 * n), squeeze=False)
     for i in range(n):
         img = _hwc(images[i])
         H, W = img.shape[:2]
@@ -148,22 +273,24 @@ def tis_grid(images, scores, titles, path, top_n: int = 10, masked=None, masked_
         for pos in top:
             r, c = divmod(int(pos), w)
             ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="yellow", lw=1.2))
-        ax.set_title(f"{titles[i]}\n+ top-{top_n} TIS positions", fontsize=7)
+        ax.set_title(f"{titles[i]}\nboxes: top-{top_n} TIS", fontsize=7)
         ax = axes[i][1]
         ax.imshow(img, interpolation="nearest")
         hm = ax.imshow(s, cmap="inferno", alpha=0.7, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
-        fig.colorbar(hm, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        cb = fig.colorbar(hm, ax=ax, fraction=0.046, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+        cb.set_label("TIS", fontsize=7)
         ax.set_title("TIS heatmap", fontsize=7)
         if masked is not None:
             axes[i][2].imshow(_hwc(masked[i]), interpolation="nearest")
             mt = masked_titles[i] if masked_titles is not None else ""
-            axes[i][2].set_title(f"ids at top-{top_n} TIS positions masked" + (f"\n{mt}" if mt else ""), fontsize=7)
+            axes[i][2].set_title(f"top-{top_n} TIS ids masked" + (f"\n{mt}" if mt else ""), fontsize=7)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout(h_pad=1.5)
     if title:  # after tight_layout, above the axes (bbox_inches="tight" keeps it in the file)
-        fig.suptitle(title, fontsize=10, y=1.0, va="bottom")
+        fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
     return _save(fig, path)
 
 
@@ -177,9 +304,9 @@ def before_after(befores, afters, titles, path, region=None, title: str = "", gr
 
     plt = _plt()
     n = len(befores)
-    per_row = min(n, 4)
+    per_row = min(n, 2)  # two pairs (four images) per row: 6.4 in, a two-column paper's text width
     rows = (n + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.0 * 2 * per_row, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(1.6 * 2 * per_row, 2.0 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):
@@ -197,5 +324,5 @@ def before_after(befores, afters, titles, path, region=None, title: str = "", gr
             ax.text(0.5, -0.04, tag, transform=ax.transAxes, ha="center", va="top", fontsize=7)
     fig.tight_layout(h_pad=1.5)
     if title:  # after tight_layout, above the axes (bbox_inches="tight" keeps it in the file)
-        fig.suptitle(title, fontsize=10, y=1.0, va="bottom")
+        fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
     return _save(fig, path)

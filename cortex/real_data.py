@@ -101,8 +101,9 @@ def add_real_source_args(parser: argparse.ArgumentParser):
     g.add_argument("--labels_csv", default=None,
                    help="images: CSV with header filename,label[,split] instead of sub-folder labels")
     g.add_argument("--resolution", type=positive_int, default=None,
-                   help="images: resize (shorter side) + center-crop size (default: the VQGAN's training resolution; "
-                        "must give a 16x16 token grid)")
+                   help="images: resize (shorter side) + center-crop size (default: the VQGAN's training resolution). "
+                        "Any size works: the token grid is the size divided by the tokenizer's downsampling factor "
+                        "(256 px -> 16x16 for an f16 VQGAN), recorded in dataset_info.json")
     g.add_argument("--neutral_image_dir", default=None,
                    help="DALL-E-mini: folder of neutral-prompt pictures to encode into results_none.csv")
     g.add_argument("--no_images", action="store_true",

@@ -42,7 +42,7 @@ def run_script(path, argv: list):
     ``--verbose``, the settings line names the script. Unlike it, every error propagates (a ``CortexError`` is
     raised, not printed): the demo stops at the failing step and the tests assert on the exception.
     """
-    from .cli import quiet_third_party
+    from .cli import quiet_third_party, set_progress_bars
     from .utils import set_running_script
 
     mod = load_script(path)
@@ -50,8 +50,10 @@ def run_script(path, argv: list):
     parser.allow_abbrev = False
     args = parser.parse_args([str(a) for a in argv])
     quiet_third_party(verbose=getattr(args, "verbose", False))
+    set_progress_bars(not getattr(args, "quiet", False))
     set_running_script(path)
     try:
         return mod.main(args)
     finally:
         set_running_script(None)
+        set_progress_bars(True)

@@ -149,17 +149,27 @@ def warn_if_near_chance(accuracy_percent: float | None, num_classes: int, source
     classes (chance = 100 / num_classes percent); source: where the number comes from (shown). Returns
     True when it warned. Reusable by any script that explains or uses an IEM (TIS, bias detection, eval).
     """
+    if not _near_chance(accuracy_percent, num_classes, factor):
+        return False
+    _near_chance_banner([(source, accuracy_percent)], num_classes, what)
+    return True
+
+
+def _near_chance(accuracy_percent, num_classes: int, factor: float) -> bool:
     if accuracy_percent is None or not np.isfinite(accuracy_percent) or num_classes < 2:
         return False
-    chance = 100.0 / num_classes
-    if accuracy_percent > factor * chance:
-        return False
-    msg = (f"the IEM's accuracy is near chance: {accuracy_percent:.2f}% ({source}) vs chance {chance:.2f}% "
+    return accuracy_percent <= factor * 100.0 / num_classes
+
+
+def _near_chance_banner(found: list, num_classes: int, what: str) -> None:
+    """One stderr banner for every (source, accuracy) near chance, and one ``warnings.warn`` with the same text
+    (for callers that catch warnings; ``cortex.cli.quiet_third_party`` keeps it from being printed twice)."""
+    accs = "; ".join(f"{acc:.2f}% ({src})" for src, acc in found)
+    msg = (f"the IEM's accuracy is near chance: {accs} vs chance {100.0 / num_classes:.2f}% "
            f"({num_classes} classes). Its {what} are meaningless: train it longer / on more data first.")
     bar = "!" * 100
     print(f"\n{bar}\nWARNING: {msg}\n{bar}\n", file=sys.stderr, flush=True)
-    warnings.warn(msg, stacklevel=2)
-    return True
+    warnings.warn(msg, stacklevel=3)
 
 
 def iem_accuracies(checkpoint, testing_results=None) -> dict[str, float]:
@@ -196,9 +206,13 @@ def iem_accuracies(checkpoint, testing_results=None) -> dict[str, float]:
 
 def check_iem_not_near_chance(checkpoint, testing_results, num_classes: int, factor: float = 1.5,
                               what: str = "explanations") -> list[str]:
-    """``warn_if_near_chance`` for every accuracy ``iem_accuracies`` finds; returns the sources that warned."""
-    return [src for src, acc in iem_accuracies(checkpoint, testing_results).items()
-            if warn_if_near_chance(acc, num_classes, src, factor, what)]
+    """One near-chance warning (``warn_if_near_chance``) naming every accuracy ``iem_accuracies`` finds near
+    chance; returns those sources."""
+    found = [(src, acc) for src, acc in iem_accuracies(checkpoint, testing_results).items()
+             if _near_chance(acc, num_classes, factor)]
+    if found:
+        _near_chance_banner(found, num_classes, what)
+    return [src for src, _ in found]
 
 
 # ----------------------------------------------------------------------------- files and locks

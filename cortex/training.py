@@ -65,7 +65,9 @@ def train_parser(experiment: str) -> argparse.ArgumentParser:
                    help="train from scratch over an already trained ClassificationNet{m} (its model.pth, "
                         "best_model.pth and Lightning checkpoints are deleted first); without it train.py refuses")
     g = p.add_argument_group("distribution (PyTorch Lightning)")
-    g.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: %(default)s)")
+    g.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="cpu, gpu or auto: the GPU when there is one (default: %(default)s); gpu on a machine "
+                        "without CUDA is an error")
     g.add_argument("--devices", default="1", help="devices per node, e.g. 1, 4 or auto (default: %(default)s)")
     g.add_argument("--num_nodes", type=positive_int, default=1, help="nodes, e.g. SLURM --nodes (default: %(default)s)")
     g.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ... (default: %(default)s)")
@@ -255,7 +257,7 @@ def plot_loss_curves(log_path, out_path, title: str = "") -> Path:
 
     h = read_training_log(log_path)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(3.5, 2.6))  # one column of a paper
     ax.plot(h["epoch"], h["train_loss"], "o-", label="train loss")
     ax.plot(h["epoch"], h["val_loss"], "s-", label="validation loss")
     ax.set_xlabel("epoch")
@@ -267,8 +269,8 @@ def plot_loss_curves(log_path, out_path, title: str = "") -> Path:
     ax2.set_ylim(0, 100)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
-    ax.set_title(title or Path(log_path).name, fontsize=9)
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=7)
+    ax.set_title(title or Path(log_path).name)
     return _save(fig, out_path)
 
 
@@ -510,9 +512,12 @@ def _accelerator_and_devices(args):
             acc = "cpu"
     elif getattr(args, "gpu", None) is not None and args.gpu >= 0:
         acc, devices = "gpu", [args.gpu]
-    if acc == "gpu" and not torch.cuda.is_available():  # one warning line, then the CPU (as get_device)
-        warn_no_cuda(f"--device {args.device}" if getattr(args, "device", None)
-                     else f"--gpu {args.gpu}" if getattr(args, "gpu", None) is not None else "--accelerator gpu")
+    if acc == "gpu" and not torch.cuda.is_available():
+        if args.accelerator == "gpu":  # asked for explicitly: Lightning's own rule, an error
+            raise CortexError("--accelerator gpu: CUDA is not available on this machine; use --accelerator auto "
+                              "(the GPU when there is one, else the CPU) or --accelerator cpu")
+        # --gpu/--device (the seed's flags): one warning line, then the CPU (as get_device)
+        warn_no_cuda(f"--device {args.device}" if getattr(args, "device", None) else f"--gpu {args.gpu}")
         acc, devices = "cpu", 1
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -532,6 +537,7 @@ def train_iem(args, paths, experiment: str) -> dict:
     if args.resume and getattr(args, "overwrite", False):
         raise CortexError("--resume and --overwrite contradict each other: --resume continues the run in the "
                           "checkpoint folder, --overwrite starts it again from scratch; pass one")
+    accelerator, devices = _accelerator_and_devices(args)  # before anything is written: --accelerator gpu w/o CUDA
     pl.seed_everything(args.seed, workers=True, verbose=False)
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, DEFAULT_CLASSES[experiment])
     train_set = EmbeddingDataset(paths.data_dir, "train", num_classes, layout=args.data_layout, return_ids=True)
@@ -571,13 +577,13 @@ def train_iem(args, paths, experiment: str) -> dict:
 
     lightning_dir = model_dir / "lightning"
     curves, metrics = paths.loss_curves(args.model), paths.metrics_csv(args.model)
-    accelerator, devices = _accelerator_and_devices(args)
     outputs = make_paper_outputs_callback(model_dir, log_path, args.epochs, meta, curves, metrics)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
         strategy=args.strategy, precision=args.precision, default_root_dir=str(model_dir),
         logger=make_loggers(lightning_dir, fresh=ckpt_path is None), log_every_n_steps=1,
         enable_model_summary=verbose, num_sanity_val_steps=0, deterministic="warn",
+        enable_progress_bar=not getattr(args, "quiet", False),
         plugins=[make_atomic_checkpoint_io()],
         callbacks=[
             outputs,
@@ -636,7 +642,16 @@ def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10), used: dict | None =
     test_set = EmbeddingDataset(paths.data_dir, "test", num_classes, layout=args.data_layout, return_ids=True)
     loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     acc = topk_accuracy(model, loader, device, ks, lookup=test_set.lookup)
+    acc["num_classes"] = num_classes  # for topk_line: top-k is n/a when k > classes
     return acc
+
+
+def topk_line(acc: dict, ks) -> str:
+    """``Top-1: 83.33%, Top-3: 100.00%, Top-5: n/a (3 classes)``: a top-k with k above the number of classes
+    (``acc["num_classes"]``) would count every image correct, so it is not shown."""
+    n = acc.get("num_classes")
+    return ", ".join(f"Top-{k}: n/a ({n} classes)" if n is not None and k > n else f"Top-{k}: {acc[k]:.2f}%"
+                     for k in ks)
 
 
 def model_num_classes(model) -> int:

@@ -159,7 +159,8 @@ def get_device(device: str | None = None, gpu: int | None = None):
 _running = {"script": None}
 
 # not settings: where things go and how much is printed (the one-line summary leaves them out)
-_NOT_SETTINGS = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "verbose", "debug", "no_progress"}
+_NOT_SETTINGS = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir", "verbose", "debug", "no_progress",
+                 "quiet"}
 
 
 def set_running_script(path) -> None:

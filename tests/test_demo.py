@@ -27,6 +27,9 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert f"| {method} |" in report
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert len(figures) >= 6 and all((tmp_path / "results" / f).resolve().exists() for f in figures)
+    from tests.test_paper_figures import EXPECTED, check_report_figures  # every figure: its expected panels
+
+    assert set(check_report_figures(tmp_path / "results" / "demo_report.md")) == set(EXPECTED)
 
     # a second run reuses every finished step
     again = demo.main(args)

@@ -136,10 +136,15 @@ def _fail(block: Block, what: str, detail: str = "") -> None:
 
 # ----------------------------------------------------------------------------- run blocks
 
+VENV_ACTIVATE = ".venv/bin/activate"  # what `make` creates (VENV ?= .venv) and the README's block activates
 PRELUDE = r'''
 set -eo pipefail
 python() { printf '%s\0' "$PWD" "$#" "$@" >> "$DOCS_TEST_LOG"; }
 python3() { python "$@"; }
+source() {  # the README's `source .venv/bin/activate`: this test's python already has cortex; other files as bash
+  if [ "$1" = .venv/bin/activate ] && [ "$PWD" = "$DOCS_TEST_WORK" ]; then return 0; fi
+  builtin source "$@"
+}
 '''
 
 
@@ -158,7 +163,7 @@ def record(block: Block, work: Path) -> list[tuple[Path, list[str]]]:
     script = work / ".docs_test_block.sh"
     script.write_text(PRELUDE + f"cd {shlex.quote(str(work))}\n" + block.text)
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True,
-                       env={**os.environ, "DOCS_TEST_LOG": str(log)}, timeout=60)
+                       env={**os.environ, "DOCS_TEST_LOG": str(log), "DOCS_TEST_WORK": str(work)}, timeout=60)
     if r.returncode:
         _fail(block, f"bash exited with {r.returncode}", r.stdout + r.stderr)
     parts, calls = log.read_bytes().split(b"\0")[:-1], []
@@ -349,6 +354,11 @@ def test_readme_is_short_and_whole():
     # the pipeline block pastes as one piece: no `cd eval` without coming back before the next step's cd
     run = [b for b in bash_blocks(REPO / "README.md") if b.mode in ("run", "twice")]
     assert run and "cd explanation_evaluation" not in run[0].text
+    # ... into a new shell after `make demo`: it activates the venv `make` creates before its first python
+    first = [ln.split("#")[0].strip() for ln in run[0].text.splitlines() if ln.split("#")[0].strip()]
+    assert first[0] == f"source {VENV_ACTIVATE}", first[0]
+    assert re.search(r"^VENV\s*\?=\s*\.venv\s*$", (REPO / "Makefile").read_text(), re.M)
+    assert "`.venv/bin/python`" in text  # the other way, said in the prose
     for page in DOCS:  # no section starts mid-sentence (the old README's 'driver behind both folders')
         for para in re.split(r"\n\s*\n", page.read_text()):
             first = para.lstrip().splitlines()[0] if para.strip() else ""

@@ -268,13 +268,13 @@ def main(args):
         pick = _figure_picks(records, targets, 8)
         p0 = np.mean([scores[n]["initial"]["tgt_prob"] for n in scores], axis=0)
         p1 = np.mean([scores[n]["tgt_prob"][-1, :] for n in scores], axis=0)
-        titles = [f"{records[i].filename}: {records[i].label}->{targets[i]}\np(target) {p0[i]:.2f}->{p1[i]:.2f}"
-                  for i in pick]
+        names = plots.class_names_of(paths.data_dir)
+        titles = [f"{plots.class_name(records[i].label, names)} -> {plots.class_name(targets[i], names)}\n"
+                  f"p(target) {p0[i]:.2f} -> {p1[i]:.2f}" for i in pick]
         fig = plots.before_after([before[i] for i in pick], [after[i] for i in pick], titles,
                                  paths.figures_dir(args.model) / f"codebook_level_{tag}.png",
                                  region=(args.rows[0], args.rows[1], args.cols[0], args.cols[1]), grid=grid,
-                                 title=f"Codebook level ({args.optimization_type}, {args.steps} steps, lr {args.lr}); "
-                                       f"p(target) = mean over evaluators, after = last step")
+                                 title=f"Codebook level, {args.optimization_type}, {args.steps} steps, lr {args.lr}")
         print(f"figure: {fig}")
     return out
 

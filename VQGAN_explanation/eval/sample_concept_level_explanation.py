@@ -155,8 +155,9 @@ def main(args):
         from cortex import plots
 
         p = plots.concept_bars(pd.DataFrame(res.rows), paths.figures_dir(args.model) / f"concept_level_{tag}.png",
-                               title=f"Concept level (Net{args.model} {args.attribution} TIS, top {args.top_n}, {args.token_num} tokens; "
-                                     f"masked positions/image: CORTEX {pos_t:.0f}, freq. {pos_b:.0f})")
+                               title=f"Concept level, Net{args.model} {args.attribution}, top {args.top_n}, "
+                                     f"{args.token_num} tokens",
+                               per_image=pd.DataFrame(res.per_image()))
         print(f"figure: {p}")
     return out
 

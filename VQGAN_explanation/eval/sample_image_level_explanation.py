@@ -136,7 +136,9 @@ def main(args):
     print(f"wrote {out}")
     _print_summary(res.rows, ns)
     if not args.no_figures:
-        figures(res, paths.figures_dir(args.model), args, suffix, grid=(h, w))
+        from cortex.plots import class_names_of
+
+        figures(res, paths.figures_dir(args.model), args, suffix, grid=(h, w), names=class_names_of(paths.data_dir))
     return out
 
 
@@ -148,22 +150,24 @@ def _print_summary(rows, ns):
         print(f"{model:<16} {d[('original', 0)]:8.2f} {cells}   (mean prob of the label: TIS-masked/random-masked)")
 
 
-def figures(res, fig_dir, args, suffix="", grid=None):
+def figures(res, fig_dir, args, suffix="", grid=None, names=None):
+    """The deletion curves (95% bands over images) and the TIS grid; names: the dataset's class names."""
     import pandas as pd
 
     from cortex import plots
 
     df = pd.DataFrame(res.rows)
     p1 = plots.deletion_curves(df, fig_dir / f"sample_level_deletion_curves{suffix}.png",
-                               title=f"Sample level, IEM Net{args.model} TIS ({args.attribution}): deletion curves")
+                               title=f"Deletion, Net{args.model} {args.attribution} TIS",
+                               per_image=pd.DataFrame(res.per_image()))
     ex = res.examples
     mean = lambda e, j: sum(v[j] for v in e["probs"].values()) / len(e["probs"])  # noqa: E731
     p2 = plots.tis_grid([e["image"] for e in ex], [e["scores"] for e in ex],
-                        [f"{e['filename']} (label {e['label']})" for e in ex],
+                        [f"{e['filename']}, label {plots.class_name(e['label'], names)}" for e in ex],
                         fig_dir / f"sample_level_tis_grid{suffix}.png", top_n=ex[0]["top_n"] if ex else 10,
                         masked=[e["masked"] for e in ex],
-                        masked_titles=[f"p(label), mean of evaluators: {mean(e, 0):.2f} -> {mean(e, 1):.2f}" for e in ex],
-                        title=f"TIS of IEM Net{args.model} ({args.attribution}) on {args.data_type} images",
+                        masked_titles=[f"p(label) {mean(e, 0):.2f} -> {mean(e, 1):.2f}" for e in ex],
+                        title=f"TIS of Net{args.model} ({args.attribution}), {args.data_type} images",
                         grid=grid)
     print(f"figures: {p1}, {p2}")
     return [p1, p2]

@@ -122,33 +122,32 @@ def cascading_randomisation(model, x, y, attributions, seed: int = 0, batch_size
 
 
 def plot_randomisation(rows: list[dict], out: Path, title: str) -> Path:
-    """Mean Spearman correlation per stage, one line per attribution (Agg, saved to ``out``)."""
-    import matplotlib
+    """Mean Spearman correlation per stage, one line per attribution, with a ± std band over images (Agg, saved to
+    ``out``); the y range covers the whole band."""
+    from cortex.plots import MAX_WIDTH_IN, _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len({r["stage"] for r in rows}) + 3), 4.6))
+    plt = _plt()
+    n_stages = len({r["stage"] for r in rows})
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(3.5, 0.22 * n_stages + 1.5)), 3.0))
+    lows, highs = [-0.1], [1.0]
     for a in dict.fromkeys(r["attribution"] for r in rows):
         rs = [r for r in rows if r["attribution"] == a]
         m, s = np.array([r["spearman_mean"] for r in rs]), np.array([r["spearman_std"] for r in rs])
-        ax.plot([r["stage"] for r in rs], m, "-o", ms=3, label=a)
+        ax.plot([r["stage"] for r in rs], m, "-o", ms=2.5, lw=1.2, label=a)
         ax.fill_between([r["stage"] for r in rs], m - s, m + s, alpha=0.15)
+        lows.append(np.nanmin(m - s))
+        highs.append(np.nanmax(m + s))
     layers = [r["layer"] for r in rows if r["attribution"] == rows[0]["attribution"]]
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, rotation=70, fontsize=6)
+    ax.set_xticklabels(layers, rotation=70, fontsize=7)
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_ylim(-0.3, 1.05)
-    ax.set_ylabel("Spearman rank corr. with the trained IEM's TIS\n(mean ± std over images)")
-    ax.set_xlabel("layers re-initialised, from the top (cascading)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylim(max(-1.05, min(lows) - 0.05), min(1.05, max(highs) + 0.05))  # the whole ± std band
+    ax.set_ylabel("Spearman ρ with trained TIS\n(mean ± std over images)")
+    ax.set_xlabel("layers re-initialised, from the top")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------- script
@@ -182,7 +181,7 @@ def main(args):
             w.writerow([args.model, r["attribution"], r["stage"], r["layer"], f"{r['spearman_mean']:.6f}",
                         f"{r['spearman_std']:.6f}", r["images"]])
     fig = plot_randomisation(rows, out.with_suffix(".png"),
-                             f"Cascading model randomisation, Net{args.model}, {len(pick)} {args.split} images")
+                             f"Model randomisation, Net{args.model}, {len(pick)} {args.split} images")
     for a in args.attributions:
         rs = [r for r in rows if r["attribution"] == a]
         print(f"{a}: Spearman {rs[0]['spearman_mean']:.2f} (trained) -> {rs[1]['spearman_mean']:.2f} (top layer "
