@@ -152,6 +152,12 @@ def load_codebook(data_dir, code_dim: int | None = None) -> np.ndarray:
     if cb.ndim != 2 or cb.shape[1] != dim:
         raise CortexError(f"{path}: codebook must have shape (n_codes, {dim}) (code_dim of "
                           f"{Path(data_dir) / 'dataset_info.json'}, 256 when absent), got {cb.shape}")
+    bad = ~np.isfinite(cb).all(axis=1) if np.issubdtype(cb.dtype, np.floating) else np.zeros(len(cb), bool)
+    if bad.any():  # one NaN entry makes every loss NaN: refused before a run starts (and replaces anything)
+        rows = np.flatnonzero(bad)
+        raise CortexError(f"{path}: {len(rows)} of {len(cb)} codebook entries hold NaN or Inf (first: token id "
+                          f"{rows[0]}); rebuild it ({generator_command(data_dir)} --overwrite, or python "
+                          f"compact_dataset.py --force)")
     return cb
 
 

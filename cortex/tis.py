@@ -49,8 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -69,7 +67,8 @@ from .attribution import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_m
                           get_attribution, image_seed, memory_per_copy, prepare_fast, reduce_channels,
                           smoothgrad_from_noise, standard_noise, token_scores, top_overlap)
 from .cli import make_parser, nonneg_float, nonneg_int, positive_float, positive_int
-from .utils import CortexError, atomic_write, format_list, parse_float_list
+from .utils import (CortexError, atomic_write, blocking_lock, format_list, lock_fd, open_lock, parse_float_list,
+                    try_lock, unlock)
 
 TIS_HEADER = ["filename", "label", "contribution"]
 N_POS = 256  # scores per row for the paper's 16x16 grid; another tokenizer's files hold h*w (tis_row_length)
@@ -228,40 +227,6 @@ def sidecar_file(out_dir, label: int) -> Path:
 
 def lock_file(out_dir, label: int) -> Path:
     return Path(out_dir) / f"label_{label}.csv.lock"
-
-
-def _open_lock(path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
-
-
-def try_lock(path) -> int | None:
-    """Exclusive non-blocking ``flock`` on ``path`` (created): the fd, or None when another process holds it."""
-    fd = _open_lock(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
-
-
-def unlock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def blocking_lock(path):
-    """Exclusive blocking ``flock`` on ``path`` for a short critical section."""
-    fd = _open_lock(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        unlock(fd)
 
 
 def read_sidecar(out_dir, label: int) -> dict | None:
@@ -435,8 +400,10 @@ class _LabelWriter:
     the set of names still to score (empty: nothing to do; None: another process holds the label).
     """
 
-    def __init__(self, out_dir: Path, key: dict, run_id: str, resume: bool, names_of: dict[int, list[str]]):
+    def __init__(self, out_dir: Path, key: dict, run_id: str, resume: bool, names_of: dict[int, list[str]],
+                 writers_fd: int | None = None):
         self.out, self.key, self.run_id, self.resume, self.names_of = out_dir, key, run_id, resume, names_of
+        self.writers_fd = writers_fd  # the folder's shared writer lock (_hold_writers), released by close()
         self.handles: dict[int, object] = {}
         self.locks: dict[int, int] = {}
         self.todo: dict[int, set[str]] = {}
@@ -543,6 +510,8 @@ class _LabelWriter:
         self.handles.clear()
         for l in list(self.locks):
             self._release(l)
+        unlock(self.writers_fd)
+        self.writers_fd = None
 
 
 def _baseline_hint(diff: dict) -> str:
@@ -574,6 +543,37 @@ def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool, write:
             return
         with atomic_write(path) as f:
             json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
+
+
+def _hold_writers(out_dir: Path, key: dict, run_id: str, overwrite: bool) -> int:
+    """The fd of a shared ``flock`` on ``<out_dir>/tis_writers.lock``, held by every TIS writer for its run.
+
+    An ``--overwrite`` run that replaces another run's ``tis_config.json`` must find no other writer (it would
+    delete their labels, or they would write theirs beside its own): refused with a CortexError while any other
+    process holds the lock; else it writes its ``tis_config.json`` here. Plain runs and shards of one run share
+    the lock (their labels are locked one by one, as before). Every writer takes it under
+    ``tis_config.json.lock``, so testing for others and then sharing is race-free."""
+    path = out_dir / "tis_config.json"
+    with blocking_lock(out_dir / "tis_config.json.lock"):
+        try:
+            old = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            old = {}
+        fd = open_lock(out_dir / "tis_writers.lock")
+        try:
+            if overwrite and old is not None and old.get("run_id") != run_id:
+                if not lock_fd(fd):
+                    raise CortexError(f"{out_dir}: another TIS_computation.py is writing into this folder now "
+                                      f"(run {old.get('run_id', 'unknown')}); --overwrite would replace its settings "
+                                      f"and delete its labels. Wait for it to end, or choose another --results_dir")
+                print(f"--overwrite: {path} replaced (differs: {_diff(old, key)})")
+                with atomic_write(path) as f:
+                    json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
+            lock_fd(fd, shared=True, block=True)  # EX is only ever held here, under tis_config.json.lock
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _delete_label(out_dir: Path, l: int) -> bool:
@@ -695,13 +695,20 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     run_id = run_id_of(key)
     labels_of = [int(l) for l in dataset.labels]
     mine = shard_labels(labels_of, shard, num_shards)
-    if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
-        _claim_config(out_dir, key, run_id, overwrite=False, write=False)
-        _check_label_files(out_dir, mine, key, run_id, overwrite=False)
-    _claim_config(out_dir, key, run_id, overwrite)
-    if overwrite:
-        _check_label_files(out_dir, mine, key, run_id, overwrite=True)
-        _remove_foreign_labels(out_dir, set(labels_of))
+    copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
+    cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
+    writers = _hold_writers(out_dir, key, run_id, overwrite)  # released by writer.close()
+    try:
+        if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
+            _claim_config(out_dir, key, run_id, overwrite=False, write=False)
+            _check_label_files(out_dir, mine, key, run_id, overwrite=False)
+        _claim_config(out_dir, key, run_id, overwrite)
+        if overwrite:
+            _check_label_files(out_dir, mine, key, run_id, overwrite=True)
+            _remove_foreign_labels(out_dir, set(labels_of))
+    except BaseException:
+        unlock(writers)
+        raise
     keep = set(mine)
     by_label: dict[int, list[int]] = defaultdict(list)
     for i, l in enumerate(labels_of):
@@ -711,9 +718,8 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     def name_of(i):
         return dataset.records[i].filename if hasattr(dataset, "records") else dataset[i][2]
 
-    writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine})
-    copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
-    cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
+    writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine},
+                          writers_fd=writers)
     workspace: dict = {}  # buffers reused from batch to batch (smoothgrad's copy buffer)
     opts = dict(nsamples=config.nsamples, stdev_spread=config.stdev_spread, noise_scope=config.noise_scope,
                 codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies, workspace=workspace)
