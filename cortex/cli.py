@@ -223,8 +223,8 @@ def bias_parser() -> argparse.ArgumentParser:
 
 # OSError numbers that mean "this folder cannot be written": the reason shown, and what to do
 WRITE_ERRORS = {
-    errno.ENOSPC: ("disk full", "free space or choose another --results_dir (or --root)"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --results_dir (or --root)"),
+    errno.ENOSPC: ("disk full", "free space or choose another --results_dir (or --checkpoint_dir, --root)"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --results_dir (or --checkpoint_dir, --root)"),
     errno.EROFS: ("read-only file system", "choose another --results_dir (or --root)"),
     errno.EACCES: ("permission denied", "fix the folder's permissions or choose another --results_dir (or --root)"),
     errno.EPERM: ("permission denied", "fix the folder's permissions or choose another --results_dir (or --root)"),
@@ -365,7 +365,9 @@ def run_main(main, get_args_parser, argv: list | None = None):
             raise
         resumable = any("--resume" in a.option_strings for a in parser._actions)
         sys.stdout.flush()
-        print(stop_message(Path(script).name, signum, resumable), file=sys.stderr, flush=True)
+        bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+        start = "\n" if bars is not None and getattr(bars, "_instances", None) else ""  # end a live bar's line
+        print(start + stop_message(Path(script).name, signum, resumable), file=sys.stderr, flush=True)
         os._exit(128 + signum)  # no interpreter teardown: DataLoader workers / atexit hooks would print more
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr)

@@ -644,9 +644,9 @@ def check_training_finished(path, model_id) -> None:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
         info = {}
-    done = f" after {info['epochs_done']} of {info['epochs']} epochs" if {"epochs_done", "epochs"} <= set(info) else ""
-    raise CortexError(f"{path}: its training run did not finish{done} ({marker} is there: it was stopped, killed "
-                      f"or failed, or it is running now); its weights are not a finished IEM. Continue it with "
+    done = (f"{info.get('epochs_done') or 0} of {info['epochs']} epochs done; " if "epochs" in info else "")
+    raise CortexError(f"{path}: its training run is unfinished ({done}{marker} is there: the run was stopped, "
+                      f"killed or failed, or is running now); its weights are not a finished IEM. Continue it with "
                       f"python train.py --model {model_id} --resume (same settings), or train anew with --overwrite")
 
 

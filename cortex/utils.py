@@ -67,8 +67,13 @@ def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str 
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not e.filename:
-            e.filename = str(path)  # a failed write() names no file; the error message should
+        os_error = e
+        while os_error is not None and not isinstance(os_error, OSError):
+            os_error = os_error.__context__  # torch.save: "RuntimeError: unexpected pos" raised over the ENOSPC
+        if os_error is not None and not os_error.filename:
+            os_error.filename = str(path)  # a failed write() names no file; the error message should
+        if os_error is not None and os_error is not e and isinstance(e, Exception):
+            raise os_error from e  # the disk-full error, not the library's confusing one (run_main names it)
         raise
 
 
