@@ -322,7 +322,7 @@ def stop_message(script: str, signum: int, resumable: bool) -> str:
     """The one line printed when a run is stopped by a signal."""
     what = SIGNAL_NAMES.get(signum, f"signal {signum}")
     todo = ("rerun the same command with --resume to continue it" if resumable
-            else "rerun the same command to start it again")
+            else "rerun the same command (its finished outputs are kept or redone)")
     return (f"{script}: stopped by {what}; nothing unfinished is marked as finished (exit status {128 + signum}); "
             f"{todo}")
 
@@ -338,7 +338,7 @@ def run_main(main, get_args_parser, argv: list | None = None):
     failure), no traceback. ``cortex.scripts.run_script`` (demo, tests) calls ``main`` directly and lets every
     error propagate.
     """
-    from .utils import CortexError, Interrupted, set_running_script
+    from .utils import CortexError, Interrupted, release_writer_locks, set_running_script
 
     parser = get_args_parser()
     parser.allow_abbrev = False
@@ -351,10 +351,12 @@ def run_main(main, get_args_parser, argv: list | None = None):
     try:
         return main(args)
     except CortexError as e:
+        release_writer_locks(failed=True)
         if debug:
             raise
         message = str(e)
     except OSError as e:
+        release_writer_locks(failed=True)
         message = write_error_message(e)
         if debug or message is None:
             raise

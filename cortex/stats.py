@@ -582,15 +582,17 @@ def read_split_ids(data_dir, split: str = "train", num_classes: int | None = Non
 
     One C parse on well-formed files; anything else goes through :func:`cortex.data.read_split` (the
     training reader), so every check -- header, field count, integer label within ``0..num_classes-1``,
-    256 non-negative ids -- and its message (file and line) are the training reader's.
+    256 ids in 0..n_codes-1 -- and its message (file and line) are the training reader's.
     """
-    from .data import CSV_HEADER, n_positions, read_split, split_csv
+    from .data import CSV_HEADER, codebook_size, n_positions, read_split, split_csv
 
     path = split_csv(data_dir, split)
     fast = fast_list_csv(path, CSV_HEADER, n_positions(data_dir), np.int64) if path.exists() else None
     if fast is not None:
         names, labels, ids = fast
+        n_codes = codebook_size(data_dir)
         ok = labels.min() >= 0 and ids.min() >= 0 and (num_classes is None or labels.max() < num_classes)
+        ok = ok and (n_codes is None or ids.size == 0 or ids.max() < n_codes)
         if ok:
             return names, labels, ids
     records = read_split(data_dir, split, num_classes)  # raises the precise CortexError

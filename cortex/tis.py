@@ -920,8 +920,6 @@ def run_tis(args, experiment: str) -> dict:
                        ig_steps=args.ig_steps, fast=getattr(args, "fast", False),
                        max_copies_per_pass=args.max_copies_per_pass, max_memory_gb=getattr(args, "max_memory_gb", None))
     out_dir = paths.tis_dir(args.model, args.data_type, args.attribution)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(args, out_dir, name="args.json" if num_shards == 1 else f"args_shard{shard}of{num_shards}.json")
     seed_everything(args.seed)
     device = get_device(args.device, args.gpu)
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
@@ -945,6 +943,9 @@ def run_tis(args, experiment: str) -> dict:
         "data": {"split": args.data_type, "csv_sha256": file_sha256(split_csv(paths.data_dir, args.data_type)),
                  "codebook_sha256": file_sha256(Path(paths.data_dir) / "codebook.npy")},
     }
+    # the folder is made once the checkpoint and the data passed their checks (a refused run leaves none)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_run_args(args, out_dir, name="args.json" if num_shards == 1 else f"args_shard{shard}of{num_shards}.json")
     summary = compute_tis(model, dataset, out_dir, config, batch_size=args.batch_size, device=device,
                           codebook=codebook, resume=args.resume, overwrite=getattr(args, "overwrite", False),
                           shard=shard, num_shards=num_shards, num_workers=args.num_workers,

@@ -166,6 +166,38 @@ def folder_writer_lock(folder, what: str, hint: str = "wait for it to end, or ch
         unlock(fd)
 
 
+_held_locks = {"stack": None, "folders": set()}
+
+
+def hold_writer_lock(folder, what: str, hint: str = "wait for it to end, or choose another output folder") -> None:
+    """``folder_writer_lock`` held until the running script's ``main`` ends (``cortex.cli.run_main``: the process
+    ends; ``cortex.scripts.run_script``: ``release_writer_locks``). For scripts whose ``main`` writes one folder;
+    a folder this process already holds is not locked twice."""
+    key = os.path.realpath(folder)
+    if key in _held_locks["folders"]:
+        return
+    made = [p for p in [Path(key), *Path(key).parents] if not p.exists()]  # the folders the lock creates
+    stack = _held_locks["stack"] = _held_locks["stack"] or contextlib.ExitStack()
+    stack.enter_context(folder_writer_lock(folder, what, hint))
+    _held_locks["folders"].add(key)
+    _held_locks.setdefault("made", []).extend(made)
+
+
+def release_writer_locks(failed: bool = False) -> None:
+    """Release every lock ``hold_writer_lock`` took in this process; ``failed``: also remove the folders it
+    created that hold nothing but the lock file (a run refused at its checks leaves no empty output folder)."""
+    stack, _held_locks["stack"] = _held_locks["stack"], None
+    made, _held_locks["made"] = _held_locks.get("made", []), []
+    _held_locks["folders"].clear()
+    if stack is not None:
+        stack.close()
+    for folder in made if failed else []:  # deepest first
+        with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] in ([], [WRITER_LOCK]):
+                (folder / WRITER_LOCK).unlink(missing_ok=True)
+                folder.rmdir()
+
+
 def is_primary_process() -> bool:
     """False in a process launched as a non-zero rank of a distributed run (Lightning's DDP launcher, srun
     tasks): ``RANK``, ``LOCAL_RANK``, ``NODE_RANK`` and ``SLURM_PROCID`` all unset or 0 means rank 0."""
