@@ -706,7 +706,33 @@ def read_stats_section(path, top_n: int, token_num: int) -> list[int]:
     if top_n not in sections:
         raise CortexError(f"{path}: no 'Top {top_n} Tokens' section (found: {sorted(sections)}). "
                           f"Use --top_n among those, or rerun TIS_analysis.py.")
-    return [t for t, _ in sections[top_n][:token_num]]
+    toks = [t for t, _ in sections[top_n]]
+    check_token_num(path, len(toks), token_num, _recorded_max_rows(Path(path).parent / "source.json"),
+                    f"section 'Top {top_n} Tokens'", "TIS_analysis.py --max_rows")
+    return toks[:token_num]
+
+
+def _recorded_max_rows(args_path) -> int:
+    """``max_rows`` recorded beside a statistics / frequency-baseline folder (source.json, args.json), else the
+    default MAX_ROWS."""
+    try:
+        v = json.loads(Path(args_path).read_text()).get("max_rows")
+    except (OSError, ValueError, AttributeError):
+        v = None
+    return int(v) if isinstance(v, int) else MAX_ROWS
+
+
+def check_token_num(path, listed: int, token_num: int | None, max_rows: int, what: str, rerun: str) -> None:
+    """``--token_num`` larger than the tokens a file lists: a CortexError when the list was cut at ``max_rows``
+    (more tokens exist: rerun with a larger ``--max_rows``); a note when the file lists every token there is."""
+    if token_num is None or listed >= token_num:
+        return
+    if listed >= max_rows:
+        raise CortexError(f"{path}: --token_num {token_num} asks for more tokens than its {what} lists ({listed}: "
+                          f"the list was cut at --max_rows {max_rows}); rerun {rerun} {token_num} (or more), or "
+                          f"pass --token_num {listed} or less")
+    print(f"note: {path}: its {what} lists only {listed} tokens (every token there is); using {listed}, not "
+          f"--token_num {token_num}")
 
 
 def _missing_image(where, name) -> CortexError:
@@ -941,6 +967,8 @@ def read_frequency_baseline(path, token_num: int | None = None) -> list[int]:
         if header is None or [h.strip() for h in header[:2]] != ["Token", "Count"]:
             raise CortexError(f"{path}: header must be 'Token,Count', got {header}")
         toks = [int(r[0]) for r in reader if r]
+    check_token_num(path, len(toks), token_num, _recorded_max_rows(path.parent / "args.json"),
+                    "frequency baseline", "generate_freq_based_tokens.py --max_rows")
     return toks if token_num is None else toks[:token_num]
 
 
@@ -1027,7 +1055,11 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
                     if label not in files:
                         continue
                     _, sections = read_stats(files[label])
-                    pred = [t for t, _ in sections.get(n, [])]
+                    if n not in sections:  # a missing section is no evidence of precision 0
+                        raise CortexError(f"{files[label]}: no 'Top {n} Tokens' section (found: {sorted(sections)}); "
+                                          f"the file is truncated or from another TIS_analysis.py run: rerun "
+                                          f"TIS_analysis.py --model {m}, or pass --top_ns among those found")
+                    pred = [t for t, _ in sections[n]]
                     rows.append(dict(model=m, method=a, top_n=n, label=label, k=kk(label),
                                      precision=precision_at_k(pred, planted[label], kk(label))))
     freq = label_files(paths.frequency_dir())
