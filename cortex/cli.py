@@ -274,11 +274,27 @@ def quiet_third_party(verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # in case a TensorFlow import sneaks in (tensorboard)
 
 
+def dangling_symlink(name) -> Path | None:
+    """The first component of path ``name`` (itself or a parent) that is a symbolic link to nothing, else None."""
+    if name in (None, ""):
+        return None
+    path = Path(os.fsdecode(name)).absolute()
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return p
+    return None
+
+
 def write_error_message(e: OSError) -> str | None:
     """``cannot write <folder>: disk full — free space or ...`` for the OSErrors of WRITE_ERRORS, else None.
 
     The folder is the one holding ``e.filename`` (``atomic_write`` fills it in when the OS did not).
     """
+    link = dangling_symlink(e.filename)
+    if link is not None:  # mkdir through it: "File exists"; open through it: "No such file"
+        return (f"cannot write {Path(os.fsdecode(e.filename)).absolute()}: {link} is a symbolic link to "
+                f"{os.readlink(link)}, which does not exist — create that folder (or mount its disk), or remove the "
+                f"link")
     if e.errno not in WRITE_ERRORS:
         return None
     reason, todo = WRITE_ERRORS[e.errno]

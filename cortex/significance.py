@@ -366,10 +366,16 @@ def check_current_run(paths, model: int, attribution: str) -> None:
             f"for the current run.")
     want = cfg.get("checkpoint", {}).get("sha256")
     ckpt = paths.model_dir(model) / cfg.get("checkpoint", {}).get("file", "best_model.pth")
+    if want and not ckpt.exists():  # deleted or moved: not "another IEM"
+        raise CortexError(f"IEM checkpoint not found: {ckpt} (its statistics in {stats_dir} need it): restore it, "
+                          f"or pass the --root / --checkpoint_dir that holds it")
     if want and want != file_sha256(ckpt):
         raise CortexError(f"{stats_dir} explains another IEM: {cfg_path} names a checkpoint that is not the current "
                           f"{ckpt} (left from an earlier run). {redo}")
     want = cfg.get("data", {}).get("csv_sha256")
+    if want and not split_csv(paths.data_dir, "train").exists():  # deleted or moved: not "another dataset"
+        raise CortexError(f"dataset not found: {split_csv(paths.data_dir, 'train')} (the statistics in {stats_dir} "
+                          f"were computed on it): restore it, or pass the --root / --data_dir that holds it")
     if want and want != file_sha256(split_csv(paths.data_dir, "train")):
         raise CortexError(f"{stats_dir} was computed on another dataset: {cfg_path} names a train CSV that is not "
                           f"the current {split_csv(paths.data_dir, 'train')} (left from an earlier run). {redo}")

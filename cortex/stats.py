@@ -220,7 +220,7 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
                           f"right --data_dir (or --root).")
     framed = _frame_list_csv(path, "indices", prefix_columns=2)  # one pass on a large well-formed file
     labels = _int_column(framed[1][1]) if framed is not None and framed[0][:2] == ["filename", "label"] else None
-    if labels is not None:
+    if labels is not None and labels.size:
         found, n = np.unique(labels, return_counts=True)
         return {int(k): int(v) for k, v in zip(found, n)}
     counts: dict[int, int] = defaultdict(int)
@@ -236,6 +236,12 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
                 counts[int(row[1])] += 1
             except (ValueError, IndexError):
                 raise CortexError(f"{path}:{lineno}: label {row[1:2]} is not an integer") from None
+    if not counts:  # else every TIS file would look like another dataset's
+        from .utils import generator_command
+
+        raise CortexError(f"{path}: no rows (header only): the dataset's {split} split is empty or was cut short; "
+                          f"regenerate the dataset ({generator_command(data_dir)} --overwrite) or pass the right "
+                          f"--data_dir")
     return dict(sorted(counts.items()))
 
 
@@ -271,6 +277,9 @@ def check_tis_inputs(tis_dir, expected_labels, allow_partial: bool = False, *, c
     if not tis_dir.is_dir():
         raise CortexError(f"TIS folder not found: {tis_dir}. Run TIS_computation.py first{hint}.")
     present = label_files(tis_dir)
+    if not present and not any(tis_dir.glob("label_*.csv.partial")):  # nothing to resume or to use in part
+        raise CortexError(f"{tis_dir} holds no TIS file: no TIS_computation.py run has scored a label here yet. "
+                          f"Run TIS_computation.py first{hint}.")
     problems, bad = [], set()
     missing = sorted(set(expected) - set(present))
     if missing:

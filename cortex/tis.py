@@ -345,27 +345,31 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
     if fast is not None:
         check_tis_rows(path, fast[0], fast[2])
         return fast[0], fast[1].tolist(), fast[2]
-    names, labels, rows = [], [], []
+    names, labels, rows, lines = [], [], [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != TIS_HEADER:
             raise CortexError(f"{path}: header must be 'filename,label,contribution', got {header}")
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
             if not row:
                 continue
+            lineno = reader.line_num  # the row's own (last) line: blank lines and the header counted
             if len(row) != 3:
                 raise CortexError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
             names.append(row[0])
             labels.append(int(row[1]))
             rows.append(row[2])
-    scores = _parse_rows(rows, path, n_pos)
+            lines.append(lineno)
+    scores = _parse_rows(rows, path, n_pos, lines, names)
     check_tis_rows(path, names, scores)
     return names, labels, scores
 
 
-def _parse_rows(rows: list[str], path, n_pos: int = N_POS) -> np.ndarray:
-    """All contribution literals of a file in one numpy call: ``(N, n_pos)`` (n_pos = 256 for 16x16)."""
+def _parse_rows(rows: list[str], path, n_pos: int = N_POS, lines: list[int] | None = None,
+                names: list[str] | None = None) -> np.ndarray:
+    """All contribution literals of a file in one numpy call: ``(N, n_pos)`` (n_pos = 256 for 16x16).
+    lines / names: each row's line number and image, for the message naming a bad row."""
     if not rows:
         return np.zeros((0, n_pos))
     body = ",".join(r.strip()[1:-1] for r in rows)
@@ -376,12 +380,16 @@ def _parse_rows(rows: list[str], path, n_pos: int = N_POS) -> np.ndarray:
     except ValueError:
         flat = None
     if flat is None or flat.size != len(rows) * n_pos or not all(r.strip()[:1] == "[" for r in rows):
-        # find the culprit for a precise message
+        # find the culprit for a precise message: a row whose length differs from most rows' (the first row
+        # may be the odd one, and must then be named, not the next one)
+        sizes = [r.count(",") + 1 for r in rows]
+        common = max(set(sizes), key=sizes.count) if len(rows) > 2 else n_pos
         for i, r in enumerate(rows):
-            v = parse_float_list(r, where=f"{path}: row {i + 2}")
-            if v.shape != (n_pos,):
-                raise CortexError(f"{path}: row {i + 2} has {v.size} scores, expected {n_pos} (as the first row: "
-                                  f"one per token position)")
+            where = f"{path}:{lines[i] if lines else i + 2}" + (f" (image {names[i]})" if names else "")
+            v = parse_float_list(r, where=where)
+            if v.shape != (common,):
+                raise CortexError(f"{where}: {v.size} scores, expected {common} (as the file's other rows: one per "
+                                  f"token position)")
         raise CortexError(f"{path}: malformed contribution lists")
     return flat.reshape(len(rows), n_pos)
 

@@ -185,16 +185,18 @@ def hold_writer_lock(folder, what: str, hint: str = "wait for it to end, or choo
 
 def release_writer_locks(failed: bool = False) -> None:
     """Release every lock ``hold_writer_lock`` took in this process; ``failed``: also remove the folders it
-    created that hold nothing but the lock file (a run refused at its checks leaves no empty output folder)."""
+    created that hold nothing but the lock file and the run's args.json (a run refused at its checks leaves no
+    empty output folder)."""
     stack, _held_locks["stack"] = _held_locks["stack"], None
     made, _held_locks["made"] = _held_locks.get("made", []), []
     _held_locks["folders"].clear()
     if stack is not None:
         stack.close()
-    for folder in made if failed else []:  # deepest first
+    for folder in made if failed else []:  # deepest first; this run made them, so their lock and args are its own
         with contextlib.suppress(OSError):
-            if [p.name for p in folder.iterdir()] in ([], [WRITER_LOCK]):
-                (folder / WRITER_LOCK).unlink(missing_ok=True)
+            if {p.name for p in folder.iterdir()} <= {WRITER_LOCK, "args.json"}:
+                for name in (WRITER_LOCK, "args.json"):
+                    (folder / name).unlink(missing_ok=True)
                 folder.rmdir()
 
 
