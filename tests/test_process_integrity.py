@@ -116,6 +116,19 @@ def test_overwrite_keeps_the_old_iem_until_the_data_checks_pass(trained, tmp_pat
     assert (d / "best_model.pth").read_bytes() == before and not (d / UNFINISHED_MARKER).exists()
 
 
+def test_every_batch_nan_is_an_error(tiny_root, tmp_path):
+    """Per-image files full of NaN (files layout): not 'loss is nan' every batch and exit 0, but an error; the
+    run stays unfinished."""
+    root = tmp_path
+    shutil.copytree(tiny_root / "datasets", root / "datasets", ignore=shutil.ignore_patterns("images", "codebook.npy"))
+    for f in (root / "datasets" / "train").rglob("*.npy"):
+        a = np.load(f)
+        np.save(f, np.full_like(a, np.nan))
+    with pytest.raises(CortexError, match="the loss of every training batch was NaN or Inf"):
+        run_script(f"{V}/train.py", ["--root", root, "--epochs", "2", "--data_layout", "files", *TRAIN])
+    assert (root / "checkpoints" / "ClassificationNet1" / UNFINISHED_MARKER).exists()
+
+
 def test_disk_full_while_saving_the_iem(trained, tmp_path, monkeypatch):
     """torch.save on a full disk raises 'RuntimeError: unexpected pos' over the ENOSPC: the OSError is what
     surfaces (run_main prints 'error: cannot write <folder>: disk full'), and the half-trained IEM is refused."""
