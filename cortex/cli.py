@@ -321,7 +321,7 @@ def install_stop_handlers() -> dict:
     """
     from .utils import Interrupted
 
-    state = {"signum": None}
+    state = {"signum": None, "previous": {s: signal.getsignal(s) for s in SIGNAL_NAMES}}
 
     def handler(signum, frame):
         if state["signum"] is not None:  # a second signal while unwinding: stop now
@@ -332,6 +332,12 @@ def install_stop_handlers() -> dict:
     for s in SIGNAL_NAMES:
         signal.signal(s, handler)
     return state
+
+
+def restore_stop_handlers(state: dict) -> None:
+    """The handlers ``install_stop_handlers`` replaced (``run_main`` called in-process, e.g. by a test)."""
+    for s, h in state["previous"].items():
+        signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def stop_message(script: str, signum: int, resumable: bool) -> str:
@@ -387,6 +393,9 @@ def run_main(main, get_args_parser, argv: list | None = None):
         start = "\n" if bars is not None and getattr(bars, "_instances", None) else ""  # end a live bar's line
         print(start + stop_message(Path(script).name, signum, resumable), file=sys.stderr, flush=True)
         os._exit(128 + signum)  # no interpreter teardown: DataLoader workers / atexit hooks would print more
+    finally:
+        restore_stop_handlers(stop)
+        release_writer_locks()  # main returned (run in-process); after an error already done, with cleanup
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
