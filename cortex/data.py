@@ -108,8 +108,8 @@ def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int 
             if ids.min() < 0:
                 raise CortexError(f"{where}: negative token id {int(ids.min())}")
             if n_codes is not None and ids.max() >= n_codes:
-                raise CortexError(f"{where}: token id {int(ids.max())} is not in the codebook (it has {n_codes} codes, "
-                                  f"ids 0..{n_codes - 1}; {codebook_size_source(data_dir)})")
+                raise CortexError(f"{where}: token id {int(ids.max())} of image {row[0]} is not in the codebook (it "
+                                  f"has {n_codes} codes, ids 0..{n_codes - 1}; {codebook_size_source(data_dir)})")
             records.append(Record(row[0], label, ids))
     if not records:
         raise CortexError(f"{path}: no rows")

@@ -300,7 +300,8 @@ def test_token_id_beyond_the_codebook_is_refused(tmp_path):
     csv_path = d / "train_embeddings.csv"
     # line 3: the first id becomes 99999 (still 256 ids)
     _edit_line(csv_path, 3, lambda l: l.split('"[', 1)[0] + '"[99999, ' + l.split('"[', 1)[1].split(", ", 1)[1])
-    with pytest.raises(CortexError, match=r"train_embeddings\.csv:3: token id 99999 is not in the codebook \(it has 24"):
+    bad = r"train_embeddings\.csv:3: token id 99999 of image \S+ is not in the codebook \(it has 24"
+    with pytest.raises(CortexError, match=bad):
         read_split_ids(d, "train")
     with pytest.raises(CortexError, match=r"train_embeddings\.csv:3: token id 99999"):
         run_script(f"{V}/generate_freq_based_tokens.py", ["--root", tmp_path])
