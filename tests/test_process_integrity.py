@@ -20,15 +20,11 @@ import torch
 from cortex.models import UNFINISHED_MARKER
 from cortex.utils import CortexError, atomic_torch_save, try_lock, unlock
 from tests.helpers import run_script
+from tests.test_train_integrity import _compact_copy
 
 V = "VQGAN_explanation"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--model", "1", "--width", "8", "--batch_size", "8", "--device", "cpu"]
-
-
-def _compact_copy(tiny_root, dst):
-    shutil.copytree(tiny_root / "datasets", dst / "datasets", ignore=shutil.ignore_patterns("images", "train", "val", "test"))
-    return dst
 
 
 def _start(script, argv):
@@ -111,7 +107,8 @@ def test_overwrite_keeps_the_old_iem_until_the_data_checks_pass(trained, tmp_pat
     cb = np.load(root / "datasets" / "codebook.npy")
     cb[5, 3] = np.nan
     np.save(root / "datasets" / "codebook.npy", cb)
-    with pytest.raises(CortexError, match=r"codebook\.npy: 1 of \d+ codebook entries hold NaN or Inf \(first: token id 5\)"):
+    nan = r"codebook\.npy: 1 of \d+ codebook entries hold NaN or Inf \(first: token id 5\)"
+    with pytest.raises(CortexError, match=nan):
         run_script(f"{V}/train.py", ["--root", root, "--epochs", "1", "--overwrite", *TRAIN])
     assert (d / "best_model.pth").read_bytes() == before and not (d / UNFINISHED_MARKER).exists()
 
@@ -188,7 +185,7 @@ def test_signal_during_tis_keeps_a_resumable_partial(trained, tmp_path, sig, sta
     argv = ["--root", trained, "--results_dir", out, *SLOW_TIS]
     p = _start(f"{V}/TIS_computation.py", argv)
     tis = out / "TIS" / "Net1" / "TIS_value_train"
-    _wait_for(lambda: any(f.stat().st_size > 100 for f in tis.glob("label_*.csv.partial")) if tis.exists() else False, p)
+    _wait_for(lambda: tis.exists() and any(f.stat().st_size > 100 for f in tis.glob("label_*.csv.partial")), p)
     rc, _, err = _stop(p, sig)
     assert rc == status, err[-2000:]
     assert "Traceback" not in err
@@ -386,7 +383,8 @@ def test_short_first_tis_row_is_the_one_named(tmp_path):
 
     rows = [np.arange(255 if i == 0 else 256) / 7 for i in range(5)]
     p = tmp_path / "label_0.csv"
-    p.write_text("filename,label,contribution\n" + "".join(f'img{i},0,"{format_list(r)}"\n' for i, r in enumerate(rows)))
+    body = "".join(f'img{i},0,"{format_list(r)}"\n' for i, r in enumerate(rows))
+    p.write_text("filename,label,contribution\n" + body)
     with pytest.raises(CortexError, match=r"label_0\.csv:2 \(image img0\): 255 scores, expected 256"):
         read_tis_file(p)
 
