@@ -40,7 +40,7 @@ from cortex.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthet
 from cortex.explain import load_images, write_rows
 from cortex.masking import mask_images
 from cortex.paths import ExperimentPaths
-from cortex.utils import CortexError, get_device, save_run_args, seed_everything
+from cortex.utils import CortexError, get_device, hold_writer_lock, save_run_args, seed_everything
 
 EXPERIMENT = "vqgan"
 SUMMARY_COLUMNS = ["arch", "val_accuracy", "test_accuracy", "val_label_prob", "test_label_prob", "best_epoch", "epochs",
@@ -196,6 +196,7 @@ def main(args):
               f"(--overwrite to retrain)")
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    hold_writer_lock(out_dir, "evaluators (train_evaluators.py)", "wait for it to end, or pass another --evaluator_dir")
     save_run_args({**vars(args), "trained": todo}, out_dir, "train_evaluators_args.json")
     data = {}
     for split in ("train", "validation", "test"):

@@ -150,14 +150,53 @@ def magnitude(delta: float) -> str:
 
 # ----------------------------------------------------------------------------- the neutral-prompt set
 
-def read_neutral_set(path) -> tuple[list[str], np.ndarray | list[np.ndarray]]:
+def read_neutral_set(path, n_pos: int | None = None, n_codes: int | None = None
+                     ) -> tuple[list[str], np.ndarray | list[np.ndarray]]:
     """``(filenames, ids)`` of a neutral-prompt CSV with an ``indices`` column.
 
     ids: ``(N, L)`` int64 when every image has L ids (the usual 256), else a list of N arrays.
     ``filename`` is optional (row numbers are used when absent); other columns are ignored. Well-formed
     files are read in one pass (``cortex.stats.fast_int_list_csv``; linear in the images); otherwise the
-    csv module's reader names the bad line.
+    csv module's reader names the bad line. Given ``n_pos`` (ids per image) and ``n_codes`` (codebook size),
+    a row with another number of ids, a negative id or one >= ``n_codes`` is a CortexError naming file:line.
     """
+    names, ids, where = _read_neutral_rows(path)
+    bad = _bad_neutral_row(ids, n_pos, n_codes)
+    if bad is not None:
+        i, why = bad
+        need = (f"{n_pos} " if n_pos else "") + "token ids of the generator's codebook" + (
+            f" (0..{n_codes - 1})" if n_codes else "")
+        raise CortexError(f"{where(i)}: {why}; every neutral-prompt image needs {need}: fix or drop this row, or "
+                          f"rebuild the set with generate_dataset.py")
+    return names, ids
+
+
+def _bad_neutral_row(ids, n_pos, n_codes) -> tuple[int, str] | None:
+    """``(row index, what is wrong)`` of the first bad row of a neutral set, or None."""
+    rows = [ids] if isinstance(ids, np.ndarray) else None
+    if rows is not None:  # (N, L): one length for all
+        if ids.size == 0:
+            return None
+        if n_pos is not None and ids.shape[1] != n_pos:
+            return 0, f"{ids.shape[1]} token ids, expected {n_pos}"
+        lo = np.flatnonzero(ids.min(axis=1) < 0)
+        hi = np.flatnonzero(ids.max(axis=1) >= n_codes) if n_codes else np.zeros(0, int)
+        if lo.size or hi.size:
+            i = int(min(lo[:1].tolist() + hi[:1].tolist()))
+            v = int(ids[i].min()) if ids[i].min() < 0 else int(ids[i].max())
+            return i, f"token id {v} is outside the codebook" + (f" (it has {n_codes} codes)" if n_codes else "")
+        return None
+    for i, r in enumerate(ids):
+        if n_pos is not None and r.size != n_pos:
+            return i, f"{r.size} token ids, expected {n_pos}"
+        if r.size and (r.min() < 0 or (n_codes and r.max() >= n_codes)):
+            v = int(r.min()) if r.min() < 0 else int(r.max())
+            return i, f"token id {v} is outside the codebook" + (f" (it has {n_codes} codes)" if n_codes else "")
+    return None
+
+
+def _read_neutral_rows(path):
+    """``(names, ids, where)``: read_neutral_set's parse; ``where(i)``: ``file:line`` of row ``i``."""
     from .stats import fast_int_list_csv, int_lists
 
     path = Path(path)
@@ -170,7 +209,8 @@ def read_neutral_set(path) -> tuple[list[str], np.ndarray | list[np.ndarray]]:
         j = header.index("indices")
         if "filename" not in header[j:]:
             given = prefix[header.index("filename")].tolist() if "filename" in header else [""] * len(ids)
-            return [name or f"row_{i + 1}" for i, name in enumerate(given)], ids
+            # the one-pass parse takes only files of one header line and one line per row
+            return [name or f"row_{i + 1}" for i, name in enumerate(given)], ids, lambda i: f"{path}:{i + 2}"
     names, texts, where = [], [], []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -189,7 +229,8 @@ def read_neutral_set(path) -> tuple[list[str], np.ndarray | list[np.ndarray]]:
     if not texts:
         raise CortexError(f"{path}: no rows; the neutral-prompt set is empty")
     ids = int_lists(texts)  # (N, L) in one parse, or None: ragged or malformed rows, parsed one by one
-    return names, ids if ids is not None else [parse_int_list(t, where=w) for t, w in zip(texts, where)]
+    ids = ids if ids is not None else [parse_int_list(t, where=w) for t, w in zip(texts, where)]
+    return names, ids, lambda i: where[i]
 
 
 def count_hits(ids_per_image, tokens) -> np.ndarray:
@@ -409,7 +450,9 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
         if not toks:
             raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
     neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
-    _, ids = read_neutral_set(neutral)
+    from .data import codebook_size, n_positions
+
+    _, ids = read_neutral_set(neutral, n_positions(paths.data_dir), codebook_size(paths.data_dir))
     rows = detect_bias(label_tokens, ids, exclude_shared, n_boot, seed)
     name = bias_csv_name(top_n, token_num, exclude_shared)
     if attribution != "smoothgrad":

@@ -6,7 +6,8 @@
   is built with ``allow_abbrev=False`` (``--epoch`` is not silently taken for ``--epochs``);
 * ``run_main(main, get_args_parser)``: the ``if __name__ == "__main__":`` path of every script. A
   ``CortexError`` (or a disk-full / read-only / permission error) prints ``error: <message>`` on stderr and exits
-  with status 2; the traceback only with ``--debug`` or ``CORTEX_DEBUG=1``;
+  with status 2; the traceback only with ``--debug`` or ``CORTEX_DEBUG=1``; SIGTERM (SLURM's preemption / time
+  limit) and SIGINT (Ctrl-C) print one line and exit with status 143 / 130 (``install_stop_handlers``);
 * ``quiet_third_party()``: no Lightning tips, platform lines, model summaries or deprecation noise unless
   ``--verbose``.
 
@@ -18,6 +19,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -249,8 +251,8 @@ def bias_parser() -> argparse.ArgumentParser:
 
 # OSError numbers that mean "this folder cannot be written": the reason shown, and what to do
 WRITE_ERRORS = {
-    errno.ENOSPC: ("disk full", "free space or choose another --results_dir (or --root)"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --results_dir (or --root)"),
+    errno.ENOSPC: ("disk full", "free space or choose another --results_dir (or --checkpoint_dir, --root)"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --results_dir (or --checkpoint_dir, --root)"),
     errno.EROFS: ("read-only file system", "choose another --results_dir (or --root)"),
     errno.EACCES: ("permission denied", "fix the folder's permissions or choose another --results_dir (or --root)"),
     errno.EPERM: ("permission denied", "fix the folder's permissions or choose another --results_dir (or --root)"),
@@ -330,11 +332,27 @@ def set_progress_bars(enabled: bool) -> None:
     std.tqdm.__init__ = quiet_init
 
 
+def dangling_symlink(name) -> Path | None:
+    """The first component of path ``name`` (itself or a parent) that is a symbolic link to nothing, else None."""
+    if name in (None, ""):
+        return None
+    path = Path(os.fsdecode(name)).absolute()
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return p
+    return None
+
+
 def write_error_message(e: OSError) -> str | None:
     """``cannot write <folder>: disk full — free space or ...`` for the OSErrors of WRITE_ERRORS, else None.
 
     The folder is the one holding ``e.filename`` (``atomic_write`` fills it in when the OS did not).
     """
+    link = dangling_symlink(e.filename)
+    if link is not None:  # mkdir through it: "File exists"; open through it: "No such file"
+        return (f"cannot write {Path(os.fsdecode(e.filename)).absolute()}: {link} is a symbolic link to "
+                f"{os.readlink(link)}, which does not exist — create that folder (or mount its disk), or remove the "
+                f"link")
     if e.errno not in WRITE_ERRORS:
         return None
     reason, todo = WRITE_ERRORS[e.errno]
@@ -347,6 +365,48 @@ def write_error_message(e: OSError) -> str | None:
     return f"cannot write {where}: {reason} — {todo}"
 
 
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM and SIGINT raise ``cortex.utils.Interrupted`` (a KeyboardInterrupt) in the main thread.
+
+    The first signal unwinds the run like Ctrl-C: every ``finally`` runs (locks released, temp files removed,
+    partial outputs kept for ``--resume``, training's unfinished marker kept). A second signal while that
+    happens ends the process at once (status 128 + signal). Lightning composes its own SIGTERM handler with
+    this one during ``fit`` (it runs first: it stops DDP children); without it Lightning would end the run
+    with ``SystemExit`` and status 0. Returns the state ``run_main`` reads: ``{"signum": None or int}``.
+    """
+    from .utils import Interrupted
+
+    state = {"signum": None, "previous": {s: signal.getsignal(s) for s in SIGNAL_NAMES}}
+
+    def handler(signum, frame):
+        if state["signum"] is not None:  # a second signal while unwinding: stop now
+            os._exit(128 + state["signum"])
+        state["signum"] = signum
+        raise Interrupted(signum)
+
+    for s in SIGNAL_NAMES:
+        signal.signal(s, handler)
+    return state
+
+
+def restore_stop_handlers(state: dict) -> None:
+    """The handlers ``install_stop_handlers`` replaced (``run_main`` called in-process, e.g. by a test)."""
+    for s, h in state["previous"].items():
+        signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def stop_message(script: str, signum: int, resumable: bool) -> str:
+    """The one line printed when a run is stopped by a signal."""
+    what = SIGNAL_NAMES.get(signum, f"signal {signum}")
+    todo = ("rerun the same command with --resume to continue it" if resumable
+            else "rerun the same command (its finished outputs are kept or redone)")
+    return (f"{script}: stopped by {what}; nothing unfinished is marked as finished (exit status {128 + signum}); "
+            f"{todo}")
+
+
 def run_main(main, get_args_parser, argv: list | None = None):
     """The ``if __name__ == "__main__":`` path of every script: ``run_main(main, get_args_parser)``.
 
@@ -354,27 +414,47 @@ def run_main(main, get_args_parser, argv: list | None = None):
     third-party noise (``--verbose`` for all of it) and calls ``main(args)``. A ``CortexError``, or an OSError of
     a full disk / read-only file system / denied permission, prints ``error: <message>`` on stderr and exits with
     status 2 (argparse's own status for a bad flag); ``--debug`` or ``CORTEX_DEBUG=1`` shows the traceback
-    instead. ``cortex.scripts.run_script`` (demo, tests) calls ``main`` directly and lets every error propagate.
+    instead. SIGTERM / SIGINT: one line (``stop_message``) on stderr, exit status 143 / 130 (SLURM records a
+    failure), no traceback. ``cortex.scripts.run_script`` (demo, tests) calls ``main`` directly and lets every
+    error propagate.
     """
-    from .utils import CortexError, set_running_script
+    from .utils import CortexError, Interrupted, release_writer_locks, set_running_script
 
     parser = get_args_parser()
     parser.allow_abbrev = False
     args = parser.parse_args(argv)
     quiet_third_party(verbose=getattr(args, "verbose", False))
     set_progress_bars(not getattr(args, "quiet", False))
-    set_running_script(getattr(main, "__globals__", {}).get("__file__") or sys.argv[0])  # for the settings line
+    script = getattr(main, "__globals__", {}).get("__file__") or sys.argv[0]
+    set_running_script(script)  # for the settings line
     debug = debug_requested(args)
+    stop = install_stop_handlers()
     try:
         return main(args)
     except CortexError as e:
+        release_writer_locks(failed=True)
         if debug:
             raise
         message = str(e)
     except OSError as e:
+        release_writer_locks(failed=True)
         message = write_error_message(e)
         if debug or message is None:
             raise
+    except (Interrupted, SystemExit) as e:
+        # Interrupted: our handler; SystemExit after a signal: Lightning's own ending of a stopped fit
+        signum = e.signum if isinstance(e, Interrupted) else stop["signum"]
+        if signum is None:
+            raise
+        resumable = any("--resume" in a.option_strings for a in parser._actions)
+        sys.stdout.flush()
+        bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+        start = "\n" if bars is not None and getattr(bars, "_instances", None) else ""  # end a live bar's line
+        print(start + stop_message(Path(script).name, signum, resumable), file=sys.stderr, flush=True)
+        os._exit(128 + signum)  # no interpreter teardown: DataLoader workers / atexit hooks would print more
+    finally:
+        restore_stop_handlers(stop)
+        release_writer_locks()  # main returned (run in-process); after an error already done, with cleanup
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -87,6 +87,7 @@ def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int 
     path = require_split(data_dir, split)
     if n_pos is None:
         n_pos = n_positions(data_dir)
+    n_codes = codebook_size(data_dir)
     records = []
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM (Excel) reads as-is
         reader = csv.reader(f)
@@ -113,10 +114,31 @@ def read_split(data_dir, split: str, num_classes: int | None = None, n_pos: int 
                                   f"dataset's token grid, dataset_info.json grid_size; 16x16 when absent)")
             if ids.min() < 0:
                 raise CortexError(f"{where}: negative token id {int(ids.min())}")
+            if n_codes is not None and ids.max() >= n_codes:
+                raise CortexError(f"{where}: token id {int(ids.max())} of image {row[0]} is not in the codebook (it "
+                                  f"has {n_codes} codes, ids 0..{n_codes - 1}; {codebook_size_source(data_dir)})")
             records.append(Record(row[0], label, ids))
     if not records:
         raise CortexError(f"{path}: no rows")
     return records
+
+
+def codebook_size(data_dir) -> int | None:
+    """The number of codes of a dataset's codebook: ``n_codes`` of ``dataset_info.json``, else the rows of
+    ``codebook.npy`` (its header only), else None (unknown: ids are not range-checked)."""
+    n = dataset_info(data_dir).get("n_codes")
+    if isinstance(n, int) and n > 0:
+        return n
+    path = Path(data_dir) / "codebook.npy"
+    try:
+        return int(np.load(path, mmap_mode="r").shape[0]) if path.exists() else None
+    except (ValueError, OSError, IndexError):
+        return None  # load_codebook names a corrupt codebook where it is used
+
+
+def codebook_size_source(data_dir) -> str:
+    return ("n_codes of " if dataset_info(data_dir).get("n_codes") else "rows of ") + str(
+        Path(data_dir) / ("dataset_info.json" if dataset_info(data_dir).get("n_codes") else "codebook.npy"))
 
 
 def load_npy(path, what: str = "embedding") -> np.ndarray:
@@ -159,6 +181,12 @@ def load_codebook(data_dir, code_dim: int | None = None) -> np.ndarray:
     if cb.ndim != 2 or cb.shape[1] != dim:
         raise CortexError(f"{path}: codebook must have shape (n_codes, {dim}) (code_dim of "
                           f"{Path(data_dir) / 'dataset_info.json'}, 256 when absent), got {cb.shape}")
+    bad = ~np.isfinite(cb).all(axis=1) if np.issubdtype(cb.dtype, np.floating) else np.zeros(len(cb), bool)
+    if bad.any():  # one NaN entry makes every loss NaN: refused before a run starts (and replaces anything)
+        rows = np.flatnonzero(bad)
+        raise CortexError(f"{path}: {len(rows)} of {len(cb)} codebook entries hold NaN or Inf (first: token id "
+                          f"{rows[0]}); rebuild it ({generator_command(data_dir)} --overwrite, or python "
+                          f"compact_dataset.py --force)")
     return cb
 
 

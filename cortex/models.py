@@ -630,6 +630,26 @@ def _torch_load(path: Path, map_location):
         raise CortexError(f"{path}: cannot read the checkpoint ({e}); is it a torch .pth file?") from None
 
 
+# written by train.py beside model.pth / best_model.pth while a run is unfinished (removed when its last epoch
+# is saved): a run killed, stopped by SIGTERM or failed keeps it, and load_iem refuses its checkpoints
+UNFINISHED_MARKER = "training_unfinished.json"
+
+
+def check_training_finished(path, model_id) -> None:
+    """CortexError when ``path``'s folder holds the marker of an unfinished training run (``UNFINISHED_MARKER``)."""
+    marker = Path(path).parent / UNFINISHED_MARKER
+    if not marker.exists():
+        return
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = {}
+    done = (f"{info.get('epochs_done') or 0} of {info['epochs']} epochs done; " if "epochs" in info else "")
+    raise CortexError(f"{path}: its training run is unfinished ({done}{marker} is there: the run was stopped, "
+                      f"killed or failed, or is running now); its weights are not a finished IEM. Continue it with "
+                      f"python train.py --model {model_id} --resume (same settings), or train anew with --overwrite")
+
+
 def load_iem(path, experiment: str, model_id: int, num_classes: int | None = None, width: int | None = None,
              depth: int | None = None, map_location="cpu", code_dim: int | None = None, grid=None) -> nn.Module:
     """Load ClassificationNet{model_id} of ``experiment`` from ``path``, strictly, in eval mode.
@@ -643,6 +663,7 @@ def load_iem(path, experiment: str, model_id: int, num_classes: int | None = Non
     path = Path(path)
     if not path.is_file():
         raise CortexError(f"checkpoint not found: {path}; train it first with train.py --model {model_id}")
+    check_training_finished(path, model_id)
     sd = unwrap_state_dict(_torch_load(path, map_location), where=str(path))
 
     found = identify_architecture(sd, experiment)

@@ -43,7 +43,7 @@ def run_script(path, argv: list):
     raised, not printed): the demo stops at the failing step and the tests assert on the exception.
     """
     from .cli import quiet_third_party, set_progress_bars
-    from .utils import set_running_script
+    from .utils import release_writer_locks, set_running_script
 
     mod = load_script(path)
     parser = mod.get_args_parser()
@@ -53,7 +53,12 @@ def run_script(path, argv: list):
     set_progress_bars(not getattr(args, "quiet", False))
     set_running_script(path)
     try:
-        return mod.main(args)
+        result = mod.main(args)
+    except BaseException:
+        release_writer_locks(failed=True)  # the folders main locked (a shell run's locks end with its process)
+        raise
     finally:
         set_running_script(None)
         set_progress_bars(True)
+    release_writer_locks()
+    return result

@@ -257,8 +257,13 @@ def add_significance_args(p) -> None:
 def run_tis_analysis(args, experiment: str) -> dict:
     """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
     enrichment tests of the same labels; each TIS file is parsed once for both."""
+    from .paths import ExperimentPaths
     from .stats import run_analysis
+    from .utils import hold_writer_lock
 
+    stats_dir = ExperimentPaths.from_args(args, experiment).stats_dir(args.model, args.attribution)
+    hold_writer_lock(stats_dir, "TIS statistics (TIS_analysis.py)", "wait for it to end (two analyses of one "
+                     "TIS run into one folder would mix their files)")
     parsed = {}  # {label: (ids, scores)}
     summary = run_analysis(args, experiment, keep=parsed)
     run_significance(args, experiment, parsed=parsed)

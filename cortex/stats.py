@@ -223,7 +223,7 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
                           f"right --data_dir (or --root).")
     framed = _frame_list_csv(path, "indices", prefix_columns=2)  # one pass on a large well-formed file
     labels = _int_column(framed[1][1]) if framed is not None and framed[0][:2] == ["filename", "label"] else None
-    if labels is not None:
+    if labels is not None and labels.size:
         found, n = np.unique(labels, return_counts=True)
         return {int(k): int(v) for k, v in zip(found, n)}
     counts: dict[int, int] = defaultdict(int)
@@ -239,6 +239,12 @@ def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
                 counts[int(row[1])] += 1
             except (ValueError, IndexError):
                 raise CortexError(f"{path}:{lineno}: label {row[1:2]} is not an integer") from None
+    if not counts:  # else every TIS file would look like another dataset's
+        from .utils import generator_command
+
+        raise CortexError(f"{path}: no rows (header only): the dataset's {split} split is empty or was cut short; "
+                          f"regenerate the dataset ({generator_command(data_dir)} --overwrite) or pass the right "
+                          f"--data_dir")
     return dict(sorted(counts.items()))
 
 
@@ -274,6 +280,9 @@ def check_tis_inputs(tis_dir, expected_labels, allow_partial: bool = False, *, c
     if not tis_dir.is_dir():
         raise CortexError(f"TIS folder not found: {tis_dir}. Run TIS_computation.py first{hint}.")
     present = label_files(tis_dir)
+    if not present and not any(tis_dir.glob("label_*.csv.partial")):  # nothing to resume or to use in part
+        raise CortexError(f"{tis_dir} holds no TIS file: no TIS_computation.py run has scored a label here yet. "
+                          f"Run TIS_computation.py first{hint}.")
     problems, bad = [], set()
     missing = sorted(set(expected) - set(present))
     if missing:
@@ -585,15 +594,17 @@ def read_split_ids(data_dir, split: str = "train", num_classes: int | None = Non
 
     One C parse on well-formed files; anything else goes through :func:`cortex.data.read_split` (the
     training reader), so every check -- header, field count, integer label within ``0..num_classes-1``,
-    256 non-negative ids -- and its message (file and line) are the training reader's.
+    256 ids in 0..n_codes-1 -- and its message (file and line) are the training reader's.
     """
-    from .data import CSV_HEADER, n_positions, read_split, split_csv
+    from .data import CSV_HEADER, codebook_size, n_positions, read_split, split_csv
 
     path = split_csv(data_dir, split)
     fast = fast_list_csv(path, CSV_HEADER, n_positions(data_dir), np.int64) if path.exists() else None
     if fast is not None:
         names, labels, ids = fast
+        n_codes = codebook_size(data_dir)
         ok = labels.min() >= 0 and ids.min() >= 0 and (num_classes is None or labels.max() < num_classes)
+        ok = ok and (n_codes is None or ids.size == 0 or ids.max() < n_codes)
         if ok:
             return names, labels, ids
     records = read_split(data_dir, split, num_classes)  # raises the precise CortexError
@@ -707,7 +718,33 @@ def read_stats_section(path, top_n: int, token_num: int) -> list[int]:
     if top_n not in sections:
         raise CortexError(f"{path}: no 'Top {top_n} Tokens' section (found: {sorted(sections)}). "
                           f"Use --top_n among those, or rerun TIS_analysis.py.")
-    return [t for t, _ in sections[top_n][:token_num]]
+    toks = [t for t, _ in sections[top_n]]
+    check_token_num(path, len(toks), token_num, _recorded_max_rows(Path(path).parent / "source.json"),
+                    f"section 'Top {top_n} Tokens'", "TIS_analysis.py --max_rows")
+    return toks[:token_num]
+
+
+def _recorded_max_rows(args_path) -> int:
+    """``max_rows`` recorded beside a statistics / frequency-baseline folder (source.json, args.json), else the
+    default MAX_ROWS."""
+    try:
+        v = json.loads(Path(args_path).read_text()).get("max_rows")
+    except (OSError, ValueError, AttributeError):
+        v = None
+    return int(v) if isinstance(v, int) else MAX_ROWS
+
+
+def check_token_num(path, listed: int, token_num: int | None, max_rows: int, what: str, rerun: str) -> None:
+    """``--token_num`` larger than the tokens a file lists: a CortexError when the list was cut at ``max_rows``
+    (more tokens exist: rerun with a larger ``--max_rows``); a note when the file lists every token there is."""
+    if token_num is None or listed >= token_num:
+        return
+    if listed >= max_rows:
+        raise CortexError(f"{path}: --token_num {token_num} asks for more tokens than its {what} lists ({listed}: "
+                          f"the list was cut at --max_rows {max_rows}); rerun {rerun} {token_num} (or more), or "
+                          f"pass --token_num {listed} or less")
+    print(f"note: {path}: its {what} lists only {listed} tokens (every token there is); using {listed}, not "
+          f"--token_num {token_num}")
 
 
 def _missing_image(where, name) -> CortexError:
@@ -947,6 +984,8 @@ def read_frequency_baseline(path, token_num: int | None = None) -> list[int]:
         if header is None or [h.strip() for h in header[:2]] != ["Token", "Count"]:
             raise CortexError(f"{path}: header must be 'Token,Count', got {header}")
         toks = [int(r[0]) for r in reader if r]
+    check_token_num(path, len(toks), token_num, _recorded_max_rows(path.parent / "args.json"),
+                    "frequency baseline", "generate_freq_based_tokens.py --max_rows")
     return toks if token_num is None else toks[:token_num]
 
 
@@ -1033,7 +1072,11 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
                     if label not in files:
                         continue
                     _, sections = read_stats(files[label])
-                    pred = [t for t, _ in sections.get(n, [])]
+                    if n not in sections:  # a missing section is no evidence of precision 0
+                        raise CortexError(f"{files[label]}: no 'Top {n} Tokens' section (found: {sorted(sections)}); "
+                                          f"the file is truncated or from another TIS_analysis.py run: rerun "
+                                          f"TIS_analysis.py --model {m}, or pass --top_ns among those found")
+                    pred = [t for t, _ in sections[n]]
                     rows.append(dict(model=m, method=a, top_n=n, label=label, k=kk(label),
                                      precision=precision_at_k(pred, planted[label], kk(label))))
     freq = label_files(paths.frequency_dir())

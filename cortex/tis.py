@@ -49,8 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -70,7 +68,8 @@ from .attribution import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_m
                           smoothgrad_from_noise, standard_noise, token_scores, top_overlap)
 from .cli import make_parser, nonneg_float, nonneg_int, positive_float, positive_int
 from .provenance import file_sha256  # noqa: F401  (cortex.tis.file_sha256: one hashing function)
-from .utils import CortexError, atomic_write, format_list, parse_float_list
+from .utils import (CortexError, atomic_write, blocking_lock, format_list, lock_fd, open_lock, parse_float_list,
+                    try_lock, unlock)
 
 TIS_HEADER = ["filename", "label", "contribution"]
 N_POS = 256  # scores per row for the paper's 16x16 grid; another tokenizer's files hold h*w (tis_row_length)
@@ -233,40 +232,6 @@ def lock_file(out_dir, label: int) -> Path:
     return Path(out_dir) / f"label_{label}.csv.lock"
 
 
-def _open_lock(path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, as every output
-
-
-def try_lock(path) -> int | None:
-    """Exclusive non-blocking ``flock`` on ``path`` (created): the fd, or None when another process holds it."""
-    fd = _open_lock(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
-
-
-def unlock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def blocking_lock(path):
-    """Exclusive blocking ``flock`` on ``path`` for a short critical section."""
-    fd = _open_lock(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        unlock(fd)
-
-
 def read_sidecar(out_dir, label: int) -> dict | None:
     p = sidecar_file(out_dir, label)
     if not p.exists():
@@ -383,27 +348,31 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
     if fast is not None:
         check_tis_rows(path, fast[0], fast[2])
         return fast[0], fast[1].tolist(), fast[2]
-    names, labels, rows = [], [], []
+    names, labels, rows, lines = [], [], [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != TIS_HEADER:
             raise CortexError(f"{path}: header must be 'filename,label,contribution', got {header}")
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
             if not row:
                 continue
+            lineno = reader.line_num  # the row's own (last) line: blank lines and the header counted
             if len(row) != 3:
                 raise CortexError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
             names.append(row[0])
             labels.append(int(row[1]))
             rows.append(row[2])
-    scores = _parse_rows(rows, path, n_pos)
+            lines.append(lineno)
+    scores = _parse_rows(rows, path, n_pos, lines, names)
     check_tis_rows(path, names, scores)
     return names, labels, scores
 
 
-def _parse_rows(rows: list[str], path, n_pos: int = N_POS) -> np.ndarray:
-    """All contribution literals of a file in one numpy call: ``(N, n_pos)`` (n_pos = 256 for 16x16)."""
+def _parse_rows(rows: list[str], path, n_pos: int = N_POS, lines: list[int] | None = None,
+                names: list[str] | None = None) -> np.ndarray:
+    """All contribution literals of a file in one numpy call: ``(N, n_pos)`` (n_pos = 256 for 16x16).
+    lines / names: each row's line number and image, for the message naming a bad row."""
     if not rows:
         return np.zeros((0, n_pos))
     body = ",".join(r.strip()[1:-1] for r in rows)
@@ -414,12 +383,16 @@ def _parse_rows(rows: list[str], path, n_pos: int = N_POS) -> np.ndarray:
     except ValueError:
         flat = None
     if flat is None or flat.size != len(rows) * n_pos or not all(r.strip()[:1] == "[" for r in rows):
-        # find the culprit for a precise message
+        # find the culprit for a precise message: a row whose length differs from most rows' (the first row
+        # may be the odd one, and must then be named, not the next one)
+        sizes = [r.count(",") + 1 for r in rows]
+        common = max(set(sizes), key=sizes.count) if len(rows) > 2 else n_pos
         for i, r in enumerate(rows):
-            v = parse_float_list(r, where=f"{path}: row {i + 2}")
-            if v.shape != (n_pos,):
-                raise CortexError(f"{path}: row {i + 2} has {v.size} scores, expected {n_pos} (as the first row: "
-                                  f"one per token position)")
+            where = f"{path}:{lines[i] if lines else i + 2}" + (f" (image {names[i]})" if names else "")
+            v = parse_float_list(r, where=where)
+            if v.shape != (common,):
+                raise CortexError(f"{where}: {v.size} scores, expected {common} (as the file's other rows: one per "
+                                  f"token position)")
         raise CortexError(f"{path}: malformed contribution lists")
     return flat.reshape(len(rows), n_pos)
 
@@ -438,8 +411,10 @@ class _LabelWriter:
     the set of names still to score (empty: nothing to do; None: another process holds the label).
     """
 
-    def __init__(self, out_dir: Path, key: dict, run_id: str, resume: bool, names_of: dict[int, list[str]]):
+    def __init__(self, out_dir: Path, key: dict, run_id: str, resume: bool, names_of: dict[int, list[str]],
+                 writers_fd: int | None = None):
         self.out, self.key, self.run_id, self.resume, self.names_of = out_dir, key, run_id, resume, names_of
+        self.writers_fd = writers_fd  # the folder's shared writer lock (_hold_writers), released by close()
         self.handles: dict[int, object] = {}
         self.locks: dict[int, int] = {}
         self.todo: dict[int, set[str]] = {}
@@ -546,6 +521,8 @@ class _LabelWriter:
         self.handles.clear()
         for l in list(self.locks):
             self._release(l)
+        unlock(self.writers_fd)
+        self.writers_fd = None
 
 
 def _baseline_hint(diff: dict) -> str:
@@ -577,6 +554,37 @@ def _claim_config(out_dir: Path, key: dict, run_id: str, overwrite: bool, write:
             return
         with atomic_write(path) as f:
             json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
+
+
+def _hold_writers(out_dir: Path, key: dict, run_id: str, overwrite: bool) -> int:
+    """The fd of a shared ``flock`` on ``<out_dir>/tis_writers.lock``, held by every TIS writer for its run.
+
+    An ``--overwrite`` run that replaces another run's ``tis_config.json`` must find no other writer (it would
+    delete their labels, or they would write theirs beside its own): refused with a CortexError while any other
+    process holds the lock; else it writes its ``tis_config.json`` here. Plain runs and shards of one run share
+    the lock (their labels are locked one by one, as before). Every writer takes it under
+    ``tis_config.json.lock``, so testing for others and then sharing is race-free."""
+    path = out_dir / "tis_config.json"
+    with blocking_lock(out_dir / "tis_config.json.lock"):
+        try:
+            old = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            old = {}
+        fd = open_lock(out_dir / "tis_writers.lock")
+        try:
+            if overwrite and old is not None and old.get("run_id") != run_id:
+                if not lock_fd(fd):
+                    raise CortexError(f"{out_dir}: another TIS_computation.py is writing into this folder now "
+                                      f"(run {old.get('run_id', 'unknown')}); --overwrite would replace its settings "
+                                      f"and delete its labels. Wait for it to end, or choose another --results_dir")
+                print(f"--overwrite: {path} replaced (differs: {_diff(old, key)})")
+                with atomic_write(path) as f:
+                    json.dump({**key, "run_id": run_id}, f, indent=2, sort_keys=True)
+            lock_fd(fd, shared=True, block=True)  # EX is only ever held here, under tis_config.json.lock
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _delete_label(out_dir: Path, l: int) -> bool:
@@ -698,13 +706,20 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     run_id = run_id_of(key)
     labels_of = [int(l) for l in dataset.labels]
     mine = shard_labels(labels_of, shard, num_shards)
-    if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
-        _claim_config(out_dir, key, run_id, overwrite=False, write=False)
-        _check_label_files(out_dir, mine, key, run_id, overwrite=False)
-    _claim_config(out_dir, key, run_id, overwrite)
-    if overwrite:
-        _check_label_files(out_dir, mine, key, run_id, overwrite=True)
-        _remove_foreign_labels(out_dir, set(labels_of))
+    copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
+    cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
+    writers = _hold_writers(out_dir, key, run_id, overwrite)  # released by writer.close()
+    try:
+        if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
+            _claim_config(out_dir, key, run_id, overwrite=False, write=False)
+            _check_label_files(out_dir, mine, key, run_id, overwrite=False)
+        _claim_config(out_dir, key, run_id, overwrite)
+        if overwrite:
+            _check_label_files(out_dir, mine, key, run_id, overwrite=True)
+            _remove_foreign_labels(out_dir, set(labels_of))
+    except BaseException:
+        unlock(writers)
+        raise
     keep = set(mine)
     by_label: dict[int, list[int]] = defaultdict(list)
     for i, l in enumerate(labels_of):
@@ -714,9 +729,8 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     def name_of(i):
         return dataset.records[i].filename if hasattr(dataset, "records") else dataset[i][2]
 
-    writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine})
-    copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
-    cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
+    writer = _LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine},
+                          writers_fd=writers)
     workspace: dict = {}  # buffers reused from batch to batch (smoothgrad's copy buffer)
     opts = dict(nsamples=config.nsamples, stdev_spread=config.stdev_spread, noise_scope=config.noise_scope,
                 codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies, workspace=workspace)
@@ -919,8 +933,6 @@ def run_tis(args, experiment: str) -> dict:
                        max_copies_per_pass=args.max_copies_per_pass, max_memory_gb=getattr(args, "max_memory_gb", None))
     check_checkpoint(paths, args.model)  # trained on the dataset on disk now (cortex.provenance); before any write
     out_dir = paths.tis_dir(args.model, args.data_type, args.attribution)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_run_args(args, out_dir, name="args.json" if num_shards == 1 else f"args_shard{shard}of{num_shards}.json")
     seed_everything(args.seed)
     device = get_device(args.device, args.gpu)
     num_classes = resolve_num_classes(args.num_classes, paths.data_dir, 1000 if experiment == "vqgan" else 2)
@@ -944,6 +956,9 @@ def run_tis(args, experiment: str) -> dict:
         "data": {"split": args.data_type, "csv_sha256": file_sha256(split_csv(paths.data_dir, args.data_type)),
                  "codebook_sha256": file_sha256(Path(paths.data_dir) / "codebook.npy")},
     }
+    # the folder is made once the checkpoint and the data passed their checks (a refused run leaves none)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_run_args(args, out_dir, name="args.json" if num_shards == 1 else f"args_shard{shard}of{num_shards}.json")
     summary = compute_tis(model, dataset, out_dir, config, batch_size=args.batch_size, device=device,
                           codebook=codebook, resume=args.resume, overwrite=getattr(args, "overwrite", False),
                           shard=shard, num_shards=num_shards, num_workers=args.num_workers,

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import EmbeddingDataset, resolve_num_classes
-from .models import build_model, load_iem, save_iem
+from .models import UNFINISHED_MARKER, build_model, load_iem, save_iem
 from .cli import make_parser, nonneg_float, positive_float, positive_int
-from .utils import CortexError, atomic_write, save_run_args, warn_no_cuda
+from .utils import CortexError, Interrupted, atomic_write, folder_writer_lock, save_run_args, warn_no_cuda
 
 # experiment -> (paper defaults, default number of classes)
 TRAIN_DEFAULTS = {
@@ -194,8 +195,23 @@ def check_resume_settings(old_args_path: Path, args) -> None:
                           f"(without --resume)")
 
 
-def prepare_fresh_run(model_dir: Path, overwrite: bool, model_id: int) -> None:
-    """A fresh run must not replace a trained IEM silently: refuse, or with ``--overwrite`` delete its outputs."""
+def mark_unfinished(model_dir: Path, epochs: int, epochs_done: int | None) -> None:
+    """Write ``<model_dir>/training_unfinished.json`` (``cortex.models.UNFINISHED_MARKER``): while it exists,
+    ``load_iem`` refuses the folder's model.pth / best_model.pth. Rank 0 only; removed when the last epoch is
+    saved."""
+    from .utils import is_primary_process
+
+    if not is_primary_process():
+        return
+    info = {"epochs": int(epochs), "epochs_done": epochs_done, "pid": os.getpid(),
+            "note": "train.py has not finished this run; continue it with --resume"}
+    with atomic_write(model_dir / UNFINISHED_MARKER) as f:
+        json.dump(info, f, indent=1)
+
+
+def prepare_fresh_run(model_dir: Path, overwrite: bool, model_id: int, epochs: int | None = None) -> None:
+    """A fresh run must not replace a trained IEM silently: refuse, or with ``--overwrite`` delete its outputs
+    (``epochs`` given: after writing the unfinished marker, so a kill mid-way leaves nothing that looks finished)."""
     found = [n for n in RUN_OUTPUTS[:2] + ("lightning/last.ckpt",) if (model_dir / n).exists()]
     if not found:
         return
@@ -204,6 +220,8 @@ def prepare_fresh_run(model_dir: Path, overwrite: bool, model_id: int) -> None:
                           f"Pass --overwrite to train it again from scratch (its files are replaced), --resume to "
                           f"continue it, or another --checkpoint_dir")
     print(f"--overwrite: deleting the previous ClassificationNet{model_id} run in {model_dir}")
+    if epochs is not None:
+        mark_unfinished(model_dir, epochs, None)
     for n in RUN_OUTPUTS:
         p = model_dir / n
         if p.is_dir():
@@ -436,6 +454,10 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
             if trainer.sanity_checking or not trainer.is_global_zero:
                 return
             m = trainer.callback_metrics
+            if "train_loss" not in m:  # no batch had a finite loss (every one skipped): the weights never changed
+                raise CortexError(f"epoch {trainer.current_epoch + 1}: the loss of every training batch was NaN or "
+                                  f"Inf, so nothing was learnt; check the dataset's embeddings (codebook.npy or the "
+                                  f"per-image .npy files) for NaN/Inf values, or lower --lr")
             tr = float(m.get("train_loss", float("nan")))
             vl = float(m.get("val_loss", float("nan")))
             va = float(m.get("val_acc", float("nan")))
@@ -451,6 +473,7 @@ def make_paper_outputs_callback(model_dir: Path, log_path: Path, epochs: int, me
                 self.best = vl
                 save_iem(state, model_dir / "best_model.pth", meta)
                 print(f"best validation loss so far: saved {model_dir / 'best_model.pth'}")
+            mark_unfinished(model_dir, epochs, e)
             if curves_path is not None:
                 try:  # a figure must never stop a long training run
                     plot_loss_curves(self.log_path, curves_path, title=f"{model_dir.name} ({self.log_path.name})")
@@ -533,7 +556,6 @@ def train_iem(args, paths, experiment: str) -> dict:
     from .provenance import dataset_hashes
 
     pl = _lightning()
-    verbose = bool(getattr(args, "verbose", False))  # Lightning's INFO lines: cortex.cli.quiet_third_party
     if args.resume and getattr(args, "overwrite", False):
         raise CortexError("--resume and --overwrite contradict each other: --resume continues the run in the "
                           "checkpoint folder, --overwrite starts it again from scratch; pass one")
@@ -552,12 +574,24 @@ def train_iem(args, paths, experiment: str) -> dict:
 
     model_dir = paths.model_dir(args.model)
     model_dir.mkdir(parents=True, exist_ok=True)
+    # the data checks above passed; from here on this process owns model_dir (a second train.py is refused)
+    with folder_writer_lock(model_dir, f"a training run of ClassificationNet{args.model}",
+                            "wait for it to end, or train into another --checkpoint_dir"):
+        return _fit_iem(args, paths, experiment, model, meta, train_set, val_set, model_dir)
+
+
+def _fit_iem(args, paths, experiment: str, model, meta: dict, train_set, val_set, model_dir: Path) -> dict:
+    """train_iem's run, under model_dir's writer lock: resume or replace, fit, mark finished."""
+    pl = _lightning()
+    verbose = bool(getattr(args, "verbose", False))  # Lightning's INFO lines: cortex.cli.quiet_third_party
     log_path = paths.log_dir / f"training_log_{time.strftime('%Y%m%d_%H%M')}.txt"
     ckpt_path = resolve_resume_checkpoint(args, model_dir)
-    if ckpt_path is None:
-        prepare_fresh_run(model_dir, getattr(args, "overwrite", False), args.model)
+    if ckpt_path is None:  # the marker goes down before the old IEM is deleted
+        prepare_fresh_run(model_dir, getattr(args, "overwrite", False), args.model, epochs=args.epochs)
     else:
         check_resume_settings(model_dir / "train_args.json", args)
+    mark_unfinished(model_dir, args.epochs, None)
+    if ckpt_path is not None:
         logs = sorted(paths.log_dir.glob("training_log_*.txt"))
         log_path = logs[-1] if logs else log_path  # an old checkpoint without its log's name: the newest log
     args.resume = str(ckpt_path) if ckpt_path else None  # what this run actually resumed from, in train_args.json
@@ -591,8 +625,18 @@ def train_iem(args, paths, experiment: str) -> dict:
                             enable_version_counter=False),
         ],
     )
-    trainer.fit(make_module(model, args, train_set.lookup, shuffle_generator=g), train_loader, val_loader,
-                ckpt_path=str(ckpt_path) if ckpt_path else None)
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(make_module(model, args, train_set.lookup, shuffle_generator=g), train_loader, val_loader,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:  # Lightning's own stop (a DDP rank told by rank 0): a SystemExit with status 0
+        raise Interrupted(signal.SIGTERM) from None
+    if trainer.interrupted or trainer.current_epoch < args.epochs:
+        raise CortexError(f"training stopped after {trainer.current_epoch} of {args.epochs} epochs; continue it "
+                          f"with --resume")
+    if trainer.is_global_zero:
+        (model_dir / UNFINISHED_MARKER).unlink(missing_ok=True)  # every epoch saved: the IEM is finished
     return {"best": model_dir / "best_model.pth", "last": model_dir / "model.pth", "log": outputs.log_path,
             "curves": curves, "metrics": metrics}
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import random
@@ -14,6 +16,18 @@ import numpy as np
 
 class CortexError(RuntimeError):
     """A user-facing error: the message names the file or flag and says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (SLURM's preemption / time limit) or SIGINT (Ctrl-C) received by a script run through
+    ``cortex.cli.run_main``: raised by its signal handler, it unwinds like Ctrl-C (every ``finally`` runs: locks
+    released, temp files removed, partial files kept for ``--resume``); ``run_main`` prints one line and exits
+    with status 128 + the signal number (143 / 130). A ``KeyboardInterrupt`` so that Lightning and DataLoader
+    workers treat it as one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 # ----------------------------------------------------------------------------- files
@@ -53,8 +67,13 @@ def atomic_write(path, mode: str = "w", newline: str | None = "", encoding: str 
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not e.filename:
-            e.filename = str(path)  # a failed write() names no file; the error message should
+        os_error = e
+        while os_error is not None and not isinstance(os_error, OSError):
+            os_error = os_error.__context__  # torch.save: "RuntimeError: unexpected pos" raised over the ENOSPC
+        if os_error is not None and not os_error.filename:
+            os_error.filename = str(path)  # a failed write() names no file; the error message should
+        if os_error is not None and os_error is not e and isinstance(e, Exception):
+            raise os_error from e  # the disk-full error, not the library's confusing one (run_main names it)
         raise
 
 
@@ -68,6 +87,123 @@ def atomic_torch_save(obj, path) -> None:
 
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
+
+
+# ----------------------------------------------------------------------------- locks
+
+def open_lock(path) -> int:
+    """Open (create) a lock file; 0666 minus the umask, as every output."""
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def lock_fd(fd: int, shared: bool = False, block: bool = False) -> bool:
+    """``flock`` an open lock file, exclusive unless ``shared`` (an fd's existing lock is converted); False when
+    ``block`` is off and another process holds a conflicting lock."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if block else fcntl.LOCK_NB))
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def try_lock(path, shared: bool = False) -> int | None:
+    """Non-blocking ``flock`` on ``path`` (created), exclusive unless ``shared``: the fd, or None when another
+    process holds a conflicting lock."""
+    fd = open_lock(path)
+    try:
+        if lock_fd(fd, shared):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def blocking_lock(path):
+    """Exclusive blocking ``flock`` on ``path`` for a short critical section."""
+    fd = open_lock(path)
+    try:
+        lock_fd(fd, block=True)
+        yield
+    finally:
+        unlock(fd)
+
+
+WRITER_LOCK = "writer.lock"
+
+
+@contextlib.contextmanager
+def folder_writer_lock(folder, what: str, hint: str = "wait for it to end, or choose another output folder"):
+    """Hold the exclusive ``<folder>/writer.lock`` while a script writes ``folder`` (training, evaluators,
+    analysis). A second writer is refused at once with a CortexError naming the folder and ``what`` it is.
+
+    ``flock`` is released by the kernel when the process ends, however it ends (kill -9 included): a lock
+    file left on disk means nothing. Not taken on a non-zero DDP rank (``is_primary_process``): rank 0 holds it
+    for the run.
+    """
+    if not is_primary_process():
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = try_lock(folder / WRITER_LOCK)
+    if fd is None:
+        raise CortexError(f"{folder}: another process is writing {what} into this folder now (it holds "
+                          f"{folder / WRITER_LOCK}); {hint}")
+    try:
+        yield
+    finally:
+        unlock(fd)
+
+
+_held_locks = {"stack": None, "folders": set()}
+
+
+def hold_writer_lock(folder, what: str, hint: str = "wait for it to end, or choose another output folder") -> None:
+    """``folder_writer_lock`` held until the running script's ``main`` ends (``cortex.cli.run_main``: the process
+    ends; ``cortex.scripts.run_script``: ``release_writer_locks``). For scripts whose ``main`` writes one folder;
+    a folder this process already holds is not locked twice."""
+    key = os.path.realpath(folder)
+    if key in _held_locks["folders"]:
+        return
+    made = [p for p in [Path(key), *Path(key).parents] if not p.exists()]  # the folders the lock creates
+    stack = _held_locks["stack"] = _held_locks["stack"] or contextlib.ExitStack()
+    stack.enter_context(folder_writer_lock(folder, what, hint))
+    _held_locks["folders"].add(key)
+    _held_locks.setdefault("made", []).extend(made)
+
+
+def release_writer_locks(failed: bool = False) -> None:
+    """Release every lock ``hold_writer_lock`` took in this process; ``failed``: also remove the folders it
+    created that hold nothing but the lock file and the run's args.json (a run refused at its checks leaves no
+    empty output folder)."""
+    stack, _held_locks["stack"] = _held_locks["stack"], None
+    made, _held_locks["made"] = _held_locks.get("made", []), []
+    _held_locks["folders"].clear()
+    if stack is not None:
+        stack.close()
+    for folder in made if failed else []:  # deepest first; this run made them, so their lock and args are its own
+        with contextlib.suppress(OSError):
+            if {p.name for p in folder.iterdir()} <= {WRITER_LOCK, "args.json"}:
+                for name in (WRITER_LOCK, "args.json"):
+                    (folder / name).unlink(missing_ok=True)
+                folder.rmdir()
+
+
+def is_primary_process() -> bool:
+    """False in a process launched as a non-zero rank of a distributed run (Lightning's DDP launcher, srun
+    tasks): ``RANK``, ``LOCAL_RANK``, ``NODE_RANK`` and ``SLURM_PROCID`` all unset or 0 means rank 0."""
+    return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def generator_command(data_dir) -> str:

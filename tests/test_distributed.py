@@ -126,7 +126,7 @@ def test_ddp_two_processes_write_once(data_dir, tmp_path):
 
     assert _model_files(one) == _model_files(two) == [
         "best_model.pth", "config.json", "lightning/last.ckpt", "lightning/last.prev.ckpt", "lightning/metrics.csv",
-        "loss_curves.png", "model.pth", "train_args.json"]
+        "loss_curves.png", "model.pth", "train_args.json", "writer.lock"]
     _check_log(_log(one), 2)
     _check_log(_log(two), 2)  # each epoch once: rank 1 wrote nothing
     printed = [l for l in text.splitlines() if EPOCH_LINE.fullmatch(l.strip())]
@@ -170,7 +170,7 @@ def test_killed_run_resumes(data_dir, tmp_path):
     _check_log(after, epochs)
     assert after[: 2 * (k + 1)] == before[: 2 * (k + 1)]  # the checkpointed epochs' lines kept as they were
     assert _model_files(out) == ["best_model.pth", "config.json", "lightning/last.ckpt", "lightning/last.prev.ckpt",
-                                 "lightning/metrics.csv", "loss_curves.png", "model.pth", "train_args.json"]
+                                 "lightning/metrics.csv", "loss_curves.png", "model.pth", "train_args.json", "writer.lock"]
     assert torch.load(ckpt, weights_only=False, map_location="cpu")["epoch"] == epochs - 1
 
 

@@ -206,5 +206,5 @@ def test_read_tis_file_rejects_malformed_rows(tmp_path):
         w.writerow(T.TIS_HEADER)
         w.writerow(["0_0.npy", 0, format_list(np.arange(256) / 3)])
         w.writerow(["0_1.npy", 0, format_list(np.arange(255) / 3)])
-    with pytest.raises(CortexError, match="row 3 has 255 scores"):
+    with pytest.raises(CortexError, match=r"label_0\.csv:3 \(image 0_1\.npy\): 255 scores"):
         T.read_tis_file(p)

@@ -332,7 +332,7 @@ def test_compact_validates_ids(tiny_root, tmp_path):
     d = tmp_path / "d"
     (d / "codebook.npy").unlink()
     name = _set_id(d, "test", 2, 70)  # dataset_info.json says 64 codes
-    with pytest.raises(CortexError, match=rf"test_embeddings.csv, row {name}: token id 70 .*dataset_info.json"):
+    with pytest.raises(CortexError, match=rf"test_embeddings.csv:\d+: token id 70 of image {name} .*dataset_info.json"):
         run_script(f"{V}/compact_dataset.py", ["--data_dir", d, "--no_progress"])
     info = json.loads((d / "dataset_info.json").read_text())
     del info["n_codes"]
