@@ -577,10 +577,10 @@ def train_iem(args, paths, experiment: str) -> dict:
     # the data checks above passed; from here on this process owns model_dir (a second train.py is refused)
     with folder_writer_lock(model_dir, f"a training run of ClassificationNet{args.model}",
                             "wait for it to end, or train into another --checkpoint_dir"):
-        return _fit_iem(args, paths, experiment, model, meta, train_set, val_set, model_dir)
+        return _fit_iem(args, paths, model, meta, train_set, val_set, model_dir, accelerator, devices)
 
 
-def _fit_iem(args, paths, experiment: str, model, meta: dict, train_set, val_set, model_dir: Path) -> dict:
+def _fit_iem(args, paths, model, meta: dict, train_set, val_set, model_dir: Path, accelerator, devices) -> dict:
     """train_iem's run, under model_dir's writer lock: resume or replace, fit, mark finished."""
     pl = _lightning()
     verbose = bool(getattr(args, "verbose", False))  # Lightning's INFO lines: cortex.cli.quiet_third_party
