@@ -38,12 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import float_in
+from .cli import float_in, positive_int
 from .utils import CortexError, atomic_write
 
 N_POS = 256
-SIGNIFICANCE_FILE = "tis_significance.csv"
-SIGNIFICANCE_HEADER = ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
+SIGNIFICANCE_FILE = "tis_significance.csv"  # the label-contrast test (below); the default
+SIGNIFICANCE_HEADER = ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value"]
+ENRICHMENT_FILE = "tis_enrichment.csv"  # the within-image test (opt-in: TIS_analysis.py --enrichment)
+MIN_TOP_IMAGES = 3  # label-blind filter: a token is tested only if >= this many images (any label) hold it in the top n
+ENRICHMENT_HEADER = ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
 ALPHA = 0.05
 
 
@@ -127,7 +130,7 @@ class TokenTests:
         return self.tokens[keep][order]
 
     def rows(self, alpha: float | None = None, limit: int | None = None) -> list[list]:
-        """CSV rows (``SIGNIFICANCE_HEADER``) of the tokens with a count (or with ``q < alpha``), ranked by count."""
+        """CSV rows (``ENRICHMENT_HEADER``) of the tokens with a count (or with ``q < alpha``), ranked by count."""
         keep = self.count > 0 if alpha is None else self.q_value < alpha
         idx = np.flatnonzero(keep)
         idx = idx[np.lexsort((self.tokens[idx], -self.count[idx]))][:limit]
@@ -203,33 +206,38 @@ def significance_tests(tis_files: dict, token_indices: dict | None, top_ns, prog
     return out
 
 
-def write_significance(path, tests: dict, alpha: float | None = None, limit: int | None = None) -> Path:
-    """Write the tidy significance file; ``alpha`` set: only tokens with ``q < alpha``."""
+def write_significance(path, tests: dict, alpha: float | None = None, limit: int | None = None,
+                       header: list | None = None) -> Path:
+    """Write a tidy test file (``header``: ``SIGNIFICANCE_HEADER`` of the label-contrast test, or
+    ``ENRICHMENT_HEADER``); ``alpha`` set: only tokens with ``q < alpha``."""
     with atomic_write(path) as f:
         w = csv.writer(f)
-        w.writerow(SIGNIFICANCE_HEADER)
+        w.writerow(header or SIGNIFICANCE_HEADER)
         for label in sorted(tests):
             for n in sorted(tests[label]):
                 w.writerows(tests[label][n].rows(alpha, limit))
     return Path(path)
 
 
+_INT_COLUMNS = {"label", "top_n", "token", "count", "images", "top_images"}
+
+
 def read_significance(path) -> list[dict]:
-    """Rows of ``tis_significance.csv`` as dicts (ints and floats parsed)."""
+    """Rows of ``tis_significance.csv`` (label-contrast) or ``tis_enrichment.csv`` as dicts (ints and floats parsed)."""
     path = Path(path)
     if not path.exists():
         raise CortexError(f"significance file not found: {path}. Run TIS_analysis.py (it writes {SIGNIFICANCE_FILE} "
-                          f"beside the statistics).")
+                          f"beside the statistics; {ENRICHMENT_FILE} with --enrichment).")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != SIGNIFICANCE_HEADER:
-            raise CortexError(f"{path}: header must be {','.join(SIGNIFICANCE_HEADER)}, got {reader.fieldnames}")
+        if reader.fieldnames not in (SIGNIFICANCE_HEADER, ENRICHMENT_HEADER):
+            raise CortexError(f"{path}: header must be {','.join(SIGNIFICANCE_HEADER)} (label-contrast test) or "
+                              f"{','.join(ENRICHMENT_HEADER)} (enrichment test), got {reader.fieldnames}; a file "
+                              f"from an older TIS_analysis.py: rerun it")
         out = []
         for lineno, r in enumerate(reader, start=2):
             try:
-                out.append(dict(label=int(r["label"]), top_n=int(r["top_n"]), token=int(r["token"]),
-                                count=int(r["count"]), expected=float(r["expected"]), enrichment=float(r["enrichment"]),
-                                p_value=float(r["p_value"]), q_value=float(r["q_value"])))
+                out.append({k: int(v) if k in _INT_COLUMNS else float(v) for k, v in r.items()})
             except (TypeError, ValueError):
                 raise CortexError(f"{path}:{lineno}: malformed row {r}") from None
     return out
@@ -245,18 +253,27 @@ def significant_tokens(path, alpha: float = ALPHA) -> dict[tuple[int, int], list
 
 
 def add_significance_args(p) -> None:
-    """``--significant_only`` and ``--alpha`` of TIS_analysis.py."""
+    """``--significant_only``, ``--alpha``, ``--enrichment`` and ``--min_top_images`` of TIS_analysis.py."""
     p.add_argument("--significant_only", action="store_true",
-                   help=f"{SIGNIFICANCE_FILE}: list only the tokens with BH q < --alpha (default: every token with a "
-                        f"count, up to --max_rows per label and n). The sectioned label_{{k}}.csv files keep the "
-                        f"authors' format and content either way")
+                   help=f"{SIGNIFICANCE_FILE} (and {ENRICHMENT_FILE}): list only the tokens with BH q < --alpha "
+                        f"(default: every token in some top n, up to --max_rows per label and n). The sectioned "
+                        f"label_{{k}}.csv files keep the authors' format and content either way")
     p.add_argument("--alpha", type=float_in(0, 1, lo_open=True, hi_open=True), default=ALPHA,
                    help="false discovery rate for --significant_only (default: %(default)s)")
+    p.add_argument("--enrichment", action="store_true",
+                   help=f"also write {ENRICHMENT_FILE}: the within-image enrichment test (null: the top-n positions "
+                        f"are a random subset of the image's positions). Not calibrated for concepts: tokens the IEM "
+                        f"attends to in every label come out for every label (docs/attributions.md). Default: only "
+                        f"the label-contrast test ({SIGNIFICANCE_FILE})")
+    p.add_argument("--min_top_images", type=positive_int, default=MIN_TOP_IMAGES,
+                   help="label-contrast test: test only tokens held in the top n by at least this many images of "
+                        "any label (a label-blind filter of rare tokens; default: %(default)s)")
 
 
 def run_tis_analysis(args, experiment: str) -> dict:
     """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
-    enrichment tests of the same labels; each TIS file is parsed once for both."""
+    label-contrast tests of the same labels (and with ``--enrichment`` the within-image test); each TIS file is
+    parsed once for all."""
     from .stats import run_analysis
 
     parsed = {}  # {label: (ids, scores)}
@@ -266,7 +283,8 @@ def run_tis_analysis(args, experiment: str) -> dict:
 
 
 def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
-    """TIS_analysis.py's second output: the enrichment tests of the labels that have statistics.
+    """TIS_analysis.py's second output: the label-contrast tests (and with ``--enrichment`` the within-image
+    enrichment tests) of the labels that have statistics.
 
     parsed: ``{label: (ids, scores)}`` kept by ``cortex.stats.run_analysis(keep=...)`` in the same run, so
     the TIS files and the token cache are not read a second time.
@@ -283,15 +301,36 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     tis = {k: p for k, p in label_files(paths.tis_dir(args.model, "train", args.attribution)).items() if k in done}
     if not tis:
         raise CortexError(f"no TIS statistics in {stats_dir} to test; run TIS_analysis.py --model {args.model} first")
-    parsed = parsed or {}
-    token_indices = None if set(tis) <= set(parsed) else load_token_indices(paths.data_dir, "train")
-    tests = significance_tests(tis, token_indices, tuple(args.top_ns),
-                               progress=not getattr(args, "no_progress", False), parsed=parsed)
-    out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, args.alpha if args.significant_only else None,
-                             getattr(args, "max_rows", None))
-    n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in args.top_ns}
-    print(f"enrichment tests (exact hypergeometric, BH q < {args.alpha}): significant tokens over "
-          f"{len(tests)} labels: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {out}")
+    parsed = dict(parsed or {})
+    progress = not getattr(args, "no_progress", False)
+    if not set(tis) <= set(parsed):
+        token_indices = load_token_indices(paths.data_dir, "train")
+        for label, path in tis.items():
+            if label not in parsed:
+                parsed[label] = read_label_tis(path, token_indices)
+    for label, path in tis.items():
+        if parsed[label][0].shape[0] == 0:
+            raise CortexError(f"{path}: no rows (header only); rerun TIS_computation.py for label {label}")
+    alpha = args.alpha if args.significant_only else None
+    limit = getattr(args, "max_rows", None)
+    top_ns = tuple(args.top_ns)
+    if len(tis) < 2:
+        print(f"note: one label only ({sorted(tis)}): no label-contrast test, {SIGNIFICANCE_FILE} not written")
+        out = None
+    else:
+        tests = contrast_tests({k: parsed[k] for k in tis}, top_ns,
+                               getattr(args, "min_top_images", MIN_TOP_IMAGES), progress)
+        out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, alpha, limit, SIGNIFICANCE_HEADER)
+        n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in top_ns}
+        print(f"label-contrast tests (exact within-stratum permutation, BH q < {args.alpha}): significant tokens over "
+              f"{len(tests)} labels: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {out}")
+    if getattr(args, "enrichment", False):
+        tests = significance_tests(tis, None, top_ns, progress=progress, parsed=parsed)
+        enr = write_significance(stats_dir / ENRICHMENT_FILE, tests, alpha, limit, ENRICHMENT_HEADER)
+        n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in top_ns}
+        print(f"within-image enrichment tests (exact hypergeometric, BH q < {args.alpha}; not calibrated for "
+              f"concepts): significant tokens: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {enr}")
+        out = out or enr
     return out
 
 
@@ -368,3 +407,156 @@ def check_current_run(paths, model: int, attribution: str) -> None:
     if want and want != file_sha256(split_csv(paths.data_dir, "train")):
         raise CortexError(f"{stats_dir} was computed on another dataset: {cfg_path} names a train CSV that is not "
                           f"the current {split_csv(paths.data_dir, 'train')} (left from an earlier run). {redo}")
+
+
+# ----------------------------------------------------------------------------- the label-contrast test (issue 20)
+
+# strata of a token's count c in an image: 1, 2, 3-4, 5-8, 9-16, 17+ positions (index = STRATUM[c])
+STRATUM = np.minimum(np.ceil(np.log2(np.maximum(np.arange(N_POS + 1), 1))).astype(np.int64) + 1, 6)
+STRATUM[0] = 0
+
+
+@dataclass
+class ContrastTests:
+    """Label-contrast tests of one (label, n): arrays over the tested tokens occurring in the label's images, ``(T,)``."""
+
+    label: int
+    top_n: int
+    tokens: np.ndarray  # int64 token ids (ascending)
+    images: np.ndarray  # int64 the label's images that contain the token
+    top_images: np.ndarray  # int64 ... of which hold it among their top-n positions
+    expected: np.ndarray  # float64 top_images expected from the other labels' rates, stratum by stratum
+    p_value: np.ndarray  # float64 exact one-sided P(top_images >= observed) under within-stratum label permutation
+    q_value: np.ndarray  # float64 Benjamini-Hochberg over the T tokens
+
+    @property
+    def ratio(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.top_images / self.expected
+
+    def significant(self, alpha: float = ALPHA) -> np.ndarray:
+        """Token ids with ``q < alpha``, top_images descending (then token ascending)."""
+        keep = self.q_value < alpha
+        order = np.lexsort((self.tokens[keep], -self.top_images[keep]))
+        return self.tokens[keep][order]
+
+    def rows(self, alpha: float | None = None, limit: int | None = None) -> list[list]:
+        """CSV rows (``SIGNIFICANCE_HEADER``) of the tokens with top_images > 0 (or with ``q < alpha``)."""
+        keep = self.top_images > 0 if alpha is None else self.q_value < alpha
+        idx = np.flatnonzero(keep)
+        idx = idx[np.lexsort((self.tokens[idx], -self.top_images[idx]))][:limit]
+        ratio = self.ratio
+        return [[self.label, self.top_n, int(self.tokens[i]), int(self.images[i]), int(self.top_images[i]),
+                 f"{self.expected[i]:.6g}", f"{ratio[i]:.6g}", f"{self.p_value[i]:.6g}", f"{self.q_value[i]:.6g}"]
+                for i in idx]
+
+
+def _hypergeom_sf(k, M, n, N) -> np.ndarray:
+    """``P(X >= k)``, X ~ hypergeometric(M population, n successes, N draws), vectorised (float64)."""
+    from scipy.stats import hypergeom
+
+    return np.clip(hypergeom.sf(np.asarray(k) - 1, M, n, N), 0.0, 1.0)
+
+
+def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, progress: bool = False) -> dict:
+    """The label-contrast test of every (label, n, token): ``{label: {n: ContrastTests}}``.
+
+    parsed: ``{label: (ids (N_k, 256), scores (N_k, 256))}``, every label of the run (the contrast is between
+    labels). Unit: the image. For token t, its images (those containing t) are split into strata by t's count
+    in the image (``STRATUM``: 1, 2, 3-4, 5-8, 9-16, 17+ positions); in stratum s, ``n_s`` images contain t,
+    ``a_s`` of them hold it among their top-n positions, and label L owns ``m_s`` of them. Null hypothesis:
+    within each stratum, whether an image holds t in its top n does not depend on its label (the labels are
+    exchangeable among the images of a stratum). Under it, L's count in stratum s is hypergeometric
+    ``H(n_s, a_s, m_s)``, independently across strata; the p-value ``P(sum_s H >= observed)`` is the
+    within-stratum label-permutation p-value with every permutation enumerated (exact; no Monte-Carlo error, no
+    seed). Tokens that fewer than ``min_top_images`` images of any label hold in their top n are not tested
+    (label-blind filter). BH across a label's tested tokens, per n.
+    """
+    from tqdm import tqdm
+
+    from .stats import top_positions
+
+    labels = sorted(int(k) for k in parsed)
+    if len(labels) < 2:
+        raise CortexError("the label-contrast test needs at least two labels with TIS statistics")
+    ids = np.concatenate([np.asarray(parsed[k][0], dtype=np.int64) for k in labels])  # (N, P)
+    N, n_pos = ids.shape
+    y = np.repeat(np.arange(len(labels)), [len(parsed[k][0]) for k in labels])  # (N,) label index
+    max_n = min(max(top_ns), n_pos)
+    top = np.concatenate([top_positions(parsed[k][1], max_n) for k in labels])  # (N, max_n) positions
+    tokens, inv = np.unique(ids, return_inverse=True)
+    inv = inv.reshape(N, n_pos)
+    T = tokens.size
+    S = int(STRATUM.max()) + 1
+    pair, c = np.unique(np.arange(N)[:, None] * T + inv, return_counts=True)  # (image, token) pairs, sorted
+    p_img, p_tok, p_str = pair // T, pair % T, STRATUM[c]
+    p_lab = y[p_img]
+    out = {k: {} for k in labels}
+    for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
+        n_eff = min(int(n), n_pos)
+        top_key = np.unique(np.arange(N)[:, None] * T + np.take_along_axis(inv, top[:, :n_eff], axis=1))
+        h = np.zeros(pair.size, bool)
+        h[np.searchsorted(pair, top_key)] = True  # (P,) the image holds the token in its top n
+        ts = p_tok * S + p_str
+        n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
+        a_ts = np.bincount(ts, weights=h, minlength=T * S)
+        tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind
+        sel = tested[p_tok]
+        # per (label, token, stratum): m = label's images, o = of them with t in the top n
+        lts, m = np.unique((p_lab[sel] * T + p_tok[sel]) * S + p_str[sel], return_counts=True)
+        o = np.bincount(np.searchsorted(lts, (p_lab[sel] * T + p_tok[sel]) * S + p_str[sel]),
+                        weights=h[sel], minlength=lts.size).astype(np.int64)
+        lt, ts_ = lts // S, (lts % (T * S))
+        tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
+        # group the strata of each (label, token)
+        keys, start = np.unique(lt, return_index=True)
+        end = np.append(start[1:], lt.size)
+        obs = np.add.reduceat(o, start)
+        img = np.add.reduceat(m, start)
+        expct = np.add.reduceat(m * tot_a / tot_n, start)
+        p = np.ones(keys.size)
+        one = (end - start == 1) & (obs > 0)
+        p[one] = _hypergeom_sf(obs[one], tot_n[start[one]], tot_a[start[one]], m[start[one]])
+        multi = np.flatnonzero((end - start > 1) & (obs > 0))
+        p[multi] = _stratified_sf(obs[multi], start[multi], end[multi], tot_n, tot_a, m)
+        lab, tok = keys // T, keys % T
+        bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
+        for li, k in enumerate(labels):
+            s, e = bounds[li], bounds[li + 1]
+            out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p[s:e],
+                                           benjamini_hochberg(p[s:e]))
+    return out
+
+
+def _stratified_sf(obs, start, end, M, n, N) -> np.ndarray:
+    """``P(sum_{r in start_j..end_j-1} H(M_r, n_r, N_r) >= obs_j)`` for each group j (exact, independent strata).
+
+    Each stratum's pmf on ``0..obs_j - 1`` plus one "at least obs_j" bin (one vectorised scipy call for all
+    strata), then a convolution per group that lumps everything >= obs_j into the last bin.
+    """
+    from scipy.stats import hypergeom
+
+    if obs.size == 0:
+        return np.ones(0)
+    rows = np.concatenate([np.arange(s, e) for s, e in zip(start, end)])  # strata of the groups, group order
+    grp = np.repeat(np.arange(obs.size), end - start)
+    top = np.minimum(np.minimum(n[rows], N[rows]), obs[grp])  # support 0..top (top == obs: the lump bin)
+    k = np.concatenate([np.arange(t + 1) for t in top])
+    r = np.repeat(np.arange(rows.size), top + 1)
+    val = hypergeom.pmf(k, M[rows][r], n[rows][r], N[rows][r])
+    lump = k == obs[grp][r]
+    val[lump] = hypergeom.sf(k[lump] - 1, M[rows][r][lump], n[rows][r][lump], N[rows][r][lump])
+    bounds = np.append(0, np.cumsum(top + 1))
+    out = np.ones(obs.size)
+    j = 0
+    for g in range(obs.size):
+        o = int(obs[g])
+        acc = np.ones(1)
+        for _ in range(int(end[g] - start[g])):
+            acc = np.convolve(acc, val[bounds[j]:bounds[j + 1]])
+            if acc.size > o:
+                acc[o] = acc[o:].sum()
+                acc = acc[:o + 1]
+            j += 1
+        out[g] = acc[o] if acc.size > o else 0.0
+    return np.clip(out, 0.0, 1.0)
