@@ -1,13 +1,32 @@
-"""Is a concept token real, or just frequent? Per-token enrichment tests of the TIS statistics (issue 16.1).
+"""Is a concept token real? Per-token significance tests of the TIS statistics (issues 16.1 and 20).
 
-CORTEX ranks a label's tokens by how often they sit among an image's top-n TIS positions. A token that
-fills many positions of a label's images lands there by chance too. For every (label, n, token) this module
-tests whether the token is *more often* among the top-n positions than its frequency in those images predicts.
+CORTEX ranks a label's tokens by how often they sit among an image's top-n TIS positions. Two tests ask
+whether a token's place in that ranking is more than chance; they answer different questions.
 
-The test (exact, valid when a token fills several positions of an image)
-------------------------------------------------------------------------
-Null hypothesis: within each image, the TIS ranking does not depend on which token sits where, i.e. the
-top-n positions are a uniformly random n-subset of the 256 positions (a permutation of the scores within
+The label-contrast test (issue 20; ``tis_significance.csv``, the default; :func:`contrast_tests`)
+-------------------------------------------------------------------------------------------------
+Unit: the image. Among the images that contain token t, is t more often among the top-n positions in label
+L's images than in the other labels' images? Null: given that an image contains t, whether t is in its top n
+does not depend on the image's label. Calibrated by label permutation: the p-value is the within-stratum
+label-permutation p-value, computed exactly (every permutation enumerated: a sum of hypergeometrics), so it
+has no Monte-Carlo error and needs no seed. L must beat the other labels pooled *and* each of its strongest
+rivals (the labels with the highest rate of t; intersection-union, the largest p-value), so tokens the IEM
+attends to in every image without a concept (distractors, hard negatives) are not a concept of a label that
+has none. BH across a label's tested tokens. This is the test to cite for "token t carries label L's concept".
+
+Columns ``label,top_n,token,images,top_images,expected,ratio,p_value,q_value``: the label's images that contain
+the token, those of them with the token in the top n, the count expected from the other labels' rates
+(stratum by stratum), their ratio, the p-value and the BH q-value; per (label, n) the tokens with
+``top_images > 0`` (descending, then token id; up to ``--max_rows`` rows), or with ``--significant_only``
+only those with ``q < alpha``.
+
+The within-image enrichment test (issue 16.1; ``tis_enrichment.csv`` with ``--enrichment``; :func:`label_tests`)
+----------------------------------------------------------------------------------------------------------------
+Per (label, n, token): is the token *more often* among the top-n positions than its frequency in those
+images predicts? Not calibrated for concepts: what the IEM attends to in every label (distractors, hard
+negatives, background structure) comes out enriched for every label, including labels with no concept.
+Exact, valid when a token fills several positions of an image. Null hypothesis: within each image, the
+TIS ranking does not depend on which token sits where, i.e. the top-n positions are a uniformly random n-subset of the 256 positions (a permutation of the scores within
 each image). If token ``t`` fills ``c_i`` positions of image ``i``, the number of them among the top n is
 then hypergeometric ``H(256, c_i, n)`` -- exactly, for any ``c_i`` -- and images are independent, so the
 label's count ``S_t = sum_i H(256, c_i, n)``. The one-sided p-value ``P(S_t >= observed)`` is computed
@@ -21,10 +40,11 @@ Per (label, n): ``expected = n/256 * sum_i c_i``, ``enrichment = count / expecte
 q-values across every token occurring in the label's images (tokens never in the top n have p = 1 and count
 in the number of hypotheses).
 
-Cost: gathering the counts is linear in images (one ``np.unique`` over the label's ``N x 256`` ids); the
-exact tail costs ``O(groups x log(images) x count^2)`` per token that reaches the top n at all.
+Cost of the label-contrast test: one ``np.unique`` over all ``N x 256`` ids, then vectorised hypergeometric
+tails (a short convolution only for tokens in several strata). Of the enrichment test: gathering the counts
+is linear in images (one ``np.unique`` over the label's ``N x 256`` ids); the exact tail costs ``O(groups x log(images) x count^2)`` per token that reaches the top n at all.
 
-Output: ``TIS_statistics_train/tis_significance.csv`` (tidy), columns
+Output: ``TIS_statistics_train/tis_enrichment.csv`` (tidy), columns
 ``label,top_n,token,count,expected,enrichment,p_value,q_value``; per (label, n) the tokens with a count
 (count descending, then token id ascending; up to ``--max_rows`` rows), or with ``--significant_only`` only
 those with ``q < alpha``. The authors'-format sectioned files are never changed by this module.
@@ -45,6 +65,7 @@ N_POS = 256
 SIGNIFICANCE_FILE = "tis_significance.csv"  # the label-contrast test (below); the default
 SIGNIFICANCE_HEADER = ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value"]
 ENRICHMENT_FILE = "tis_enrichment.csv"  # the within-image test (opt-in: TIS_analysis.py --enrichment)
+RIVALS = 2  # label-contrast test: L must also beat each of the 2 other labels with the highest rate of t
 MIN_TOP_IMAGES = 3  # label-blind filter: a token is tested only if >= this many images (any label) hold it in the top n
 ENRICHMENT_HEADER = ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
 ALPHA = 0.05
@@ -354,7 +375,11 @@ def significance_recovery(sig_file, planted: dict, nulls, top_ns, alpha: float =
     ``fdp`` (false / all significant tokens of the planted labels), ``null_discoveries`` (mean significant
     tokens per null label) and ``null_labels_with_discovery`` (fraction). Returns ``(rows, summary)``.
     """
-    sig = significant_tokens(sig_file, alpha)
+    return score_significant(significant_tokens(sig_file, alpha), planted, nulls, top_ns)
+
+
+def score_significant(sig: dict, planted: dict, nulls, top_ns) -> tuple[list, list]:
+    """:func:`significance_recovery` of ``sig = {(label, n): [significant token ids]}`` (any test)."""
     rows = []
     for n in top_ns:
         for label in sorted(set(planted) | set(nulls)):
@@ -411,9 +436,10 @@ def check_current_run(paths, model: int, attribution: str) -> None:
 
 # ----------------------------------------------------------------------------- the label-contrast test (issue 20)
 
-# strata of a token's count c in an image: 1, 2, 3-4, 5-8, 9-16, 17+ positions (index = STRATUM[c])
-STRATUM = np.minimum(np.ceil(np.log2(np.maximum(np.arange(N_POS + 1), 1))).astype(np.int64) + 1, 6)
-STRATUM[0] = 0
+# strata of a token's count c in an image (index = STRATA[name][c]; 0: absent)
+STRATA = {"occurrence": np.minimum(np.arange(N_POS + 1), 1),  # condition on occurrence: one stratum, c >= 1
+          "count": np.minimum(np.ceil(np.log2(np.maximum(np.arange(N_POS + 1), 1))).astype(np.int64) + 1, 6)
+          * (np.arange(N_POS + 1) > 0)}  # c = 1, 2, 3-4, 5-8, 9-16, 17+
 
 
 @dataclass
@@ -458,19 +484,26 @@ def _hypergeom_sf(k, M, n, N) -> np.ndarray:
     return np.clip(hypergeom.sf(np.asarray(k) - 1, M, n, N), 0.0, 1.0)
 
 
-def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, progress: bool = False) -> dict:
+def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, rivals: int = RIVALS,
+                   strata: str = "occurrence", progress: bool = False) -> dict:
     """The label-contrast test of every (label, n, token): ``{label: {n: ContrastTests}}``.
 
     parsed: ``{label: (ids (N_k, 256), scores (N_k, 256))}``, every label of the run (the contrast is between
-    labels). Unit: the image. For token t, its images (those containing t) are split into strata by t's count
-    in the image (``STRATUM``: 1, 2, 3-4, 5-8, 9-16, 17+ positions); in stratum s, ``n_s`` images contain t,
-    ``a_s`` of them hold it among their top-n positions, and label L owns ``m_s`` of them. Null hypothesis:
-    within each stratum, whether an image holds t in its top n does not depend on its label (the labels are
-    exchangeable among the images of a stratum). Under it, L's count in stratum s is hypergeometric
-    ``H(n_s, a_s, m_s)``, independently across strata; the p-value ``P(sum_s H >= observed)`` is the
-    within-stratum label-permutation p-value with every permutation enumerated (exact; no Monte-Carlo error, no
-    seed). Tokens that fewer than ``min_top_images`` images of any label hold in their top n are not tested
-    (label-blind filter). BH across a label's tested tokens, per n.
+    labels). The unit is the image. For token t, its images (those that contain it) are split into strata by
+    t's count in the image (``strata``: ``"occurrence"``, the default, one stratum: condition on occurrence;
+    ``"count"``: 1, 2, 3-4, 5-8, 9-16, 17+ positions); in stratum s, ``n_s`` images contain t, ``a_s`` of them
+    hold it among their top-n positions, and label L owns ``m_s`` of them. Null hypothesis: within each
+    stratum, whether an image holds t in its top n does not depend on its label (labels exchangeable among the
+    images of a stratum). Under it, L's count is a sum over strata of independent hypergeometrics
+    ``H(n_s, a_s, m_s)``, and ``P(sum >= observed)`` is the within-stratum label-permutation p-value with every
+    permutation enumerated: exact, no Monte-Carlo error, no seed, the same for any order of the images.
+
+    Intersection-union with the strongest rivals: the same exact test is repeated against each of the
+    ``rivals`` other labels with the highest rate of t (``top_images / (images + 2)``), pooling only L and that
+    label; the p-value is the largest. A label with no concept then does not get the tokens that the IEM
+    attends to whenever no concept competes for the top n (distractors, hard negatives): another label without
+    a concept holds them as often. Tokens held in the top n by fewer than ``min_top_images`` images of all
+    labels together are not tested (label-blind filter). BH across a label's tested tokens, per n.
     """
     from tqdm import tqdm
 
@@ -487,9 +520,12 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, p
     tokens, inv = np.unique(ids, return_inverse=True)
     inv = inv.reshape(N, n_pos)
     T = tokens.size
-    S = int(STRATUM.max()) + 1
+    if strata not in STRATA:
+        raise CortexError(f"strata {strata!r}: use one of {sorted(STRATA)}")
+    stratum = STRATA[strata]
+    S = int(stratum.max()) + 1
     pair, c = np.unique(np.arange(N)[:, None] * T + inv, return_counts=True)  # (image, token) pairs, sorted
-    p_img, p_tok, p_str = pair // T, pair % T, STRATUM[c]
+    p_img, p_tok, p_str = pair // T, pair % T, stratum[c]
     p_lab = y[p_img]
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
@@ -514,18 +550,44 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, p
         obs = np.add.reduceat(o, start)
         img = np.add.reduceat(m, start)
         expct = np.add.reduceat(m * tot_a / tot_n, start)
-        p = np.ones(keys.size)
-        one = (end - start == 1) & (obs > 0)
-        p[one] = _hypergeom_sf(obs[one], tot_n[start[one]], tot_a[start[one]], m[start[one]])
-        multi = np.flatnonzero((end - start > 1) & (obs > 0))
-        p[multi] = _stratified_sf(obs[multi], start[multi], end[multi], tot_n, tot_a, m)
+        p = _grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled
         lab, tok = keys // T, keys % T
+        # ... and against each of its `rivals` strongest rivals: the labels with the highest rate o / (images + 2)
+        # of t (intersection-union: significant only if L beats the pool and each of them)
+        order = np.lexsort((lab, -obs / (img + 2.0), tok))  # per token, its labels by rate, descending
+        first = np.searchsorted(tok[order], np.arange(T + 1))  # (T + 1,) where each token's ranking starts
+        rank = np.empty(keys.size, np.int64)
+        rank[order] = np.arange(keys.size) - first[tok[order]]  # L's rank among the labels of t
+        for r in range(rivals):
+            at = first[tok] + r + (rank <= r)  # the r-th best label of t other than L
+            ok = (at < first[tok + 1]) & (obs > 0)
+            if not ok.any():
+                continue
+            rival = np.where(ok, lab[order[np.minimum(at, keys.size - 1)]], -1)
+            rows_rival = np.repeat(rival, end - start)  # per (L, t, s) row: the rival label
+            key_r = (rows_rival * T + np.repeat(tok, end - start)) * S + lts % S
+            at_r = np.minimum(np.searchsorted(lts, key_r), lts.size - 1)
+            hit = (lts[at_r] == key_r) & (rows_rival >= 0)
+            m_r, o_r = np.where(hit, m[at_r], 0), np.where(hit, o[at_r], 0)
+            # stratum s of L vs its rival: population m + m_r images, o + o_r in the top n, L draws m
+            p = np.where(ok, np.maximum(p, _grouped_sf(np.where(ok, obs, 0), start, end, m + m_r, o + o_r, m)), p)
         bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
         for li, k in enumerate(labels):
             s, e = bounds[li], bounds[li + 1]
             out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p[s:e],
                                            benjamini_hochberg(p[s:e]))
     return out
+
+
+def _grouped_sf(obs, start, end, M, n, N) -> np.ndarray:
+    """``P(sum_s H(M_s, n_s, N_s) >= obs_j)`` over the strata rows ``start_j..end_j-1`` of each group j;
+    1 where ``obs_j == 0``. One stratum: scipy's sf, vectorised; several: :func:`_stratified_sf`."""
+    p = np.ones(obs.size)
+    one = (end - start == 1) & (obs > 0)
+    p[one] = _hypergeom_sf(obs[one], M[start[one]], n[start[one]], N[start[one]])
+    multi = np.flatnonzero((end - start > 1) & (obs > 0))
+    p[multi] = _stratified_sf(obs[multi], start[multi], end[multi], M, n, N)
+    return p
 
 
 def _stratified_sf(obs, start, end, M, n, N) -> np.ndarray:

@@ -85,7 +85,7 @@ def test_bh_matches_definition():
 
 @pytest.fixture()
 def hand_world(tmp_path):
-    """Label 0: token 7 at the best-scored position of each of 30 images; label 1: random scores."""
+    """Token 7 in every image; label 0: at the best-scored position of each of 30 images; label 1: random scores."""
     rng = np.random.default_rng(3)
     root = tmp_path / "exp"
     w = DatasetWriter(root / "datasets", np.zeros((40, 256), np.float32), layout="compact")
@@ -95,8 +95,8 @@ def hand_world(tmp_path):
         for i in range(30):
             ids = rng.integers(10, 40, 256)
             scores = rng.normal(size=256)
+            ids[5] = 7  # in every image; label 0's IEM puts it first, label 1's does not
             if label == 0:
-                ids[5] = 7
                 scores[5] = 50.0
             w.add("train", f"{label}_{i}.npy", label, ids)
             rows[label].append([f"{label}_{i}.npy", label, format_list(scores)])
@@ -119,20 +119,26 @@ def test_tis_analysis_writes_significance(hand_world):
     sd = hand_world / "results" / "TIS" / "Net1" / "TIS_statistics_train"
     run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress"])
     sectioned = (sd / "label_0.csv").read_bytes()
+    assert not (sd / G.ENRICHMENT_FILE).exists()  # the within-image test is opt-in
     rows = _rows(sd / G.SIGNIFICANCE_FILE)
     assert list(rows[0]) == G.SIGNIFICANCE_HEADER
     top = [r for r in rows if r["label"] == "0" and r["top_n"] == "1"]
-    assert top[0]["token"] == "7" and top[0]["count"] == "30" and float(top[0]["q_value"]) < 1e-10
-    assert float(top[0]["expected"]) == pytest.approx(30 / 256, rel=1e-5)
-    assert any(float(r["q_value"]) >= 0.05 for r in rows)  # every token with a count is listed by default
+    assert top[0]["token"] == "7" and top[0]["images"] == "30" and top[0]["top_images"] == "30"
+    assert float(top[0]["q_value"]) < 1e-10 and float(top[0]["expected"]) < 16
+    assert not any(r["token"] == "7" and float(r["q_value"]) < 0.05 for r in rows if r["label"] == "1")
     run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress",
-                                                     "--significant_only"])
+                                                     "--significant_only", "--enrichment"])
     sig = _rows(sd / G.SIGNIFICANCE_FILE)
     assert sig and all(float(r["q_value"]) < 0.05 for r in sig)
-    pairs = {(r["label"], r["token"]) for r in sig}
-    assert ("0", "7") in pairs and len(pairs) <= 3  # (a chance hit or two at q < 0.05)
+    assert {(r["label"], r["token"]) for r in sig} == {("0", "7")}
+    enr = _rows(sd / G.ENRICHMENT_FILE)
+    assert list(enr[0]) == G.ENRICHMENT_HEADER and all(float(r["q_value"]) < 0.05 for r in enr)
+    top = [r for r in enr if r["label"] == "0" and r["top_n"] == "1"]
+    assert top[0]["token"] == "7" and top[0]["count"] == "30"
+    assert float(top[0]["expected"]) == pytest.approx(30 / 256, rel=1e-5)
     assert (sd / "label_0.csv").read_bytes() == sectioned  # the authors'-format files do not change
     found = G.significant_tokens(sd / G.SIGNIFICANCE_FILE)
+    assert all(found[(0, n)] == [7] for n in (1, 5, 10, 20))
     assert all(found[(0, n)][0] == 7 for n in (1, 5, 10, 20))
 
 
@@ -160,10 +166,10 @@ def test_null_classes_in_synthetic_world(tmp_path):
 
 
 def test_significance_recovery_report(tmp_path):
-    path = tmp_path / G.SIGNIFICANCE_FILE
+    path = tmp_path / G.ENRICHMENT_FILE
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(G.SIGNIFICANCE_HEADER)
+        w.writerow(G.ENRICHMENT_HEADER)
         w.writerows([[0, 5, 1, 9, 1, 9, 1e-9, 1e-8], [0, 5, 2, 9, 1, 9, 1e-9, 1e-8], [0, 5, 30, 4, 1, 4, 0.01, 0.04],
                      [1, 5, 3, 9, 1, 9, 1e-9, 1e-8], [1, 5, 4, 2, 1, 2, 0.2, 0.3], [2, 5, 31, 5, 1, 5, 1e-4, 1e-3]])
     rows, summary = G.significance_recovery(path, {0: [1, 2], 1: [3, 4]}, [2, 3], [5])
