@@ -477,6 +477,19 @@ class ContrastTests:
                 for i in idx]
 
 
+def _token_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens (T,) ascending, inv (N, P))`` with ``tokens[inv] == ids``; a lookup table, no sort, for ids
+    in ``0 .. 2^24`` (codebook ids), else ``np.unique``."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= 1 << 24:
+        tokens, inv = np.unique(ids, return_inverse=True)
+        return tokens, inv.reshape(ids.shape)
+    present = np.zeros(hi + 1, bool)
+    present[ids.ravel()] = True
+    lut = np.cumsum(present) - 1
+    return np.flatnonzero(present), lut[ids]
+
+
 def _hypergeom_sf(k, M, n, N) -> np.ndarray:
     """``P(X >= k)``, X ~ hypergeometric(M population, n successes, N draws), vectorised (float64)."""
     from scipy.stats import hypergeom
@@ -517,31 +530,36 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     y = np.repeat(np.arange(len(labels)), [len(parsed[k][0]) for k in labels])  # (N,) label index
     max_n = min(max(top_ns), n_pos)
     top = np.concatenate([top_positions(parsed[k][1], max_n) for k in labels])  # (N, max_n) positions
-    tokens, inv = np.unique(ids, return_inverse=True)
-    inv = inv.reshape(N, n_pos)
+    tokens, inv = _token_index(ids)  # tokens (T,) ascending, inv (N, P) index into tokens
     T = tokens.size
     if strata not in STRATA:
         raise CortexError(f"strata {strata!r}: use one of {sorted(STRATA)}")
     stratum = STRATA[strata]
     S = int(stratum.max()) + 1
-    pair, c = np.unique(np.arange(N)[:, None] * T + inv, return_counts=True)  # (image, token) pairs, sorted
-    p_img, p_tok, p_str = pair // T, pair % T, stratum[c]
-    p_lab = y[p_img]
+    # (image, token) pairs in (image, token) order, from each image's sorted ids: c = the token's count there
+    srt = np.sort(inv, axis=1)  # (N, P)
+    new = np.ones(srt.shape, bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    at = np.flatnonzero(new.ravel())
+    c = np.diff(np.append(at, srt.size))
+    p_img, p_tok = at // n_pos, srt.ravel()[at]
+    pair = p_img * T + p_tok  # (P,) sorted
+    p_str = stratum[c]
+    ts = p_tok * S + p_str
+    n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
+    # per (label, token, stratum) group: m = the label's images (the same for every n)
+    lts_all, g_of_pair, m_all = np.unique((y[p_img] * T + p_tok) * S + p_str, return_inverse=True,
+                                          return_counts=True)
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
         n_eff = min(int(n), n_pos)
-        top_key = np.unique(np.arange(N)[:, None] * T + np.take_along_axis(inv, top[:, :n_eff], axis=1))
-        h = np.zeros(pair.size, bool)
-        h[np.searchsorted(pair, top_key)] = True  # (P,) the image holds the token in its top n
-        ts = p_tok * S + p_str
-        n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
+        h = np.zeros(pair.size, bool)  # (P,) the image holds the token in its top n
+        h[np.searchsorted(pair, np.arange(N)[:, None] * T + np.take_along_axis(inv, top[:, :n_eff], axis=1))] = True
         a_ts = np.bincount(ts, weights=h, minlength=T * S)
-        tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind
-        sel = tested[p_tok]
-        # per (label, token, stratum): m = label's images, o = of them with t in the top n
-        lts, m = np.unique((p_lab[sel] * T + p_tok[sel]) * S + p_str[sel], return_counts=True)
-        o = np.bincount(np.searchsorted(lts, (p_lab[sel] * T + p_tok[sel]) * S + p_str[sel]),
-                        weights=h[sel], minlength=lts.size).astype(np.int64)
+        tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind filter
+        o_all = np.bincount(g_of_pair, weights=h, minlength=lts_all.size).astype(np.int64)
+        g = tested[(lts_all // S) % T]
+        lts, m, o = lts_all[g], m_all[g], o_all[g]  # o = of the label's images, those with t in the top n
         lt, ts_ = lts // S, (lts % (T * S))
         tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
         # group the strata of each (label, token)
