@@ -548,8 +548,14 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     ts = p_tok * S + p_str
     n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
     # per (label, token, stratum) group: m = the label's images (the same for every n)
-    lts_all, g_of_pair, m_all = np.unique((y[p_img] * T + p_tok) * S + p_str, return_inverse=True,
-                                          return_counts=True)
+    key = (y[p_img] * T + p_tok) * S + p_str
+    if len(labels) * T * S <= 8 * key.size:  # a dense table is cheaper than a sort
+        m_dense = np.bincount(key, minlength=len(labels) * T * S)
+        lts_all = np.flatnonzero(m_dense)
+        m_all = m_dense[lts_all]
+        g_of_pair = (np.cumsum(m_dense > 0) - 1)[key]
+    else:
+        lts_all, g_of_pair, m_all = np.unique(key, return_inverse=True, return_counts=True)
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
         n_eff = min(int(n), n_pos)
