@@ -15,7 +15,7 @@ attends to in every image without a concept (distractors, hard negatives) are no
 has none. BH across a label's tested tokens. This is the test to cite for "token t carries label L's concept".
 
 Columns ``label,top_n,token,images,top_images,expected,ratio,p_value,q_value``: the label's images that contain
-the token, those of them with the token in the top n, the count expected from the other labels' rates
+the token, those of them with the token in the top n, the count expected from the rate over all labels' images
 (stratum by stratum), their ratio, the p-value and the BH q-value; per (label, n) the tokens with
 ``top_images > 0`` (descending, then token id; up to ``--max_rows`` rows), or with ``--significant_only``
 only those with ``q < alpha``.
@@ -455,7 +455,7 @@ class ContrastTests:
     tokens: np.ndarray  # int64 token ids (ascending)
     images: np.ndarray  # int64 the label's images that contain the token
     top_images: np.ndarray  # int64 ... of which hold it among their top-n positions
-    expected: np.ndarray  # float64 top_images expected from the other labels' rates, stratum by stratum
+    expected: np.ndarray  # float64 top_images expected from the rate over all labels' images, per stratum
     p_value: np.ndarray  # float64 exact one-sided P(top_images >= observed) under within-stratum label permutation
     q_value: np.ndarray  # float64 Benjamini-Hochberg over the T tokens
 
