@@ -475,10 +475,10 @@ class ContrastTests:
         keep = self.top_images > 0 if alpha is None else self.q_value < alpha
         idx = np.flatnonzero(keep)
         idx = idx[np.lexsort((self.tokens[idx], -self.top_images[idx]))][:limit]
-        ratio = self.ratio
-        return [[self.label, self.top_n, int(self.tokens[i]), int(self.images[i]), int(self.top_images[i]),
-                 f"{self.expected[i]:.6g}", f"{ratio[i]:.6g}", f"{self.p_value[i]:.6g}", f"{self.q_value[i]:.6g}"]
-                for i in idx]
+        cols = zip(*(a[idx].tolist() for a in (self.tokens, self.images, self.top_images, self.expected, self.ratio,
+                                                self.p_value, self.q_value)))  # Python scalars: fast to format
+        return [[self.label, self.top_n, t, m, o, f"{e:.6g}", f"{r:.6g}", f"{p:.6g}", f"{q:.6g}"]
+                for t, m, o, e, r, p, q in cols]
 
 
 def _token_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
