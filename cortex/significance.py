@@ -539,6 +539,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     if strata not in STRATA:
         raise CortexError(f"strata {strata!r}: use one of {sorted(STRATA)}")
     stratum = STRATA[strata]
+    if n_pos >= stratum.size:  # a grid of more than 256 positions: the last stratum holds the larger counts
+        stratum = np.append(stratum, np.full(n_pos + 1 - stratum.size, stratum[-1]))
     S = int(stratum.max()) + 1
     # (image, token) pairs in (image, token) order, from each image's sorted ids: c = the token's count there
     srt = np.sort(inv, axis=1)  # (N, P)
