@@ -543,14 +543,20 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         stratum = np.append(stratum, np.full(n_pos + 1 - stratum.size, stratum[-1]))
     S = int(stratum.max()) + 1
     # (image, token) pairs in (image, token) order, from each image's sorted ids: c = the token's count there
-    srt = np.sort(inv, axis=1)  # (N, P)
+    order_in_row = np.argsort(inv, axis=1, kind="stable")  # (N, P)
+    srt = np.take_along_axis(inv, order_in_row, axis=1)  # each image's ids, sorted
     new = np.ones(srt.shape, bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
     at = np.flatnonzero(new.ravel())
     c = np.diff(np.append(at, srt.size))
     p_img, p_tok = at // n_pos, srt.ravel()[at]
-    pair = p_img * T + p_tok  # (P,) sorted
     p_str = stratum[c]
+    # the pair of each of the top max_n positions: its place in the sorted row, then that run's pair index
+    rank = np.empty_like(order_in_row)
+    np.put_along_axis(rank, order_in_row, np.arange(n_pos)[None, :], axis=1)
+    run_of = np.cumsum(new.ravel()) - 1  # (N * P,) pair index of every sorted position
+    top_pair = run_of[np.arange(N)[:, None] * n_pos + np.take_along_axis(rank, top, axis=1)]  # (N, max_n)
+    del rank, run_of, order_in_row
     ts = p_tok * S + p_str
     n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
     # per (label, token, stratum) group: m = the label's images (the same for every n)
@@ -565,8 +571,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
         n_eff = min(int(n), n_pos)
-        h = np.zeros(pair.size, bool)  # (P,) the image holds the token in its top n
-        h[np.searchsorted(pair, np.arange(N)[:, None] * T + np.take_along_axis(inv, top[:, :n_eff], axis=1))] = True
+        h = np.zeros(p_tok.size, bool)  # (P,) the image holds the token in its top n
+        h[top_pair[:, :n_eff]] = True
         a_ts = np.bincount(ts, weights=h, minlength=T * S)
         tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind filter
         o_all = np.bincount(g_of_pair, weights=h, minlength=lts_all.size).astype(np.int64)
