@@ -295,6 +295,11 @@ def test_null_classes_in_synthetic_world(tmp_path):
     planted = set().union(*map(set, w.concept_tokens.values()))
     assert not set(w.sample(3, rng).tolist()) & planted
     assert set(w.sample(1, rng).tolist()) & set(w.concept_tokens[1])
+    hard = SyntheticWorld.build(WorldConfig(num_classes=2, null_classes=2, n_codes=96, concept_tokens=3,
+                                            n_background=16, n_distractors=4, hard_negatives=5))
+    ids0 = hard.sample(0, np.random.default_rng(1))
+    assert len(set(ids0.tolist()) & set(hard.concept_tokens[1])) >= 1  # class 1's tokens in a class-0 image
+    assert np.isin(hard.sample(3, np.random.default_rng(2)), list(planted)).sum() == 5  # a null label: 5 positions
     root = tmp_path / "exp"
     run_script("VQGAN_explanation/generate_dataset.py",
                ["--root", root, "--num_classes", 2, "--null_classes", 1, "--train_per_class", 2, "--val_per_class", 1,
