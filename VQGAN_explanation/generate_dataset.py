@@ -40,6 +40,9 @@ def synthetic_parser():
                    help="extra labels num_classes .. num_classes+K-1 with NO planted concept (background and "
                         "distractors only), listed as null_labels in ground_truth.json: a null check of the "
                         "significance tests (concept_recovery.py reports their false discoveries). Default: none")
+    g.add_argument("--hard_negatives", type=nonneg_int, default=None,
+                   help="positions per image holding concept tokens of other classes (every label, null labels "
+                        "too): the tokens a label-contrast test must tell apart. Default: none")
     g.add_argument("--train_per_class", type=positive_int, default=60, help="training images per class")
     g.add_argument("--val_per_class", type=positive_int, default=10, help="validation images per class")
     g.add_argument("--test_per_class", type=positive_int, default=20, help="test images per class")
@@ -119,7 +122,8 @@ def generate_synthetic(args, data_dir) -> dict:
                       n_background=args.n_background, n_distractors=args.n_distractors,
                       distractors_per_image=args.distractors_per_image, object_size=tuple(args.object_size),
                       concept_layout=args.concept_layout, patch_size=args.patch_size, seed=args.seed,
-                      null_classes=getattr(args, "null_classes", None) or 0)
+                      null_classes=getattr(args, "null_classes", None) or 0,
+                      hard_negatives=getattr(args, "hard_negatives", None) or 0)
     world = SyntheticWorld.build(cfg)
     vq = world.make_vq()
     writer = DatasetWriter(data_dir, vq.codebook.detach().numpy(), layout=args.layout)

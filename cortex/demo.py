@@ -32,7 +32,8 @@ class Sizes:
 
     world: list = field(default_factory=lambda: ["--num_classes", "10", "--train_per_class", "60",
                                                  "--val_per_class", "10", "--test_per_class", "20",
-                                                 "--null_classes", "2"])  # 2 labels with no planted concept
+                                                 "--null_classes", "2",  # 2 labels with no planted concept
+                                                 "--hard_negatives", "4"])  # other classes' concept tokens in each image
     train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "10", "--batch_size", "64"])
     nsamples: str = "20"
     evaluators_epochs: str = "4"
@@ -50,7 +51,7 @@ TINY = Sizes(
     world=["--num_classes", "3", "--null_classes", "1", "--train_per_class", "10", "--val_per_class", "3",
            "--test_per_class", "4",
            "--n_codes", "96", "--concept_tokens", "4", "--n_background", "16", "--n_distractors", "4",
-           "--object_size", "3", "4", "--patch_size", "2"],
+           "--object_size", "3", "4", "--patch_size", "2", "--hard_negatives", "2"],
     train=["--width", "16", "--epochs", "3", "--batch_size", "16"],
     nsamples="2", evaluators_epochs="1", randomisation_images="4", codebook_steps="4", codebook_eval_every="2",
     token_num="4", pairs="0:1,1:2",
@@ -116,7 +117,7 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
     for attr in ("smoothgrad", "smoothgrad_x_input"):
         steps.append(tis("train", attr))
         steps.append(Step(f"TIS analysis ({attr}, {layout} world)", VQ,
-                          ["TIS_analysis.py", "--model", "1", "--attribution", attr, *r],
+                          ["TIS_analysis.py", "--model", "1", "--attribution", attr, "--enrichment", *r],
                           [tis_root(attr) / "TIS_statistics_train" / "global_top_tokens_statistics.csv"]))
     steps += [
         Step(f"frequency baseline ({layout} world)", VQ, ["generate_freq_based_tokens.py", *r],
@@ -262,20 +263,38 @@ def machine_line() -> str:
             "(another CPU or torch build changes the last digits)")
 
 
-def _significance_section(roots: Roots) -> list[str]:
-    """Enrichment test of the concept tokens (BH q < 0.05) against the planted truth, null labels included."""
-    lines = ["", "## Significant concept tokens (enrichment test, BH q < 0.05): recall of the planted tokens, false "
+def _significance_section(roots: Roots, out: Path) -> list[str]:
+    """The label-contrast test of the concept tokens (BH q < 0.05) against the planted truth, null labels
+    included; the within-image enrichment test's null-label discoveries for comparison; the null labels'
+    p-value figure (the calibration check)."""
+    lines = ["", "## Significant concept tokens (label-contrast test, BH q < 0.05): recall of the planted tokens, false "
              "share among the planted labels' significant tokens, and significant tokens on the labels with no "
              "planted concept", "",
              "| world | TIS | top n | recall | false share | significant tokens per null label | null labels with any |",
              "|---|---|---|---|---|---|---|"]
+    enrichment, figures = [], []
     for world, root in (("object", roots.vqgan), ("scattered", roots.scattered)):
-        f = root / "results/Explanation/concept_recovery_significance.csv"
-        for r in (_rows(f) if f.exists() else []):
-            if r["label"] == "mean" and r["top_n"] in ("5", "20"):
-                lines.append(f"| {world} | {r['method']} | {r['top_n']} | {float(r['recall']):.2f} | "
-                             f"{float(r['fdp']):.2f} | {float(r['null_discoveries']):.2f} | "
-                             f"{float(r['null_labels_with_discovery']):.2f} |")
+        ex = root / "results/Explanation"
+        for name, into in (("concept_recovery_significance.csv", lines), ("concept_recovery_enrichment.csv", enrichment)):
+            for r in (_rows(ex / name) if (ex / name).exists() else []):
+                if r["label"] == "mean" and r["top_n"] in ("5", "20"):
+                    if into is lines:
+                        lines.append(f"| {world} | {r['method']} | {r['top_n']} | {float(r['recall']):.2f} | "
+                                     f"{float(r['fdp']):.2f} | {float(r['null_discoveries']):.2f} | "
+                                     f"{float(r['null_labels_with_discovery']):.2f} |")
+                    else:
+                        enrichment.append(f"{world} {r['method']} top {r['top_n']}: recall {float(r['recall']):.2f}, "
+                                          f"false share {float(r['fdp']):.2f}, {float(r['null_discoveries']):.2f} "
+                                          f"per null label")
+        if (ex / "null_label_pvalues.png").exists():
+            figures.append(f"![null-label p-values, {world} world]"
+                           f"({os.path.relpath(ex / 'null_label_pvalues.png', out.parent)})")
+    if enrichment:
+        lines += ["", "For comparison, the within-image enrichment test (`tis_enrichment.csv`, not calibrated for "
+                  "concepts): " + "; ".join(enrichment) + "."]
+    if figures:
+        lines += ["", "Null labels' p-values of the label-contrast test (histogram, and QQ plot against the uniform: "
+                  "a calibrated test stays on or below the diagonal):", ""] + figures
     return lines
 
 
@@ -333,7 +352,7 @@ def report(roots: Roots, out: Path) -> str:
                 table.setdefault(key, {})[world] = float(r["precision"])
     for key, v in table.items():
         lines.append(f"| {key} | {v.get('object', float('nan')):.2f} | {v.get('scattered', float('nan')):.2f} |")
-    lines += _significance_section(roots)
+    lines += _significance_section(roots, out)
     # 3. evaluation with the synthetic evaluators
     ex = roots.vqgan / "results/Explanation/model_1"
     rows = _rows(ex / "sample_image_level_results.csv")

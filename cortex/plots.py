@@ -326,3 +326,38 @@ def before_after(befores, afters, titles, path, region=None, title: str = "", gr
     if title:  # after tight_layout, above the axes (bbox_inches="tight" keeps it in the file)
         fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
     return _save(fig, path)
+
+
+def null_pvalues(pvalues: dict, path, alpha: float = 0.05, title: str = "") -> Path:
+    """Calibration figure of a significance test: the p-values of labels with no planted concept.
+
+    pvalues: ``{series name: p-values (any shape)}`` (e.g. one per attribution and top n). Left: histogram
+    (a calibrated test is flat or leans to 1: discrete p-values are conservative); right: QQ plot of
+    ``-log10`` observed vs uniform quantiles (a calibrated test stays on or below the diagonal).
+    """
+    plt = _plt()
+    fig, (ax_h, ax_q) = plt.subplots(1, 2, figsize=(9, 3.6))
+    bins = np.linspace(0, 1, 21)
+    top = 1.0
+    for name, p in pvalues.items():
+        p = np.sort(np.asarray(p, dtype=np.float64).ravel())
+        if p.size == 0:
+            continue
+        ax_h.hist(p, bins=bins, histtype="step", density=True, label=f"{name} ({p.size})")
+        expected = -np.log10((np.arange(1, p.size + 1) - 0.5) / p.size)
+        observed = -np.log10(np.maximum(p, 1e-300))
+        ax_q.plot(expected, observed, ".", ms=3, label=name)
+        top = max(top, float(expected.max()), float(min(observed.max(), 20)))
+    ax_h.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax_h.set_xlabel("p-value")
+    ax_h.set_ylabel("density")
+    ax_h.legend(fontsize=6, loc="upper left")
+    ax_q.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    ax_q.axhline(-np.log10(alpha), color="red", lw=0.6, ls=":", label=f"p = {alpha}")
+    ax_q.set_xlabel("expected -log10 p (uniform)")
+    ax_q.set_ylabel("observed -log10 p")
+    ax_q.legend(fontsize=6, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,13 +1,32 @@
-"""Is a concept token real, or just frequent? Per-token enrichment tests of the TIS statistics (issue 16.1).
+"""Is a concept token real? Per-token significance tests of the TIS statistics (issues 16.1 and 20).
 
-CORTEX ranks a label's tokens by how often they sit among an image's top-n TIS positions. A token that
-fills many positions of a label's images lands there by chance too. For every (label, n, token) this module
-tests whether the token is *more often* among the top-n positions than its frequency in those images predicts.
+CORTEX ranks a label's tokens by how often they sit among an image's top-n TIS positions. Two tests ask
+whether a token's place in that ranking is more than chance; they answer different questions.
 
-The test (exact, valid when a token fills several positions of an image)
-------------------------------------------------------------------------
-Null hypothesis: within each image, the TIS ranking does not depend on which token sits where, i.e. the
-top-n positions are a uniformly random n-subset of the 256 positions (a permutation of the scores within
+The label-contrast test (issue 20; ``tis_significance.csv``, the default; :func:`contrast_tests`)
+-------------------------------------------------------------------------------------------------
+Unit: the image. Among the images that contain token t, is t more often among the top-n positions in label
+L's images than in the other labels' images? Null: given that an image contains t, whether t is in its top n
+does not depend on the image's label. Calibrated by label permutation: the p-value is the within-stratum
+label-permutation p-value, computed exactly (every permutation enumerated: a sum of hypergeometrics), so it
+has no Monte-Carlo error and needs no seed. L must beat the other labels pooled *and* each of its strongest
+rivals (the labels with the highest rate of t; intersection-union, the largest p-value), so tokens the IEM
+attends to in every image without a concept (distractors, hard negatives) are not a concept of a label that
+has none. BH across a label's tested tokens. This is the test to cite for "token t carries label L's concept".
+
+Columns ``label,top_n,token,images,top_images,expected,ratio,p_value,q_value``: the label's images that contain
+the token, those of them with the token in the top n, the count expected from the rate over all labels' images
+(stratum by stratum), their ratio, the p-value and the BH q-value; per (label, n) the tokens with
+``top_images > 0`` (descending, then token id; up to ``--max_rows`` rows), or with ``--significant_only``
+only those with ``q < alpha``.
+
+The within-image enrichment test (issue 16.1; ``tis_enrichment.csv`` with ``--enrichment``; :func:`label_tests`)
+----------------------------------------------------------------------------------------------------------------
+Per (label, n, token): is the token *more often* among the top-n positions than its frequency in those
+images predicts? Not calibrated for concepts: what the IEM attends to in every label (distractors, hard
+negatives, background structure) comes out enriched for every label, including labels with no concept.
+Exact, valid when a token fills several positions of an image. Null hypothesis: within each image, the
+TIS ranking does not depend on which token sits where, i.e. the top-n positions are a uniformly random n-subset of the 256 positions (a permutation of the scores within
 each image). If token ``t`` fills ``c_i`` positions of image ``i``, the number of them among the top n is
 then hypergeometric ``H(256, c_i, n)`` -- exactly, for any ``c_i`` -- and images are independent, so the
 label's count ``S_t = sum_i H(256, c_i, n)``. The one-sided p-value ``P(S_t >= observed)`` is computed
@@ -21,10 +40,11 @@ Per (label, n): ``expected = n/256 * sum_i c_i``, ``enrichment = count / expecte
 q-values across every token occurring in the label's images (tokens never in the top n have p = 1 and count
 in the number of hypotheses).
 
-Cost: gathering the counts is linear in images (one ``np.unique`` over the label's ``N x 256`` ids); the
-exact tail costs ``O(groups x log(images) x count^2)`` per token that reaches the top n at all.
+Cost of the label-contrast test: one ``np.unique`` over all ``N x 256`` ids, then vectorised hypergeometric
+tails (a short convolution only for tokens in several strata). Of the enrichment test: gathering the counts
+is linear in images (one ``np.unique`` over the label's ``N x 256`` ids); the exact tail costs ``O(groups x log(images) x count^2)`` per token that reaches the top n at all.
 
-Output: ``TIS_statistics_train/tis_significance.csv`` (tidy), columns
+Output: ``TIS_statistics_train/tis_enrichment.csv`` (tidy), columns
 ``label,top_n,token,count,expected,enrichment,p_value,q_value``; per (label, n) the tokens with a count
 (count descending, then token id ascending; up to ``--max_rows`` rows), or with ``--significant_only`` only
 those with ``q < alpha``. The authors'-format sectioned files are never changed by this module.
@@ -38,12 +58,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import float_in
+from .cli import float_in, positive_int
 from .utils import CortexError, atomic_write
 
 N_POS = 256
-SIGNIFICANCE_FILE = "tis_significance.csv"
-SIGNIFICANCE_HEADER = ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
+SIGNIFICANCE_FILE = "tis_significance.csv"  # the label-contrast test (below); the default
+SIGNIFICANCE_HEADER = ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value"]
+ENRICHMENT_FILE = "tis_enrichment.csv"  # the within-image test (opt-in: TIS_analysis.py --enrichment)
+RIVALS = 2  # label-contrast test: L must also beat each of the 2 other labels with the highest rate of t
+MIN_TOP_IMAGES = 3  # label-blind filter: a token is tested only if >= this many images (any label) hold it in the top n
+ENRICHMENT_HEADER = ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
 ALPHA = 0.05
 
 
@@ -96,9 +120,13 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     if p.size == 0:
         return p.copy()
-    from scipy.stats import false_discovery_control
-
-    return false_discovery_control(p.ravel(), method="bh").reshape(p.shape)
+    flat = p.ravel()
+    order = np.argsort(flat, kind="stable")
+    q = flat[order] * (flat.size / np.arange(1, flat.size + 1))  # p_(i) m / i
+    q = np.minimum.accumulate(q[::-1])[::-1]  # monotone: the smallest over ranks >= i
+    out = np.empty_like(flat)
+    out[order] = np.minimum(q, 1.0)
+    return out.reshape(p.shape)  # = scipy.stats.false_discovery_control(p, method="bh"), without its overhead
 
 
 # ----------------------------------------------------------------------------- one label
@@ -127,7 +155,7 @@ class TokenTests:
         return self.tokens[keep][order]
 
     def rows(self, alpha: float | None = None, limit: int | None = None) -> list[list]:
-        """CSV rows (``SIGNIFICANCE_HEADER``) of the tokens with a count (or with ``q < alpha``), ranked by count."""
+        """CSV rows (``ENRICHMENT_HEADER``) of the tokens with a count (or with ``q < alpha``), ranked by count."""
         keep = self.count > 0 if alpha is None else self.q_value < alpha
         idx = np.flatnonzero(keep)
         idx = idx[np.lexsort((self.tokens[idx], -self.count[idx]))][:limit]
@@ -203,33 +231,38 @@ def significance_tests(tis_files: dict, token_indices: dict | None, top_ns, prog
     return out
 
 
-def write_significance(path, tests: dict, alpha: float | None = None, limit: int | None = None) -> Path:
-    """Write the tidy significance file; ``alpha`` set: only tokens with ``q < alpha``."""
+def write_significance(path, tests: dict, alpha: float | None = None, limit: int | None = None,
+                       header: list | None = None) -> Path:
+    """Write a tidy test file (``header``: ``SIGNIFICANCE_HEADER`` of the label-contrast test, or
+    ``ENRICHMENT_HEADER``); ``alpha`` set: only tokens with ``q < alpha``."""
     with atomic_write(path) as f:
         w = csv.writer(f)
-        w.writerow(SIGNIFICANCE_HEADER)
+        w.writerow(header or SIGNIFICANCE_HEADER)
         for label in sorted(tests):
             for n in sorted(tests[label]):
                 w.writerows(tests[label][n].rows(alpha, limit))
     return Path(path)
 
 
+_INT_COLUMNS = {"label", "top_n", "token", "count", "images", "top_images"}
+
+
 def read_significance(path) -> list[dict]:
-    """Rows of ``tis_significance.csv`` as dicts (ints and floats parsed)."""
+    """Rows of ``tis_significance.csv`` (label-contrast) or ``tis_enrichment.csv`` as dicts (ints and floats parsed)."""
     path = Path(path)
     if not path.exists():
         raise CortexError(f"significance file not found: {path}. Run TIS_analysis.py (it writes {SIGNIFICANCE_FILE} "
-                          f"beside the statistics).")
+                          f"beside the statistics; {ENRICHMENT_FILE} with --enrichment).")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != SIGNIFICANCE_HEADER:
-            raise CortexError(f"{path}: header must be {','.join(SIGNIFICANCE_HEADER)}, got {reader.fieldnames}")
+        if reader.fieldnames not in (SIGNIFICANCE_HEADER, ENRICHMENT_HEADER):
+            raise CortexError(f"{path}: header must be {','.join(SIGNIFICANCE_HEADER)} (label-contrast test) or "
+                              f"{','.join(ENRICHMENT_HEADER)} (enrichment test), got {reader.fieldnames}; a file "
+                              f"from an older TIS_analysis.py: rerun it")
         out = []
         for lineno, r in enumerate(reader, start=2):
             try:
-                out.append(dict(label=int(r["label"]), top_n=int(r["top_n"]), token=int(r["token"]),
-                                count=int(r["count"]), expected=float(r["expected"]), enrichment=float(r["enrichment"]),
-                                p_value=float(r["p_value"]), q_value=float(r["q_value"])))
+                out.append({k: int(v) if k in _INT_COLUMNS else float(v) for k, v in r.items()})
             except (TypeError, ValueError):
                 raise CortexError(f"{path}:{lineno}: malformed row {r}") from None
     return out
@@ -245,18 +278,27 @@ def significant_tokens(path, alpha: float = ALPHA) -> dict[tuple[int, int], list
 
 
 def add_significance_args(p) -> None:
-    """``--significant_only`` and ``--alpha`` of TIS_analysis.py."""
+    """``--significant_only``, ``--alpha``, ``--enrichment`` and ``--min_top_images`` of TIS_analysis.py."""
     p.add_argument("--significant_only", action="store_true",
-                   help=f"{SIGNIFICANCE_FILE}: list only the tokens with BH q < --alpha (default: every token with a "
-                        f"count, up to --max_rows per label and n). The sectioned label_{{k}}.csv files keep the "
-                        f"authors' format and content either way")
+                   help=f"{SIGNIFICANCE_FILE} (and {ENRICHMENT_FILE}): list only the tokens with BH q < --alpha "
+                        f"(default: every token in some top n, up to --max_rows per label and n). The sectioned "
+                        f"label_{{k}}.csv files keep the authors' format and content either way")
     p.add_argument("--alpha", type=float_in(0, 1, lo_open=True, hi_open=True), default=ALPHA,
                    help="false discovery rate for --significant_only (default: %(default)s)")
+    p.add_argument("--enrichment", action="store_true",
+                   help=f"also write {ENRICHMENT_FILE}: the within-image enrichment test (null: the top-n positions "
+                        f"are a random subset of the image's positions). Not calibrated for concepts: tokens the IEM "
+                        f"attends to in every label come out for every label (docs/attributions.md). Default: only "
+                        f"the label-contrast test ({SIGNIFICANCE_FILE})")
+    p.add_argument("--min_top_images", type=positive_int, default=MIN_TOP_IMAGES,
+                   help="label-contrast test: test only tokens held in the top n by at least this many images of "
+                        "any label (a label-blind filter of rare tokens; default: %(default)s)")
 
 
 def run_tis_analysis(args, experiment: str) -> dict:
     """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
-    enrichment tests of the same labels; each TIS file is parsed once for both."""
+    label-contrast tests of the same labels (and with ``--enrichment`` the within-image test); each TIS file is
+    parsed once for all."""
     from .paths import ExperimentPaths
     from .stats import run_analysis
     from .utils import hold_writer_lock
@@ -271,7 +313,8 @@ def run_tis_analysis(args, experiment: str) -> dict:
 
 
 def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
-    """TIS_analysis.py's second output: the enrichment tests of the labels that have statistics.
+    """TIS_analysis.py's second output: the label-contrast tests (and with ``--enrichment`` the within-image
+    enrichment tests) of the labels that have statistics.
 
     parsed: ``{label: (ids, scores)}`` kept by ``cortex.stats.run_analysis(keep=...)`` in the same run, so
     the TIS files and the token cache are not read a second time.
@@ -289,16 +332,38 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     tis = {k: p for k, p in label_files(paths.tis_dir(args.model, "train", args.attribution)).items() if k in done}
     if not tis:
         raise CortexError(f"no TIS statistics in {stats_dir} to test; run TIS_analysis.py --model {args.model} first")
-    parsed = parsed or {}
-    token_indices = None if set(tis) <= set(parsed) else load_token_indices(paths.data_dir, "train")
-    tests = significance_tests(tis, token_indices, tuple(args.top_ns),
-                               progress=not getattr(args, "no_progress", False), parsed=parsed)
-    out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, args.alpha if args.significant_only else None,
-                             getattr(args, "max_rows", None))
-    write_significance_record(out, stats_dir)  # the statistics_id these tests were computed with
-    n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in args.top_ns}
-    print(f"enrichment tests (exact hypergeometric, BH q < {args.alpha}): significant tokens over "
-          f"{len(tests)} labels: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {out}")
+    parsed = dict(parsed or {})
+    progress = not getattr(args, "no_progress", False)
+    if not set(tis) <= set(parsed):
+        token_indices = load_token_indices(paths.data_dir, "train")
+        for label, path in tis.items():
+            if label not in parsed:
+                parsed[label] = read_label_tis(path, token_indices)
+    for label, path in tis.items():
+        if parsed[label][0].shape[0] == 0:
+            raise CortexError(f"{path}: no rows (header only); rerun TIS_computation.py for label {label}")
+    alpha = args.alpha if args.significant_only else None
+    limit = getattr(args, "max_rows", None)
+    top_ns = tuple(args.top_ns)
+    if len(tis) < 2:
+        print(f"note: one label only ({sorted(tis)}): no label-contrast test, {SIGNIFICANCE_FILE} not written")
+        out = None
+    else:
+        tests = contrast_tests({k: parsed[k] for k in tis}, top_ns,
+                               getattr(args, "min_top_images", MIN_TOP_IMAGES), progress)
+        out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, alpha, limit, SIGNIFICANCE_HEADER)
+        write_significance_record(out, stats_dir)  # the statistics_id these tests were computed with
+        n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in top_ns}
+        print(f"label-contrast tests (exact within-stratum permutation, BH q < {args.alpha}): significant tokens over "
+              f"{len(tests)} labels: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {out}")
+    if getattr(args, "enrichment", False):
+        tests = significance_tests(tis, None, top_ns, progress=progress, parsed=parsed)
+        enr = write_significance(stats_dir / ENRICHMENT_FILE, tests, alpha, limit, ENRICHMENT_HEADER)
+        write_significance_record(enr, stats_dir)
+        n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in top_ns}
+        print(f"within-image enrichment tests (exact hypergeometric, BH q < {args.alpha}; not calibrated for "
+              f"concepts): significant tokens: " + ", ".join(f"top {n}: {k}" for n, k in n_sig.items()) + f" -> {enr}")
+        out = out or enr
     return out
 
 
@@ -322,7 +387,11 @@ def significance_recovery(sig_file, planted: dict, nulls, top_ns, alpha: float =
     ``fdp`` (false / all significant tokens of the planted labels), ``null_discoveries`` (mean significant
     tokens per null label) and ``null_labels_with_discovery`` (fraction). Returns ``(rows, summary)``.
     """
-    sig = significant_tokens(sig_file, alpha)
+    return score_significant(significant_tokens(sig_file, alpha), planted, nulls, top_ns)
+
+
+def score_significant(sig: dict, planted: dict, nulls, top_ns) -> tuple[list, list]:
+    """:func:`significance_recovery` of ``sig = {(label, n): [significant token ids]}`` (any test)."""
     rows = []
     for n in top_ns:
         for label in sorted(set(planted) | set(nulls)):
@@ -358,3 +427,243 @@ def check_current_run(paths, model: int, attribution: str) -> dict:
     from .provenance import verify
 
     return verify(paths, model, statistics=True, attribution=attribution)
+
+
+# ----------------------------------------------------------------------------- the label-contrast test (issue 20)
+
+# strata of a token's count c in an image (index = STRATA[name][c]; 0: absent)
+STRATA = {"occurrence": np.minimum(np.arange(N_POS + 1), 1),  # condition on occurrence: one stratum, c >= 1
+          "count": np.minimum(np.ceil(np.log2(np.maximum(np.arange(N_POS + 1), 1))).astype(np.int64) + 1, 6)
+          * (np.arange(N_POS + 1) > 0)}  # c = 1, 2, 3-4, 5-8, 9-16, 17+
+
+
+@dataclass
+class ContrastTests:
+    """Label-contrast tests of one (label, n): arrays over the tested tokens occurring in the label's images, ``(T,)``."""
+
+    label: int
+    top_n: int
+    tokens: np.ndarray  # int64 token ids (ascending)
+    images: np.ndarray  # int64 the label's images that contain the token
+    top_images: np.ndarray  # int64 ... of which hold it among their top-n positions
+    expected: np.ndarray  # float64 top_images expected from the rate over all labels' images, per stratum
+    p_value: np.ndarray  # float64 exact one-sided P(top_images >= observed) under within-stratum label permutation
+    q_value: np.ndarray  # float64 Benjamini-Hochberg over the T tokens
+
+    @property
+    def ratio(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.top_images / self.expected
+
+    def significant(self, alpha: float = ALPHA) -> np.ndarray:
+        """Token ids with ``q < alpha``, top_images descending (then token ascending)."""
+        keep = self.q_value < alpha
+        order = np.lexsort((self.tokens[keep], -self.top_images[keep]))
+        return self.tokens[keep][order]
+
+    def rows(self, alpha: float | None = None, limit: int | None = None) -> list[list]:
+        """CSV rows (``SIGNIFICANCE_HEADER``) of the tokens with top_images > 0 (or with ``q < alpha``)."""
+        keep = self.top_images > 0 if alpha is None else self.q_value < alpha
+        idx = np.flatnonzero(keep)
+        idx = idx[np.lexsort((self.tokens[idx], -self.top_images[idx]))][:limit]
+        cols = zip(*(a[idx].tolist() for a in (self.tokens, self.images, self.top_images, self.expected, self.ratio,
+                                                self.p_value, self.q_value)))  # Python scalars: fast to format
+        return [[self.label, self.top_n, t, m, o, f"{e:.6g}", f"{r:.6g}", f"{p:.6g}", f"{q:.6g}"]
+                for t, m, o, e, r, p, q in cols]
+
+
+def _token_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens (T,) ascending, inv (N, P))`` with ``tokens[inv] == ids``; a lookup table, no sort, for ids
+    in ``0 .. 2^24`` (codebook ids), else ``np.unique``."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= 1 << 24:
+        tokens, inv = np.unique(ids, return_inverse=True)
+        return tokens, inv.reshape(ids.shape)
+    present = np.zeros(hi + 1, bool)
+    present[ids.ravel()] = True
+    lut = np.cumsum(present) - 1
+    return np.flatnonzero(present), lut[ids]
+
+
+def _hypergeom_sf(k, M, n, N) -> np.ndarray:
+    """``P(X >= k)``, X ~ hypergeometric(M population, n successes, N draws), vectorised (float64)."""
+    from scipy.stats import hypergeom
+
+    return np.clip(hypergeom.sf(np.asarray(k) - 1, M, n, N), 0.0, 1.0)
+
+
+def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, rivals: int = RIVALS,
+                   strata: str = "occurrence", progress: bool = False) -> dict:
+    """The label-contrast test of every (label, n, token): ``{label: {n: ContrastTests}}``.
+
+    parsed: ``{label: (ids (N_k, 256), scores (N_k, 256))}``, every label of the run (the contrast is between
+    labels). The unit is the image. For token t, its images (those that contain it) are split into strata by
+    t's count in the image (``strata``: ``"occurrence"``, the default, one stratum: condition on occurrence;
+    ``"count"``: 1, 2, 3-4, 5-8, 9-16, 17+ positions); in stratum s, ``n_s`` images contain t, ``a_s`` of them
+    hold it among their top-n positions, and label L owns ``m_s`` of them. Null hypothesis: within each
+    stratum, whether an image holds t in its top n does not depend on its label (labels exchangeable among the
+    images of a stratum). Under it, L's count is a sum over strata of independent hypergeometrics
+    ``H(n_s, a_s, m_s)``, and ``P(sum >= observed)`` is the within-stratum label-permutation p-value with every
+    permutation enumerated: exact, no Monte-Carlo error, no seed, the same for any order of the images.
+
+    Intersection-union with the strongest rivals: the same exact test is repeated against each of the
+    ``rivals`` other labels with the highest rate of t (``top_images / (images + 2)``), pooling only L and that
+    label; the p-value is the largest. A label with no concept then does not get the tokens that the IEM
+    attends to whenever no concept competes for the top n (distractors, hard negatives): another label without
+    a concept holds them as often. Tokens held in the top n by fewer than ``min_top_images`` images of all
+    labels together are not tested (label-blind filter). BH across a label's tested tokens, per n.
+    """
+    from tqdm import tqdm
+
+    from .stats import top_positions
+
+    labels = sorted(int(k) for k in parsed)
+    if len(labels) < 2:
+        raise CortexError("the label-contrast test needs at least two labels with TIS statistics")
+    ids = np.concatenate([np.asarray(parsed[k][0], dtype=np.int64) for k in labels])  # (N, P)
+    N, n_pos = ids.shape
+    y = np.repeat(np.arange(len(labels)), [len(parsed[k][0]) for k in labels])  # (N,) label index
+    max_n = min(max(top_ns), n_pos)
+    top = np.concatenate([top_positions(parsed[k][1], max_n) for k in labels])  # (N, max_n) positions
+    tokens, inv = _token_index(ids)  # tokens (T,) ascending, inv (N, P) index into tokens
+    T = tokens.size
+    if strata not in STRATA:
+        raise CortexError(f"strata {strata!r}: use one of {sorted(STRATA)}")
+    stratum = STRATA[strata]
+    if n_pos >= stratum.size:  # a grid of more than 256 positions: the last stratum holds the larger counts
+        stratum = np.append(stratum, np.full(n_pos + 1 - stratum.size, stratum[-1]))
+    S = int(stratum.max()) + 1
+    # (image, token) pairs in (image, token) order, from each image's sorted ids: c = the token's count there
+    order_in_row = np.argsort(inv, axis=1, kind="stable")  # (N, P)
+    srt = np.take_along_axis(inv, order_in_row, axis=1)  # each image's ids, sorted
+    new = np.ones(srt.shape, bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    at = np.flatnonzero(new.ravel())
+    c = np.diff(np.append(at, srt.size))
+    p_img, p_tok = at // n_pos, srt.ravel()[at]
+    p_str = stratum[c]
+    # the pair of each of the top max_n positions: its place in the sorted row, then that run's pair index
+    rank = np.empty_like(order_in_row)
+    np.put_along_axis(rank, order_in_row, np.arange(n_pos)[None, :], axis=1)
+    run_of = np.cumsum(new.ravel()) - 1  # (N * P,) pair index of every sorted position
+    top_pair = run_of[np.arange(N)[:, None] * n_pos + np.take_along_axis(rank, top, axis=1)]  # (N, max_n)
+    del rank, run_of, order_in_row
+    ts = p_tok * S + p_str
+    n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
+    # per (label, token, stratum) group: m = the label's images (the same for every n)
+    key = (y[p_img] * T + p_tok) * S + p_str
+    if len(labels) * T * S <= 8 * key.size:  # a dense table is cheaper than a sort
+        m_dense = np.bincount(key, minlength=len(labels) * T * S)
+        lts_all = np.flatnonzero(m_dense)
+        m_all = m_dense[lts_all]
+        g_of_pair = (np.cumsum(m_dense > 0) - 1)[key]
+    else:
+        lts_all, g_of_pair, m_all = np.unique(key, return_inverse=True, return_counts=True)
+    out = {k: {} for k in labels}
+    for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
+        n_eff = min(int(n), n_pos)
+        h = np.zeros(p_tok.size, bool)  # (P,) the image holds the token in its top n
+        h[top_pair[:, :n_eff]] = True
+        a_ts = np.bincount(ts, weights=h, minlength=T * S)
+        tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind filter
+        o_all = np.bincount(g_of_pair, weights=h, minlength=lts_all.size).astype(np.int64)
+        g = tested[(lts_all // S) % T]
+        lts, m, o = lts_all[g], m_all[g], o_all[g]  # o = of the label's images, those with t in the top n
+        lt, ts_ = lts // S, (lts % (T * S))
+        tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
+        # group the strata of each (label, token)
+        keys, start = np.unique(lt, return_index=True)
+        end = np.append(start[1:], lt.size)
+        obs = np.add.reduceat(o, start)
+        img = np.add.reduceat(m, start)
+        expct = np.add.reduceat(m * tot_a / tot_n, start)
+        p = _grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled
+        lab, tok = keys // T, keys % T
+        # ... and against each of its `rivals` strongest rivals: the labels with the highest rate o / (images + 2)
+        # of t (intersection-union: L must beat the pool and each of them)
+        hot = np.flatnonzero(obs > 0)  # (H,) only these can be rivals, and only these have p < 1
+        h_tok, h_lab = tok[hot], lab[hot]
+        order = np.lexsort((h_lab, -obs[hot] / (img[hot] + 2.0), h_tok))  # per token, its labels by rate, desc.
+        first = np.searchsorted(h_tok[order], np.arange(T + 1))  # (T + 1,) where each token's ranking starts
+        rank = np.empty(hot.size, np.int64)
+        rank[order] = np.arange(hot.size) - first[h_tok[order]]  # L's rank among the labels of t
+        h_start, h_end = start[hot], end[hot]
+        h_len = h_end - h_start
+        sub_start = np.append(0, np.cumsum(h_len)[:-1]).astype(np.int64)
+        h_rows = np.repeat(h_start - sub_start, h_len) + np.arange(h_len.sum())  # their (L, t, s) rows
+        # labels that contain t but never hold it in the top n (rate 0) come after, smallest label first
+        n_hot = np.diff(first)  # (T,) labels holding t in some top n
+        cold = np.flatnonzero((obs == 0) & (n_hot[tok] <= rivals))
+        cold = cold[np.argsort(tok[cold], kind="stable")]  # by token, then label (keys are label-major)
+        c_first = np.searchsorted(tok[cold], np.arange(T + 1))
+        for r in range(rivals):
+            at = first[h_tok] + r + (rank <= r)  # the r-th best label of t other than L
+            ok = at < first[h_tok + 1]
+            c_at = c_first[h_tok] + r - (n_hot[h_tok] - 1)  # ... or, past those, a label with rate 0
+            c_ok = ~ok & (c_at < c_first[h_tok + 1])
+            rival = np.where(ok, h_lab[order[np.minimum(at, hot.size - 1)]], -1)
+            if c_ok.any():
+                rival[c_ok] = lab[cold[c_at[c_ok]]]
+            ok |= c_ok
+            if not ok.any():
+                continue
+            rows_rival = np.repeat(rival, h_len)  # per (L, t, s) row: the rival label
+            key_r = (rows_rival * T + np.repeat(h_tok, h_len)) * S + lts[h_rows] % S
+            at_r = np.minimum(np.searchsorted(lts, key_r), lts.size - 1)
+            hit = (lts[at_r] == key_r) & (rows_rival >= 0)
+            m_r, o_r = np.where(hit, m[at_r], 0), np.where(hit, o[at_r], 0)
+            # stratum s of L vs its rival: population m + m_r images, o + o_r in the top n, L draws m
+            mm, oo = m[h_rows], o[h_rows]
+            p_r = _grouped_sf(np.where(ok, obs[hot], 0), sub_start, sub_start + h_len, mm + m_r, oo + o_r, mm)
+            p[hot] = np.where(ok, np.maximum(p[hot], p_r), p[hot])  # no rival left: the pooled test stands
+        bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
+        for li, k in enumerate(labels):
+            s, e = bounds[li], bounds[li + 1]
+            out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p[s:e],
+                                           benjamini_hochberg(p[s:e]))
+    return out
+
+
+def _grouped_sf(obs, start, end, M, n, N) -> np.ndarray:
+    """``P(sum_s H(M_s, n_s, N_s) >= obs_j)`` over the strata rows ``start_j..end_j-1`` of each group j;
+    1 where ``obs_j == 0``. One stratum: scipy's sf, vectorised; several: :func:`_stratified_sf`."""
+    p = np.ones(obs.size)
+    one = (end - start == 1) & (obs > 0)
+    p[one] = _hypergeom_sf(obs[one], M[start[one]], n[start[one]], N[start[one]])
+    multi = np.flatnonzero((end - start > 1) & (obs > 0))
+    p[multi] = _stratified_sf(obs[multi], start[multi], end[multi], M, n, N)
+    return p
+
+
+def _stratified_sf(obs, start, end, M, n, N) -> np.ndarray:
+    """``P(sum_{r in start_j..end_j-1} H(M_r, n_r, N_r) >= obs_j)`` for each group j (exact, independent strata).
+
+    Each stratum's pmf on ``0..obs_j - 1`` plus one "at least obs_j" bin (one vectorised scipy call for all
+    strata), then a convolution per group that lumps everything >= obs_j into the last bin.
+    """
+    from scipy.stats import hypergeom
+
+    if obs.size == 0:
+        return np.ones(0)
+    rows = np.concatenate([np.arange(s, e) for s, e in zip(start, end)])  # strata of the groups, group order
+    grp = np.repeat(np.arange(obs.size), end - start)
+    top = np.minimum(np.minimum(n[rows], N[rows]), obs[grp])  # support 0..top (top == obs: the lump bin)
+    k = np.concatenate([np.arange(t + 1) for t in top])
+    r = np.repeat(np.arange(rows.size), top + 1)
+    val = hypergeom.pmf(k, M[rows][r], n[rows][r], N[rows][r])
+    lump = k == obs[grp][r]
+    val[lump] = hypergeom.sf(k[lump] - 1, M[rows][r][lump], n[rows][r][lump], N[rows][r][lump])
+    bounds = np.append(0, np.cumsum(top + 1))
+    out = np.ones(obs.size)
+    j = 0
+    for g in range(obs.size):
+        o = int(obs[g])
+        acc = np.ones(1)
+        for _ in range(int(end[g] - start[g])):
+            acc = np.convolve(acc, val[bounds[j]:bounds[j + 1]])
+            if acc.size > o:
+                acc[o] = acc[o:].sum()
+                acc = acc[:o + 1]
+            j += 1
+        out[g] = acc[o] if acc.size > o else 0.0
+    return np.clip(out, 0.0, 1.0)

@@ -112,6 +112,7 @@ class WorldConfig:
     patch_size: int = 4
     seed: int = 0
     null_classes: int = 0  # extra labels after the planted ones with NO concept (background + distractors only)
+    hard_negatives: int = 0  # positions per image holding other classes' concept tokens (every label, null ones too)
 
     @property
     def total_classes(self) -> int:
@@ -216,8 +217,14 @@ class SyntheticWorld:
     def sample(self, label: int, rng: np.random.Generator) -> np.ndarray:
         """(256,) token ids of one image of class ``label``."""
         ids = self.background_grid(rng)
+        pos = np.zeros(0, np.int64)
         if label in self.concept_tokens:  # a null label (>= num_classes) carries no concept
-            self.place(ids, self.concept_tokens[label], rng)
+            pos = self.place(ids, self.concept_tokens[label], rng)
+        k = self.config.hard_negatives
+        others = [t for y, toks in self.concept_tokens.items() if y != label for t in toks]
+        if k and others:  # hard negatives: other classes' concept tokens, outside the concept
+            free = np.setdiff1d(np.arange(N_POS), pos)
+            ids[rng.choice(free, size=min(k, free.size), replace=False)] = rng.choice(others, size=min(k, free.size))
         return ids
 
     def ground_truth(self) -> dict:

@@ -32,12 +32,12 @@ def _rows(path):
         return list(csv.reader(f))
 
 
-def test_tis_analysis_writes_the_enrichment_tests(root):
-    """Both folders' TIS_analysis.py write tis_significance.csv beside the authors' sectioned files."""
+def test_tis_analysis_writes_the_significance_tests(root):
+    """Both folders' TIS_analysis.py write tis_significance.csv (label-contrast) beside the authors' files."""
     stats = root / "results" / BT / "TIS" / "Net1" / "TIS_statistics_train"
     rows = _rows(stats / "tis_significance.csv")
-    assert rows[0] == ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
-    assert {r[0] for r in rows[1:]} == {"0", "1"} and all(0 <= float(r[6]) <= 1 for r in rows[1:])
+    assert rows[0] == ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value"]
+    assert {r[0] for r in rows[1:]} == {"0", "1"} and all(0 <= float(r[7]) <= float(r[8]) <= 1 for r in rows[1:])
 
 
 def test_generate_dataset_layout_and_truth(root):

@@ -81,11 +81,151 @@ def test_bh_matches_definition():
     assert np.allclose(q[order], np.minimum(expect, 1))
 
 
+# ----------------------------------------------------------------------------- issue 20: the label-contrast test
+
+def _toy_world(seed, planted=4, nulls=2, n_img=40, concept=3, hard_neg=4, signal=3.0):
+    """Constructed TIS of a world with null labels: ``({label: (ids, scores)}, {label: planted ids}, nulls)``.
+
+    Deterministic (numpy's seeded generator; no training). Background tokens 0..29 (Zipf frequencies, a
+    label-blind attention offset each), 6 distractors (ids 100..105) per image attended in every image (+2),
+    each planted label k an object of 9-25 positions of its concept tokens 200+10k.. (+signal), and
+    ``hard_neg`` positions with other labels' concept tokens (+1.5). Null labels have no object, so their top n
+    goes to distractors and hard negatives more often: the competition a concept test must not report.
+    """
+    rng = np.random.default_rng([seed, 20])
+    bg_p = 1 / np.arange(1, 31) ** 1.1
+    bg_p /= bg_p.sum()
+    offset = np.concatenate([rng.normal(0, 0.5, 30), np.zeros(300)])
+    truth = {k: list(range(200 + 10 * k, 200 + 10 * k + concept)) for k in range(planted)}
+    parsed = {}
+    for label in range(planted + nulls):
+        ids = rng.choice(30, (n_img, 256), p=bg_p)
+        boost = np.zeros((n_img, 256))
+        others = [t for k, ts in truth.items() if k != label for t in ts]
+        for i in range(n_img):
+            pos = rng.permutation(256)
+            ids[i, pos[:6]] = rng.integers(100, 106, 6)
+            boost[i, pos[:6]] = 2.0
+            ids[i, pos[6:6 + hard_neg]] = rng.choice(others, hard_neg)
+            boost[i, pos[6:6 + hard_neg]] = 1.5
+            if label in truth:
+                side = rng.integers(3, 6)
+                obj = pos[6 + hard_neg:6 + hard_neg + side * side]
+                ids[i, obj] = rng.choice(truth[label], obj.size)
+                boost[i, obj] = signal
+        parsed[label] = (ids, rng.normal(size=(n_img, 256)) + boost + offset[np.minimum(ids, 329)])
+    return parsed, truth, list(range(planted, planted + nulls))
+
+
+def _significant(tests, alpha=0.05):
+    return {(k, n): t.significant(alpha).tolist() for k, per in tests.items() for n, t in per.items()}
+
+
+def test_contrast_is_calibrated_on_constructed_worlds():
+    """30 constructed worlds (4 planted + 2 null labels, distractors, hard negatives): the label-contrast test
+    keeps the false share and the null labels' discoveries at q = 0.05 within a binomial margin (one-sided
+    99.9%), while the within-image enrichment test reports distractors for every null label."""
+    top_ns, seeds = (5, 20), range(30)
+    false = found = null_any = null_labels = 0
+    recall = []
+    for seed in seeds:
+        parsed, truth, nulls = _toy_world(seed)
+        rows, _ = G.score_significant(_significant(G.contrast_tests(parsed, top_ns)), truth, nulls, top_ns)
+        for r in rows:
+            if r["kind"] == "planted":
+                false += r["false_discoveries"]
+                found += r["significant"]
+                recall.append(r["recall"])
+            else:
+                null_any += r["significant"] > 0
+                null_labels += 1
+    assert found > 500
+    assert false <= ss.binom.ppf(0.999, found, 0.05), (false, found)  # FDP <= q (BH), within the margin
+    assert null_any <= ss.binom.ppf(0.999, null_labels, 0.05), (null_any, null_labels)
+    assert np.mean(recall) >= 0.75  # measured: 0.83 (the rest: hard negatives attended as often elsewhere)
+    parsed, truth, nulls = _toy_world(0)
+    enr = G.significance_tests({k: None for k in parsed}, None, top_ns, progress=False, parsed=parsed)
+    _, summary = G.score_significant(_significant(enr), truth, nulls, top_ns)
+    assert all(s["null_labels_with_discovery"] == 1.0 for s in summary)  # the issue's finding, reproduced
+
+
+def test_contrast_pure_null_pvalues_are_valid():
+    """No label has a concept (6 labels drawn alike): p-values are super-uniform, discoveries rare."""
+    ps, any_found, cells = [], 0, 0
+    for seed in range(12):
+        parsed, _, _ = _toy_world(seed, planted=0, nulls=6, n_img=30, hard_neg=0)
+        for rivals in (0, 2):
+            tests = G.contrast_tests(parsed, (5, 20), rivals=rivals)
+            for per in tests.values():
+                for t in per.values():
+                    if rivals == 0:
+                        ps.append(t.p_value)
+                    any_found += t.significant().size > 0
+                    cells += 1
+    ps = np.concatenate(ps)
+    for a in (0.01, 0.05, 0.2):
+        assert np.mean(ps <= a) <= a + 3 * np.sqrt(a * (1 - a) / ps.size) + 0.01, a
+    assert any_found <= ss.binom.ppf(0.999, cells, 0.05)
+
+
+def test_contrast_exact_equals_within_stratum_label_permutation():
+    """The exact p-value is the within-stratum label-permutation p-value (Monte Carlo, 4000 shuffles)."""
+    rng = np.random.default_rng(7)
+    parsed = {}
+    for label in range(3):
+        ids = rng.integers(0, 12, (15, 256))
+        ids[:, :rng.integers(0, 4)] = 50  # token 50 at 0-3 positions: several count strata
+        scores = rng.normal(size=(15, 256))
+        scores[:, 0] += 1.5 * (label == 0)  # label 0 puts its first position (token 50 when present) high
+        parsed[label] = (ids, scores)
+    for strata in ("occurrence", "count"):
+        t = G.contrast_tests(parsed, (5,), rivals=0, strata=strata, min_top_images=1)[0][5]
+        i = int(np.flatnonzero(t.tokens == 50)[0])
+        ids = np.concatenate([parsed[k][0] for k in range(3)])
+        top = np.argsort(np.concatenate([parsed[k][1] for k in range(3)]), axis=1)[:, ::-1][:, :5]
+        y = np.repeat(np.arange(3), 15)
+        c = (ids == 50).sum(1)
+        h = (np.take_along_axis(ids, top, 1) == 50).any(1)
+        s = G.STRATA[strata][c]
+        obs = int((h & (y == 0) & (c > 0)).sum())
+        assert obs == t.top_images[i] and (c[y == 0] > 0).sum() == t.images[i]
+        r2 = np.random.default_rng(0)
+        hits = 0
+        for _ in range(4000):
+            yy = y.copy()
+            for st in np.unique(s[c > 0]):
+                idx = np.flatnonzero((s == st) & (c > 0))
+                yy[idx] = r2.permutation(yy[idx])
+            hits += int((h & (yy == 0) & (c > 0)).sum()) >= obs
+        p_mc = hits / 4000
+        assert abs(t.p_value[i] - p_mc) <= 4 * np.sqrt(p_mc * (1 - p_mc) / 4000) + 0.005, (strata, t.p_value[i], p_mc)
+
+
+def test_contrast_same_numbers_for_any_order_and_rivals_only_raise_p():
+    parsed, _, _ = _toy_world(3, n_img=20)
+    a = G.contrast_tests(parsed, (1, 5, 20))
+    rng = np.random.default_rng(1)
+    shuffled = {}
+    for k in sorted(parsed, reverse=True):  # other dict order, images shuffled within each label
+        perm = rng.permutation(len(parsed[k][0]))
+        shuffled[k] = (parsed[k][0][perm], parsed[k][1][perm])
+    b = G.contrast_tests(shuffled, (20, 5, 1))
+    pooled = G.contrast_tests(parsed, (1, 5, 20), rivals=0)
+    for k in parsed:
+        for n in (1, 5, 20):
+            x, y, z = a[k][n], b[k][n], pooled[k][n]
+            assert np.array_equal(x.tokens, y.tokens) and np.array_equal(x.p_value, y.p_value)
+            assert np.array_equal(x.q_value, y.q_value) and np.array_equal(x.top_images, y.top_images)
+            assert np.array_equal(x.tokens, z.tokens) and np.all(x.p_value >= z.p_value)
+    with pytest.raises(CortexError, match="at least two labels"):
+        G.contrast_tests({0: parsed[0]}, (5,))
+
+
 # ----------------------------------------------------------------------------- 16.1 TIS_analysis.py output
 
 @pytest.fixture()
 def hand_world(tmp_path):
-    """Label 0: token 7 at the best-scored position of each of 30 images; label 1: random scores."""
+    """Token 7 in every image; label 0: at the best-scored position of each of 30 images; label 1: random scores."""
     rng = np.random.default_rng(3)
     root = tmp_path / "exp"
     w = DatasetWriter(root / "datasets", np.zeros((40, 256), np.float32), layout="compact")
@@ -95,8 +235,8 @@ def hand_world(tmp_path):
         for i in range(30):
             ids = rng.integers(10, 40, 256)
             scores = rng.normal(size=256)
+            ids[5] = 7  # in every image; label 0's IEM puts it first, label 1's does not
             if label == 0:
-                ids[5] = 7
                 scores[5] = 50.0
             w.add("train", f"{label}_{i}.npy", label, ids)
             rows[label].append([f"{label}_{i}.npy", label, format_list(scores)])
@@ -119,20 +259,26 @@ def test_tis_analysis_writes_significance(hand_world):
     sd = hand_world / "results" / "TIS" / "Net1" / "TIS_statistics_train"
     run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress"])
     sectioned = (sd / "label_0.csv").read_bytes()
+    assert not (sd / G.ENRICHMENT_FILE).exists()  # the within-image test is opt-in
     rows = _rows(sd / G.SIGNIFICANCE_FILE)
     assert list(rows[0]) == G.SIGNIFICANCE_HEADER
     top = [r for r in rows if r["label"] == "0" and r["top_n"] == "1"]
-    assert top[0]["token"] == "7" and top[0]["count"] == "30" and float(top[0]["q_value"]) < 1e-10
-    assert float(top[0]["expected"]) == pytest.approx(30 / 256, rel=1e-5)
-    assert any(float(r["q_value"]) >= 0.05 for r in rows)  # every token with a count is listed by default
+    assert top[0]["token"] == "7" and top[0]["images"] == "30" and top[0]["top_images"] == "30"
+    assert float(top[0]["q_value"]) < 1e-10 and float(top[0]["expected"]) < 16
+    assert not any(r["token"] == "7" and float(r["q_value"]) < 0.05 for r in rows if r["label"] == "1")
     run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress",
-                                                     "--significant_only"])
+                                                     "--significant_only", "--enrichment"])
     sig = _rows(sd / G.SIGNIFICANCE_FILE)
     assert sig and all(float(r["q_value"]) < 0.05 for r in sig)
-    pairs = {(r["label"], r["token"]) for r in sig}
-    assert ("0", "7") in pairs and len(pairs) <= 3  # (a chance hit or two at q < 0.05)
+    assert {(r["label"], r["token"]) for r in sig} == {("0", "7")}
+    enr = _rows(sd / G.ENRICHMENT_FILE)
+    assert list(enr[0]) == G.ENRICHMENT_HEADER and all(float(r["q_value"]) < 0.05 for r in enr)
+    top = [r for r in enr if r["label"] == "0" and r["top_n"] == "1"]
+    assert top[0]["token"] == "7" and top[0]["count"] == "30"
+    assert float(top[0]["expected"]) == pytest.approx(30 / 256, rel=1e-5)
     assert (sd / "label_0.csv").read_bytes() == sectioned  # the authors'-format files do not change
     found = G.significant_tokens(sd / G.SIGNIFICANCE_FILE)
+    assert all(found[(0, n)] == [7] for n in (1, 5, 10, 20))
     assert all(found[(0, n)][0] == 7 for n in (1, 5, 10, 20))
 
 
@@ -149,6 +295,11 @@ def test_null_classes_in_synthetic_world(tmp_path):
     planted = set().union(*map(set, w.concept_tokens.values()))
     assert not set(w.sample(3, rng).tolist()) & planted
     assert set(w.sample(1, rng).tolist()) & set(w.concept_tokens[1])
+    hard = SyntheticWorld.build(WorldConfig(num_classes=2, null_classes=2, n_codes=96, concept_tokens=3,
+                                            n_background=16, n_distractors=4, hard_negatives=5))
+    ids0 = hard.sample(0, np.random.default_rng(1))
+    assert len(set(ids0.tolist()) & set(hard.concept_tokens[1])) >= 1  # class 1's tokens in a class-0 image
+    assert np.isin(hard.sample(3, np.random.default_rng(2)), list(planted)).sum() == 5  # a null label: 5 positions
     root = tmp_path / "exp"
     run_script("VQGAN_explanation/generate_dataset.py",
                ["--root", root, "--num_classes", 2, "--null_classes", 1, "--train_per_class", 2, "--val_per_class", 1,
@@ -160,10 +311,10 @@ def test_null_classes_in_synthetic_world(tmp_path):
 
 
 def test_significance_recovery_report(tmp_path):
-    path = tmp_path / G.SIGNIFICANCE_FILE
+    path = tmp_path / G.ENRICHMENT_FILE
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(G.SIGNIFICANCE_HEADER)
+        w.writerow(G.ENRICHMENT_HEADER)
         w.writerows([[0, 5, 1, 9, 1, 9, 1e-9, 1e-8], [0, 5, 2, 9, 1, 9, 1e-9, 1e-8], [0, 5, 30, 4, 1, 4, 0.01, 0.04],
                      [1, 5, 3, 9, 1, 9, 1e-9, 1e-8], [1, 5, 4, 2, 1, 2, 0.2, 0.3], [2, 5, 31, 5, 1, 5, 1e-4, 1e-3]])
     rows, summary = G.significance_recovery(path, {0: [1, 2], 1: [3, 4]}, [2, 3], [5])
@@ -413,29 +564,42 @@ def test_model_randomisation_on_tiny_trained_iem(tiny_root, tmp_path):
 
 # ----------------------------------------------------------------------------- 16.2 the null check, end to end
 
-def test_null_labels_get_no_significant_tokens_end_to_end(tmp_path):
-    """generate (2 planted + 1 null class) -> train a tiny IEM -> TIS -> analysis -> concept_recovery.
+def test_null_labels_end_to_end(tmp_path):
+    """generate (3 planted + 2 null classes, hard negatives) -> train a tiny IEM -> TIS -> analysis (both tests)
+    -> concept_recovery.
 
-    The null label must get (nearly) no significant token; the planted labels' significant tokens must be
-    planted ones, and the planted tokens must be found.
+    Asserts the wiring and what holds for any training outcome (the calibration itself is tested on constructed
+    TIS above, over many seeds): both tests are scored, the summary rows are those of the files, the null
+    labels' p-value figure is written, and the null labels get at most one significant token each on average
+    (wide margin: the label-contrast test measured 0 on such worlds; the enrichment test gave 1-11).
     """
     root = tmp_path / "exp"
-    world = ["--num_classes", 2, "--null_classes", 1, "--train_per_class", 30, "--val_per_class", 4,
-             "--test_per_class", 1, "--n_codes", 96, "--concept_tokens", 3, "--n_background", 16,
-             "--n_distractors", 4, "--object_size", 5, 6, "--patch_size", 2, "--layout", "compact"]
+    world = ["--num_classes", 3, "--null_classes", 2, "--hard_negatives", 4, "--train_per_class", 24,
+             "--val_per_class", 4, "--test_per_class", 1, "--n_codes", 96, "--concept_tokens", 3, "--n_background",
+             16, "--n_distractors", 4, "--object_size", 3, 5, "--patch_size", 2, "--layout", "compact"]
     run_script("VQGAN_explanation/generate_dataset.py", [*world, "--root", root, "--seed", 0])
-    run_script("VQGAN_explanation/train.py", ["--model", 1, "--width", 16, "--epochs", 10, "--batch_size", 8,
+    run_script("VQGAN_explanation/train.py", ["--model", 1, "--width", 16, "--epochs", 6, "--batch_size", 8,
                                               "--root", root, "--device", "cpu", "--accelerator", "cpu"])
     run_script("VQGAN_explanation/TIS_computation.py", ["--model", 1, "--data_type", "train", "--nsamples", 2,
-                                                        "--batch_size", 45, "--root", root, "--device", "cpu",
+                                                        "--batch_size", 60, "--root", root, "--device", "cpu",
                                                         "--no_progress"])
-    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", root, "--no_progress"])
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", root, "--no_progress", "--enrichment"])
     run_script("VQGAN_explanation/explanation_evaluation/concept_recovery.py", ["--root", root])
-    rows = _rows(root / "results" / "Explanation" / "concept_recovery_significance.csv")
-    mean = {int(r["top_n"]): r for r in rows if r["label"] == "mean"}
-    null = [r for r in rows if r["kind"] == "null"]
-    assert len(null) == 4 and sum(int(r["significant"]) for r in null) <= 1, null
-    for n in (5, 10, 20):
-        assert float(mean[n]["null_discoveries"]) <= 0.25
-        assert float(mean[n]["fdp"]) <= 0.25, mean[n]
-        assert float(mean[n]["recall"]) >= 0.8, mean[n]  # measured: 1.0 (all 6 planted tokens)
+    ex = root / "results" / "Explanation"
+    stats = root / "results" / "TIS" / "Net1" / "TIS_statistics_train"
+    gt = json.loads((root / "datasets" / "ground_truth.json").read_text())
+    planted = {int(k): v for k, v in gt["concept_tokens"].items()}
+    for csv_name, test_file in (("concept_recovery_significance.csv", G.SIGNIFICANCE_FILE),
+                                ("concept_recovery_enrichment.csv", G.ENRICHMENT_FILE)):
+        rows = _rows(ex / csv_name)
+        assert len([r for r in rows if r["kind"] == "null"]) == 8 and len([r for r in rows if r["kind"] == "planted"]) == 12
+        _, summary = G.significance_recovery(stats / test_file, planted, [3, 4], (1, 5, 10, 20))
+        mean = {int(r["top_n"]): r for r in rows if r["label"] == "mean"}
+        for s in summary:
+            for c in ("recall", "fdp", "null_discoveries", "null_labels_with_discovery"):
+                assert float(mean[s["top_n"]][c]) == pytest.approx(s[c], abs=1e-6)
+    for r in G.read_significance(stats / G.SIGNIFICANCE_FILE):
+        assert 0 <= r["p_value"] <= r["q_value"] <= 1 and r["top_images"] <= r["images"]
+    contrast = [r for r in _rows(ex / "concept_recovery_significance.csv") if r["label"] == "mean"]
+    assert all(float(r["null_discoveries"]) <= 1.0 for r in contrast), contrast
+    assert (ex / "null_label_pvalues.png").stat().st_size > 10_000

@@ -11,12 +11,15 @@ generate_dataset.py). Compared: the first k tokens of each attribution's `Top n 
 k defaults to the number of planted tokens of each label. Writes results/Explanation/concept_recovery.csv
 (columns model,method,top_n,label,k,precision; rows with label "mean" average over labels).
 
-Significance (issue 16.2): from each run's TIS_statistics_train/tis_significance.csv (TIS_analysis.py), the
-tokens with BH q < --alpha are scored against the truth: results/Explanation/concept_recovery_significance.csv
-(columns model,method,top_n,label,kind,significant,true_positives,recall,false_discoveries; label "mean"
-rows: recall of the planted tokens, fdp = false share of the planted labels' significant tokens, and on the
-null labels (generate_dataset.py --null_classes K) the mean number of significant tokens and the fraction of
-null labels with any).
+Significance (issues 16.2, 20): from each run's TIS_statistics_train/tis_significance.csv (TIS_analysis.py's
+label-contrast test), the tokens with BH q < --alpha are scored against the truth:
+results/Explanation/concept_recovery_significance.csv (columns model,method,top_n,label,kind,significant,
+true_positives,recall,false_discoveries; label "mean" rows: recall of the planted tokens, fdp = false share of
+the planted labels' significant tokens, and on the null labels (generate_dataset.py --null_classes K) the mean
+number of significant tokens and the fraction of null labels with any). Runs analysed with
+TIS_analysis.py --enrichment: the within-image test scored the same way in concept_recovery_enrichment.csv.
+With null labels, results/Explanation/null_label_pvalues.png shows the null labels' p-values of the
+label-contrast test (histogram and QQ plot against the uniform: the calibration check).
 
 Inputs: only statistics of the current runs are used. Each (model, attribution) is checked with
 cortex.significance.check_current_run (statistics match their TIS run, which names the checkpoint and train
@@ -32,7 +35,8 @@ from cortex.attribution import ATTRIBUTIONS
 from cortex.cli import float_in, int_in, make_parser, paths_parser, position_int, positive_int, run_main
 from cortex.paths import ExperimentPaths
 from cortex.provenance import check_frequency_baseline, dataset_hashes, record_id, write_output_record
-from cortex.significance import ALPHA, SIGNIFICANCE_FILE, check_current_run, null_labels, significance_recovery
+from cortex.significance import (ALPHA, ENRICHMENT_FILE, SIGNIFICANCE_FILE, check_current_run, null_labels,
+                                 read_significance, significance_recovery)
 from cortex.stats import TOP_NS, concept_recovery, find_attributions, find_models, label_files, read_ground_truth
 from cortex.utils import CortexError, atomic_write, save_run_args
 
@@ -131,29 +135,42 @@ def main(args, experiment="vqgan"):
                               "frequency_baseline_id": record_id(freq) if freq else None,
                               "statistics": used})
     print(f"-> {out}")
-    sig_rows = []
-    for m, attrs in runs.items():
-        for a in attrs:
-            sig_file = paths.stats_dir(m, a) / SIGNIFICANCE_FILE
-            if not sig_file.exists():
-                print(f"note: {sig_file} not found (statistics from an older TIS_analysis.py); no significance report")
-                continue
-            per, summ = significance_recovery(sig_file, planted, nulls, args.top_ns, args.alpha)
-            sig_rows += [dict(model=m, method=a, **r) for r in per]
-            for s in summ:
-                sig_rows.append(dict(model=m, method=a, label="mean", kind="", significant="", true_positives="",
-                                     false_discoveries="", **s))
-                print(f"Net{m} {a:<20} top {s['top_n']:>2}: significant planted tokens recall {s['recall']:.2f}, "
-                      f"fdp {s['fdp']:.2f}; null labels: {s['null_discoveries']:.2f} significant tokens each, "
-                      f"{s['null_labels_with_discovery']:.2f} with any")
-    if sig_rows:
-        sig_out = out.with_name("concept_recovery_significance.csv")
-        with atomic_write(sig_out) as f:
-            w = csv.writer(f)
-            w.writerow(SIG_COLUMNS)
-            for r in sig_rows:
-                w.writerow([_cell(r.get(c, "")) for c in SIG_COLUMNS])
-        print(f"-> {sig_out}")
+    for name, test in ((SIGNIFICANCE_FILE, "label-contrast"), (ENRICHMENT_FILE, "enrichment")):
+        sig_rows, null_p = [], {}
+        for m, attrs in runs.items():
+            for a in attrs:
+                sig_file = paths.stats_dir(m, a) / name
+                if not sig_file.exists():
+                    if name == SIGNIFICANCE_FILE:
+                        print(f"note: {sig_file} not found (statistics from an older TIS_analysis.py); no "
+                              f"significance report")
+                    continue
+                per, summ = significance_recovery(sig_file, planted, nulls, args.top_ns, args.alpha)
+                sig_rows += [dict(model=m, method=a, **r) for r in per]
+                for s in summ:
+                    sig_rows.append(dict(model=m, method=a, label="mean", kind="", significant="", true_positives="",
+                                         false_discoveries="", **s))
+                    print(f"Net{m} {a:<20} {test} test, top {s['top_n']:>2}: significant planted tokens recall "
+                          f"{s['recall']:.2f}, fdp {s['fdp']:.2f}; null labels: {s['null_discoveries']:.2f} "
+                          f"significant tokens each, {s['null_labels_with_discovery']:.2f} with any")
+                for r in read_significance(sig_file):
+                    if r["label"] in nulls and r["top_n"] in args.top_ns:
+                        null_p.setdefault(f"Net{m} {a} top {r['top_n']}", []).append(r["p_value"])
+        if sig_rows:
+            sig_out = out.with_name("concept_recovery_significance.csv" if test == "label-contrast"
+                                    else "concept_recovery_enrichment.csv")
+            with atomic_write(sig_out) as f:
+                w = csv.writer(f)
+                w.writerow(SIG_COLUMNS)
+                for r in sig_rows:
+                    w.writerow([_cell(r.get(c, "")) for c in SIG_COLUMNS])
+            print(f"-> {sig_out}")
+        if null_p and test == "label-contrast":
+            from cortex.plots import null_pvalues
+
+            png = null_pvalues(null_p, out.with_name("null_label_pvalues.png"), args.alpha,
+                               title=f"label-contrast test: p-values of the null labels {nulls} (tokens in their top n)")
+            print(f"-> {png}")
     return summary
 
 
