@@ -164,6 +164,9 @@ def check_tis_run(paths, model: int, split: str, attribution: str = "smoothgrad"
     if ck.get("sha256"):
         path = paths.model_dir(model) / ck.get("file", "best_model.pth")
         now = file_sha256(path)
+        if now is None:  # deleted or moved: not "another IEM"
+            raise CortexError(f"IEM checkpoint not found: {path} (the TIS run in {tis_dir} was computed with it): "
+                              f"restore it, or pass the --root / --checkpoint_dir that holds it")
         if now != ck["sha256"]:
             raise stale(f"TIS run {tis_dir}", f"it explains another IEM (computed with checkpoint {_short(ck['sha256'])}, "
                         f"{path} is {_short(now)})", redo)
@@ -171,9 +174,11 @@ def check_tis_run(paths, model: int, split: str, attribution: str = "smoothgrad"
     if data.get("csv_sha256"):
         path = split_csv(paths.data_dir, data.get("split", split))
         now = file_sha256(path)
+        if now is None:  # deleted or moved: not "another dataset"
+            raise CortexError(f"dataset not found: {path} (the TIS run in {tis_dir} was computed on it): restore "
+                              f"it, or pass the --root / --data_dir that holds it")
         if now != data["csv_sha256"]:
-            raise stale(f"TIS run {tis_dir}", f"it was computed on another dataset ({path} "
-                        f"{'is missing' if now is None else 'changed since'})", redo)
+            raise stale(f"TIS run {tis_dir}", f"it was computed on another dataset ({path} changed since)", redo)
     cb_now, cb = file_sha256(Path(paths.data_dir) / CODEBOOK), data.get("codebook_sha256")
     if cb and cb_now and cb != cb_now:
         raise stale(f"TIS run {tis_dir}", f"it was computed with another {Path(paths.data_dir) / CODEBOOK}", redo)
