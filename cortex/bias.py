@@ -400,7 +400,10 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     from .stats import read_stats_section
     from .tis import check_iem_not_near_chance
 
+    from .attribution import print_smoothgrad_caveat
+
     files = check_bias_inputs(paths, model, attribution, allow_partial)
+    print_smoothgrad_caveat(attribution, "bias")
     check_iem_not_near_chance(paths.best_ckpt(model), paths.testing_results(model), max(len(files), 2),
                               what="bias-detection tokens")
     label_tokens = {k: read_stats_section(p, top_n, token_num) for k, p in files.items()}
@@ -423,7 +426,29 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     fig = None
     if plot:
         fig = plot_bias(paths, top_n, token_num, rows=rows, name=name)
-    return {"csv": out, "figure": fig, "rows": rows}
+    robust = report_bias_robustness(paths, top_n, token_num, exclude_shared)
+    return {"csv": out, "figure": fig, "rows": rows, "robustness": robust}
+
+
+def report_bias_robustness(paths, top_n: int, token_num: int, exclude_shared: bool = False) -> Path | None:
+    """After a bias run: compare it with every other run of these settings under ``--root`` (the other
+    attributions, the seed replicates of cortex.replicates) and write/print whether each label's direction is
+    robust. Skipped (None) when only one run exists or ``--results_dir`` points outside the seed folders."""
+    from .replicates import found_seeds, seed_paths, write_bias_robustness
+
+    known = {seed_paths("dalle", paths.root, s, paths.bias_type).bias_dir() for s in found_seeds(paths.root,
+                                                                                                  paths.bias_type)}
+    if paths.bias_dir() not in known:
+        return None
+    res = write_bias_robustness(paths.root, paths.bias_type, top_n, token_num, exclude_shared)
+    if res is None:
+        return None
+    out, rows = res
+    for r in rows:
+        print(f"label {r['label']}: direction {r['direction']} over {r['runs']} runs (seeds x attributions): "
+              f"{r['verdict']}" + ("" if r["verdict"] == "robust" else f" ({r['per_run']})"))
+    print(f"wrote {out}")
+    return out
 
 
 # ----------------------------------------------------------------------------- figure

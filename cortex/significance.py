@@ -257,8 +257,10 @@ def add_significance_args(p) -> None:
 def run_tis_analysis(args, experiment: str) -> dict:
     """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
     enrichment tests of the same labels; each TIS file is parsed once for both."""
+    from .attribution import print_smoothgrad_caveat
     from .stats import run_analysis
 
+    print_smoothgrad_caveat(args.attribution, "concept tokens")
     parsed = {}  # {label: (ids, scores)}
     summary = run_analysis(args, experiment, keep=parsed)
     run_significance(args, experiment, parsed=parsed)
