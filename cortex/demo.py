@@ -232,7 +232,7 @@ def vqgan_replicate_steps(root: Path, s: Sizes, seed: int) -> list[Step]:
     steps += [
         Step(f"frequency baseline ({tag})", VQ, ["generate_freq_based_tokens.py", *r, *res_only(VQ)],
              [paths.frequency_file(0)]),
-        Step(f"concept recovery ({tag})", ee, ["concept_recovery.py", *_root_flag(root, ee), *res_only(ee)],
+        Step(f"concept recovery ({tag})", ee, ["concept_recovery.py", *_root_flag(root, ee), *sd(ee)[2:]],
              [paths.results_dir / "Explanation/concept_recovery.csv"]),
         # the evaluators are seed 0's (checkpoints/evaluators): only the concept tokens change with the seed
         Step(f"sample-level (concept) explanation ({tag})", ev,
@@ -468,6 +468,7 @@ def _replicates_sections(roots: Roots, seeds: list[int]) -> list[str]:
 def report(roots: Roots, out: Path, seeds=None) -> str:
     """Read every number from the files the steps wrote and format one markdown report."""
     from .bias import parse_tokens_cell
+    from .replicates import bias_robustness_file
 
     lines = ["# CORTEX demo report", "",
              "Synthetic worlds generated, explained and evaluated by `make demo`; every number below is read "
@@ -534,10 +535,14 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
     # 4. bias detection
     lines += ["", "## Bias detection (DALL-E-mini synthetic world; neutral prompt planted to lean to label 0)", "",
               "| bias type | TIS | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
-              "| Cliff's δ [95% CI] | p | seed's δ/2 | planted direction found |", "|---|---|---|---|---|---|---|---|---|"]
+              "| Cliff's δ [95% CI] | p | seed's δ/2 | planted direction found | direction across seeds and TIS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for bt in ("doctor_gender", "doctor_color"):
         gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
         want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
+        rob = bias_robustness_file(roots.dalle, bt, 5, 10)
+        rob = {r["label"]: f"{r['verdict']} ({r['runs_same_sign']}/{r['runs']})" for r in _rows(rob)} \
+            if rob.exists() else {}
         for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
                         for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
             label, delta = r["label"], float(r["cliff_delta"])
@@ -548,7 +553,8 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
                          f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} "
                          f"[{float(r['cliff_delta_ci_low']):+.2f}, {float(r['cliff_delta_ci_high']):+.2f}] | "
                          f"{float(r['p_value']):.2g} | "
-                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} |")
+                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} | "
+                         f"{rob.get(label, 'one run only')} |")
     figures = (sorted((ex / "figures").glob("*.png")) + sorted(ex.glob("model_randomisation*.png"))
                + sorted(roots.dalle.glob("results/*/Bias_detection/*.png"))
                + [p for r in (roots.vqgan, roots.scattered, roots.dalle)

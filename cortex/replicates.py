@@ -22,8 +22,8 @@ dataset is shared. The summaries below read those folders:
 * :func:`bias_robustness`: a bias direction is ``robust`` only when every run (seed × attribution) gives δ the
   same sign with a 95% CI that excludes 0, else ``not robust``.
 
-    python -m cortex.replicates --root VQGAN_explanation --seeds 0 1 2 --model 1 --attribution smoothgrad_x_input
-    python -m cortex.replicates --root Dalle_explanation --bias_type doctor_color --seeds 0 1 2
+    cd VQGAN_explanation/explanation_evaluation && python summarize_replicates.py --attribution smoothgrad_x_input
+    cd Dalle_explanation && python summarize_replicates.py --bias_type doctor_color
 
 writes ``results/[{bias_type}/]replicates/replicates_summary.csv`` (and, for DALL-E-mini, the bias
 robustness table) from the per-seed folders the runs wrote.
@@ -269,6 +269,21 @@ def summary_rows(experiment: str, root, seeds: list[int], model: int, attributio
     return rows
 
 
+def model_stability_rows(experiment: str, root, seeds: list[int], models: list[int], attribution: str, top_n: int,
+                         k: int, bias_type: str | None = None) -> list[dict]:
+    """Per seed, the mean over labels of the pairwise Jaccard of the top-k tokens across the IEMs ``models``
+    (e.g. Net1–Net4 trained on the same data): do different architectures name the same concept tokens?"""
+    rows = []
+    for s in seeds:
+        paths = seed_paths(experiment, root, s, bias_type)
+        tokens = {m: read_run_tokens(paths.stats_dir(m, attribution), top_n, k) for m in models}
+        stab = token_stability(tokens)
+        rows.append(_row(f"seed {s}: Jaccard of the top-{k} tokens (Top {top_n}, {attribution}) across "
+                         + "/".join(f"Net{m}" for m in models) + ", mean over labels",
+                         [v["jaccard"] for v in stab.values()], None))
+    return rows
+
+
 def _row(name: str, values, seeds) -> dict:
     s = summarize(values)
     return {"quantity": name, "mean": f"{s['mean']:.4f}", "min": f"{s['lo']:.4f}", "max": f"{s['hi']:.4f}",
@@ -276,32 +291,41 @@ def _row(name: str, values, seeds) -> dict:
             "; ".join(f"seed {sd}: {v:.4g}" for sd, v in zip(seeds, values))}
 
 
-def get_args_parser():
+def get_args_parser(script=None, up: int = 0, experiment: str = "vqgan"):
+    """Parser of ``summarize_replicates.py`` (``script``: the script's ``__file__``; ``up``: folders above it)."""
     import argparse
 
-    from .cli import bias_parser, make_parser, position_int, positive_int, seed_int
+    from .cli import bias_parser, experiment_folder, make_parser, position_int, positive_int, seed_int
 
-    p = make_parser("python -m cortex.replicates", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter, parents=[bias_parser()])
-    p.add_argument("--root", required=True, help="experiment folder (VQGAN_explanation or Dalle_explanation)")
+    p = make_parser("summarize_replicates.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[bias_parser()] if experiment == "dalle" else [])
+    p.set_defaults(experiment=experiment)
+    p.add_argument("--root", default=str(experiment_folder(script, up)) if script else ".",
+                   help="experiment folder holding the seed folders (default: %(default)s)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=None,
                    help="seeds to compare (default: 0 and every results/replicates/seed_<s> found)")
     p.add_argument("--model", type=int, choices=(1, 2, 3, 4), default=1, help="IEM ClassificationNet{m} (default: 1)")
     p.add_argument("--attribution", default="smoothgrad", help="whose TIS statistics (default: %(default)s)")
     p.add_argument("--top_n", type=position_int, default=5, help="section 'Top n Tokens' (default: %(default)s)")
     p.add_argument("--k", type=positive_int, default=10, help="tokens per label compared (default: %(default)s)")
+    p.add_argument("--across_models", type=int, choices=(1, 2, 3, 4), nargs="+", default=None,
+                   help="also compare the tokens of these IEMs (e.g. 1 2 3 4) with each other, per seed")
     return p
 
 
 def main(args):
     root = Path(args.root).resolve()
-    dalle = (root / "datasets" / "doctor_original").exists() or root.name.startswith("Dalle")
-    experiment, bias_type = ("dalle", args.bias_type) if dalle else ("vqgan", None)
+    experiment = args.experiment
+    bias_type = args.bias_type if experiment == "dalle" else None
     seeds = args.seeds or found_seeds(root, bias_type)
     if len(seeds) < 2:
         raise CortexError(f"{root}: only seed {seeds} found; run the pipeline with more seeds first "
                           "(seed s writes results/replicates/seed_<s>/, see docs/evaluation.md#seed-replicates)")
     rows = summary_rows(experiment, root, seeds, args.model, args.attribution, args.top_n, args.k, bias_type)
+    if args.across_models:
+        rows += model_stability_rows(experiment, root, seeds, args.across_models, args.attribution, args.top_n,
+                                     args.k, bias_type)
     out = seed_paths(experiment, root, 0, bias_type).results_dir / REPLICATES_DIR / "replicates_summary.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:
@@ -309,7 +333,7 @@ def main(args):
         w.writeheader()
         w.writerows(rows)
     for r in rows:
-        if r["min"] != "" or "mean over labels" in r["quantity"]:
+        if r["min"] != "":
             print(f"{r['quantity']}: {r['mean']}" + (f" [min {r['min']}, max {r['max']}]" if r["min"] else ""))
     print(f"wrote {out}")
     if experiment == "dalle":
@@ -321,7 +345,3 @@ def main(args):
     return out
 
 
-if __name__ == "__main__":
-    from .cli import run_main
-
-    run_main(main, get_args_parser)
