@@ -104,6 +104,7 @@ def test_readme_check_rule_across_cpus():
     assert agrees("+1.50 [+1.39, +1.69]", "+1.45") is True
     assert agrees("yes (3/3)", "yes (2/2)") is True and agrees("yes (3/3)", "not robust (2/3)") is False
     assert agrees("not robust (2/3)", "yes (3/3)") is True
+    assert agrees("+0.85 [+0.81, +0.89]", "+0.50 [+0.40, +0.60]", intervals=False) is None  # one run's CI
     assert agrees("79.2", "85.0") is None and agrees("0.9 / 0.8", "0.7 / 0.8") is None  # single runs: not compared
     T = check.Table
     readme = [T("Across seeds", ["quantity", "mean [min, max]", "per seed", "holds"],
@@ -120,3 +121,27 @@ def test_readme_check_rule_across_cpus():
                other_cpu[1]]
     assert len(check.compare(readme, outside, same_machine=False)) == 1
     assert check.machine_cpu("x\nMachine: AMD EPYC 7B13, 2 cores, torch 2\n") == "AMD EPYC 7B13"
+
+
+def test_summary_rows_across_seeds_and_models(tmp_path):
+    """Constructed statistics of seeds 0 and 1 (Net1) and of Net2 (seed 0): the Jaccard rows follow the tokens."""
+    from tests.helpers import write_sectioned_stats
+
+    def stats(seed, model, label, tokens):
+        d = rp.seed_paths("vqgan", tmp_path, seed).stats_dir(model)
+        write_sectioned_stats(d / f"label_{label}.csv", 10, [(t, 10 - i, "a.npy") for i, t in enumerate(tokens)])
+
+    for seed, acc in ((0, 80.0), (1, 90.0)):
+        res = rp.seed_paths("vqgan", tmp_path, seed).testing_results(1)
+        res.parent.mkdir(parents=True)
+        res.write_text(f"Top-1 Accuracy,Top-3 Accuracy,Top-5 Accuracy,Top-10 Accuracy\n{acc},99,100,100\n")
+    stats(0, 1, 0, [1, 2, 3, 4]), stats(1, 1, 0, [1, 2, 3, 5])  # label 0: 3 shared of 5 -> 0.6
+    stats(0, 1, 1, [7, 8, 9, 10]), stats(1, 1, 1, [7, 8, 9, 10])  # label 1: identical -> 1.0
+    stats(0, 2, 0, [11, 12, 13, 14]), stats(0, 2, 1, [7, 8, 9, 10])  # Net2: label 0 disjoint, label 1 identical
+    rows = rp.summary_rows("vqgan", tmp_path, [0, 1], 1, "smoothgrad", 5, 4)
+    assert rows[0]["mean"] == "85.0000" and rows[0]["min"] == "80.0000" and rows[0]["max"] == "90.0000"
+    by = {r["quantity"].split(":")[0]: r for r in rows}
+    assert by["label 0"]["mean"] == "0.6000" and by["label 0"]["per_seed"] == "shared: 1 2 3"
+    assert by["label 1"]["mean"] == "1.0000" and by["mean over labels"]["mean"] == "0.8000"
+    (m,) = rp.model_stability_rows("vqgan", tmp_path, [0], [1, 2], "smoothgrad", 5, 4)
+    assert "Net1/Net2" in m["quantity"] and m["mean"] == "0.5000" and m["min"] == "0.0000"
