@@ -507,8 +507,8 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
             xl.append(f"{bt}\nlabel {r['label']} ({names.get(r['label'], '?')})\n" + "\n".join(lines))
             rb = (robustness or {}).get(r["label"])
             if rb and rb["verdict"] == "not robust":
-                ax.text(x, 0.0, f"not robust\n({rb['runs_same_sign']}/{rb['runs']} runs agree)", ha="center",
-                        va="top" if d >= 0 else "bottom", fontsize=7, color="#b00020", fontweight="bold")
+                ax.text(x, -1.05 if d >= 0 else 1.05, f"not robust: {rb['runs_same_sign']}/{rb['runs']} runs agree",
+                        ha="center", va="bottom" if d >= 0 else "top", fontsize=7, color="#b00020", fontweight="bold")
             x += 1.0
         x += 0.6
     ax.axhline(0, color="black", lw=0.8)
