@@ -402,8 +402,10 @@ def _replicates_sections(roots: Roots, seeds: list[int]) -> list[str]:
     from .replicates import fmt_interval, read_run_tokens, seed_paths, summarize, token_stability, verdict
 
     vq = {s: seed_paths("vqgan", roots.vqgan, s) for s in seeds}
-    lines = ["", f"## Across seeds: IEM trained and TIS computed with --seed {' '.join(map(str, seeds))} on the same "
-             "data; mean [min, max] over the seeds, and whether the conclusion holds on every seed", "",
+    lines = ["", "## Across seeds: IEM trained and TIS computed once per seed on the same data; mean [min, max] over "
+             "the seeds, and whether the conclusion holds on every seed", "",
+             f"Seeds {', '.join(map(str, seeds))} (`python -m cortex.demo --seeds ...`); seed s > 0 wrote "
+             "`results/replicates/seed_<s>/` and `checkpoints/replicates/seed_<s>/`.", "",
              "| quantity | mean [min, max] | per seed | holds on every seed |", "|---|---|---|---|"]
 
     def row(name, values, spec=".2f", flags=None):
