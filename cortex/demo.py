@@ -34,7 +34,7 @@ class Sizes:
                                                  "--val_per_class", "10", "--test_per_class", "20",
                                                  "--null_classes", "2"])  # 2 labels with no planted concept
     train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "10", "--batch_size", "64"])
-    nsamples: str = "20"
+    nsamples: str = "10"  # SmoothGrad draws (the paper's 20 doubles every TIS step; 10 fits 3 seeds in 10 minutes)
     evaluators_epochs: str = "4"
     codebook_steps: str = "300"
     codebook_eval_every: str = "100"
@@ -43,7 +43,7 @@ class Sizes:
     token_num: str = "8"  # concept tokens masked per label (= the planted ones per class)
     pairs: str = "0:5,1:6,2:7,3:8,4:9"  # codebook level: source label -> target label
     bias_world: list = field(default_factory=list)  # the generator's defaults: 300/50/100 images per label, 500 neutral
-    bias_train: list = field(default_factory=lambda: ["--width", "64", "--epochs", "10", "--batch_size", "32"])
+    bias_train: list = field(default_factory=lambda: ["--width", "32", "--epochs", "10", "--batch_size", "32"])
     # seed replicates (cortex/replicates.py): seed 0 runs everything; every other seed retrains the IEMs and redoes
     # TIS, statistics, concept recovery, the concept-level masking and the bias detection in its own folders
     seeds: tuple = (0, 1, 2)
