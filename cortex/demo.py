@@ -6,7 +6,12 @@ its progress bars; ``--subprocesses`` runs each as a separate ``python`` process
 skipped (set ``FORCE=1`` to redo everything). The report is printed and written to
 ``results/demo_report.md``; every number in it is read from the files the steps wrote.
 
-    python -m cortex.demo [--force] [--tiny]
+Seed replicates (``--seeds``, default 0 1 2; cortex/replicates.py): seed 0 runs the whole pipeline, every other
+seed retrains the IEMs and redoes TIS, statistics, concept recovery, concept-level masking and bias detection
+in ``results/replicates/seed_<s>/`` and ``checkpoints/replicates/seed_<s>/``; the report opens with each headline
+number as mean [min, max] over the seeds and whether each conclusion holds on every seed.
+
+    python -m cortex.demo [--force] [--tiny] [--seeds 0 1 2]
 """
 from __future__ import annotations
 
