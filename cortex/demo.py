@@ -194,6 +194,8 @@ def dalle_steps(root: Path, s: Sizes) -> list[Step]:
 
 
 DALLE_ATTRIBUTIONS = ("smoothgrad", "smoothgrad_x_input")
+# the report's sections from this heading on are not copied into the README (scripts/check_readme_demo.py)
+DETAIL_HEADING = "## Seed 0's evaluation in detail (this report only)"
 
 
 def _seed_flags(root: Path, seed: int, cwd: Path, bias_type: str | None = None, only=("checkpoint_dir", "results_dir")):
@@ -506,6 +508,32 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
     for key, v in table.items():
         lines.append(f"| {key} | {v.get('object', float('nan')):.2f} | {v.get('scattered', float('nan')):.2f} |")
     lines += _significance_section(roots)
+    # 4. bias detection
+    lines += ["", "## Bias detection (DALL-E-mini synthetic world; neutral prompt planted to lean to label 0)", "",
+              "| bias type | TIS | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
+              "| Cliff's δ [95% CI] | p | seed's δ/2 | planted direction found | direction across seeds and TIS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for bt in ("doctor_gender", "doctor_color"):
+        gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
+        want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
+        rob = bias_robustness_file(roots.dalle, bt, 5, 10)
+        rob = {r["label"]: f"{r['verdict']} ({r['runs_same_sign']}/{r['runs']})" for r in _rows(rob)} \
+            if rob.exists() else {}
+        for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
+                        for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
+            label, delta = r["label"], float(r["cliff_delta"])
+            tokens = parse_tokens_cell(r["tokens"])
+            planted = sum(t in set(gt["concept_tokens"][label]) for t in tokens)
+            sign = want if label == "0" else -want
+            lines.append(f"| {bt} | {attr} | {label} ({gt['attribute_names'][label]}) | {planted}/{len(tokens)} | "
+                         f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} "
+                         f"[{float(r['cliff_delta_ci_low']):+.2f}, {float(r['cliff_delta_ci_high']):+.2f}] | "
+                         f"{float(r['p_value']):.2g} | "
+                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} | "
+                         f"{rob.get(label, 'one run only')} |")
+    # seed 0's evaluation in detail: in the report only (scripts/check_readme_demo.py copies the tables above)
+    lines += ["", DETAIL_HEADING, "", "Masking and optimisation with the synthetic evaluators, seed 0's run; "
+              "the concept level over all seeds is in the first table."]
     # 3. evaluation with the synthetic evaluators
     ex = roots.vqgan / "results/Explanation/model_1"
     rows = _rows(ex / "sample_image_level_results.csv")
@@ -539,29 +567,6 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
         i, f = float(r["initial_target_prob"]), float(r["final_target_prob"])
         lines.append(f"| {r['model']} | {i:.3f} | {f:.3f} | {f - i:+.3f} |")
     lines += _randomisation_section(ex / "model_randomisation.csv")
-    # 4. bias detection
-    lines += ["", "## Bias detection (DALL-E-mini synthetic world; neutral prompt planted to lean to label 0)", "",
-              "| bias type | TIS | label | tokens in the label's set that are planted attribute tokens | mean hits / image "
-              "| Cliff's δ [95% CI] | p | seed's δ/2 | planted direction found | direction across seeds and TIS |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for bt in ("doctor_gender", "doctor_color"):
-        gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
-        want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
-        rob = bias_robustness_file(roots.dalle, bt, 5, 10)
-        rob = {r["label"]: f"{r['verdict']} ({r['runs_same_sign']}/{r['runs']})" for r in _rows(rob)} \
-            if rob.exists() else {}
-        for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
-                        for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
-            label, delta = r["label"], float(r["cliff_delta"])
-            tokens = parse_tokens_cell(r["tokens"])
-            planted = sum(t in set(gt["concept_tokens"][label]) for t in tokens)
-            sign = want if label == "0" else -want
-            lines.append(f"| {bt} | {attr} | {label} ({gt['attribute_names'][label]}) | {planted}/{len(tokens)} | "
-                         f"{float(r['average_frequency_per_file']):.2f} | {delta:+.3f} "
-                         f"[{float(r['cliff_delta_ci_low']):+.2f}, {float(r['cliff_delta_ci_high']):+.2f}] | "
-                         f"{float(r['p_value']):.2g} | "
-                         f"{float(r.get('cliff_delta_seed', 'nan')):+.3f} | {'yes' if delta * sign > 0 else 'no'} | "
-                         f"{rob.get(label, 'one run only')} |")
     figures = (sorted((ex / "figures").glob("*.png")) + sorted(ex.glob("model_randomisation*.png"))
                + sorted(roots.dalle.glob("results/*/Bias_detection/*.png"))
                + [p for r in (roots.vqgan, roots.scattered, roots.dalle)

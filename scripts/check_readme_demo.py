@@ -57,13 +57,14 @@ def readme_region(text: str, where: str = "README.md") -> tuple[int, int]:
 
 def report_region(report: str) -> str:
     """The report's machine line and tables as the README holds them: ``##`` sections demoted to ``###``,
-    the title, intro and figures left out."""
+    the title, intro, seed 0's evaluation in detail (``cortex.demo.DETAIL_HEADING``) and figures left out."""
     lines = report.splitlines()
     machine = [l for l in lines if l.startswith("Machine:")]
     first = next((i for i, l in enumerate(lines) if l.startswith("## ")), None)
     if first is None:
         raise CortexError("the demo report has no '## ' section: is it a results/demo_report.md from make demo?")
-    end = next((i for i, l in enumerate(lines) if l.startswith("## Figures")), len(lines))
+    end = next((i for i, l in enumerate(lines) if l.startswith(("## Figures", "## Seed 0's evaluation in detail"))),
+               len(lines))
     body = ["#" + l if l.startswith("## ") else l for l in lines[first:end]]
     return "\n".join(machine + [""] + body).strip("\n")
 
