@@ -413,6 +413,30 @@ ATTRIBUTIONS: dict[str, Attribution] = {
 }
 
 
+# Where the paper's SmoothGrad is known to fail (docs/attributions.md, docs/bias_detection.md), by what it is used for.
+_SMOOTHGRAD_FAILS = {
+    "bias": "its bias sign changes with the training seed (planted direction found on 2-3 of 5 seeds, "
+            "docs/bias_detection.md#across-seeds)",
+    "concept tokens": "it finds one attribute's tokens only and keeps a rank correlation of ~0.7 with the trained "
+                      "IEM's scores after randomising the model (docs/attributions.md)",
+}
+
+
+def smoothgrad_caveat(attribution: str, use: str) -> str | None:
+    """The one console line a script prints when it uses the paper's SmoothGrad for ``use`` (``"bias"`` or
+    ``"concept tokens"``): where SmoothGrad is known to fail, and the alternative; None for other attributions."""
+    if attribution != "smoothgrad":
+        return None
+    return (f"note: --attribution smoothgrad (the paper's, the default) for {use}: {_SMOOTHGRAD_FAILS[use]}; "
+            "check with --attribution smoothgrad_x_input")
+
+
+def print_smoothgrad_caveat(attribution: str, use: str) -> None:
+    line = smoothgrad_caveat(attribution, use)
+    if line:
+        print(line, flush=True)
+
+
 def get_attribution(name: str) -> Attribution:
     try:
         return ATTRIBUTIONS[name]

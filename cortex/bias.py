@@ -442,7 +442,10 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     from .stats import SOURCE_FILE, read_stats_section
     from .tis import check_iem_not_near_chance
 
+    from .attribution import print_smoothgrad_caveat
+
     files = check_bias_inputs(paths, model, attribution, allow_partial)
+    print_smoothgrad_caveat(attribution, "bias")
     check_iem_not_near_chance(paths.best_ckpt(model), paths.testing_results(model), max(len(files), 2),
                               what="bias-detection tokens")
     label_tokens = {k: read_stats_section(p, top_n, token_num) for k, p in files.items()}
@@ -467,10 +470,34 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
               f"{r.counts.mean():.2f} per neutral image; Cliff's delta {r.cliff_delta:+.4f} "
               f"[95% CI {r.ci[0]:+.3f}, {r.ci[1]:+.3f}], Mann-Whitney p = {r.p_value:.3g} "
               f"({magnitude(r.cliff_delta)}; seed's halved value {r.cliff_delta_seed:+.4f})")
+    robust = report_bias_robustness(paths, top_n, token_num, exclude_shared)
     fig = None
     if plot:
-        fig = plot_bias(paths, top_n, token_num, rows=rows, name=name)
-    return {"csv": out, "figure": fig, "rows": rows}
+        fig = plot_bias(paths, top_n, token_num, rows=rows, name=name,
+                        robustness={r["label"]: r for r in robust[1]} if robust else None)
+    return {"csv": out, "figure": fig, "rows": rows, "robustness": robust[0] if robust else None}
+
+
+def report_bias_robustness(paths, top_n: int, token_num: int, exclude_shared: bool = False):
+    """After a bias run: compare it with every other run of these settings under ``--root`` (the other
+    attributions, the seed replicates of cortex.replicates), write ``..._robustness.csv`` and print whether each
+    label's direction is robust. Returns ``(csv path, rows)``; None when only one run exists or
+    ``--results_dir`` points outside the seed folders."""
+    from .replicates import found_seeds, seed_paths, write_bias_robustness
+
+    known = {seed_paths("dalle", paths.root, s, paths.bias_type).bias_dir() for s in found_seeds(paths.root,
+                                                                                                  paths.bias_type)}
+    if paths.bias_dir() not in known:
+        return None
+    res = write_bias_robustness(paths.root, paths.bias_type, top_n, token_num, exclude_shared)
+    if res is None:
+        return None
+    out, rows = res
+    for r in rows:
+        print(f"label {r['label']}: direction {r['direction']} over {r['runs']} runs (seeds x attributions): "
+              f"{r['verdict']}" + ("" if r["verdict"] == "robust" else f" ({r['per_run']})"))
+    print(f"wrote {out}")
+    return out, rows
 
 
 # ----------------------------------------------------------------------------- figure
@@ -484,13 +511,15 @@ def _planted(data_dir) -> dict[int, set]:
 
 
 def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = None, out=None,
-              name: str | None = None) -> Path:
+              name: str | None = None, robustness: dict | None = None) -> Path:
     """Figure of the bias detection, saved (Agg) beside the CSV as ``token_bias_top{n}_num{k}_cliff.png``.
 
     Left: Cliff's delta per label of *this* run only (``rows``, or this run's CSV ``name``; never another
     bias type's or an earlier run's file), with its bootstrap 95% CI as an error bar, the Mann-Whitney p and
     the size label above each bar, the label's tokens under it (``*`` = a planted attribute token of the
     synthetic world). Right: the per-image token counts of the labels over the neutral-prompt set.
+    ``robustness``: ``{label: cortex.replicates.bias_robustness row}``; a direction that is not the same on every
+    run found (seeds x attributions) gets "not robust (k/n runs)" in red under its bar.
     """
     from .plots import MAX_WIDTH_IN, _plt, save_figure
 
@@ -521,6 +550,10 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
             lines = [", ".join(toks[i:i + 4]) for i in range(0, len(toks), 4)]
             xt.append(x)
             xl.append(f"label {r['label']} ({names.get(r['label'], '?')})\n" + "\n".join(lines))
+            rb = (robustness or {}).get(r["label"])
+            if rb and rb["verdict"] == "not robust":
+                ax.text(x, -1.05 if d >= 0 else 1.05, f"not robust: {rb['runs_same_sign']}/{rb['runs']} runs agree",
+                        ha="center", va="bottom" if d >= 0 else "top", fontsize=7, color="#b00020", fontweight="bold")
             x += 1.0
         x += 0.6
     ax.axhline(0, color="black", lw=0.8)

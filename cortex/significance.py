@@ -299,6 +299,7 @@ def run_tis_analysis(args, experiment: str) -> dict:
     """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
     label-contrast tests of the same labels (and with ``--enrichment`` the within-image test); each TIS file is
     parsed once for all."""
+    from .attribution import print_smoothgrad_caveat
     from .paths import ExperimentPaths
     from .stats import run_analysis
     from .utils import hold_writer_lock
@@ -306,6 +307,7 @@ def run_tis_analysis(args, experiment: str) -> dict:
     stats_dir = ExperimentPaths.from_args(args, experiment).stats_dir(args.model, args.attribution)
     hold_writer_lock(stats_dir, "TIS statistics (TIS_analysis.py)", "wait for it to end (two analyses of one "
                      "TIS run into one folder would mix their files)")
+    print_smoothgrad_caveat(args.attribution, "concept tokens")
     parsed = {}  # {label: (ids, scores)}
     summary = run_analysis(args, experiment, keep=parsed)
     run_significance(args, experiment, parsed=parsed)

@@ -1,16 +1,20 @@
 """`make demo` at a tiny size: every step runs through its script, every report line is computed."""
+import csv
 import re
 
 from cortex import demo
+from cortex.cli import run_main
 from cortex.scripts import REPO, load_script
 
 
-def test_tiny_demo_end_to_end(tmp_path):
+def test_tiny_demo_end_to_end(tmp_path, capsys):
     args = demo.get_args_parser().parse_args(["--tiny", "--workdir", str(tmp_path)])
     args.force = False
     timings = demo.main(args)
     assert timings and not any(skipped for *_, skipped in timings)
+    out = capsys.readouterr().out
     report = (tmp_path / "results" / "demo_report.md").read_text()
+    _check_replicates(tmp_path, report, out)
     for heading in ("## IEM accuracy", "## Concept recovery", "## Deletion", "## Concept-level masking",
                     "## Codebook-level optimisation", "## Bias detection", "## Figures", "## Significant concept tokens",
                     "Paired per image", "## Sanity check: cascading model randomisation", "loss_curves"):
@@ -34,6 +38,48 @@ def test_tiny_demo_end_to_end(tmp_path):
     # a second run reuses every finished step
     again = demo.main(args)
     assert all(skipped for *_, skipped in again)
+
+
+def _check_replicates(work, report, out):
+    """Seed 1's replicate ran in its own folders; the report gives intervals and verdicts; the SmoothGrad runs said
+    where SmoothGrad fails; the bias robustness table compares the 4 runs (2 seeds x 2 attributions)."""
+    from cortex.replicates import seed_paths
+
+    vq, da = work / "VQGAN_explanation", work / "Dalle_explanation"
+    assert seed_paths("vqgan", vq, 1).best_ckpt(1) == vq / "checkpoints/replicates/seed_1/ClassificationNet1/best_model.pth"
+    assert seed_paths("vqgan", vq, 1).best_ckpt(1).is_file()
+    assert (vq / "results/replicates/seed_1/Explanation/concept_recovery.csv").is_file()
+    assert (da / "results/replicates/seed_1/doctor_color/Bias_detection/token_bias_top5_num10_cliff.csv").is_file()
+    section = report.split("## Across seeds", 1)[1].split("## Stability", 1)[0]
+    rows = [l for l in section.splitlines() if l.startswith("| ") and not l.startswith(("| ---", "| quantity"))]
+    assert len(rows) >= 1 + 2 + 1 + 2 * 4
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert re.fullmatch(r"[-+]?\d+\.\d+ \[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", cells[1]), r
+        assert len(cells[2].split(" / ")) >= 2, r  # one value per seed
+        lo, hi = (float(x) for x in re.findall(r"[-+]?\d+\.\d+", cells[1])[1:])
+        assert lo <= float(cells[1].split()[0]) <= hi
+        assert cells[3] == "" or re.fullmatch(r"(yes|no|not robust) \(\d+/[24]\)", cells[3]), r
+    stab = report.split("## Stability", 1)[1].split("## IEM accuracy", 1)[0]
+    assert len([l for l in stab.splitlines() if l.startswith("| VQGAN") or l.startswith("| DALL-E")]) == 6
+    assert re.search(r"\| (robust|not robust) \(\d/4\) \|$", report, re.M)  # the bias table's robustness column
+    # one console line per SmoothGrad run that picks concept tokens or a bias sign
+    assert out.count("note: --attribution smoothgrad (the paper's, the default) for bias") == 4  # 2 bias types x 2 seeds
+    assert "check with --attribution smoothgrad_x_input" in out
+    with open(da / "results/doctor_gender/Bias_detection/token_bias_top5_num10_cliff_robustness.csv") as f:
+        rob = list(csv.DictReader(f))
+    assert [r["label"] for r in rob] == ["0", "1"] and all(r["runs"] == "4" for r in rob)
+    assert all(r["verdict"] in ("robust", "not robust") for r in rob)
+    # the summary scripts of both folders
+    summ = load_script(REPO / "VQGAN_explanation/explanation_evaluation/summarize_replicates.py")
+    run_main(summ.main, summ.get_args_parser, ["--root", str(vq), "--k", "4"])
+    with open(vq / "results/replicates/replicates_summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert summary[0]["n"] == "2" and summary[0]["per_seed"].startswith("seed 0: ")
+    assert sum("across seeds" in r["quantity"] for r in summary) >= 3  # per label, then the mean
+    summ = load_script(REPO / "Dalle_explanation/summarize_replicates.py")
+    run_main(summ.main, summ.get_args_parser, ["--root", str(da), "--bias_type", "doctor_color"])
+    assert (da / "results/doctor_color/replicates/replicates_summary.csv").is_file()
 
 
 def test_forced_rerun_starts_over(tmp_path):

@@ -27,7 +27,7 @@ Writes results/Explanation/model_{m}/
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution import ATTRIBUTIONS, print_smoothgrad_caveat
 from cortex.cli import label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.evaluators import evaluator_parser
 from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, concept_level,
@@ -122,6 +122,7 @@ def main(args):
     inputs, used = check_inputs(ExperimentPaths.from_args(args, EXPERIMENT), args)
     paths, device, evaluators = eval_setup(args, EXPERIMENT)
     warn_if_near_chance(paths, args.model)
+    print_smoothgrad_caveat(args.attribution, "concept tokens")
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"top{args.top_n}_token{args.token_num}{output_suffix(args.attribution)}"
