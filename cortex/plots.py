@@ -336,7 +336,7 @@ def null_pvalues(pvalues: dict, path, alpha: float = 0.05, title: str = "") -> P
     ``-log10`` observed vs uniform quantiles (a calibrated test stays on or below the diagonal).
     """
     plt = _plt()
-    fig, (ax_h, ax_q) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (ax_h, ax_q) = plt.subplots(1, 2, figsize=(MAX_WIDTH_IN, 2.8))
     bins = np.linspace(0, 1, 21)
     top = 1.0
     for name, p in pvalues.items():
@@ -351,13 +351,15 @@ def null_pvalues(pvalues: dict, path, alpha: float = 0.05, title: str = "") -> P
     ax_h.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_h.set_xlabel("p-value")
     ax_h.set_ylabel("density")
-    ax_h.legend(fontsize=6, loc="upper left")
+    ax_h.set_title("histogram")
+    ax_h.legend(loc="upper left")
     ax_q.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
     ax_q.axhline(-np.log10(alpha), color="red", lw=0.6, ls=":", label=f"p = {alpha}")
     ax_q.set_xlabel("expected -log10 p (uniform)")
     ax_q.set_ylabel("observed -log10 p")
-    ax_q.legend(fontsize=6, loc="upper left")
+    ax_q.set_title("QQ plot")
+    ax_q.legend(loc="upper left")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -190,7 +190,9 @@ def test_root_defaults_to_the_experiment_folder(script):
 
 
 def test_help_from_anywhere_names_the_absolute_root(tmp_path):
-    r = _run([REPO / "VQGAN_explanation/eval/sample_concept_level_explanation.py", "--help"], cwd=tmp_path)
+    # a wide terminal: argparse would otherwise break a long (or hyphenated) path across lines
+    r = _run([REPO / "VQGAN_explanation/eval/sample_concept_level_explanation.py", "--help"], cwd=tmp_path,
+             COLUMNS="400")
     assert r.returncode == 0
     assert re.search(rf"\(default:\s+{re.escape(str(REPO / 'VQGAN_explanation'))}\)", r.stdout), r.stdout
 

@@ -41,6 +41,7 @@ EXPECTED = {
     and s["panels"][0]["lines"] >= 1,
     r"token_bias_": lambda s: len(s["panels"]) in (1, 2) and s["panels"][0]["errorbars"] >= 1,
     r"loss_curves": lambda s: s["panels"] and sum(p["lines"] for p in s["panels"]) >= 3,
+    r"null_label_pvalues": lambda s: len(s["panels"]) == 2 and all(p["xlabel"] and p["ylabel"] for p in s["panels"]),
 }
 
 

@@ -169,7 +169,7 @@ def main(args, experiment="vqgan"):
             from cortex.plots import null_pvalues
 
             png = null_pvalues(null_p, out.with_name("null_label_pvalues.png"), args.alpha,
-                               title=f"label-contrast test: p-values of the null labels {nulls} (tokens in their top n)")
+                               title=f"null labels {nulls}: label-contrast p-values")
             print(f"-> {png}")
     return summary
 
