@@ -146,6 +146,12 @@ def paths_parser(script=None, up: int = 0) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint_dir", default=None, help="checkpoint folder (default: <root>/checkpoints[/<bias_type>])")
     g.add_argument("--results_dir", default=None, help="results folder (default: <root>/results[/<bias_type>])")
     g.add_argument("--log_dir", default=None, help="log folder (default: <root>/logs)")
+    add_message_flags(p)
+    return p
+
+
+def add_message_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--verbose``, ``--debug``, ``--quiet``: every script's message flags (part of ``paths_parser``)."""
     g = p.add_argument_group("messages")
     g.add_argument("--verbose", action="store_true",
                    help="print every argument and the libraries' own messages (Lightning's summaries, warnings)")

@@ -242,10 +242,11 @@ def vqgan_replicate_steps(root: Path, s: Sizes, seed: int) -> list[Step]:
              [paths.frequency_file(0)]),
         Step(f"concept recovery ({tag})", ee, ["concept_recovery.py", *_root_flag(root, ee), *sd(ee)[2:]],
              [paths.results_dir / "Explanation/concept_recovery.csv"]),
-        # the evaluators are seed 0's (checkpoints/evaluators): only the concept tokens change with the seed
+        # the evaluators are seed 0's (checkpoints/evaluators): only the IEM and its concept tokens change
         Step(f"sample-level (concept) explanation ({tag})", ev,
              ["sample_concept_level_explanation.py", "--model", "1", "--top_n", "20", "--token_num", s.token_num,
-              "--evaluators", "synthetic", "--no_figures", *_root_flag(root, ev), *res_only(ev)],
+              "--evaluators", "synthetic", "--no_figures", *_root_flag(root, ev), *sd(ev)[2:],
+              "--evaluator_dir", _root_flag(root / "checkpoints/evaluators", ev)[1]],
              [paths.explanation_dir(1) / f"sample_concept_level_results_top20_token{s.token_num}.csv"]),
     ]
     return steps

@@ -295,7 +295,8 @@ def get_args_parser(script=None, up: int = 0, experiment: str = "vqgan"):
     """Parser of ``summarize_replicates.py`` (``script``: the script's ``__file__``; ``up``: folders above it)."""
     import argparse
 
-    from .cli import bias_parser, experiment_folder, make_parser, position_int, positive_int, seed_int
+    from .cli import (add_message_flags, bias_parser, experiment_folder, make_parser, position_int, positive_int,
+                      seed_int)
 
     p = make_parser("summarize_replicates.py", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -311,7 +312,7 @@ def get_args_parser(script=None, up: int = 0, experiment: str = "vqgan"):
     p.add_argument("--k", type=positive_int, default=10, help="tokens per label compared (default: %(default)s)")
     p.add_argument("--across_models", type=int, choices=(1, 2, 3, 4), nargs="+", default=None,
                    help="also compare the tokens of these IEMs (e.g. 1 2 3 4) with each other, per seed")
-    return p
+    return add_message_flags(p)
 
 
 def main(args):
