@@ -19,6 +19,7 @@ import argparse
 from cortex.attribution import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.paths import PAPER_ATTRIBUTION, ExperimentPaths
+from cortex.provenance import verify
 from cortex.utils import CortexError, get_device, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -66,6 +67,7 @@ def main(args):
     labels = args.label if args.label is not None else list(available)
     if not labels:
         raise CortexError(f"no TIS statistics in {stats_dir}; run TIS_analysis.py --model {args.model} first")
+    verify(paths, args.model, statistics=True, attribution=args.attribution)  # dataset -> IEM -> TIS -> statistics
     tok = tokenizer_for_dataset(paths.data_dir, args.tokenizer, args.tokenizer_config, args.vqgan_ckpt,
                                 get_device(args.device, args.gpu))
     print(f"tokenizer: {tok}")

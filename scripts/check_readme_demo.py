@@ -66,7 +66,12 @@ def report_region(report: str) -> str:
     end = next((i for i, l in enumerate(lines) if l.startswith(("## Figures", "## Seed 0's evaluation in detail"))),
                len(lines))
     body = ["#" + l if l.startswith("## ") else l for l in lines[first:end]]
-    return "\n".join(machine + [""] + body).strip("\n")
+    # figures (and the line that introduces them) stay in the report: their paths are relative to results/
+    figure = [l.startswith("![") for l in body]
+    intro = [i for i in range(len(body) - 2) if body[i].endswith(":") and not body[i + 1] and figure[i + 2]]
+    body = [l for i, l in enumerate(body) if not figure[i] and i not in intro]
+    text = "\n".join(machine + [""] + body)
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
 
 
 def parse_tables(md: str) -> list[Table]:

@@ -109,6 +109,8 @@ def test_regenerated_dataset_is_refused_by_every_consumer(exp, tmp_path):
         (f"{V}/eval/sample_concept_level_explanation.py", [*m, *r, "--evaluators", "synthetic", "--token_num", 4]),
         (f"{V}/eval/codebook_level_explanation.py", [*m, *r, "--evaluators", "synthetic", "--pairs", "0:1"]),
         (f"{V}/explanation_evaluation/concept_recovery.py", [*m, *r]),
+        (f"{V}/explanation_evaluation/model_randomisation.py", [*m, *r, *CPU, "--num_images", 2]),
+        (f"{V}/token_gallery.py", [*m, *r, *CPU, "--label", 0]),
     ]
     for script, args in cases:
         code, _, err = _cli(script, args)

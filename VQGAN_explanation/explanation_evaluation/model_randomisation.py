@@ -25,6 +25,7 @@ import torch
 from cortex.attribution import ATTRIBUTIONS, token_scores
 from cortex.cli import make_parser, model_parser, nonneg_float, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
+from cortex.provenance import verify, write_output_record
 from cortex.utils import CortexError, atomic_write, get_device, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -157,6 +158,7 @@ def main(args):
     from cortex.models import load_iem
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
+    used = verify(paths, args.model, split=args.split)  # the IEM was trained on this dataset (cortex.provenance)
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run_args(args, out_dir, "model_randomisation_args.json")
@@ -180,6 +182,7 @@ def main(args):
         for r in rows:
             w.writerow([args.model, r["attribution"], r["stage"], r["layer"], f"{r['spearman_mean']:.6f}",
                         f"{r['spearman_std']:.6f}", r["images"]])
+    write_output_record(out, used)  # <out>.source.json: the IEM and dataset it used
     fig = plot_randomisation(rows, out.with_suffix(".png"),
                              f"Model randomisation, Net{args.model}, {len(pick)} {args.split} images")
     for a in args.attributions:
