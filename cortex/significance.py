@@ -323,7 +323,7 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     """
     from .data import load_token_indices
     from .paths import ExperimentPaths
-    from .provenance import write_significance_record
+    from .provenance import significance_record_path, write_significance_record
     from .stats import label_files
 
     if not 0 < args.alpha < 1:
@@ -349,6 +349,8 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     top_ns = tuple(args.top_ns)
     if len(tis) < 2:
         print(f"note: one label only ({sorted(tis)}): no label-contrast test, {SIGNIFICANCE_FILE} not written")
+        for stale in (stats_dir / SIGNIFICANCE_FILE, significance_record_path(stats_dir / SIGNIFICANCE_FILE)):
+            stale.unlink(missing_ok=True)  # an earlier run's tests must not pass for these statistics
         out = None
     else:
         tests = contrast_tests({k: parsed[k] for k in tis}, top_ns,

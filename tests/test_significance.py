@@ -603,3 +603,22 @@ def test_null_labels_end_to_end(tmp_path):
     contrast = [r for r in _rows(ex / "concept_recovery_significance.csv") if r["label"] == "mean"]
     assert all(float(r["null_discoveries"]) <= 1.0 for r in contrast), contrast
     assert (ex / "null_label_pvalues.png").stat().st_size > 10_000
+
+
+def test_one_label_run_removes_an_earlier_significance_file(tmp_path):
+    """One label: no label-contrast test, and an earlier run's tis_significance.csv does not stay behind."""
+    from cortex.paths import ExperimentPaths
+    from cortex.provenance import significance_record_path
+    from tests.helpers import compact_dataset
+
+    paths = ExperimentPaths(experiment="vqgan", root=tmp_path)
+    compact_dataset(paths.data_dir, 1, 4)
+    _fake_tis_run(tmp_path, paths.data_dir, paths.tis_dir(1, "train"), paths.best_ckpt(1),
+                  lambda r, rng: rng.random(256))
+    stale = paths.stats_dir(1, "smoothgrad") / G.SIGNIFICANCE_FILE
+    stale.parent.mkdir(parents=True)
+    stale.write_text("label,top_n,token\n0,5,7\n")  # left by an earlier run
+    significance_record_path(stale).write_text("{}")
+    run_script("VQGAN_explanation/TIS_analysis.py", ["--root", tmp_path, "--model", "1", "--no_progress"])
+    assert (paths.stats_dir(1, "smoothgrad") / "label_0.csv").exists()
+    assert not stale.exists() and not significance_record_path(stale).exists()
