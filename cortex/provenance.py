@@ -230,10 +230,16 @@ def frequency_record_path(paths) -> Path:
     return paths.frequency_dir() / "source.json"
 
 
+def mark_in_progress(record) -> None:
+    """Write ``{"in_progress": true}`` as an artifact's record: none of its files is current until the producer
+    writes the real record after the last one (a killed or failed run stays marked)."""
+    with atomic_write(record) as f:
+        json.dump({"in_progress": True}, f)
+
+
 def begin_frequency_baseline(paths) -> None:
     """Mark the frequency baseline unfinished until :func:`finish_frequency_baseline` (a failed run stays so)."""
-    with atomic_write(frequency_record_path(paths)) as f:
-        json.dump({"in_progress": True}, f)
+    mark_in_progress(frequency_record_path(paths))
 
 
 def finish_frequency_baseline(paths, split: str, labels) -> None:

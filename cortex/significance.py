@@ -131,6 +131,12 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one label
 
+def _ranked(tokens: np.ndarray, count: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Indices of the kept tokens, ``count`` descending, then token id ascending (the order of every table)."""
+    idx = np.flatnonzero(keep)
+    return idx[np.lexsort((tokens[idx], -count[idx]))]
+
+
 @dataclass
 class TokenTests:
     """Enrichment tests of one (label, n): arrays over the tokens occurring in the label's images, shape ``(T,)``."""
@@ -150,15 +156,11 @@ class TokenTests:
 
     def significant(self, alpha: float = ALPHA) -> np.ndarray:
         """Token ids with ``q < alpha``, count descending (then token ascending)."""
-        keep = self.q_value < alpha
-        order = np.lexsort((self.tokens[keep], -self.count[keep]))
-        return self.tokens[keep][order]
+        return self.tokens[_ranked(self.tokens, self.count, self.q_value < alpha)]
 
     def rows(self, alpha: float | None = None, limit: int | None = None) -> list[list]:
         """CSV rows (``ENRICHMENT_HEADER``) of the tokens with a count (or with ``q < alpha``), ranked by count."""
-        keep = self.count > 0 if alpha is None else self.q_value < alpha
-        idx = np.flatnonzero(keep)
-        idx = idx[np.lexsort((self.tokens[idx], -self.count[idx]))][:limit]
+        idx = _ranked(self.tokens, self.count, self.count > 0 if alpha is None else self.q_value < alpha)[:limit]
         enr = self.enrichment
         return [[self.label, self.top_n, int(self.tokens[i]), int(self.count[i]), f"{self.expected[i]:.6g}",
                  f"{enr[i]:.6g}", f"{self.p_value[i]:.6g}", f"{self.q_value[i]:.6g}"] for i in idx]
@@ -461,15 +463,12 @@ class ContrastTests:
 
     def significant(self, alpha: float = ALPHA) -> np.ndarray:
         """Token ids with ``q < alpha``, top_images descending (then token ascending)."""
-        keep = self.q_value < alpha
-        order = np.lexsort((self.tokens[keep], -self.top_images[keep]))
-        return self.tokens[keep][order]
+        return self.tokens[_ranked(self.tokens, self.top_images, self.q_value < alpha)]
 
     def rows(self, alpha: float | None = None, limit: int | None = None) -> list[list]:
         """CSV rows (``SIGNIFICANCE_HEADER``) of the tokens with top_images > 0 (or with ``q < alpha``)."""
-        keep = self.top_images > 0 if alpha is None else self.q_value < alpha
-        idx = np.flatnonzero(keep)
-        idx = idx[np.lexsort((self.tokens[idx], -self.top_images[idx]))][:limit]
+        idx = _ranked(self.tokens, self.top_images, self.top_images > 0 if alpha is None else self.q_value < alpha)
+        idx = idx[:limit]
         cols = zip(*(a[idx].tolist() for a in (self.tokens, self.images, self.top_images, self.expected, self.ratio,
                                                 self.p_value, self.q_value)))  # Python scalars: fast to format
         return [[self.label, self.top_n, t, m, o, f"{e:.6g}", f"{r:.6g}", f"{p:.6g}", f"{q:.6g}"]

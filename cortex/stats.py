@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import make_parser, position_int, positive_int
-from .provenance import record_id
+from .provenance import mark_in_progress, record_id
 from .utils import CortexError, atomic_write
 
 TOP_NS = (1, 5, 10, 20)
@@ -853,8 +853,7 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
 
     stats_dir.mkdir(parents=True, exist_ok=True)
     source = stats_dir / SOURCE_FILE
-    with atomic_write(source) as f:  # until the new statistics are complete, none are current (a kill -9 included)
-        json.dump({"in_progress": True}, f)
+    mark_in_progress(source)  # until the new statistics are complete, none are current (a kill -9 included)
     for label, path in label_files(stats_dir).items():
         if label not in tops:
             path.unlink()  # an earlier run's label: not part of this run
