@@ -1,26 +1,37 @@
-"""Is a concept token real? Per-token significance tests of the TIS statistics (issues 16.1 and 20).
+"""Is a concept token real? Per-token significance tests of the TIS statistics.
 
 CORTEX ranks a label's tokens by how often they sit among an image's top-n TIS positions. Two tests ask
 whether a token's place in that ranking is more than chance; they answer different questions.
 
-The label-contrast test (issue 20; ``tis_significance.csv``, the default; :func:`contrast_tests`)
--------------------------------------------------------------------------------------------------
-Unit: the image. Among the images that contain token t, is t more often among the top-n positions in label
-L's images than in the other labels' images? Null: given that an image contains t, whether t is in its top n
-does not depend on the image's label. Calibrated by label permutation: the p-value is the within-stratum
-label-permutation p-value, computed exactly (every permutation enumerated: a sum of hypergeometrics), so it
-has no Monte-Carlo error and needs no seed. L must beat the other labels pooled *and* each of its strongest
-rivals (the labels with the highest rate of t; intersection-union, the largest p-value), so tokens the IEM
-attends to in every image without a concept (distractors, hard negatives) are not a concept of a label that
-has none. BH across a label's tested tokens. This is the test to cite for "token t carries label L's concept".
+The label-contrast test (``tis_significance.csv``, the default; :func:`contrast_tests`)
+------------------------------------------------------------------------------------
+Unit: the image; both halves are exact label-permutation tests (shuffle the labels across the images):
 
-Columns ``label,top_n,token,images,top_images,expected,ratio,p_value,q_value``: the label's images that contain
-the token, those of them with the token in the top n, the count expected from the rate over all labels' images
-(stratum by stratum), their ratio, the p-value and the BH q-value; per (label, n) the tokens with
-``top_images > 0`` (descending, then token id; up to ``--max_rows`` rows), or with ``--significant_only``
-only those with ``q < alpha``.
+* occurrence: do L's images contain token t more often than the other labels' images?
+  ``P(images >= observed)``, hypergeometric over all images (N images, K_t contain t, L owns N_L);
+* attention: among the images that contain t, is t more often among the top-n positions in L's images than in
+  the other labels' images? Null: given that an image contains t, whether t is in its top n does not depend
+  on the image's label; within-stratum label permutation, computed exactly (every permutation enumerated: a
+  sum of hypergeometrics), so no Monte-Carlo error and no seed.
 
-The within-image enrichment test (issue 16.1; ``tis_enrichment.csv`` with ``--enrichment``; :func:`label_tests`)
+The p-value is the larger of the two (intersection-union: t carries L's concept when it marks L's images *and*
+the IEM ranks it higher where it occurs in them); BH across a label's tested tokens, per n. Either half alone
+is not calibrated for concepts: tokens the IEM attends to whenever no concept competes for the top n
+(background, distractors, other labels' concept tokens in an image without its own concept) pass the
+attention half for labels with no concept, and tokens that merely occur more often pass the occurrence half
+(that is the frequency baseline). A token that occurs in every label's images alike but that the IEM ranks
+high for one label only (a spurious use) is not reported as that label's concept. This is the test to cite
+for "token t carries label L's concept". Optional (``rivals``): L must also beat each of its strongest rival
+labels in the attention half.
+
+Columns ``label,top_n,token,images,top_images,expected,ratio,p_value,q_value,occurrence_ratio,p_occurrence,
+p_attention``: the label's images that contain the token, those of them with the token in the top n, the count
+expected from the rate over all labels' images (stratum by stratum), their ratio, the p-value and the BH
+q-value; ``images`` over the images expected from t's rate over all images, and the two halves' p-values.
+Per (label, n) the tokens with ``top_images > 0`` (descending, then token id; up to ``--max_rows`` rows), or
+with ``--significant_only`` only those with ``q < alpha``.
+
+The within-image enrichment test (``tis_enrichment.csv`` with ``--enrichment``; :func:`label_tests`)
 ----------------------------------------------------------------------------------------------------------------
 Per (label, n, token): is the token *more often* among the top-n positions than its frequency in those
 images predicts? Not calibrated for concepts: what the IEM attends to in every label (distractors, hard
@@ -40,8 +51,8 @@ Per (label, n): ``expected = n/256 * sum_i c_i``, ``enrichment = count / expecte
 q-values across every token occurring in the label's images (tokens never in the top n have p = 1 and count
 in the number of hypotheses).
 
-Cost of the label-contrast test: one ``np.unique`` over all ``N x 256`` ids, then vectorised hypergeometric
-tails (a short convolution only for tokens in several strata). Of the enrichment test: gathering the counts
+Cost of the label-contrast test: one pass over all ``N x 256`` ids, then vectorised hypergeometric tails (a
+short convolution only for tokens in several strata). Of the enrichment test: gathering the counts
 is linear in images (one ``np.unique`` over the label's ``N x 256`` ids); the exact tail costs ``O(groups x log(images) x count^2)`` per token that reaches the top n at all.
 
 Output: ``TIS_statistics_train/tis_enrichment.csv`` (tidy), columns
@@ -63,9 +74,10 @@ from .utils import CortexError, atomic_write
 
 N_POS = 256
 SIGNIFICANCE_FILE = "tis_significance.csv"  # the label-contrast test (below); the default
-SIGNIFICANCE_HEADER = ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value"]
+SIGNIFICANCE_HEADER = ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value",
+                       "occurrence_ratio", "p_occurrence", "p_attention"]
 ENRICHMENT_FILE = "tis_enrichment.csv"  # the within-image test (opt-in: TIS_analysis.py --enrichment)
-RIVALS = 2  # label-contrast test: L must also beat each of the 2 other labels with the highest rate of t
+RIVALS = 0  # label-contrast test: optionally L must also beat each of the R other labels with the highest rate of t
 MIN_TOP_IMAGES = 3  # label-blind filter: a token is tested only if >= this many images (any label) hold it in the top n
 ENRICHMENT_HEADER = ["label", "top_n", "token", "count", "expected", "enrichment", "p_value", "q_value"]
 ALPHA = 0.05
@@ -356,7 +368,7 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
         out = None
     else:
         tests = contrast_tests({k: parsed[k] for k in tis}, top_ns,
-                               getattr(args, "min_top_images", MIN_TOP_IMAGES), progress)
+                               min_top_images=getattr(args, "min_top_images", MIN_TOP_IMAGES), progress=progress)
         out = write_significance(stats_dir / SIGNIFICANCE_FILE, tests, alpha, limit, SIGNIFICANCE_HEADER)
         write_significance_record(out, stats_dir)  # the statistics_id these tests were computed with
         n_sig = {n: sum(len(t[n].significant(args.alpha)) for t in tests.values()) for n in top_ns}
@@ -420,7 +432,7 @@ def score_significant(sig: dict, planted: dict, nulls, top_ns) -> tuple[list, li
     return rows, summary
 
 
-# ----------------------------------------------------------------------------- inputs of the current run (issue 14.5)
+# ----------------------------------------------------------------------------- inputs of the current run
 
 def check_current_run(paths, model: int, attribution: str) -> dict:
     """CortexError unless the statistics of (model, attribution) come from the *current* run.
@@ -435,7 +447,7 @@ def check_current_run(paths, model: int, attribution: str) -> dict:
     return verify(paths, model, statistics=True, attribution=attribution)
 
 
-# ----------------------------------------------------------------------------- the label-contrast test (issue 20)
+# ----------------------------------------------------------------------------- the label-contrast test
 
 # strata of a token's count c in an image (index = STRATA[name][c]; 0: absent)
 STRATA = {"occurrence": np.minimum(np.arange(N_POS + 1), 1),  # condition on occurrence: one stratum, c >= 1
@@ -453,8 +465,11 @@ class ContrastTests:
     images: np.ndarray  # int64 the label's images that contain the token
     top_images: np.ndarray  # int64 ... of which hold it among their top-n positions
     expected: np.ndarray  # float64 top_images expected from the rate over all labels' images, per stratum
-    p_value: np.ndarray  # float64 exact one-sided P(top_images >= observed) under within-stratum label permutation
+    p_value: np.ndarray  # float64 max(p_occurrence, p_attention): both halves must hold (intersection-union)
     q_value: np.ndarray  # float64 Benjamini-Hochberg over the T tokens
+    occurrence_ratio: np.ndarray  # float64 images / the images expected from t's rate over all labels' images
+    p_occurrence: np.ndarray  # float64 exact P(images >= observed) under label permutation (hypergeometric)
+    p_attention: np.ndarray  # float64 exact P(top_images >= observed | occurrence) under within-stratum permutation
 
     @property
     def ratio(self) -> np.ndarray:
@@ -470,9 +485,10 @@ class ContrastTests:
         idx = _ranked(self.tokens, self.top_images, self.top_images > 0 if alpha is None else self.q_value < alpha)
         idx = idx[:limit]
         cols = zip(*(a[idx].tolist() for a in (self.tokens, self.images, self.top_images, self.expected, self.ratio,
-                                                self.p_value, self.q_value)))  # Python scalars: fast to format
-        return [[self.label, self.top_n, t, m, o, f"{e:.6g}", f"{r:.6g}", f"{p:.6g}", f"{q:.6g}"]
-                for t, m, o, e, r, p, q in cols]
+                                                self.p_value, self.q_value, self.occurrence_ratio, self.p_occurrence,
+                                                self.p_attention)))  # Python scalars: fast to format
+        return [[self.label, self.top_n, t, m, o, f"{e:.6g}", f"{r:.6g}", f"{p:.6g}", f"{q:.6g}", f"{orr:.6g}",
+                 f"{po:.6g}", f"{pa:.6g}"] for t, m, o, e, r, p, q, orr, po, pa in cols]
 
 
 def _token_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -496,25 +512,29 @@ def _hypergeom_sf(k, M, n, N) -> np.ndarray:
 
 
 def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, rivals: int = RIVALS,
-                   strata: str = "occurrence", progress: bool = False) -> dict:
+                   strata: str = "occurrence", progress: bool = False, occurrence: bool = True) -> dict:
     """The label-contrast test of every (label, n, token): ``{label: {n: ContrastTests}}``.
 
     parsed: ``{label: (ids (N_k, 256), scores (N_k, 256))}``, every label of the run (the contrast is between
-    labels). The unit is the image. For token t, its images (those that contain it) are split into strata by
-    t's count in the image (``strata``: ``"occurrence"``, the default, one stratum: condition on occurrence;
-    ``"count"``: 1, 2, 3-4, 5-8, 9-16, 17+ positions); in stratum s, ``n_s`` images contain t, ``a_s`` of them
-    hold it among their top-n positions, and label L owns ``m_s`` of them. Null hypothesis: within each
-    stratum, whether an image holds t in its top n does not depend on its label (labels exchangeable among the
-    images of a stratum). Under it, L's count is a sum over strata of independent hypergeometrics
-    ``H(n_s, a_s, m_s)``, and ``P(sum >= observed)`` is the within-stratum label-permutation p-value with every
-    permutation enumerated: exact, no Monte-Carlo error, no seed, the same for any order of the images.
+    labels). The unit is the image; the null hypothesis of both halves is that labels are exchangeable among
+    the images (label permutation), and both p-values are exact.
 
-    Intersection-union with the strongest rivals: the same exact test is repeated against each of the
-    ``rivals`` other labels with the highest rate of t (``top_images / (images + 2)``), pooling only L and that
-    label; the p-value is the largest. A label with no concept then does not get the tokens that the IEM
-    attends to whenever no concept competes for the top n (distractors, hard negatives): another label without
-    a concept holds them as often. Tokens held in the top n by fewer than ``min_top_images`` images of all
-    labels together are not tested (label-blind filter). BH across a label's tested tokens, per n.
+    Occurrence (``occurrence=True``): of the N images, K_t contain t and label L owns N_L; L's count is
+    hypergeometric ``H(N, K_t, N_L)``.
+
+    Attention: t's images (those that contain it) are split into strata by t's count in the image
+    (``strata``: ``"occurrence"``, the default, one stratum: condition on occurrence; ``"count"``: 1, 2, 3-4,
+    5-8, 9-16, 17+ positions); in stratum s, ``n_s`` images contain t, ``a_s`` of them hold it among their
+    top-n positions, and label L owns ``m_s`` of them. Under the null L's count is a sum over strata of
+    independent hypergeometrics ``H(n_s, a_s, m_s)``, and ``P(sum >= observed)`` is the within-stratum
+    label-permutation p-value with every permutation enumerated: no Monte-Carlo error, no seed, the same for
+    any order of the images. With ``rivals`` > 0 the same test is repeated against each of the ``rivals``
+    other labels with the highest rate of t (``top_images / (images + 2)``), pooling only L and that label,
+    and the largest p-value is kept (few images of a rival give it little power: off by default).
+
+    ``p_value = max(p_occurrence, p_attention)`` (intersection-union), BH across a label's tested tokens, per n.
+    Tokens held in the top n by fewer than ``min_top_images`` images of all labels together are not tested
+    (label-blind filter).
     """
     from tqdm import tqdm
 
@@ -553,6 +573,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     del rank, run_of, order_in_row
     ts = p_tok * S + p_str
     n_ts = np.bincount(ts, minlength=T * S)  # images per (token, stratum)
+    K_tok = np.bincount(p_tok, minlength=T)  # (T,) images that contain the token, any label
+    N_lab = np.bincount(y, minlength=len(labels))  # (labels,) images per label
     # per (label, token, stratum) group: m = the label's images (the same for every n)
     key = (y[p_img] * T + p_tok) * S + p_str
     if len(labels) * T * S <= 8 * key.size:  # a dense table is cheaper than a sort
@@ -619,11 +641,16 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
             mm, oo = m[h_rows], o[h_rows]
             p_r = _grouped_sf(np.where(ok, obs[hot], 0), sub_start, sub_start + h_len, mm + m_r, oo + o_r, mm)
             p[hot] = np.where(ok, np.maximum(p[hot], p_r), p[hot])  # no rival left: the pooled test stands
+        # the occurrence half: among all N images, K_t contain t; L's N_L images hold `img` of them
+        p_occ = _hypergeom_sf(img, N, K_tok[tok], N_lab[lab]) if occurrence else np.zeros(img.size)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            occ_ratio = img / (K_tok[tok] * N_lab[lab] / N)
+        p_both = np.maximum(p, p_occ)
         bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
         for li, k in enumerate(labels):
             s, e = bounds[li], bounds[li + 1]
-            out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p[s:e],
-                                           benjamini_hochberg(p[s:e]))
+            out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p_both[s:e],
+                                           benjamini_hochberg(p_both[s:e]), occ_ratio[s:e], p_occ[s:e], p[s:e])
     return out
 
 

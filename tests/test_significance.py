@@ -1,6 +1,7 @@
 """Issue 16: per-token enrichment tests (cortex.significance), the null world, the bias statistics and table."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -81,16 +82,18 @@ def test_bh_matches_definition():
     assert np.allclose(q[order], np.minimum(expect, 1))
 
 
-# ----------------------------------------------------------------------------- issue 20: the label-contrast test
+# ----------------------------------------------------------------------------- the label-contrast test
 
-def _toy_world(seed, planted=4, nulls=2, n_img=40, concept=3, hard_neg=4, signal=3.0):
+def _toy_world(seed, planted=4, nulls=2, n_img=40, concept=3, hard_neg=4, signal=3.0, spurious=1.5):
     """Constructed TIS of a world with null labels: ``({label: (ids, scores)}, {label: planted ids}, nulls)``.
 
     Deterministic (numpy's seeded generator; no training). Background tokens 0..29 (Zipf frequencies, a
     label-blind attention offset each), 6 distractors (ids 100..105) per image attended in every image (+2),
     each planted label k an object of 9-25 positions of its concept tokens 200+10k.. (+signal), and
     ``hard_neg`` positions with other labels' concept tokens (+1.5). Null labels have no object, so their top n
-    goes to distractors and hard negatives more often: the competition a concept test must not report.
+    goes to distractors and hard negatives more often: the competition a concept test must not report. And
+    the IEM's spurious use of a background token: label k's IEM ranks background token ``2 + k`` higher
+    (+``spurious``) in k's images only, though it occurs in every label's images alike (seen in trained IEMs).
     """
     rng = np.random.default_rng([seed, 20])
     bg_p = 1 / np.arange(1, 31) ** 1.1
@@ -113,6 +116,7 @@ def _toy_world(seed, planted=4, nulls=2, n_img=40, concept=3, hard_neg=4, signal
                 obj = pos[6 + hard_neg:6 + hard_neg + side * side]
                 ids[i, obj] = rng.choice(truth[label], obj.size)
                 boost[i, obj] = signal
+        boost[ids == 2 + label] += spurious
         parsed[label] = (ids, rng.normal(size=(n_img, 256)) + boost + offset[np.minimum(ids, 329)])
     return parsed, truth, list(range(planted, planted + nulls))
 
@@ -122,9 +126,10 @@ def _significant(tests, alpha=0.05):
 
 
 def test_contrast_is_calibrated_on_constructed_worlds():
-    """30 constructed worlds (4 planted + 2 null labels, distractors, hard negatives): the label-contrast test
-    keeps the false share and the null labels' discoveries at q = 0.05 within a binomial margin (one-sided
-    99.9%), while the within-image enrichment test reports distractors for every null label."""
+    """30 constructed worlds (4 planted + 2 null labels, distractors, hard negatives, a spuriously attended
+    background token per label): the label-contrast test keeps the false share and the null labels'
+    discoveries at q = 0.05 within a binomial margin (one-sided 99.9%), while the within-image enrichment test
+    reports distractors for every null label and the attention half alone reports the spurious tokens."""
     top_ns, seeds = (5, 20), range(30)
     false = found = null_any = null_labels = 0
     recall = []
@@ -142,8 +147,11 @@ def test_contrast_is_calibrated_on_constructed_worlds():
     assert found > 500
     assert false <= ss.binom.ppf(0.999, found, 0.05), (false, found)  # FDP <= q (BH), within the margin
     assert null_any <= ss.binom.ppf(0.999, null_labels, 0.05), (null_any, null_labels)
-    assert np.mean(recall) >= 0.75  # measured: 0.83 (the rest: hard negatives attended as often elsewhere)
+    assert np.mean(recall) >= 0.9, np.mean(recall)
     parsed, truth, nulls = _toy_world(0)
+    _, summary = G.score_significant(_significant(G.contrast_tests(parsed, top_ns, occurrence=False)), truth, nulls,
+                                     top_ns)
+    assert all(s["fdp"] > 0.1 and s["null_labels_with_discovery"] > 0.5 for s in summary), summary  # one half alone
     enr = G.significance_tests({k: None for k in parsed}, None, top_ns, progress=False, parsed=parsed)
     _, summary = G.score_significant(_significant(enr), truth, nulls, top_ns)
     assert all(s["null_labels_with_discovery"] == 1.0 for s in summary)  # the issue's finding, reproduced
@@ -169,7 +177,8 @@ def test_contrast_pure_null_pvalues_are_valid():
 
 
 def test_contrast_exact_equals_within_stratum_label_permutation():
-    """The exact p-value is the within-stratum label-permutation p-value (Monte Carlo, 4000 shuffles)."""
+    """Both exact halves are label-permutation p-values (Monte Carlo, 4000 shuffles): attention within strata,
+    occurrence over all images; the p-value is the larger."""
     rng = np.random.default_rng(7)
     parsed = {}
     for label in range(3):
@@ -198,7 +207,12 @@ def test_contrast_exact_equals_within_stratum_label_permutation():
                 yy[idx] = r2.permutation(yy[idx])
             hits += int((h & (yy == 0) & (c > 0)).sum()) >= obs
         p_mc = hits / 4000
-        assert abs(t.p_value[i] - p_mc) <= 4 * np.sqrt(p_mc * (1 - p_mc) / 4000) + 0.005, (strata, t.p_value[i], p_mc)
+        assert abs(t.p_attention[i] - p_mc) <= 4 * np.sqrt(p_mc * (1 - p_mc) / 4000) + 0.005, (strata, t.p_attention[i], p_mc)
+        # the occurrence half: a plain label permutation of "the image contains token 50"
+        occ = int(((c > 0) & (y == 0)).sum())
+        p_occ = np.mean([((c > 0) & (r2.permutation(y) == 0)).sum() >= occ for _ in range(4000)])
+        assert abs(t.p_occurrence[i] - p_occ) <= 4 * np.sqrt(p_occ * (1 - p_occ) / 4000) + 0.005, (t.p_occurrence[i], p_occ)
+        assert t.p_value[i] == max(t.p_attention[i], t.p_occurrence[i])
 
 
 def test_contrast_same_numbers_for_any_order_and_rivals_only_raise_p():
@@ -225,7 +239,8 @@ def test_contrast_same_numbers_for_any_order_and_rivals_only_raise_p():
 
 @pytest.fixture()
 def hand_world(tmp_path):
-    """Token 7 in every image; label 0: at the best-scored position of each of 30 images; label 1: random scores."""
+    """Token 7 in every image of label 0 and in 10 of label 1's 30; label 0: at the best-scored position of each
+    of its 30 images; label 1: random scores."""
     rng = np.random.default_rng(3)
     root = tmp_path / "exp"
     w = DatasetWriter(root / "datasets", np.zeros((40, 256), np.float32), layout="compact")
@@ -235,7 +250,8 @@ def hand_world(tmp_path):
         for i in range(30):
             ids = rng.integers(10, 40, 256)
             scores = rng.normal(size=256)
-            ids[5] = 7  # in every image; label 0's IEM puts it first, label 1's does not
+            if label == 0 or i < 10:
+                ids[5] = 7  # label 0's IEM puts it first, label 1's does not
             if label == 0:
                 scores[5] = 50.0
             w.add("train", f"{label}_{i}.npy", label, ids)
@@ -264,7 +280,10 @@ def test_tis_analysis_writes_significance(hand_world):
     assert list(rows[0]) == G.SIGNIFICANCE_HEADER
     top = [r for r in rows if r["label"] == "0" and r["top_n"] == "1"]
     assert top[0]["token"] == "7" and top[0]["images"] == "30" and top[0]["top_images"] == "30"
-    assert float(top[0]["q_value"]) < 1e-10 and float(top[0]["expected"]) < 16
+    assert float(top[0]["q_value"]) < 1e-6 and float(top[0]["expected"]) == pytest.approx(30 * 30 / 40)
+    assert float(top[0]["occurrence_ratio"]) == pytest.approx(30 / (40 * 30 / 60))
+    assert float(top[0]["p_attention"]) == pytest.approx(1 / math.comb(40, 30), rel=1e-4)  # every image of 0 first
+    assert float(top[0]["p_occurrence"]) == pytest.approx(math.comb(40, 30) / math.comb(60, 30), rel=1e-4)
     assert not any(r["token"] == "7" and float(r["q_value"]) < 0.05 for r in rows if r["label"] == "1")
     run_script("VQGAN_explanation/TIS_analysis.py", ["--model", 1, "--root", hand_world, "--no_progress",
                                                      "--significant_only", "--enrichment"])
