@@ -8,8 +8,9 @@ Reads results/TIS[_<attribution>]/Net{m}/TIS_value_train/label_{k}.csv and the t
 (datasets/train_token_indices.pkl, built from train_embeddings.csv when missing); writes
 results/TIS[_<attribution>]/Net{m}/TIS_statistics_train/label_{k}.csv (sectioned: Top 1/5/10/20 Tokens),
 global_top_tokens_statistics.csv and tis_statistics_long.csv (label,top_n,token,count), and
-tis_significance.csv (label,top_n,token,count,expected,enrichment,p_value,q_value: an exact one-sided
-enrichment test per token, Benjamini-Hochberg across a label's tokens; see cortex/significance.py).
+tis_significance.csv (the label-contrast test per token: does it mark the label's images, and is it more
+often in their top n than in other labels' images that contain it? exact label-permutation p-values,
+Benjamini-Hochberg across a label's tokens; --enrichment adds tis_enrichment.csv; see cortex/significance.py).
 --significant_only lists only the tokens with q < --alpha there; the sectioned files are unchanged.
 The TIS run is checked first: every label of the train split needs a complete label_{k}.csv of the one
 run in tis_config.json (no .partial file, no missing/extra label, one row per image, no NaN, no image

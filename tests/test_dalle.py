@@ -36,7 +36,8 @@ def test_tis_analysis_writes_the_significance_tests(root):
     """Both folders' TIS_analysis.py write tis_significance.csv (label-contrast) beside the authors' files."""
     stats = root / "results" / BT / "TIS" / "Net1" / "TIS_statistics_train"
     rows = _rows(stats / "tis_significance.csv")
-    assert rows[0] == ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value"]
+    assert rows[0] == ["label", "top_n", "token", "images", "top_images", "expected", "ratio", "p_value", "q_value",
+                       "occurrence_ratio", "p_occurrence", "p_attention"]
     assert {r[0] for r in rows[1:]} == {"0", "1"} and all(0 <= float(r[7]) <= float(r[8]) <= 1 for r in rows[1:])
 
 
