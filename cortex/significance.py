@@ -584,6 +584,13 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         g_of_pair = (np.cumsum(m_dense > 0) - 1)[key]
     else:
         lts_all, g_of_pair, m_all = np.unique(key, return_inverse=True, return_counts=True)
+    # the occurrence half, the same for every n: per (label, token), N images, K_t contain t, L owns N_L
+    lt_keys, lt_start = np.unique(lts_all // S, return_index=True)  # (label, token) keys, label-major
+    img_all = np.add.reduceat(m_all, lt_start) if lt_keys.size else np.zeros(0, np.int64)
+    tok_all, lab_all = lt_keys % T, lt_keys // T
+    p_occ_all = _hypergeom_sf(img_all, N, K_tok[tok_all], N_lab[lab_all]) if occurrence else np.zeros(lt_keys.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        occ_ratio_all = img_all / (K_tok[tok_all] * N_lab[lab_all] / N)
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
         n_eff = min(int(n), n_pos)
@@ -641,10 +648,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
             mm, oo = m[h_rows], o[h_rows]
             p_r = _grouped_sf(np.where(ok, obs[hot], 0), sub_start, sub_start + h_len, mm + m_r, oo + o_r, mm)
             p[hot] = np.where(ok, np.maximum(p[hot], p_r), p[hot])  # no rival left: the pooled test stands
-        # the occurrence half: among all N images, K_t contain t; L's N_L images hold `img` of them
-        p_occ = _hypergeom_sf(img, N, K_tok[tok], N_lab[lab]) if occurrence else np.zeros(img.size)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            occ_ratio = img / (K_tok[tok] * N_lab[lab] / N)
+        at_lt = np.searchsorted(lt_keys, keys)  # this n's tested (label, token) keys among all
+        p_occ, occ_ratio = p_occ_all[at_lt], occ_ratio_all[at_lt]
         p_both = np.maximum(p, p_occ)
         bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
         for li, k in enumerate(labels):
