@@ -356,7 +356,12 @@ def machine_line() -> str:
     except OSError:
         pass
     cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
-    return (f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today().isoformat()} "
+    # the kernels' instruction set is part of "the CPU": ATen's and oneDNN's (capped by ATEN_CPU_CAPABILITY /
+    # ONEDNN_MAX_CPU_ISA, e.g. to compute as an AVX2-only CPU does) round differently
+    isa = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        isa += f" + oneDNN {os.environ['ONEDNN_MAX_CPU_ISA']}"
+    return (f"Machine: {cpu} [{isa}], {os.cpu_count()} cores, torch {torch.__version__}, {date.today().isoformat()} "
             "(another CPU or torch build changes the last digits)")
 
 
