@@ -454,6 +454,13 @@ def _replicates_sections(roots: Roots, seeds: list[int]) -> list[str]:
         vals = [rec[s][(attr, "5")] for s in seeds]
         row(f"object world: {attr} top-5 precision@k, above the frequency baseline", vals, ".2f",
             [v > b for v, b in zip(vals, base)])
+    sig = {s: {r["top_n"]: r for r in _rows(vq[s].results_dir / "Explanation/concept_recovery_significance.csv")
+               if r["label"] == "mean" and r["method"] == "smoothgrad_x_input"} for s in seeds}
+    if all("20" in sig[s] for s in seeds):
+        rs = [sig[s]["20"] for s in seeds]
+        row("object world: smoothgrad_x_input top-20 significant tokens (q < 0.05): recall, with false share "
+            "<= 0.05 and no token on a null label", [float(r["recall"]) for r in rs], ".2f",
+            [float(r["fdp"]) <= 0.05 and float(r["null_discoveries"]) == 0 for r in rs])
     conc = {s: next(p for p in sorted(vq[s].explanation_dir(1).glob("sample_concept_level_results_top*_token*.csv"))
                     if not p.stem.endswith("_paired")) for s in seeds}
     paired = {s: [r for r in read_paired_stats(conc[s]) if r["Metric"] == "logit_drop"] for s in seeds}
