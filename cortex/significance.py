@@ -468,7 +468,8 @@ class ContrastTests:
     p_value: np.ndarray  # float64 max(p_occurrence, p_attention): both halves must hold (intersection-union)
     q_value: np.ndarray  # float64 Benjamini-Hochberg over the T tokens
     occurrence_ratio: np.ndarray  # float64 images / the images expected from t's rate over all labels' images
-    p_occurrence: np.ndarray  # float64 exact P(images >= observed) under label permutation (hypergeometric)
+    p_occurrence: np.ndarray  # float64 exact P(images >= observed) under label permutation (hypergeometric);
+    #                           NaN where top_images == 0 (not computed: p_value is 1 there)
     p_attention: np.ndarray  # float64 exact P(top_images >= observed | occurrence) under within-stratum permutation
 
     @property
@@ -505,10 +506,30 @@ def _token_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _hypergeom_sf(k, M, n, N) -> np.ndarray:
-    """``P(X >= k)``, X ~ hypergeometric(M population, n successes, N draws), vectorised (float64)."""
+    """``P(X >= k)``, X ~ hypergeometric(M population, n successes, N draws), vectorised (float64).
+
+    scipy's sf costs ~25 us per element; the (k, M, n, N) of a run repeat a lot (small counts, a few label
+    sizes), so each distinct tuple is computed once."""
     from scipy.stats import hypergeom
 
-    return np.clip(hypergeom.sf(np.asarray(k) - 1, M, n, N), 0.0, 1.0)
+    args = np.broadcast_arrays(np.asarray(k, dtype=np.int64), np.asarray(M, dtype=np.int64),
+                               np.asarray(n, dtype=np.int64), np.asarray(N, dtype=np.int64))
+    shape = args[0].shape
+    if args[0].size < 64:
+        return np.clip(hypergeom.sf(args[0] - 1, *args[1:]), 0.0, 1.0)
+    cols = [a.ravel() for a in args]
+    lo = [int(c.min()) for c in cols]
+    span = [int(c.max()) - l + 1 for c, l in zip(cols, lo)]
+    if sum(int(s).bit_length() for s in span) <= 62:  # one int64 key per tuple: a 1-d unique (fast)
+        key = np.zeros(cols[0].size, np.int64)
+        for c, l, s in zip(cols, lo, span):
+            key = key * s + (c - l)
+        first, inv = np.unique(key, return_index=True, return_inverse=True)[1:]
+        uniq = np.stack([c[first] for c in cols], axis=1)
+    else:
+        uniq, inv = np.unique(np.stack(cols, axis=1), axis=0, return_inverse=True)
+    p = np.clip(hypergeom.sf(uniq[:, 0] - 1, uniq[:, 1], uniq[:, 2], uniq[:, 3]), 0.0, 1.0)
+    return p[inv.ravel()].reshape(shape)
 
 
 def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, rivals: int = RIVALS,
@@ -584,11 +605,18 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         g_of_pair = (np.cumsum(m_dense > 0) - 1)[key]
     else:
         lts_all, g_of_pair, m_all = np.unique(key, return_inverse=True, return_counts=True)
-    # the occurrence half, the same for every n: per (label, token), N images, K_t contain t, L owns N_L
-    lt_keys, lt_start = np.unique(lts_all // S, return_index=True)  # (label, token) keys, label-major
+    # the occurrence half, the same for every n: per (label, token), N images, K_t contain t, L owns N_L.
+    # Computed only where the label holds t in some top n (elsewhere the attention half's p is 1, and so is p)
+    lt_of = lts_all // S
+    lt_keys, lt_start = np.unique(lt_of, return_index=True)  # (label, token) keys, label-major
     img_all = np.add.reduceat(m_all, lt_start) if lt_keys.size else np.zeros(0, np.int64)
     tok_all, lab_all = lt_keys % T, lt_keys // T
-    p_occ_all = _hypergeom_sf(img_all, N, K_tok[tok_all], N_lab[lab_all]) if occurrence else np.zeros(lt_keys.size)
+    h = np.zeros(p_tok.size, bool)
+    h[top_pair[:, :max_n]] = True
+    hot_lt = np.searchsorted(lt_keys, np.unique(lt_of[np.bincount(g_of_pair, weights=h, minlength=lts_all.size) > 0]))
+    p_occ_all = np.full(lt_keys.size, np.nan)  # NaN: not computed (t never in the label's top n)
+    p_occ_all[hot_lt] = (_hypergeom_sf(img_all[hot_lt], N, K_tok[tok_all[hot_lt]], N_lab[lab_all[hot_lt]])
+                         if occurrence else 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         occ_ratio_all = img_all / (K_tok[tok_all] * N_lab[lab_all] / N)
     out = {k: {} for k in labels}
@@ -650,7 +678,7 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
             p[hot] = np.where(ok, np.maximum(p[hot], p_r), p[hot])  # no rival left: the pooled test stands
         at_lt = np.searchsorted(lt_keys, keys)  # this n's tested (label, token) keys among all
         p_occ, occ_ratio = p_occ_all[at_lt], occ_ratio_all[at_lt]
-        p_both = np.maximum(p, p_occ)
+        p_both = np.where(obs > 0, np.fmax(p, p_occ), 1.0)
         bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
         for li, k in enumerate(labels):
             s, e = bounds[li], bounds[li + 1]
