@@ -608,12 +608,14 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     # the occurrence half, the same for every n: per (label, token), N images, K_t contain t, L owns N_L.
     # Computed only where the label holds t in some top n (elsewhere the attention half's p is 1, and so is p)
     lt_of = lts_all // S
-    lt_keys, lt_start = np.unique(lt_of, return_index=True)  # (label, token) keys, label-major
+    lt_start = _run_starts(lt_of)
+    lt_keys = lt_of[lt_start]  # (label, token) keys, label-major
     img_all = np.add.reduceat(m_all, lt_start) if lt_keys.size else np.zeros(0, np.int64)
     tok_all, lab_all = lt_keys % T, lt_keys // T
     h = np.zeros(p_tok.size, bool)
     h[top_pair[:, :max_n]] = True
-    hot_lt = np.searchsorted(lt_keys, np.unique(lt_of[np.bincount(g_of_pair, weights=h, minlength=lts_all.size) > 0]))
+    hot = lt_of[np.bincount(g_of_pair, weights=h, minlength=lts_all.size) > 0]  # sorted
+    hot_lt = np.searchsorted(lt_keys, hot[_run_starts(hot)])
     p_occ_all = np.full(lt_keys.size, np.nan)  # NaN: not computed (t never in the label's top n)
     p_occ_all[hot_lt] = (_hypergeom_sf(img_all[hot_lt], N, K_tok[tok_all[hot_lt]], N_lab[lab_all[hot_lt]])
                          if occurrence else 0.0)
@@ -632,7 +634,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         lt, ts_ = lts // S, (lts % (T * S))
         tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
         # group the strata of each (label, token)
-        keys, start = np.unique(lt, return_index=True)
+        start = _run_starts(lt)  # lt is sorted
+        keys = lt[start]
         end = np.append(start[1:], lt.size)
         obs = np.add.reduceat(o, start)
         img = np.add.reduceat(m, start)
@@ -685,6 +688,13 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
             out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p_both[s:e],
                                            benjamini_hochberg(p_both[s:e]), occ_ratio[s:e], p_occ[s:e], p[s:e])
     return out
+
+
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of the sorted ``a`` starts (``np.unique(a, return_index=True)[1]``, no sort)."""
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.concatenate([[True], a[1:] != a[:-1]]))
 
 
 def _grouped_sf(obs, start, end, M, n, N) -> np.ndarray:
