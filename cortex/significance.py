@@ -677,43 +677,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         expct = np.add.reduceat(m * tot_a / tot_n, start)
         p = _grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled
         lab, tok = keys // T, keys % T
-        # ... and against each of its `rivals` strongest rivals: the labels with the highest rate o / (images + 2)
-        # of t (intersection-union: L must beat the pool and each of them)
-        hot = np.flatnonzero(obs > 0)  # (H,) only these can be rivals, and only these have p < 1
-        h_tok, h_lab = tok[hot], lab[hot]
-        order = np.lexsort((h_lab, -obs[hot] / (img[hot] + 2.0), h_tok))  # per token, its labels by rate, desc.
-        first = np.searchsorted(h_tok[order], np.arange(T + 1))  # (T + 1,) where each token's ranking starts
-        rank = np.empty(hot.size, np.int64)
-        rank[order] = np.arange(hot.size) - first[h_tok[order]]  # L's rank among the labels of t
-        h_start, h_end = start[hot], end[hot]
-        h_len = h_end - h_start
-        sub_start = np.append(0, np.cumsum(h_len)[:-1]).astype(np.int64)
-        h_rows = np.repeat(h_start - sub_start, h_len) + np.arange(h_len.sum())  # their (L, t, s) rows
-        # labels that contain t but never hold it in the top n (rate 0) come after, smallest label first
-        n_hot = np.diff(first)  # (T,) labels holding t in some top n
-        cold = np.flatnonzero((obs == 0) & (n_hot[tok] <= rivals))
-        cold = cold[np.argsort(tok[cold], kind="stable")]  # by token, then label (keys are label-major)
-        c_first = np.searchsorted(tok[cold], np.arange(T + 1))
-        for r in range(rivals):
-            at = first[h_tok] + r + (rank <= r)  # the r-th best label of t other than L
-            ok = at < first[h_tok + 1]
-            c_at = c_first[h_tok] + r - (n_hot[h_tok] - 1)  # ... or, past those, a label with rate 0
-            c_ok = ~ok & (c_at < c_first[h_tok + 1])
-            rival = np.where(ok, h_lab[order[np.minimum(at, hot.size - 1)]], -1)
-            if c_ok.any():
-                rival[c_ok] = lab[cold[c_at[c_ok]]]
-            ok |= c_ok
-            if not ok.any():
-                continue
-            rows_rival = np.repeat(rival, h_len)  # per (L, t, s) row: the rival label
-            key_r = (rows_rival * T + np.repeat(h_tok, h_len)) * S + lts[h_rows] % S
-            at_r = np.minimum(np.searchsorted(lts, key_r), lts.size - 1)
-            hit = (lts[at_r] == key_r) & (rows_rival >= 0)
-            m_r, o_r = np.where(hit, m[at_r], 0), np.where(hit, o[at_r], 0)
-            # stratum s of L vs its rival: population m + m_r images, o + o_r in the top n, L draws m
-            mm, oo = m[h_rows], o[h_rows]
-            p_r = _grouped_sf(np.where(ok, obs[hot], 0), sub_start, sub_start + h_len, mm + m_r, oo + o_r, mm)
-            p[hot] = np.where(ok, np.maximum(p[hot], p_r), p[hot])  # no rival left: the pooled test stands
+        if rivals > 0:
+            p = _against_rivals(p, obs, img, tok, lab, start, end, lts, m, o, T, S, rivals)
         at_lt = np.searchsorted(lt_keys, keys)  # this n's tested (label, token) keys among all
         p_occ, occ_ratio = p_occ_all[at_lt], occ_ratio_all[at_lt]
         p_both = np.where(obs > 0, np.fmax(p, p_occ), 1.0)
@@ -723,6 +688,49 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
             out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p_both[s:e],
                                            benjamini_hochberg(p_both[s:e]), occ_ratio[s:e], p_occ[s:e], p[s:e])
     return out
+
+
+def _against_rivals(p, obs, img, tok, lab, start, end, lts, m, o, T: int, S: int, rivals: int) -> np.ndarray:
+    """The attention half's p-values ``p`` (one per (label, token) group) raised to L's test against each of
+    its ``rivals`` strongest rival labels (the labels with the highest rate ``o / (images + 2)`` of t; the
+    intersection-union keeps the largest p). Groups: ``start``/``end`` rows of ``lts, m, o`` (per stratum)."""
+    p = p.copy()
+    hot = np.flatnonzero(obs > 0)  # (H,) only these can be rivals, and only these have p < 1
+    h_tok, h_lab = tok[hot], lab[hot]
+    order = np.lexsort((h_lab, -obs[hot] / (img[hot] + 2.0), h_tok))  # per token, its labels by rate, desc.
+    first = np.searchsorted(h_tok[order], np.arange(T + 1))  # (T + 1,) where each token's ranking starts
+    rank = np.empty(hot.size, np.int64)
+    rank[order] = np.arange(hot.size) - first[h_tok[order]]  # L's rank among the labels of t
+    h_start, h_end = start[hot], end[hot]
+    h_len = h_end - h_start
+    sub_start = np.append(0, np.cumsum(h_len)[:-1]).astype(np.int64)
+    h_rows = np.repeat(h_start - sub_start, h_len) + np.arange(h_len.sum())  # their (L, t, s) rows
+    # labels that contain t but never hold it in the top n (rate 0) come after, smallest label first
+    n_hot = np.diff(first)  # (T,) labels holding t in some top n
+    cold = np.flatnonzero((obs == 0) & (n_hot[tok] <= rivals))
+    cold = cold[np.argsort(tok[cold], kind="stable")]  # by token, then label (keys are label-major)
+    c_first = np.searchsorted(tok[cold], np.arange(T + 1))
+    for r in range(rivals):
+        at = first[h_tok] + r + (rank <= r)  # the r-th best label of t other than L
+        ok = at < first[h_tok + 1]
+        c_at = c_first[h_tok] + r - (n_hot[h_tok] - 1)  # ... or, past those, a label with rate 0
+        c_ok = ~ok & (c_at < c_first[h_tok + 1])
+        rival = np.where(ok, h_lab[order[np.minimum(at, hot.size - 1)]], -1)
+        if c_ok.any():
+            rival[c_ok] = lab[cold[c_at[c_ok]]]
+        ok |= c_ok
+        if not ok.any():
+            continue
+        rows_rival = np.repeat(rival, h_len)  # per (L, t, s) row: the rival label
+        key_r = (rows_rival * T + np.repeat(h_tok, h_len)) * S + lts[h_rows] % S
+        at_r = np.minimum(np.searchsorted(lts, key_r), lts.size - 1)
+        hit = (lts[at_r] == key_r) & (rows_rival >= 0)
+        m_r, o_r = np.where(hit, m[at_r], 0), np.where(hit, o[at_r], 0)
+        # stratum s of L vs its rival: population m + m_r images, o + o_r in the top n, L draws m
+        mm, oo = m[h_rows], o[h_rows]
+        p_r = _grouped_sf(np.where(ok, obs[hot], 0), sub_start, sub_start + h_len, mm + m_r, oo + o_r, mm)
+        p[hot] = np.where(ok, np.maximum(p[hot], p_r), p[hot])  # no rival left: the pooled test stands
+    return p
 
 
 def _run_starts(a: np.ndarray) -> np.ndarray:
