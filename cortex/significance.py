@@ -656,6 +656,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
                          if occurrence else 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         occ_ratio_all = img_all / (K_tok[tok_all] * N_lab[lab_all] / N)
+    lt_tok, grp_tok = lt_keys % T, lt_of % T  # the token of each (label, token) key and (label, token, stratum) group
+    one_stratum = lt_keys.size == lts_all.size
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
         n_eff = min(int(n), n_pos)
@@ -664,24 +666,27 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         a_ts = np.bincount(ts, weights=h, minlength=T * S)
         tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind filter
         o_all = np.bincount(g_of_pair, weights=h, minlength=lts_all.size).astype(np.int64)
-        g = tested[(lts_all // S) % T]
+        g = tested[grp_tok]
         lts, m, o = lts_all[g], m_all[g], o_all[g]  # o = of the label's images, those with t in the top n
-        lt, ts_ = lts // S, (lts % (T * S))
+        ts_ = lts % (T * S)
         tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
-        # group the strata of each (label, token)
-        start = _run_starts(lt)  # lt is sorted
-        keys = lt[start]
-        end = np.append(start[1:], lt.size)
-        obs = np.add.reduceat(o, start)
-        img = np.add.reduceat(m, start)
-        expct = np.add.reduceat(m * tot_a / tot_n, start)
-        p = _grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled
+        at_lt = np.flatnonzero(tested[lt_tok])  # this n's tested (label, token) keys among all
+        keys = lt_keys[at_lt]
+        if one_stratum:  # one row per (label, token): nothing to group
+            start = np.arange(keys.size)
+            obs, img, expct = o, m, m * tot_a / tot_n
+        else:  # group the strata of each (label, token)
+            start = _run_starts(lts // S)  # sorted
+            obs = np.add.reduceat(o, start)
+            img = np.add.reduceat(m, start)
+            expct = np.add.reduceat(m * tot_a / tot_n, start)
+        end = np.append(start[1:], lts.size)
+        p = _grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled; 1 where obs = 0
         lab, tok = keys // T, keys % T
         if rivals > 0:
             p = _against_rivals(p, obs, img, tok, lab, start, end, lts, m, o, T, S, rivals)
-        at_lt = np.searchsorted(lt_keys, keys)  # this n's tested (label, token) keys among all
         p_occ, occ_ratio = p_occ_all[at_lt], occ_ratio_all[at_lt]
-        p_both = np.where(obs > 0, np.fmax(p, p_occ), 1.0)
+        p_both = np.fmax(p, p_occ)  # p_occ is NaN only where obs = 0, and p = 1 there
         bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
         for li, k in enumerate(labels):
             s, e = bounds[li], bounds[li + 1]
