@@ -656,7 +656,8 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
                          if occurrence else 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         occ_ratio_all = img_all / (K_tok[tok_all] * N_lab[lab_all] / N)
-    lt_tok, grp_tok = lt_keys % T, lt_of % T  # the token of each (label, token) key and (label, token, stratum) group
+    lt_lab, lt_tok = lab_all, tok_all  # label and token of each (label, token) key
+    grp_tok, grp_ts = lt_of % T, lts_all % (T * S)  # token and (token, stratum) of each group
     one_stratum = lt_keys.size == lts_all.size
     out = {k: {} for k in labels}
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
@@ -668,12 +669,11 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
         o_all = np.bincount(g_of_pair, weights=h, minlength=lts_all.size).astype(np.int64)
         g = tested[grp_tok]
         lts, m, o = lts_all[g], m_all[g], o_all[g]  # o = of the label's images, those with t in the top n
-        ts_ = lts % (T * S)
+        ts_ = grp_ts[g]
         tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
         at_lt = np.flatnonzero(tested[lt_tok])  # this n's tested (label, token) keys among all
-        keys = lt_keys[at_lt]
         if one_stratum:  # one row per (label, token): nothing to group
-            start = np.arange(keys.size)
+            start = np.arange(at_lt.size)
             obs, img, expct = o, m, m * tot_a / tot_n
         else:  # group the strata of each (label, token)
             start = _run_starts(lts // S)  # sorted
@@ -682,7 +682,7 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
             expct = np.add.reduceat(m * tot_a / tot_n, start)
         end = np.append(start[1:], lts.size)
         p = _grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled; 1 where obs = 0
-        lab, tok = keys // T, keys % T
+        lab, tok = lt_lab[at_lt], lt_tok[at_lt]
         if rivals > 0:
             p = _against_rivals(p, obs, img, tok, lab, start, end, lts, m, o, T, S, rivals)
         p_occ, occ_ratio = p_occ_all[at_lt], occ_ratio_all[at_lt]
