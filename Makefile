@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FORCE  ?= 0
 
-.PHONY: install demo test test-slurm bench clean-demo
+.PHONY: install demo test test-other-cpu test-slurm bench clean-demo
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "CORTEX needs Python >= 3.10"'
@@ -20,11 +20,18 @@ $(STAMP): requirements.txt pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+DEMO_ARGS ?=
 demo: install
-	FORCE=$(FORCE) $(PY) -m cortex.demo
+	FORCE=$(FORCE) $(PY) -m cortex.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The suite as another CPU computes it: ATen without SIMD kernels, oneDNN at SSE4.1, MKL at SSE4.2, one thread
+# (other float rounding than any native run, so other tiny IEMs; no test may depend on one run's exact outcome)
+OTHER_CPU := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1
+test-other-cpu: install
+	$(OTHER_CPU) $(PY) -m pytest -q tests
 
 # SLURM pipeline tests on a private one-node cluster: as root, installs slurmctld slurmd slurm-client munge
 # if missing; skips (with the reason, shown by -ra) where root or the packages are unavailable.
