@@ -25,7 +25,7 @@ this run's rows.
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.bias import run_bias_detection
 from cortex.cli import (bias_parser, make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
                         seed_int)

@@ -16,7 +16,7 @@ the tokenizer recorded in datasets/dataset_info.json), or the one named by --tok
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.paths import PAPER_ATTRIBUTION, ExperimentPaths
 from cortex.provenance import verify

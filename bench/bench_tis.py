@@ -5,7 +5,7 @@
     python bench/bench_tis.py --device cuda --images 25 --nsamples 20 --repeats 5 --compute_tis --skip_parsing
     python bench/bench_tis.py --images 2 --width 32 --nets 1 --seed_loop   # quick smoke test
 
-0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.smoothgrad`` on
+0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.attributions.smoothgrad`` on
    ``--images`` embeddings x ``--nsamples`` draws, against the bare forward+backward of the same noisy
    copies in the same chunks (nothing else: no noise, no bookkeeping); the ratio should stay <= 1.1x.
    A breakdown follows: forward+backward, building the noisy copies, the float64 accumulation (each timed
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortex.attribution import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
+from cortex.attribution.attributions import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
 from cortex.stats import TOP_NS, label_statistics  # noqa: E402
 from cortex.tis import read_tis_file  # noqa: E402
 from cortex.utils import format_list  # noqa: E402
@@ -95,7 +95,7 @@ def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
     (``attribution.accumulate_draws``: the float64 sums in draw order, on a stand-in gradient) and
     ``noise_s`` (``attribution.standard_noise`` with per-image seeds: a per-batch cost of ``compute_tis``).
     """
-    from cortex.attribution import accumulate_draws, draw_pieces, fill_copies
+    from cortex.attribution.attributions import accumulate_draws, draw_pieces, fill_copies
 
     S, B = z.shape[:2]
     n = S * B
@@ -122,7 +122,7 @@ def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
 
 def bench_lower_bound(args):
     """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
-    from cortex.attribution import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
+    from cortex.attribution.attributions import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
         copies_for_budget
     from cortex.models import build_model
 

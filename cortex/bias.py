@@ -442,7 +442,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     from .stats import SOURCE_FILE, read_stats_section
     from .tis import check_iem_not_near_chance
 
-    from .attribution import print_smoothgrad_caveat
+    from .attribution.attributions import print_smoothgrad_caveat
 
     files = check_bias_inputs(paths, model, attribution, allow_partial)
     print_smoothgrad_caveat(attribution, "bias")

@@ -192,7 +192,7 @@ def bias_robustness(runs: dict) -> list[dict]:
 def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude_shared: bool = False) -> dict:
     """``{"seed s, <attribution>": rows}`` of every bias table of these settings found under ``root``: the
     usual ``results/{bias_type}/Bias_detection/`` (seed 0) and each ``results/replicates/seed_<s>/{bias_type}/``."""
-    from .attribution import ATTRIBUTIONS
+    from .attribution.attributions import ATTRIBUTIONS
     from .bias import bias_csv_name, read_bias_csv
 
     base = bias_csv_name(top_n, token_num, exclude_shared)

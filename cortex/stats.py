@@ -1018,14 +1018,14 @@ def random_precision(occurring, planted) -> float:
 
 def find_attributions(paths, model: int) -> list[str]:
     """Attributions with TIS statistics for ``model`` (the paper's ``smoothgrad`` first)."""
-    from .attribution import ATTRIBUTIONS
+    from .attribution.attributions import ATTRIBUTIONS
 
     names = [a for a in ATTRIBUTIONS if label_files(paths.stats_dir(model, a))]
     return sorted(names, key=lambda a: (a != "smoothgrad", a))
 
 
 def find_models(paths) -> list[int]:
-    from .attribution import ATTRIBUTIONS
+    from .attribution.attributions import ATTRIBUTIONS
 
     ms = set()
     for a in ATTRIBUTIONS:
@@ -1100,7 +1100,7 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
 
 def analysis_parser(model_choices) -> argparse.ArgumentParser:
     """Flags of both folders' TIS_analysis.py (the VQGAN one adds paths; the Dalle one also --bias_type)."""
-    from .attribution import ATTRIBUTIONS
+    from .attribution.attributions import ATTRIBUTIONS
 
     p = make_parser(add_help=False)
     p.add_argument("--model", type=int, choices=tuple(model_choices), required=True, help="IEM ClassificationNet{m}")

@@ -1,6 +1,6 @@
 """Token Importance Score computation: the driver behind both folders' ``TIS_computation.py``.
 
-``compute_tis`` scores every image of a dataset with one attribution (``cortex.attribution``) and
+``compute_tis`` scores every image of a dataset with one attribution (``cortex.attribution.attributions``) and
 writes one CSV per label, ``label_{k}.csv`` with header ``filename,label,contribution`` (SPEC §3).
 
 Files of a TIS folder (``results/.../TIS_value_{split}/``), the format other steps may rely on:
@@ -63,9 +63,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .attribution import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_memory_bytes, copies_for_budget,
-                          get_attribution, image_seed, memory_per_copy, prepare_fast, reduce_channels,
-                          smoothgrad_from_noise, standard_noise, token_scores, top_overlap)
+from .attribution.attributions import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_memory_bytes,
+                                       copies_for_budget, get_attribution, image_seed, memory_per_copy, prepare_fast,
+                                       reduce_channels, smoothgrad_from_noise, standard_noise, token_scores,
+                                       top_overlap)
 from .cli import make_parser, nonneg_float, nonneg_int, positive_float, positive_int
 from .provenance import file_sha256  # noqa: F401  (cortex.tis.file_sha256: one hashing function)
 from .utils import (CortexError, atomic_write, blocking_lock, format_list, lock_fd, open_lock, parse_float_list,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cortex import tis as T
-from cortex.attribution import image_seed, token_scores
+from cortex.attribution.attributions import image_seed, token_scores
 from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cortex import attribution as A
+from cortex.attribution import attributions as A
 from cortex import tis as T
 from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cortex import attribution as A
+from cortex.attribution import attributions as A
 from cortex.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ Writes results/Explanation/model_{m}/
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS, print_smoothgrad_caveat
+from cortex.attribution.attributions import ATTRIBUTIONS, print_smoothgrad_caveat
 from cortex.cli import label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.evaluators import evaluator_parser
 from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, concept_level,

@@ -27,7 +27,7 @@ Writes results/Explanation/model_{m}/
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import (label_subset_parser, make_parser, nonneg_int, paths_parser, position_int, run_main,
                         runtime_parser, seed_int)
 from cortex.evaluators import evaluator_parser

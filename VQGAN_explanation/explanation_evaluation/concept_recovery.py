@@ -31,7 +31,7 @@ Candidates found on disk that fail are left out with a warning (leftovers of an 
 import argparse
 import csv
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import float_in, int_in, make_parser, paths_parser, position_int, positive_int, run_main
 from cortex.paths import ExperimentPaths
 from cortex.provenance import check_frequency_baseline, dataset_hashes, record_id, write_output_record

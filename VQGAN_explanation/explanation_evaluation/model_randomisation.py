@@ -7,7 +7,7 @@
 An attribution that explains the IEM must change when the IEM's weights are destroyed. Starting from the
 trained IEM (stage 0), the layers with parameters are re-initialised one by one from the top (the output
 layer first; cascading: earlier stages stay randomised), and after each stage the TIS of the same images
-(same SmoothGrad noise) are computed with cortex.attribution.token_scores. Reported per stage: the Spearman
+(same SmoothGrad noise) are computed with cortex.attribution.attributions.token_scores. Reported per stage: the Spearman
 rank correlation between the trained and the randomised IEM's 256 TIS of an image, mean (and std) over the
 images. Stage 0 is 1 by construction; a sane attribution falls towards 0 as layers are randomised (an edge
 detector would not). The target of each image is its label.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cortex.attribution import ATTRIBUTIONS, token_scores
+from cortex.attribution.attributions import ATTRIBUTIONS, token_scores
 from cortex.cli import make_parser, model_parser, nonneg_float, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.provenance import verify, write_output_record
@@ -101,7 +101,7 @@ def cascading_randomisation(model, x, y, attributions, seed: int = 0, batch_size
     model is modified in place (pass a copy). x ``(N, 256, 16, 16)``, y ``(N,)`` targets; opts go to
     ``token_scores`` (nsamples, stdev_spread, ...).
     """
-    from cortex.attribution import image_seed
+    from cortex.attribution.attributions import image_seed
 
     seeds = [image_seed(seed, i) for i in range(x.shape[0])]
     model.eval()
