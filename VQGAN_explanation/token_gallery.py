@@ -58,7 +58,7 @@ def get_args_parser():
 def main(args):
     from cortex.gallery import build_gallery, draw_gallery
     from cortex.plots import class_name, class_names_of
-    from cortex.stats import label_files
+    from cortex.paths import label_files
     from cortex.tokenizers import tokenizer_for_dataset
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)

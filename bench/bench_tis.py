@@ -21,9 +21,9 @@
      create_graph=True)`` per sample ``j`` (cost ~ batch^2 per draw);
    - ours: one forward/backward of the summed target logits over all noisy copies;
    and print the ratio and the max abs difference of the per-position scores (channel max).
-2. (``--compute_tis``) ``cortex.tis.compute_tis`` end to end (noise, scores, CSV rows written) against
+2. (``--compute_tis``) ``cortex.attribution.tis.compute_tis`` end to end (noise, scores, CSV rows written) against
    ``smoothgrad`` alone on the same ``--tis_batches`` batches: the per-batch costs outside ``smoothgrad``.
-3. Parsing. Time reading a TIS file of ``--rows`` rows with ``cortex.tis.read_tis_file`` (one numpy
+3. Parsing. Time reading a TIS file of ``--rows`` rows with ``cortex.attribution.store.read_tis_file`` (one numpy
    parse per file) against a csv + ``ast.literal_eval`` per row reader (the seed's), and the full
    statistics of one label (one argsort per image, reused for n = 1, 5, 10, 20) against re-reading and
    re-sorting for every n.
@@ -46,8 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortex.attribution.attributions import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
-from cortex.stats import TOP_NS, label_statistics  # noqa: E402
-from cortex.tis import read_tis_file  # noqa: E402
+from cortex.analysis.ranking import TOP_NS  # noqa: E402
+from cortex.analysis.statistics import label_statistics
+from cortex.attribution.store import read_tis_file  # noqa: E402
 from cortex.utils import format_list  # noqa: E402
 
 
@@ -196,7 +197,7 @@ class _MemoryDataset(torch.utils.data.Dataset):
 
 
 def bench_compute_tis(args):
-    """End to end: ``cortex.tis.compute_tis`` (noise, scores, CSV rows) against ``smoothgrad`` alone.
+    """End to end: ``cortex.attribution.tis.compute_tis`` (noise, scores, CSV rows) against ``smoothgrad`` alone.
 
     For each net of --nets: ``--tis_batches`` batches of ``--images`` images (two labels), scored and written
     to a temporary folder (after one warm-up run), against the same batches through ``smoothgrad`` only
@@ -204,7 +205,7 @@ def bench_compute_tis(args):
     pipelining of ``compute_tis`` (next batch queued before the rows of the previous one are written) hides.
     """
     from cortex.models import build_model
-    from cortex.tis import TISConfig, compute_tis
+    from cortex.attribution.tis import TISConfig, compute_tis
 
     device = torch.device(args.device)
     n = args.images * args.tis_batches

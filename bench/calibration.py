@@ -31,7 +31,8 @@ from cortex.data import load_token_indices  # noqa: E402
 from cortex.scripts import run_script  # noqa: E402
 from cortex.significance import (contrast_tests, read_label_tis, score_significant,  # noqa: E402
                                  significance_tests)
-from cortex.stats import label_files, read_ground_truth  # noqa: E402
+from cortex.paths import label_files  # noqa: E402
+from cortex.analysis.recovery import read_ground_truth
 
 ATTRIBUTIONS = ("smoothgrad", "smoothgrad_x_input")
 

@@ -156,7 +156,7 @@ def read_neutral_set(path, n_pos: int | None = None, n_codes: int | None = None
 
     ids: ``(N, L)`` int64 when every image has L ids (the usual 256), else a list of N arrays.
     ``filename`` is optional (row numbers are used when absent); other columns are ignored. Well-formed
-    files are read in one pass (``cortex.stats.fast_int_list_csv``; linear in the images); otherwise the
+    files are read in one pass (``cortex.list_csv.fast_int_list_csv``; linear in the images); otherwise the
     csv module's reader names the bad line. Given ``n_pos`` (ids per image) and ``n_codes`` (codebook size),
     a row with another number of ids, a negative id or one >= ``n_codes`` is a CortexError naming file:line.
     """
@@ -197,7 +197,7 @@ def _bad_neutral_row(ids, n_pos, n_codes) -> tuple[int, str] | None:
 
 def _read_neutral_rows(path):
     """``(names, ids, where)``: read_neutral_set's parse; ``where(i)``: ``file:line`` of row ``i``."""
-    from .stats import fast_int_list_csv, int_lists
+    from .list_csv import fast_int_list_csv, int_lists
 
     path = Path(path)
     if not path.exists():
@@ -399,7 +399,8 @@ def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_
     and use the complete labels.
     """
     from .significance import check_current_run
-    from .stats import label_files, split_label_counts
+    from .paths import label_files
+    from .list_csv import split_label_counts
 
     stats_dir = paths.stats_dir(model, attribution)
     files = label_files(stats_dir)
@@ -439,8 +440,9 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
     """
     from .provenance import dataset_hashes, file_sha256, write_output_record
-    from .stats import SOURCE_FILE, read_stats_section
-    from .tis import check_iem_not_near_chance
+    from .provenance import SOURCE_FILE
+    from .analysis.statistics_files import read_stats_section
+    from .attribution.tis import check_iem_not_near_chance
 
     from .attribution.attributions import print_smoothgrad_caveat
 

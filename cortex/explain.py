@@ -776,11 +776,11 @@ def eval_setup(args, experiment: str = "vqgan", device=None):
 
 def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bool:
     """Warn loudly when IEM ``model``'s known accuracy (test.py's ``testing_results.csv``, its checkpoint's
-    ``config.json``) is near chance: its TIS then explain noise. Uses ``cortex.tis.check_iem_not_near_chance``;
+    ``config.json``) is near chance: its TIS then explain noise. Uses ``cortex.attribution.tis.check_iem_not_near_chance``;
     ``num_classes`` defaults to the dataset's (``dataset_info.json``, else the train split's labels).
     Returns True when it warned."""
     from .data import dataset_info, read_split
-    from .tis import check_iem_not_near_chance
+    from .attribution.tis import check_iem_not_near_chance
 
     n = num_classes or dataset_info(paths.data_dir).get("num_classes")
     if not n:

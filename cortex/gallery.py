@@ -43,7 +43,7 @@ class TokenCard:
 
 def concept_tokens(stats_file, top_n: int, k: int) -> list[tuple[int, int]]:
     """The first ``k`` rows ``(token, count)`` of section ``Top {top_n} Tokens`` of a TIS statistics file."""
-    from .stats import read_stats
+    from .analysis.statistics_files import read_stats
 
     if k <= 0:
         raise CortexError(f"--k {k}: ask for at least one token")

@@ -6,11 +6,23 @@ so the VQGAN and DALL-E-mini folders (which differ only by a ``{bias_type}/`` le
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 # The paper's attribution keeps the paper's folders; others get their own (results/TIS_<name>/...).
 PAPER_ATTRIBUTION = "smoothgrad"
+LABEL_RE = re.compile(r"^label_(\d+)\.csv$")  # one file per label: TIS, statistics and frequency-baseline folders
+
+
+def label_files(directory, pattern: str = "label_*.csv") -> dict[int, Path]:
+    """``{label: path}`` of the ``label_{k}.csv`` files of a folder, sorted by label."""
+    out = {}
+    for p in Path(directory).glob(pattern):
+        m = LABEL_RE.match(p.name)
+        if m:
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
 
 
 def _absolute(path) -> Path:

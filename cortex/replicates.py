@@ -143,7 +143,8 @@ def token_stability(tokens_by_run: dict) -> dict:
 
 def read_run_tokens(stats_dir, top_n: int, k: int) -> dict:
     """``{label: first k tokens of section Top {top_n}}`` of one run's TIS statistics folder."""
-    from .stats import label_files, read_stats_section
+    from .paths import label_files
+    from .analysis.statistics_files import read_stats_section
 
     files = label_files(stats_dir)
     if not files:

@@ -127,8 +127,8 @@ def test_iem_trained_tested_and_reloaded_with_the_geometry(world):
 
 
 def test_tis_rows_and_statistics_follow_the_grid(world):
-    from cortex.stats import read_stats
-    from cortex.tis import read_tis_file
+    from cortex.analysis.statistics_files import read_stats
+    from cortex.attribution.store import read_tis_file
 
     paths, side, model = world["paths"], world["side"], world["model"]
     n_test = 0

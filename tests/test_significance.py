@@ -388,7 +388,7 @@ def test_bias_table_authors_format(tmp_path):
         files[label] = p
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 50, 256) for _ in range(25)]
-    from cortex.stats import read_stats_section
+    from cortex.analysis.statistics_files import read_stats_section
 
     rows = B.detect_bias({k: read_stats_section(p, 5, 2) for k, p in files.items()}, ids)
     paths = ExperimentPaths(experiment="dalle", root=tmp_path, bias_type="doctor_gender")
@@ -427,7 +427,7 @@ def test_bias_figure_draws_only_this_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 12.5 / 14.5 inputs of the current run
 
 def _sha(path):
-    from cortex.tis import file_sha256
+    from cortex.utils import file_sha256
 
     return file_sha256(path)
 

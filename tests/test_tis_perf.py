@@ -127,7 +127,7 @@ class _Images(torch.utils.data.Dataset):
 def test_compute_tis_writes_a_batch_while_the_next_is_scored(tmp_path, monkeypatch):
     """Rows of batch k are written after batch k+1 is queued (on a GPU the writing overlaps its work); an
     error keeps the rows already scored; the files are the same as scoring batch by batch."""
-    from cortex import tis as T
+    from cortex.attribution import tis as T
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(256, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()

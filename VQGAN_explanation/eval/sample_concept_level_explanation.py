@@ -35,7 +35,9 @@ from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, 
                             paired_stats_path, warn_if_near_chance, write_rows)
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.stats import _short, read_frequency_baseline, read_stats_section
+from cortex.attribution.store import short_list as _short
+from cortex.analysis.frequency import read_frequency_baseline
+from cortex.analysis.statistics_files import read_stats_section
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"

@@ -36,8 +36,9 @@ from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check
                             warn_if_near_chance, write_rows)
 from cortex.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
 from cortex.provenance import verify, write_output_record
-from cortex.stats import check_tis_inputs, split_label_counts
-from cortex.tis import read_tis_file
+from cortex.attribution.store import check_tis_inputs
+from cortex.list_csv import split_label_counts
+from cortex.attribution.store import read_tis_file
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"

@@ -37,7 +37,9 @@ from cortex.paths import ExperimentPaths
 from cortex.provenance import check_frequency_baseline, dataset_hashes, record_id, write_output_record
 from cortex.significance import (ALPHA, ENRICHMENT_FILE, SIGNIFICANCE_FILE, check_current_run, null_labels,
                                  read_significance, significance_recovery)
-from cortex.stats import TOP_NS, concept_recovery, find_attributions, find_models, label_files, read_ground_truth
+from cortex.analysis.ranking import TOP_NS
+from cortex.analysis.recovery import concept_recovery, find_attributions, find_models, read_ground_truth
+from cortex.paths import label_files
 from cortex.utils import CortexError, atomic_write, save_run_args
 
 COLUMNS = ["model", "method", "top_n", "label", "k", "precision"]
