@@ -26,7 +26,7 @@ this run's rows.
 import argparse
 
 from cortex.attribution.attributions import ATTRIBUTIONS
-from cortex.bias import run_bias_detection
+from cortex.analysis.bias import run_bias_detection
 from cortex.cli import (bias_parser, make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
                         seed_int)
 from cortex.paths import ExperimentPaths

@@ -15,7 +15,7 @@ TIS_computation.py writes them) + ``tis_config.json``. Then it times, end to end
 * ``generate_freq_based_tokens.py`` against ``plain_frequency_baseline`` (pandas + numpy);
 * bias detection (``Dalle_explanation/bias_detection.py``'s counting step, once per size N): a neutral-prompt
   set of N images (``filename,indices``) and two labels' token sets (10 ids each); ours =
-  ``cortex.bias.read_neutral_set`` + ``detect_bias`` (counts, Cliff's delta, Mann-Whitney p; ``n_boot=0``: the
+  ``cortex.analysis.bias.read_neutral_set`` + ``detect_bias`` (counts, Cliff's delta, Mann-Whitney p; ``n_boot=0``: the
   bootstrap CI costs the same at every N) against ``plain_bias`` (pandas ``read_csv`` + ``np.fromstring``,
   ``np.isin`` on the (N, 256) ids, Cliff's delta by sorting).
 
@@ -45,7 +45,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortex.bias import detect_bias, read_neutral_set  # noqa: E402
+from cortex.analysis.bias import detect_bias, read_neutral_set  # noqa: E402
 from cortex.scripts import load_script, run_script  # noqa: E402
 from cortex.significance import run_significance  # noqa: E402
 from cortex.analysis.statistics import run_analysis  # noqa: E402

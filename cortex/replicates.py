@@ -157,7 +157,7 @@ def read_run_tokens(stats_dir, top_n: int, k: int) -> dict:
 def bias_robustness(runs: dict) -> list[dict]:
     """Is a label's bias direction the same in every run?
 
-    runs: ``{run name: [rows of a bias CSV]}`` (``cortex.bias.read_bias_csv`` rows: ``label``, ``cliff_delta``,
+    runs: ``{run name: [rows of a bias CSV]}`` (``cortex.analysis.bias.read_bias_csv`` rows: ``label``, ``cliff_delta``,
     optionally ``cliff_delta_ci_low/high``); a run is e.g. ``seed 1, smoothgrad_x_input``. Per label: the
     direction of the runs' mean δ, how many runs share its sign and how many have a 95% CI excluding 0. The
     verdict is ``robust`` when every run has that sign and a CI excluding 0 (runs without a CI count by sign),
@@ -194,7 +194,7 @@ def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude
     """``{"seed s, <attribution>": rows}`` of every bias table of these settings found under ``root``: the
     usual ``results/{bias_type}/Bias_detection/`` (seed 0) and each ``results/replicates/seed_<s>/{bias_type}/``."""
     from .attribution.attributions import ATTRIBUTIONS
-    from .bias import bias_csv_name, read_bias_csv
+    from .analysis.bias import bias_csv_name, read_bias_csv
 
     base = bias_csv_name(top_n, token_num, exclude_shared)
     out = {}
@@ -209,7 +209,7 @@ def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude
 
 def bias_robustness_file(root, bias_type: str, top_n: int, token_num: int, exclude_shared: bool = False) -> Path:
     """``results/{bias_type}/Bias_detection/token_bias_top{n}_num{k}_cliff[_noshared]_robustness.csv``."""
-    from .bias import bias_csv_name
+    from .analysis.bias import bias_csv_name
 
     name = bias_csv_name(top_n, token_num, exclude_shared).replace(".csv", "_robustness.csv")
     return seed_paths("dalle", root, 0, bias_type).bias_dir() / name

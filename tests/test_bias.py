@@ -1,11 +1,11 @@
-"""cortex.bias (Cliff's delta, detection, figure) and cortex.bias_world (the planted bias)."""
+"""cortex.analysis.bias (Cliff's delta, detection, figure) and cortex.bias_world (the planted bias)."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from cortex import bias as B
+from cortex.analysis import bias as B
 from cortex.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
 from cortex.utils import CortexError
 

@@ -144,7 +144,7 @@ def test_randomisation_band_is_not_cut(tmp_path):
 
 
 def test_bias_figure_has_a_short_title(tmp_path):
-    from cortex import bias as B
+    from cortex.analysis import bias as B
     from cortex.paths import ExperimentPaths
 
     paths = ExperimentPaths("dalle", root=tmp_path, bias_type="doctor_gender")

@@ -313,7 +313,7 @@ def test_token_id_beyond_the_codebook_is_refused(tmp_path):
                                       ("99999", "token id 99999 is outside the codebook"),
                                       ("short", "255 token ids, expected 256")])
 def test_bad_neutral_row_is_refused_with_its_line(tmp_path, row, why):
-    from cortex.bias import read_neutral_set
+    from cortex.analysis.bias import read_neutral_set
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 24, 256) for _ in range(40)]

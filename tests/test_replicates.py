@@ -9,7 +9,7 @@ import pytest
 
 from cortex import replicates as rp
 from cortex.attribution.attributions import smoothgrad_caveat
-from cortex.bias import BIAS_HEADER
+from cortex.analysis.bias import BIAS_HEADER
 from cortex.scripts import REPO, load_script
 from cortex.utils import CortexError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as ss
 
-from cortex import bias as B
+from cortex.analysis import bias as B
 from cortex import significance as G
 from cortex.data import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list

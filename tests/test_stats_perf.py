@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cortex import bias as B
+from cortex.analysis import bias as B
 from cortex.analysis import statistics as S
 from cortex.analysis import frequency as F
 from cortex.analysis import ranking as R

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import CortexError, atomic_write, parse_int_list
+from ..utils import CortexError, atomic_write, parse_int_list
 
 BIAS_HEADER = ["total_files", "total_token_occurrences", "average_frequency_per_file", "number_of_target_tokens",
                "label", "tokens", "cliff_delta", "cliff_delta_seed", "p_value", "cliff_delta_ci_low",
@@ -197,7 +197,7 @@ def _bad_neutral_row(ids, n_pos, n_codes) -> tuple[int, str] | None:
 
 def _read_neutral_rows(path):
     """``(names, ids, where)``: read_neutral_set's parse; ``where(i)``: ``file:line`` of row ``i``."""
-    from .list_csv import fast_int_list_csv, int_lists
+    from ..list_csv import fast_int_list_csv, int_lists
 
     path = Path(path)
     if not path.exists():
@@ -398,9 +398,9 @@ def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_
     split with no statistics file or a statistics file for a label the split lacks; ``allow_partial``: warn
     and use the complete labels.
     """
-    from .significance import check_current_run
-    from .paths import label_files
-    from .list_csv import split_label_counts
+    from ..significance import check_current_run
+    from ..paths import label_files
+    from ..list_csv import split_label_counts
 
     stats_dir = paths.stats_dir(model, attribution)
     files = label_files(stats_dir)
@@ -439,12 +439,12 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     (:func:`check_bias_inputs`); an IEM whose accuracy is near chance gets a loud warning. Returns
     ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
     """
-    from .provenance import dataset_hashes, file_sha256, write_output_record
-    from .provenance import SOURCE_FILE
-    from .analysis.statistics_files import read_stats_section
-    from .attribution.tis import check_iem_not_near_chance
+    from ..provenance import dataset_hashes, file_sha256, write_output_record
+    from ..provenance import SOURCE_FILE
+    from .statistics_files import read_stats_section
+    from ..attribution.tis import check_iem_not_near_chance
 
-    from .attribution.attributions import print_smoothgrad_caveat
+    from ..attribution.attributions import print_smoothgrad_caveat
 
     files = check_bias_inputs(paths, model, attribution, allow_partial)
     print_smoothgrad_caveat(attribution, "bias")
@@ -455,7 +455,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
         if not toks:
             raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
     neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
-    from .data import codebook_size, n_positions
+    from ..data import codebook_size, n_positions
 
     _, ids = read_neutral_set(neutral, n_positions(paths.data_dir), codebook_size(paths.data_dir))
     rows = detect_bias(label_tokens, ids, exclude_shared, n_boot, seed)
@@ -485,7 +485,7 @@ def report_bias_robustness(paths, top_n: int, token_num: int, exclude_shared: bo
     attributions, the seed replicates of cortex.replicates), write ``..._robustness.csv`` and print whether each
     label's direction is robust. Returns ``(csv path, rows)``; None when only one run exists or
     ``--results_dir`` points outside the seed folders."""
-    from .replicates import found_seeds, seed_paths, write_bias_robustness
+    from ..replicates import found_seeds, seed_paths, write_bias_robustness
 
     known = {seed_paths("dalle", paths.root, s, paths.bias_type).bias_dir() for s in found_seeds(paths.root,
                                                                                                   paths.bias_type)}
@@ -523,7 +523,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     ``robustness``: ``{label: cortex.replicates.bias_robustness row}``; a direction that is not the same on every
     run found (seeds x attributions) gets "not robust (k/n runs)" in red under its bar.
     """
-    from .plots import MAX_WIDTH_IN, _plt, save_figure
+    from ..plots import MAX_WIDTH_IN, _plt, save_figure
 
     plt = _plt()
     name = name or bias_csv_name(top_n, token_num)
@@ -593,7 +593,7 @@ def plot_ratio_sweep(rows: list[dict], out) -> Path:
     The ideal for perfectly recovered token sets of equal size is about ``2 ratio - 1`` (dashed).
     Saved with the Agg backend to ``out``.
     """
-    from .plots import _plt, save_figure
+    from ..plots import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
