@@ -482,10 +482,10 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
 
 def report_bias_robustness(paths, top_n: int, token_num: int, exclude_shared: bool = False):
     """After a bias run: compare it with every other run of these settings under ``--root`` (the other
-    attributions, the seed replicates of cortex.replicates), write ``..._robustness.csv`` and print whether each
+    attributions, the seed replicates of cortex.analysis.replicates), write ``..._robustness.csv`` and print whether each
     label's direction is robust. Returns ``(csv path, rows)``; None when only one run exists or
     ``--results_dir`` points outside the seed folders."""
-    from ..replicates import found_seeds, seed_paths, write_bias_robustness
+    from .replicates import found_seeds, seed_paths, write_bias_robustness
 
     known = {seed_paths("dalle", paths.root, s, paths.bias_type).bias_dir() for s in found_seeds(paths.root,
                                                                                                   paths.bias_type)}
@@ -520,7 +520,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     bias type's or an earlier run's file), with its bootstrap 95% CI as an error bar, the Mann-Whitney p and
     the size label above each bar, the label's tokens under it (``*`` = a planted attribute token of the
     synthetic world). Right: the per-image token counts of the labels over the neutral-prompt set.
-    ``robustness``: ``{label: cortex.replicates.bias_robustness row}``; a direction that is not the same on every
+    ``robustness``: ``{label: cortex.analysis.replicates.bias_robustness row}``; a direction that is not the same on every
     run found (seeds x attributions) gets "not robust (k/n runs)" in red under its bar.
     """
     from ..plots import MAX_WIDTH_IN, _plt, save_figure
