@@ -38,7 +38,7 @@ from cortex.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthet
                                describe_dataset, evaluator_folder, evaluator_logits, has_imagenet_weights,
                                net_input_size, pretrained_net, save_synthetic_evaluator)
 from cortex.explain import load_images, write_rows
-from cortex.masking import mask_images
+from cortex.evaluation.masking import mask_images
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, get_device, hold_writer_lock, save_run_args, seed_everything
 

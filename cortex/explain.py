@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
 from .evaluators import class_logit_prob, evaluator_logits, to_unit
-from .masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
+from .evaluation.masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
 from .utils import CortexError, atomic_write
 
 SAMPLE_COLUMNS = ["Model", "Num_Masked_Tokens", "Method", "Avg_Logits", "Avg_Probs", "Logits_Diff", "Probs_Diff"]
@@ -86,7 +86,7 @@ def records_by_label(records: list[Record], labels=None, max_per_label: int | No
 
 def mask_grid(n_pos: int, grid=None):
     """The ``grid=`` to mask ``n_pos`` positions with: ``grid`` (h, w) if given; None (the paper's 16 x 16 path of
-    :func:`cortex.masking.mask_images`) for 256 positions; else the square grid of ``n_pos``."""
+    :func:`cortex.evaluation.masking.mask_images`) for 256 positions; else the square grid of ``n_pos``."""
     if grid is not None:
         h, w = int(grid[0]), int(grid[1])
         if h * w != n_pos:
@@ -150,7 +150,7 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | Non
     label_data: iterable of ``(label, records, scores, images)`` per label -- records (N) with ids,
     scores (N, 256) their TIS rows (read once per label), images (N, 3, H, W) uint8 (loaded once); labels
     ascending and each label's images in the split CSV's order, as the authors iterate them.
-    random_draws: ``{filename: [positions for n in ns]}`` from :func:`cortex.masking.authors_random_draws`
+    random_draws: ``{filename: [positions for n in ns]}`` from :func:`cortex.evaluation.masking.authors_random_draws`
     over the whole split (default: drawn here over the images given, in the order given).
     For each image: variant 0 is the unmasked image; variants 1..K mask the ids at the top-n TIS
     positions (n in ``ns``); K+1..2K the ids at the n randomly drawn positions.
@@ -166,7 +166,7 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | Non
 
     from tqdm import tqdm
 
-    from .masking import AUTHORS_RANDOM_SEED, authors_random_draws
+    from .evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws
 
     ns = list(ns)
     K = len(ns)
@@ -182,7 +182,7 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | Non
         missing = [r.filename for r in records if r.filename not in random_draws]
         if missing:
             raise CortexError(f"sample level: no random draws for image {missing[0]} (label {label}); draw them "
-                              f"over the whole split with cortex.masking.authors_random_draws")
+                              f"over the whole split with cortex.evaluation.masking.authors_random_draws")
         masks = np.zeros((len(records), 1 + 2 * K, n_pos), dtype=bool)
         for i, r in enumerate(records):
             masks[i, 1:1 + K] = prefix_masks(r.ids, ranking(scores[i], n_pos), ns)

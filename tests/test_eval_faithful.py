@@ -21,7 +21,7 @@ from torch import nn
 
 from cortex import evaluators as E
 from cortex import explain as X
-from cortex import masking as M
+from cortex.evaluation import masking as M
 from cortex.data import image_path, read_split
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths

@@ -1,5 +1,5 @@
 """cortex.evaluators (ImageNet weights through torchvision's API, offline copies, clear errors; synthetic
-checkpoints) and cortex.masking (patch blackout, token-id masks)."""
+checkpoints) and cortex.evaluation.masking (patch blackout, token-id masks)."""
 import urllib.error
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cortex import evaluators as E
-from cortex import masking as M
+from cortex.evaluation import masking as M
 from cortex.utils import CortexError
 
 

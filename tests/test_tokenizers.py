@@ -337,7 +337,7 @@ def test_token_gallery_diffusers(diffusers_root, diffusers_dir, tmp_path):
 # ----------------------------------------------------------------------------- item 2 (part): masking patch = image / grid
 
 def test_masking_patch_follows_the_grid():
-    from cortex.masking import mask_images, pixel_mask
+    from cortex.evaluation.masking import mask_images, pixel_mask
 
     pos = torch.zeros(256, dtype=torch.bool)
     pos[[0, 17, 255]] = True

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import GRID, N_POS
-from .utils import CortexError
+from ..data import GRID, N_POS
+from ..utils import CortexError
 
 
 def patch_size(image_size: int) -> int:
