@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
-from .evaluators import class_logit_prob, evaluator_logits, to_unit
+from .evaluation.evaluators import class_logit_prob, evaluator_logits, to_unit
 from .evaluation.masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
 from .utils import CortexError, atomic_write
 
@@ -759,7 +759,7 @@ def eval_setup(args, experiment: str = "vqgan", device=None):
     resolved (default: ``--device`` / ``--gpu``). Returns ``(paths, device, evaluators)``.
     """
     from .data import dataset_info
-    from .evaluators import load_evaluators
+    from .evaluation.evaluators import load_evaluators
     from .paths import ExperimentPaths
     from .utils import get_device, seed_everything
 

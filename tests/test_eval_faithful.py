@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cortex import evaluators as E
+from cortex.evaluation import evaluators as E
 from cortex import explain as X
 from cortex.evaluation import masking as M
 from cortex.data import image_path, read_split

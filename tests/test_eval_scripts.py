@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from cortex import evaluators as E
+from cortex.evaluation import evaluators as E
 from cortex import explain as X
 from cortex.data import read_split
 from cortex.models import build_model, save_iem

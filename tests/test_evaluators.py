@@ -1,4 +1,4 @@
-"""cortex.evaluators (ImageNet weights through torchvision's API, offline copies, clear errors; synthetic
+"""cortex.evaluation.evaluators (ImageNet weights through torchvision's API, offline copies, clear errors; synthetic
 checkpoints) and cortex.evaluation.masking (patch blackout, token-id masks)."""
 import urllib.error
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex import evaluators as E
+from cortex.evaluation import evaluators as E
 from cortex.evaluation import masking as M
 from cortex.utils import CortexError
 

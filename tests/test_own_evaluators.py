@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cortex import evaluators as E
+from cortex.evaluation import evaluators as E
 from cortex.cli import run_main
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError

@@ -232,7 +232,7 @@ def _hold(folder):
 
 
 def test_evaluators_and_analysis_refuse_a_second_writer(tiny_root, tmp_path):
-    from cortex.evaluators import synthetic_dir
+    from cortex.evaluation.evaluators import synthetic_dir
     from cortex.paths import ExperimentPaths
 
     paths = ExperimentPaths(experiment="vqgan", root=tiny_root)
