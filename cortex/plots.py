@@ -119,7 +119,7 @@ def read_figure_summary(path) -> dict:
 
 def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): the mean of ``values`` and its Student-t interval (NaN bounds for one value)."""
-    from .explain import paired_t_interval
+    from .evaluation.explain import paired_t_interval
 
     ci = paired_t_interval(np.asarray(values, dtype=np.float64), confidence)
     return ci["mean"], ci["low"], ci["high"]

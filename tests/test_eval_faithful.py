@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from cortex.evaluation import evaluators as E
-from cortex import explain as X
+from cortex.evaluation import explain as X
 from cortex.evaluation import masking as M
 from cortex.data import image_path, read_split
 from cortex.models import build_model, save_iem

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cortex.evaluation import evaluators as E
-from cortex import explain as X
+from cortex.evaluation import explain as X
 from cortex.data import read_split
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths

@@ -31,9 +31,9 @@ from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import (label_subset_parser, make_parser, nonneg_int, paths_parser, position_int, run_main,
                         runtime_parser, seed_int)
 from cortex.evaluation.evaluators import evaluator_parser
-from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
-                            evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
-                            warn_if_near_chance, write_rows)
+from cortex.evaluation.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
+                                       evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
+                                       warn_if_near_chance, write_rows)
 from cortex.evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
 from cortex.provenance import verify, write_output_record
 from cortex.attribution.store import check_tis_inputs

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
-from .evaluation.evaluators import class_logit_prob, evaluator_logits, to_unit
-from .evaluation.masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
-from .utils import CortexError, atomic_write
+from ..data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
+from .evaluators import class_logit_prob, evaluator_logits, to_unit
+from .masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
+from ..utils import CortexError, atomic_write
 
 SAMPLE_COLUMNS = ["Model", "Num_Masked_Tokens", "Method", "Avg_Logits", "Avg_Probs", "Logits_Diff", "Probs_Diff"]
 CONCEPT_COLUMNS = ["Model", "Avg_Diff_Target", "Avg_Diff_Baseline", "Avg_Original_Prob", "Avg_Masked_Prob_Target",
@@ -166,7 +166,7 @@ def sample_level(evaluators, label_data, ns=DEFAULT_NS, random_draws: dict | Non
 
     from tqdm import tqdm
 
-    from .evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws
+    from .masking import AUTHORS_RANDOM_SEED, authors_random_draws
 
     ns = list(ns)
     K = len(ns)
@@ -606,7 +606,7 @@ def decoded_to_uint8(images: torch.Tensor) -> torch.Tensor:
 def decode_ids(vq, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Token ids (B, h*w) (256 for 16x16) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
     tokenizer adapter of :mod:`cortex.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
-    from .tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
+    from ..tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
 
     tok = as_tokenizer(vq)
     if not isinstance(tok, (TamingTokenizer, SyntheticTokenizer)):  # diffusers VQModel / custom tokenizer
@@ -722,7 +722,7 @@ def check_eval_dataset(paths, split: str = "test", images: bool = True) -> list[
     and how to get it) and, with ``images``, checks that every image's decoded PNG
     ``datasets/images/<a>/<b>.png`` exists. Returns the split's records.
     """
-    from .data import read_split
+    from ..data import read_split
 
     data_dir = Path(paths.data_dir)
     if not data_dir.is_dir():
@@ -758,10 +758,10 @@ def eval_setup(args, experiment: str = "vqgan", device=None):
     is reported before evaluator weights are looked for or downloaded. ``device``: one the script already
     resolved (default: ``--device`` / ``--gpu``). Returns ``(paths, device, evaluators)``.
     """
-    from .data import dataset_info
-    from .evaluation.evaluators import load_evaluators
-    from .paths import ExperimentPaths
-    from .utils import get_device, seed_everything
+    from ..data import dataset_info
+    from .evaluators import load_evaluators
+    from ..paths import ExperimentPaths
+    from ..utils import get_device, seed_everything
 
     paths = ExperimentPaths.from_args(args, experiment)
     device = get_device(args.device, args.gpu) if device is None else device
@@ -779,8 +779,8 @@ def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bo
     ``config.json``) is near chance: its TIS then explain noise. Uses ``cortex.attribution.tis.check_iem_not_near_chance``;
     ``num_classes`` defaults to the dataset's (``dataset_info.json``, else the train split's labels).
     Returns True when it warned."""
-    from .data import dataset_info, read_split
-    from .attribution.tis import check_iem_not_near_chance
+    from ..data import dataset_info, read_split
+    from ..attribution.tis import check_iem_not_near_chance
 
     n = num_classes or dataset_info(paths.data_dir).get("num_classes")
     if not n:
@@ -791,6 +791,6 @@ def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bo
 
 def output_suffix(attribution: str) -> str:
     """'' for the paper's SmoothGrad TIS, '_<attribution>' for the others (outputs never collide)."""
-    from .paths import PAPER_ATTRIBUTION
+    from ..paths import PAPER_ATTRIBUTION
 
     return "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
