@@ -56,7 +56,7 @@ def get_args_parser():
 
 
 def main(args):
-    from cortex.gallery import build_gallery, draw_gallery
+    from cortex.report.gallery import build_gallery, draw_gallery
     from cortex.plots import class_name, class_names_of
     from cortex.paths import label_files
     from cortex.tokenizers import tokenizer_for_dataset

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cortex import plots
-from cortex.gallery import spread_occurrences
+from cortex.report.gallery import spread_occurrences
 from cortex.utils import CortexError
 
 

@@ -270,7 +270,7 @@ def _write_stats(results_dir: Path, label: int, tokens: list[int]) -> Path:
 
 
 def test_token_gallery_synthetic(tiny_root, tmp_path):
-    from cortex.gallery import build_gallery
+    from cortex.report.gallery import build_gallery
     from cortex.synthetic import load_vq
 
     data_dir = tiny_root / "datasets"
@@ -301,7 +301,7 @@ def test_token_gallery_synthetic(tiny_root, tmp_path):
 
 
 def test_token_gallery_diffusers(diffusers_root, diffusers_dir, tmp_path):
-    from cortex.gallery import build_gallery
+    from cortex.report.gallery import build_gallery
 
     data_dir = diffusers_root / "datasets"
     recs = [r for r in read_split(data_dir, "train") if r.label == 0]
