@@ -57,7 +57,7 @@ def get_args_parser():
 
 def main(args):
     from cortex.report.gallery import build_gallery, draw_gallery
-    from cortex.plots import class_name, class_names_of
+    from cortex.report.plots import class_name, class_names_of
     from cortex.paths import label_files
     from cortex.tokenizers import tokenizer_for_dataset
 

@@ -1,7 +1,7 @@
 """Figures fit for a paper (issue 22, item 4): intervals drawn where they exist, labelled colour bars, every text
 >= 7 pt at a paper's text width, class names, short titles, galleries drawn from many images.
 
-Each figure carries ``cortex.plots.figure_summary`` in its PNG (``read_figure_summary``); ``check_report_figures``
+Each figure carries ``cortex.figures.figure_summary`` in its PNG (``read_figure_summary``); ``check_report_figures``
 checks every figure of the demo report against the panels it must have (tests/test_demo.py calls it).
 """
 import re
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cortex import plots
+from cortex.report import plots
 from cortex.report.gallery import spread_occurrences
 from cortex.utils import CortexError
 

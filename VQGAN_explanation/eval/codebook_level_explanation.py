@@ -262,7 +262,7 @@ def main(args):
         print("note: no token changed: the optimised embedding still snaps to the original codes; use more --steps "
               "or a larger --lr")
     if not args.no_figures:
-        from cortex import plots
+        from cortex.report import plots
 
         pick = _figure_picks(records, targets, 8)
         p0 = np.mean([scores[n]["initial"]["tgt_prob"] for n in scores], axis=0)

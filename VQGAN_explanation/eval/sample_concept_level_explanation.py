@@ -155,7 +155,7 @@ def main(args):
     if not args.no_figures:
         import pandas as pd
 
-        from cortex import plots
+        from cortex.report import plots
 
         p = plots.concept_bars(pd.DataFrame(res.rows), paths.figures_dir(args.model) / f"concept_level_{tag}.png",
                                title=f"Concept level, Net{args.model} {args.attribution}, top {args.top_n}, "

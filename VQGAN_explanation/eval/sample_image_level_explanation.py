@@ -137,7 +137,7 @@ def main(args):
     print(f"wrote {out}")
     _print_summary(res.rows, ns)
     if not args.no_figures:
-        from cortex.plots import class_names_of
+        from cortex.report.plots import class_names_of
 
         figures(res, paths.figures_dir(args.model), args, suffix, grid=(h, w), names=class_names_of(paths.data_dir))
     return out
@@ -155,7 +155,7 @@ def figures(res, fig_dir, args, suffix="", grid=None, names=None):
     """The deletion curves (95% bands over images) and the TIS grid; names: the dataset's class names."""
     import pandas as pd
 
-    from cortex import plots
+    from cortex.report import plots
 
     df = pd.DataFrame(res.rows)
     p1 = plots.deletion_curves(df, fig_dir / f"sample_level_deletion_curves{suffix}.png",

@@ -168,7 +168,7 @@ def main(args, experiment="vqgan"):
                     w.writerow([_cell(r.get(c, "")) for c in SIG_COLUMNS])
             print(f"-> {sig_out}")
         if null_p and test == "label-contrast":
-            from cortex.plots import null_pvalues
+            from cortex.report.plots import null_pvalues
 
             png = null_pvalues(null_p, out.with_name("null_label_pvalues.png"), args.alpha,
                                title=f"null labels {nulls}: label-contrast p-values")

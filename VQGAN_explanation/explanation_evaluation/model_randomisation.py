@@ -125,7 +125,7 @@ def cascading_randomisation(model, x, y, attributions, seed: int = 0, batch_size
 def plot_randomisation(rows: list[dict], out: Path, title: str) -> Path:
     """Mean Spearman correlation per stage, one line per attribution, with a ± std band over images (Agg, saved to
     ``out``); the y range covers the whole band."""
-    from cortex.plots import MAX_WIDTH_IN, _plt, save_figure
+    from cortex.figures import MAX_WIDTH_IN, _plt, save_figure
 
     plt = _plt()
     n_stages = len({r["stage"] for r in rows})

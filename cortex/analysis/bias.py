@@ -523,7 +523,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     ``robustness``: ``{label: cortex.analysis.replicates.bias_robustness row}``; a direction that is not the same on every
     run found (seeds x attributions) gets "not robust (k/n runs)" in red under its bar.
     """
-    from ..plots import MAX_WIDTH_IN, _plt, save_figure
+    from ..figures import MAX_WIDTH_IN, _plt, save_figure
 
     plt = _plt()
     name = name or bias_csv_name(top_n, token_num)
@@ -593,7 +593,7 @@ def plot_ratio_sweep(rows: list[dict], out) -> Path:
     The ideal for perfectly recovered token sets of equal size is about ``2 ratio - 1`` (dashed).
     Saved with the Agg backend to ``out``.
     """
-    from ..plots import _plt, save_figure
+    from ..figures import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 3.6))

@@ -139,7 +139,7 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
 
 def draw_gallery(cards: list[TokenCard], path, title: str = "") -> Path:
     """One row per token: its decode on its own, then its patches from the dataset. Saves a PNG."""
-    from ..plots import MAX_WIDTH_IN, _plt, _save
+    from ..figures import MAX_WIDTH_IN, _plt, _save
 
     plt = _plt()
     if not cards:
