@@ -424,7 +424,7 @@ def _randomisation_section(path: Path) -> list[str]:
 def _replicates_sections(roots: Roots, seeds: list[int]) -> list[str]:
     """Headline numbers as mean [min, max] over the seeds, the conclusions' verdicts, and the concept tokens'
     stability across seeds (cortex.analysis.replicates)."""
-    from .analysis.bias import read_bias_csv
+    from .analysis.bias_files import read_bias_csv
     from .evaluation.explain import read_paired_stats
     from .analysis.replicates import fmt_interval, read_run_tokens, seed_paths, summarize, token_stability, verdict
 
@@ -496,7 +496,7 @@ def _replicates_sections(roots: Roots, seeds: list[int]) -> list[str]:
 
 def report(roots: Roots, out: Path, seeds=None) -> str:
     """Read every number from the files the steps wrote and format one markdown report."""
-    from .analysis.bias import parse_tokens_cell
+    from .analysis.bias_files import parse_tokens_cell
     from .analysis.replicates import bias_robustness_file
 
     lines = ["# CORTEX demo report", "",

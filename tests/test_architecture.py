@@ -21,6 +21,7 @@ PACKAGES = {"cortex.data": 1, "cortex.iem": 2, "cortex.attribution": 3, "cortex.
             "cortex.evaluation": 5, "cortex.report": 6}
 FLAT = {
     "cortex": 0, "cortex.utils": 0, "cortex.cli": 0, "cortex.paths": 0, "cortex.scripts": 0,
+    "cortex.figures": 0,  # the figures' style and save_figure: every layer draws a figure
     # headed for cortex/data/
     "cortex.data": 1, "cortex.dataset_tools": 1, "cortex.tokenizers": 1, "cortex.real_data": 1,
     "cortex.synthetic": 1, "cortex.bias_world": 1, "cortex.taming_compat": 1, "cortex.list_csv": 1,
@@ -31,17 +32,25 @@ FLAT = {
     # significance.py moves into cortex/analysis/ after its own change; cortex.stats / cortex.tis only forward the
     # names it imports until then
     "cortex.significance": 4, "cortex.stats": 4, "cortex.tis": 3,
+    # headed for cortex/report/: its report names the command `python -m cortex.demo`, so moving it changes the
+    # report's bytes (moved when the demo is rerun)
+    "cortex.demo": 6,
 }
 # upward imports not yet removed, each with its reason; the test fails when one disappears (remove it here)
 # or a new one appears
 KNOWN_UPWARD = {
     ("cortex.training", "cortex.provenance"): "test_iem checks the chain with provenance.verify (cortex/iem/ owner)",
-    ("cortex.training", "cortex.report.plots"): "the loss-curve figure (cortex/iem/ owner)",
     ("cortex.provenance", "cortex.significance"): "SIGNIFICANCE_FILE, until significance.py moves",
 }
 # modules over ~500 lines, each at its size now: the test fails if one grows or a new one passes the limit
 MAX_LINES = 500
-LARGE = {}
+LARGE = {
+    "cortex.attribution.attributions": 642, "cortex.attribution.store": 691, "cortex.evaluation.explain": 796,
+    "cortex.demo": 643,
+    # helper A's (data, IEMs) and the lead's (significance) modules, split on their branches
+    "cortex.data": 549, "cortex.models": 714, "cortex.real_data": 649, "cortex.training": 703,
+    "cortex.significance": 672,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -130,6 +139,8 @@ def test_forwarders_only_serve_significance(graph):
     assert set(users) <= {"cortex.significance"}, users
     for p in [*Path(CORTEX.parent).glob("*_explanation/**/*.py"), *Path(CORTEX.parent).glob("tests/*.py"),
               *Path(CORTEX.parent).glob("bench/*.py")]:
+        if p.name == "test_architecture.py":
+            continue
         text = p.read_text()
         assert "cortex.stats import" not in text and "cortex.tis import" not in text, p
 

@@ -9,7 +9,7 @@ import pytest
 
 from cortex.analysis import replicates as rp
 from cortex.attribution.attributions import smoothgrad_caveat
-from cortex.analysis.bias import BIAS_HEADER
+from cortex.analysis.bias_files import BIAS_HEADER
 from cortex.scripts import REPO, load_script
 from cortex.utils import CortexError
 
