@@ -397,7 +397,7 @@ def _significance_section(roots: Roots, out: Path) -> list[str]:
 
 def _paired_section(conc: Path) -> list[str]:
     """Per image, CORTEX's drop minus the baseline's drop, with its 95% confidence interval."""
-    from .evaluation.explain import read_paired_stats
+    from .evaluation.concept_level import read_paired_stats
 
     lines = ["", "Paired per image (CORTEX's logit drop minus the baseline's), mean and 95% Student-t interval:", "",
              "| evaluator | mean paired difference | 95% CI | images |", "|---|---|---|---|"]
@@ -425,7 +425,7 @@ def _replicates_sections(roots: Roots, seeds: list[int]) -> list[str]:
     """Headline numbers as mean [min, max] over the seeds, the conclusions' verdicts, and the concept tokens'
     stability across seeds (cortex.analysis.replicates)."""
     from .analysis.bias_files import read_bias_csv
-    from .evaluation.explain import read_paired_stats
+    from .evaluation.concept_level import read_paired_stats
     from .analysis.replicates import fmt_interval, read_run_tokens, seed_paths, summarize, token_stability, verdict
 
     vq = {s: seed_paths("vqgan", roots.vqgan, s) for s in seeds}

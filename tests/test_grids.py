@@ -162,7 +162,7 @@ def test_sample_and_concept_masking_on_the_grid(world):
 
 
 def test_codebook_level_on_the_grid(world):
-    from cortex.evaluation.explain import default_region, region_positions
+    from cortex.evaluation.codebook_level import default_region, region_positions
 
     paths, side, model = world["paths"], world["side"], world["model"]
     out = run_script("VQGAN_explanation/eval/codebook_level_explanation.py",

@@ -362,7 +362,7 @@ def test_masking_patch_follows_the_grid():
 
 def test_codebook_level_decoder_accepts_diffusers(diffusers_root, diffusers_dir, taming_files):
     from cortex.data import ids_to_embedding
-    from cortex.evaluation.explain import decode_ids, decoded_to_uint8
+    from cortex.evaluation.codebook_level import decode_ids, decoded_to_uint8
     from tests.helpers import load_script
 
     mod = load_script("VQGAN_explanation/eval/codebook_level_explanation.py")

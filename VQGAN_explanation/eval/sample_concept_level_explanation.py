@@ -30,9 +30,9 @@ import argparse
 from cortex.attribution.attributions import ATTRIBUTIONS, print_smoothgrad_caveat
 from cortex.cli import label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.evaluation.evaluators import evaluator_parser
-from cortex.evaluation.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset,
-                                       concept_level, concept_paired_stats, eval_setup, evaluated_labels, load_images,
-                                       output_suffix, paired_stats_path, warn_if_near_chance, write_rows)
+from cortex.evaluation.explain import (CONCEPT_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, eval_setup,
+                                       evaluated_labels, load_images, output_suffix, warn_if_near_chance, write_rows)
+from cortex.evaluation.concept_level import PAIRED_COLUMNS, concept_level, concept_paired_stats, paired_stats_path
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
 from cortex.attribution.store import short_list as _short

@@ -32,8 +32,9 @@ from cortex.cli import (label_subset_parser, make_parser, nonneg_int, paths_pars
                         runtime_parser, seed_int)
 from cortex.evaluation.evaluators import evaluator_parser
 from cortex.evaluation.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
-                                       evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
+                                       evaluated_labels, load_images, output_suffix, records_by_label,
                                        warn_if_near_chance, write_rows)
+from cortex.evaluation.sample_level import sample_level
 from cortex.evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
 from cortex.provenance import verify, write_output_record
 from cortex.attribution.store import check_tis_inputs
