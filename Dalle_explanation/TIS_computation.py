@@ -10,8 +10,8 @@ by cortex.attribution.tis.run_tis, shared with VQGAN_explanation (all of its fla
 """
 import argparse
 
-from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 from cortex.attribution.tis import run_tis, tis_parser
+from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 
 EXPERIMENT = "dalle"
 

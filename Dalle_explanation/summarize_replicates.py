@@ -11,9 +11,8 @@ label's direction the same on every seed and attribution?
 
     python summarize_replicates.py --seeds 0 1 2 --attribution smoothgrad_x_input
 """
+from cortex.analysis.replicates import get_args_parser as _parser, main
 from cortex.cli import run_main
-from cortex.analysis.replicates import get_args_parser as _parser
-from cortex.analysis.replicates import main
 
 
 def get_args_parser():

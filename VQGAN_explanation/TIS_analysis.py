@@ -19,9 +19,9 @@ source.json records the TIS run (cortex.provenance.check_statistics_current).
 """
 import argparse
 
+from cortex.analysis.statistics import analysis_parser
 from cortex.cli import make_parser, paths_parser, run_main
 from cortex.significance import add_significance_args, run_tis_analysis
-from cortex.analysis.statistics import analysis_parser
 
 EXPERIMENT = "vqgan"
 

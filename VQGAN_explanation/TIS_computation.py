@@ -13,8 +13,8 @@ other attributions under results/TIS_<attribution>/. The work is done by cortex.
 """
 import argparse
 
-from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 from cortex.attribution.tis import run_tis, tis_parser
+from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 
 
 def get_args_parser():

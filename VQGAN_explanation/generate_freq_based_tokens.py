@@ -16,14 +16,13 @@ is refused by its consumers, not used). bench/bench_stats.py times it against a 
 """
 import argparse
 
+from cortex.analysis.frequency import frequency_baseline, write_frequency_baseline
+from cortex.analysis.ranking import MAX_ROWS
 from cortex.cli import int_in, make_parser, paths_parser, positive_int, run_main
 from cortex.data import resolve_num_classes
-from cortex.paths import ExperimentPaths
-from cortex.provenance import begin_frequency_baseline, finish_frequency_baseline
-from cortex.analysis.ranking import MAX_ROWS
-from cortex.analysis.frequency import frequency_baseline, write_frequency_baseline
-from cortex.paths import label_files
 from cortex.list_csv import read_split_ids
+from cortex.paths import ExperimentPaths, label_files
+from cortex.provenance import begin_frequency_baseline, finish_frequency_baseline
 from cortex.utils import save_run_args
 
 

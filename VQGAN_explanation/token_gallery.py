@@ -18,7 +18,7 @@ import argparse
 
 from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
-from cortex.paths import PAPER_ATTRIBUTION, ExperimentPaths
+from cortex.paths import ExperimentPaths, PAPER_ATTRIBUTION
 from cortex.provenance import verify
 from cortex.utils import CortexError, get_device, save_run_args
 

@@ -12,6 +12,12 @@ from pathlib import Path
 
 # The paper's attribution keeps the paper's folders; others get their own (results/TIS_<name>/...).
 PAPER_ATTRIBUTION = "smoothgrad"
+def attribution_suffix(attribution: str) -> str:
+    """``""`` for the paper's attribution, else ``_<attribution>``: the one rule naming a non-paper attribution's
+    folders (``results/TIS_<attribution>/``) and files (``..._<attribution>.csv``, ``..._<attribution>.png``)."""
+    return "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
+
+
 LABEL_RE = re.compile(r"^label_(\d+)\.csv$")  # one file per label: TIS, statistics and frequency-baseline folders
 
 
@@ -98,8 +104,7 @@ class ExperimentPaths:
 
     # --- TIS
     def tis_root(self, attribution: str = PAPER_ATTRIBUTION) -> Path:
-        name = "TIS" if attribution == PAPER_ATTRIBUTION else f"TIS_{attribution}"
-        return self.results_dir / name
+        return self.results_dir / f"TIS{attribution_suffix(attribution)}"
 
     def tis_dir(self, m: int, split: str, attribution: str = PAPER_ATTRIBUTION) -> Path:
         return self.tis_root(attribution) / f"Net{m}" / f"TIS_value_{split}"
@@ -128,8 +133,7 @@ class ExperimentPaths:
 
     def token_gallery_file(self, m: int, label: int, top_n: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
         """The token gallery of a label's concept tokens (VQGAN_explanation/token_gallery.py)."""
-        tag = "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
-        return self.figures_dir(m) / f"token_gallery_label{label}_top{top_n}{tag}.png"
+        return self.figures_dir(m) / f"token_gallery_label{label}_top{top_n}{attribution_suffix(attribution)}.png"
 
     def bias_dir(self) -> Path:
         return self.results_dir / "Bias_detection"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .attribution.store import TIS_CONFIG, file_sha1, fingerprint, short_list
 from .data import SPLITS, require_split, split_csv
-from .paths import label_files
+from .paths import PAPER_ATTRIBUTION, label_files
 from .utils import CortexError, atomic_write, file_sha256
 
 SOURCE_SUFFIX = ".source.json"  # the provenance record beside an evaluation output
@@ -77,7 +77,7 @@ def command(paths, script: str, model: int | None = None, attribution: str | Non
     for k, v in flags.items():
         if v is not None and v is not False:
             parts += [f"--{k}"] + ([] if v is True else [str(v)])
-    if attribution and attribution != "smoothgrad":
+    if attribution and attribution != PAPER_ATTRIBUTION:
         parts += ["--attribution", attribution]
     return " ".join(parts)
 

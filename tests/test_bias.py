@@ -5,9 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cortex.analysis import bias as B
-from cortex.analysis import bias_files as BF
-from cortex.analysis import cliffs_delta as CD
+from cortex.analysis import bias as B, bias_files as BF, cliffs_delta as CD
 from cortex.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
 from cortex.utils import CortexError
 

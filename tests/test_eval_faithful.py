@@ -19,12 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cortex.evaluation import evaluators as E
-from cortex.evaluation import explain as X
-from cortex.evaluation import codebook_level as XC
-from cortex.evaluation import concept_level as XK
-from cortex.evaluation import masking as M
 from cortex.data import image_path, read_split
+from cortex.evaluation import codebook_level as XC, concept_level as XK, evaluators as E, explain as X, masking as M
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, format_list

@@ -13,10 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.evaluation import evaluators as E
-from cortex.evaluation import explain as X
-from cortex.evaluation import codebook_level as XC
 from cortex.data import read_split
+from cortex.evaluation import codebook_level as XC, evaluators as E, explain as X
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import load_vq

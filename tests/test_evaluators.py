@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.evaluation import evaluators as E
-from cortex.evaluation import masking as M
+from cortex.evaluation import evaluators as E, masking as M
 from cortex.utils import CortexError
 
 

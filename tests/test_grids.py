@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cortex.data import EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split
 from cortex.evaluation import evaluators as E
-from cortex.data import (EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split)
 from cortex.models import MODEL_IDS, build_model, load_iem, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.tokenizers import load_tokenizer

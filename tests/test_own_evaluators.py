@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cortex.evaluation import evaluators as E
 from cortex.cli import run_main
+from cortex.evaluation import evaluators as E
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError
 from tests.helpers import run_script

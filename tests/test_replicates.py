@@ -8,8 +8,8 @@ import math
 import pytest
 
 from cortex.analysis import replicates as rp
-from cortex.attribution.attributions import smoothgrad_caveat
 from cortex.analysis.bias_files import BIAS_HEADER
+from cortex.attribution.attributions import smoothgrad_caveat
 from cortex.scripts import REPO, load_script
 from cortex.utils import CortexError
 

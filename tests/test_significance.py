@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as ss
 
-from cortex.analysis import bias as B
-from cortex.analysis import cliffs_delta as CD
 from cortex import significance as G
+from cortex.analysis import bias as B, cliffs_delta as CD
 from cortex.data import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script

@@ -5,9 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cortex.analysis import frequency as F
-from cortex.analysis import ranking as R
-from cortex.analysis import statistics_files as SF
+from cortex.analysis import frequency as F, ranking as R, statistics_files as SF
 from cortex.data import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script

@@ -8,11 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cortex.analysis import bias as B
-from cortex.analysis import statistics as S
-from cortex.analysis import frequency as F
-from cortex.analysis import ranking as R
 from cortex import list_csv as L
+from cortex.analysis import bias as B, frequency as F, ranking as R, statistics as S
 from cortex.scripts import load_script
 from cortex.significance import run_significance
 from cortex.utils import parse_int_list

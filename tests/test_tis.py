@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.attribution import store
-from cortex.attribution import tis as T
+from cortex.attribution import store, tis as T
 from cortex.attribution.attributions import image_seed, token_scores
 from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError

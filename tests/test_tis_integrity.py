@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.attribution import attributions as A
-from cortex.attribution import tis as T
-from cortex.attribution import store
+from cortex.attribution import attributions as A, store, tis as T
 from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cortex.analysis.statistics_files import write_stats_csv
 from cortex.data import image_path, load_codebook, read_split
 from cortex.paths import ExperimentPaths
-from cortex.analysis.statistics_files import write_stats_csv
 from cortex.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
                                as_tokenizer, load_tokenizer, tokenizer_for_dataset)
 from cortex.utils import CortexError

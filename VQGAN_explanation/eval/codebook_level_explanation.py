@@ -45,9 +45,9 @@ VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 from cortex.cli import (make_parser, model_parser, nonneg_int, paths_parser, positive_float,
                         positive_int, run_main, runtime_parser)  # noqa: E402
 from cortex.evaluation.evaluators import evaluator_parser  # noqa: E402
-from cortex.evaluation.explain import CODEBOOK_COLUMNS, check_eval_dataset, eval_setup, warn_if_near_chance, write_rows
 from cortex.evaluation.codebook_level import (PAPER_LABELS, SCORE_KEYS, best_rows, codebook_pairs, default_region,
                                               optimize_embedding, optimize_tokens, region_positions, score_trace)
+from cortex.evaluation.explain import CODEBOOK_COLUMNS, check_eval_dataset, eval_setup, warn_if_near_chance, write_rows
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
 

@@ -27,17 +27,18 @@ Writes results/Explanation/model_{m}/
 """
 import argparse
 
-from cortex.attribution.attributions import ATTRIBUTIONS, print_smoothgrad_caveat
-from cortex.cli import label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main, runtime_parser
-from cortex.evaluation.evaluators import evaluator_parser
-from cortex.evaluation.explain import (CONCEPT_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, eval_setup,
-                                       evaluated_labels, load_images, output_suffix, warn_if_near_chance, write_rows)
-from cortex.evaluation.concept_level import PAIRED_COLUMNS, concept_level, concept_paired_stats, paired_stats_path
-from cortex.paths import ExperimentPaths
-from cortex.provenance import write_output_record
-from cortex.attribution.store import short_list as _short
 from cortex.analysis.frequency import read_frequency_baseline
 from cortex.analysis.statistics_files import read_stats_section
+from cortex.attribution.attributions import ATTRIBUTIONS, print_smoothgrad_caveat
+from cortex.attribution.store import short_list as _short
+from cortex.cli import (label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main,
+                        runtime_parser)
+from cortex.evaluation.concept_level import PAIRED_COLUMNS, concept_level, concept_paired_stats, paired_stats_path
+from cortex.evaluation.evaluators import evaluator_parser
+from cortex.evaluation.explain import (CONCEPT_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, eval_setup,
+                                       evaluated_labels, load_images, warn_if_near_chance, write_rows)
+from cortex.paths import ExperimentPaths, attribution_suffix
+from cortex.provenance import write_output_record
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -127,7 +128,7 @@ def main(args):
     print_smoothgrad_caveat(args.attribution, "concept tokens")
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"top{args.top_n}_token{args.token_num}{output_suffix(args.attribution)}"
+    tag = f"top{args.top_n}_token{args.token_num}{attribution_suffix(args.attribution)}"
     save_run_args(args, out_dir, f"sample_concept_level_args_{tag}.json")
     from cortex.data import dataset_geometry
 

@@ -28,18 +28,18 @@ Writes results/Explanation/model_{m}/
 import argparse
 
 from cortex.attribution.attributions import ATTRIBUTIONS
+from cortex.attribution.store import check_tis_inputs, read_tis_file
 from cortex.cli import (label_subset_parser, make_parser, nonneg_int, paths_parser, position_int, run_main,
                         runtime_parser, seed_int)
 from cortex.evaluation.evaluators import evaluator_parser
 from cortex.evaluation.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
-                                       evaluated_labels, load_images, output_suffix, records_by_label,
-                                       warn_if_near_chance, write_rows)
-from cortex.evaluation.sample_level import sample_level
+                                       evaluated_labels, load_images, records_by_label, warn_if_near_chance,
+                                       write_rows)
 from cortex.evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
-from cortex.provenance import verify, write_output_record
-from cortex.attribution.store import check_tis_inputs
+from cortex.evaluation.sample_level import sample_level
 from cortex.list_csv import split_label_counts
-from cortex.attribution.store import read_tis_file
+from cortex.paths import attribution_suffix
+from cortex.provenance import verify, write_output_record
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -124,7 +124,7 @@ def main(args):
     warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = output_suffix(args.attribution)
+    suffix = attribution_suffix(args.attribution)
     save_run_args(args, out_dir, f"sample_image_level_args{suffix}.json")
     # the random control: drawn over the whole split in the authors' order (labels ascending, CSV order)
     order = [r.filename for recs in records_by_label(records).values() for r in recs]

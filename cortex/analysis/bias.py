@@ -301,9 +301,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
 
     _, ids = read_neutral_set(neutral, n_positions(paths.data_dir), codebook_size(paths.data_dir))
     rows = detect_bias(label_tokens, ids, exclude_shared, n_boot, seed)
-    name = bias_csv_name(top_n, token_num, exclude_shared)
-    if attribution != "smoothgrad":
-        name = name.replace(".csv", f"_{attribution}.csv")
+    name = bias_csv_name(top_n, token_num, exclude_shared, attribution)
     out = write_bias_csv(paths.bias_dir() / name, rows)
     src = paths.stats_dir(model, attribution) / SOURCE_FILE
     write_output_record(out, {"dataset": dataset_hashes(paths.data_dir), "neutral_csv_sha256": file_sha256(neutral),

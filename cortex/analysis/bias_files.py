@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..paths import PAPER_ATTRIBUTION, attribution_suffix
 from ..utils import CortexError, atomic_write, parse_int_list
 from .cliffs_delta import magnitude
 
@@ -84,5 +85,8 @@ def read_bias_csv(path) -> list[dict]:
     return out
 
 
-def bias_csv_name(top_n: int, token_num: int, exclude_shared: bool = False) -> str:
-    return f"token_bias_top{top_n}_num{token_num}_cliff{'_noshared' if exclude_shared else ''}.csv"
+def bias_csv_name(top_n: int, token_num: int, exclude_shared: bool = False,
+                  attribution: str = PAPER_ATTRIBUTION) -> str:
+    """``token_bias_top{n}_num{k}_cliff[_noshared][_<attribution>].csv`` (in ``ExperimentPaths.bias_dir()``)."""
+    return (f"token_bias_top{top_n}_num{token_num}_cliff{'_noshared' if exclude_shared else ''}"
+            f"{attribution_suffix(attribution)}.csv")

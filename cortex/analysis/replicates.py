@@ -196,12 +196,11 @@ def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude
     """``{"seed s, <attribution>": rows}`` of every bias table of these settings found under ``root``: the
     usual ``results/{bias_type}/Bias_detection/`` (seed 0) and each ``results/replicates/seed_<s>/{bias_type}/``."""
 
-    base = bias_csv_name(top_n, token_num, exclude_shared)
     out = {}
     for seed in found_seeds(root, bias_type):
         folder = seed_paths("dalle", root, seed, bias_type).bias_dir()
         for attr in sorted(ATTRIBUTIONS):
-            f = folder / (base if attr == "smoothgrad" else base.replace(".csv", f"_{attr}.csv"))
+            f = folder / bias_csv_name(top_n, token_num, exclude_shared, attr)
             if f.is_file():
                 out[f"seed {seed}, {attr}"] = read_bias_csv(f)
     return out

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..attribution.attributions import ATTRIBUTIONS
 from ..attribution import store
+from ..attribution.attributions import ATTRIBUTIONS
 from ..attribution.store import TIS_CONFIG, check_tis_inputs, fingerprint, report_problems
 from ..cli import make_parser, position_int, positive_int
 from ..data import load_token_indices

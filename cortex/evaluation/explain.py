@@ -25,7 +25,7 @@ import torch
 
 from ..attribution.tis import check_iem_not_near_chance
 from ..data import GRID, N_POS, Record, dataset_info, image_path, read_split, square_grid
-from ..paths import ExperimentPaths, PAPER_ATTRIBUTION
+from ..paths import ExperimentPaths
 from ..utils import CortexError, atomic_write, get_device, seed_everything
 from .evaluators import class_logit_prob, evaluator_logits, load_evaluators, to_unit
 from .masking import mask_images
@@ -214,9 +214,3 @@ def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bo
         n = len({r.label for r in read_split(paths.data_dir, "train")})
     return bool(check_iem_not_near_chance(paths.best_ckpt(model), paths.testing_results(model), int(n),
                                           what="explanations (and so this evaluation)"))
-
-
-def output_suffix(attribution: str) -> str:
-    """'' for the paper's SmoothGrad TIS, '_<attribution>' for the others (outputs never collide)."""
-
-    return "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"

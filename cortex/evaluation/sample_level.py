@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..utils import CortexError
-from .explain import DEFAULT_NS, score_batched, mask_grid
+from .explain import DEFAULT_NS, mask_grid, score_batched
 from .masking import AUTHORS_RANDOM_SEED, authors_random_draws, draw_masks, mask_images, prefix_masks, ranking
 
 
