@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from cortex.attribution import scorer as S
 from cortex.attribution import store, tis as T
 from cortex.attribution.attributions import image_seed, token_scores
 from cortex.data import EmbeddingDataset
@@ -119,7 +120,7 @@ def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
     ref_dir, out = tmp_path / "ref", tmp_path / "out"
     _run(data_dir, ref_dir, batch_size=2)
     calls = {"n": 0}
-    real = T.token_scores
+    real = S.token_scores
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -128,10 +129,10 @@ def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "token_scores", dying)
+    monkeypatch.setattr(S, "token_scores", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(data_dir, out, batch_size=2)
-    monkeypatch.setattr(T, "token_scores", real)
+    monkeypatch.setattr(S, "token_scores", real)
     assert (out / "label_0.csv").exists() and (out / "label_1.csv.partial").exists()
     assert not (out / "label_1.csv").exists()
     with open(out / "label_1.csv.partial", "a") as f:  # a torn row, as left by a kill mid-write

@@ -523,6 +523,27 @@ def remove_foreign_labels(out_dir: Path, labels: set[int]) -> list[int]:
     return removed
 
 
+
+def open_run(out_dir: Path, key: dict, run_id: str, labels: list[int], dataset_labels: set[int],
+             overwrite: bool) -> int:
+    """Claim a TIS folder for the run ``key`` / ``run_id`` before anything is scored; returns the fd of the shared
+    writer lock (:func:`hold_writers`; :class:`LabelWriter` releases it). Without ``overwrite``, another
+    ``tis_config.json`` or label files of ``labels`` written by another run are refused before anything is written;
+    with it, those files and the files of labels outside ``dataset_labels`` are deleted."""
+    writers = hold_writers(out_dir, key, run_id, overwrite)
+    try:
+        if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
+            claim_config(out_dir, key, run_id, overwrite=False, write=False)
+            check_label_files(out_dir, labels, key, run_id, overwrite=False)
+        claim_config(out_dir, key, run_id, overwrite)
+        if overwrite:
+            check_label_files(out_dir, labels, key, run_id, overwrite=True)
+            remove_foreign_labels(out_dir, dataset_labels)
+    except BaseException:
+        unlock(writers)
+        raise
+    return writers
+
 # ----------------------------------------------------------------------------- checking a finished run
 
 @dataclass

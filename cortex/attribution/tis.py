@@ -22,7 +22,6 @@ import json
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,63 +34,13 @@ from ..data import EmbeddingDataset, load_codebook, resolve_num_classes, split_c
 from ..models import load_iem
 from ..paths import ExperimentPaths
 from ..provenance import check_checkpoint
-from ..utils import CortexError, file_sha256, get_device, require_file, save_run_args, seed_everything, unlock
-from .attributions import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_memory_bytes, copies_for_budget,
-                           get_attribution, image_seed, memory_per_copy, prepare_fast, reduce_channels,
-                           smoothgrad_from_noise, standard_noise, token_scores, top_overlap)
-from .store import (FORMAT_VERSION, LabelWriter, check_label_files, claim_config, hold_writers, remove_foreign_labels,
-                    run_id_of, tis_file)
+from ..utils import CortexError, file_sha256, get_device, require_file, save_run_args, seed_everything
+from .attributions import ATTRIBUTIONS, NOISE_SCOPES, prepare_fast, top_overlap
+from .scorer import TISConfig, TISScorer, resolve_copies
+from .store import FORMAT_VERSION, LabelWriter, open_run, run_id_of, tis_file
 
 
-# ----------------------------------------------------------------------------- configuration
-
-@dataclass
-class TISConfig:
-    """The TIS settings: everything that changes the scores is in ``score_key`` (-> ``tis_config.json``)."""
-
-    attribution: str = "smoothgrad"
-    method: str | None = None          # channel reduction; None = the attribution's natural one
-    nsamples: int = 20
-    stdev_spread: float = 0.2
-    noise_scope: str = "sample"
-    seed: int = 0
-    ig_steps: int = 32
-    fast: bool = False                 # BN folding + channels-last (+ bf16 for allowed nets on CUDA)
-    max_copies_per_pass: int | None = None  # memory knob (None: from max_memory_gb; 0: all); not in the key
-    max_memory_gb: float | None = None      # memory budget (None: 50% of the free memory); not in the key
-
-    def __post_init__(self):
-        get_attribution(self.attribution)
-        if self.method in ("ave", "avg"):
-            self.method = "mean"
-        if self.noise_scope not in NOISE_SCOPES:
-            raise CortexError(f"--noise_scope {self.noise_scope!r}: use one of {', '.join(NOISE_SCOPES)}")
-        if self.noise_scope == "authors" and self.attribution != "smoothgrad":
-            raise CortexError(f"--noise_scope authors reproduces the authors' SmoothGrad; it cannot be used with "
-                              f"--attribution {self.attribution}")
-        if self.nsamples < 1:
-            raise CortexError(f"--nsamples must be >= 1, got {self.nsamples}")
-        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
-            raise CortexError(f"--max_memory_gb must be > 0, got {self.max_memory_gb}")
-
-    @property
-    def reduction(self) -> str:
-        return self.method or ATTRIBUTIONS[self.attribution].reduction
-
-    def score_key(self) -> dict:
-        """The settings that change the scores (the memory knobs are left out)."""
-        d = asdict(self)
-        d.pop("max_copies_per_pass")
-        d.pop("max_memory_gb")
-        d["method"] = self.reduction
-        a = ATTRIBUTIONS[self.attribution]
-        if not a.stochastic:
-            for k in ("nsamples", "stdev_spread", "noise_scope", "seed"):
-                d.pop(k)
-        if self.attribution != "integrated_gradients":
-            d.pop("ig_steps")
-        return d
-
+# ----------------------------------------------------------------------------- shards and near-chance IEMs
 
 def shard_labels(labels, shard: int = 0, num_shards: int = 1) -> list[int]:
     """This shard's labels: ``sorted(set(labels))[shard::num_shards]`` (disjoint, covering)."""
@@ -176,24 +125,6 @@ def check_iem_not_near_chance(checkpoint, testing_results, num_classes: int, fac
 
 # ----------------------------------------------------------------------------- driver
 
-def _collate(batch):
-    embs, labels, names = zip(*batch)
-    return torch.stack([torch.as_tensor(e) for e in embs]), torch.as_tensor(labels, dtype=torch.long), list(names)
-
-
-def _resolve_copies(config: TISConfig, model, device, shape=(256, 16, 16)) -> int | None:
-    """Copies per forward+backward pass: ``max_copies_per_pass`` if given (0: all), else from the budget.
-    shape: one embedding (D, h, w), the paper's (256, 16, 16) by default."""
-    if config.max_copies_per_pass is not None:
-        return config.max_copies_per_pass or None
-    free, where = available_memory_bytes(device)
-    budget = config.max_memory_gb * 2 ** 30 if config.max_memory_gb else 0.5 * free
-    per = memory_per_copy(model, torch.zeros(1, *shape, device=device))
-    copies = copies_for_budget(budget, per)
-    src = f"--max_memory_gb {config.max_memory_gb}" if config.max_memory_gb else f"50% of {free / 2**30:.1f} GiB ({where})"
-    print(f"memory: budget {budget / 2**30:.2f} GiB ({src}), {per / 2**20:.1f} MiB per copy (measured) -> "
-          f"{copies} copies per forward+backward pass")
-    return copies
 
 
 def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | None = None, *,
@@ -211,51 +142,25 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     another run instead of refusing. See the module docstring for the files and the integrity rules.
     Returns ``{"labels", "scored", "skipped", "files", "busy", "run_id", "copies_per_pass", "fast_agreement"}``.
     """
-
     config = config or TISConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    attr = ATTRIBUTIONS[config.attribution]
-    authors = config.noise_scope == "authors"
-
     exact = model.to(device).eval()
-    fast_info = False
-    run_model = exact
+    run_model, fast_info = exact, False
     if config.fast:
         run_model, fast_info = prepare_fast(exact, device, net)
         print(f"--fast: {fast_info['bn_folds']} BatchNorms folded, channels-last, bf16 autocast "
               f"{'on' if fast_info['bf16'] else 'off'}")
-
-    key = {"format": FORMAT_VERSION, **config.score_key(), "fast": fast_info, **(run_info or {})}
-    if attr.uses_baseline:  # the baseline changes the scores: part of the config
-        key["baseline"] = "zeros" if codebook is None else "codebook mean, sha1 " + hashlib.sha1(
-            np.ascontiguousarray(codebook, dtype=np.float32).tobytes()).hexdigest()[:16]
-    if attr.stochastic and config.noise_scope == "sample":
-        key["noise_device"] = device.type
-    if attr.stochastic and config.noise_scope in ("batch", "authors"):
-        key["batch_size"] = int(batch_size)
-    if authors:
-        key["order"] = "split CSV order, batches across labels"
+    key = run_key(config, device, batch_size, codebook, fast_info, run_info)
     run_id = run_id_of(key)
     labels_of = [int(l) for l in dataset.labels]
     mine = shard_labels(labels_of, shard, num_shards)
-    copies = _resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
-    cb = None if codebook is None else torch.as_tensor(np.asarray(codebook), dtype=torch.float32, device=device)
-    writers = hold_writers(out_dir, key, run_id, overwrite)  # released by writer.close()
-    try:
-        if not overwrite:  # refuse before anything is written: another tis_config.json first, then label files
-            claim_config(out_dir, key, run_id, overwrite=False, write=False)
-            check_label_files(out_dir, mine, key, run_id, overwrite=False)
-        claim_config(out_dir, key, run_id, overwrite)
-        if overwrite:
-            check_label_files(out_dir, mine, key, run_id, overwrite=True)
-            remove_foreign_labels(out_dir, set(labels_of))
-    except BaseException:
-        unlock(writers)
-        raise
+    copies = resolve_copies(config, run_model, device, getattr(dataset, "emb_shape", (256, 16, 16)))
+    scorer = TISScorer(run_model, config, device, codebook, copies)
+    writers = open_run(out_dir, key, run_id, mine, set(labels_of), overwrite)  # released by writer.close()
     keep = set(mine)
-    by_label: dict[int, list[int]] = defaultdict(list)
+    by_label: dict[int, list[int]] = defaultdict(list)  # this shard's labels -> their dataset indices, in order
     for i, l in enumerate(labels_of):
         if l in keep:
             by_label[l].append(i)
@@ -264,111 +169,19 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
         return dataset.records[i].filename if hasattr(dataset, "records") else dataset[i][2]
 
     writer = LabelWriter(out_dir, key, run_id, resume, {l: [name_of(i) for i in by_label[l]] for l in mine},
-                          writers_fd=writers)
-    workspace: dict = {}  # buffers reused from batch to batch (smoothgrad's copy buffer)
-    opts = dict(nsamples=config.nsamples, stdev_spread=config.stdev_spread, noise_scope=config.noise_scope,
-                codebook=cb, n_steps=config.ig_steps, max_copies_per_pass=copies, workspace=workspace)
-    lookup = getattr(dataset, "lookup", None)
-    agreement = {}
-
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        # pinned + non_blocking: a plain host->GPU copy would wait for the previous batch's queued work
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-    def embed(emb):
-        emb = to_device(emb)
-        return lookup(emb) if lookup is not None else emb  # ids (B, 256) -> (B, 256, 16, 16) on the device
-
-    def score(m, emb, lab, noise) -> torch.Tensor:  # (B, 256)
-        if authors:
-            g = smoothgrad_from_noise(m, emb, lab, noise, copies, out_dtype=torch.float64, workspace=workspace)
-            return reduce_channels(g, config.reduction)
-        return token_scores(config.attribution, m, emb, lab, method=config.reduction, noise=noise, **opts)
-
-    # One batch in flight: its scores are copied to the host asynchronously and its rows written only after
-    # the next batch has been queued, so that on a GPU the CSV writing (and data loading) of one batch overlaps
-    # the forward+backward of the next. Same rows, same order, same bytes; on an error the computed batch is
-    # still written (see the except clause below).
-    pending: list[tuple] = []
-
-    def score_and_write(emb, lab, labs, names, noise, rows) -> None:
-        """Queue a batch's scores; write the previous batch's rows. labs: the labels as a host list."""
-        s = score(run_model, emb, lab, noise)
-        if config.fast and not agreement:
-            ref = score(exact, emb, lab, noise)
-            k = min(20, ref.shape[1])
-            agreement.update(max_abs_diff=(s.double() - ref.double()).abs().max().item(),
-                             max_abs_score=ref.abs().max().item(), top20_overlap=top_overlap(s.float(), ref.float(), k))
-            print(f"--fast vs exact on the first batch: max |diff| {agreement['max_abs_diff']:.3g} (max |score| "
-                  f"{agreement['max_abs_score']:.3g}), top-{k} position overlap {agreement['top20_overlap']:.4f}")
-        s, ready = s.detach(), None
-        if s.device.type == "cuda":
-            host = torch.empty(s.shape, dtype=s.dtype, pin_memory=True)
-            host.copy_(s, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            s = host
-        write_pending()
-        pending.append((s, ready, labs, names, rows))
-
-    def write_pending() -> None:
-        """Write the rows of the batch in flight (waiting for its scores to reach the host)."""
-        while pending:
-            s, ready, labs, names, rows = pending.pop(0)
-            if ready is not None:
-                ready.synchronize()
-            s = s.cpu()
-            s = (s.double() if authors else s.float()).numpy()  # (B, 256)
-            for j in rows:
-                if not np.isfinite(s[j]).all():
-                    raise CortexError(f"non-finite TIS for image {names[j]} (label {labs[j]}, file "
-                                      f"{tis_file(out_dir, labs[j])}): the IEM or the embedding {names[j]} produces "
-                                      f"NaN/Inf gradients; check the checkpoint and this embedding")
-                writer.write(labs[j], names[j], s[j])
-
-    def loader_of(ds):
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
-
+                         writers_fd=writers)
+    batches = _Batches(dataset, batch_size, num_workers, device)
+    pipe = _ScoreWriter(scorer, writer, out_dir, exact if config.fast else None)
     desc = f"TIS {config.attribution} shard {shard}/{num_shards}"
     try:
-        if authors:
-            # the authors' loop: every batch of the split in order, noise drawn for each (kept in step)
-            opened: dict[int, set[str] | None] = {}
-            it = iter(loader_of(dataset))  # created before seeding: the iterator itself draws from the global RNG
-            torch.manual_seed(config.seed)
-            for emb, lab, names in tqdm(it, total=len(it), desc=desc, unit="batch", disable=not progress):
-                labs = lab.tolist()
-                emb, lab = embed(emb), to_device(lab)
-                noise = authors_noise(emb, config.nsamples, config.stdev_spread)  # (S, B, 256, 16, 16)
-                rows = []
-                for j, (name, l) in enumerate(zip(names, labs)):
-                    if l in keep:
-                        if l not in opened:
-                            opened[l] = writer.open(l)
-                        if opened[l] and name in opened[l]:
-                            rows.append(j)
-                if rows:
-                    score_and_write(emb, lab, labs, names, noise, rows)
+        if scorer.authors:
+            _score_in_split_order(batches, scorer, writer, pipe, keep, desc, progress)
         else:
-            bar = tqdm(total=sum(len(v) for v in by_label.values()), desc=desc, unit="img", disable=not progress)
-            for l in mine:
-                rest = writer.open(l)
-                idx = [i for i in by_label[l] if rest and name_of(i) in rest]
-                bar.update(len(by_label[l]) - len(idx))
-                for emb, lab, names in loader_of(Subset(dataset, idx)):
-                    labs = lab.tolist()
-                    emb, lab = embed(emb), to_device(lab)
-                    noise = None
-                    if attr.stochastic:
-                        noise = standard_noise(config.nsamples, emb.shape[1:],
-                                               seeds=[image_seed(config.seed, n) for n in names], device=device)
-                    score_and_write(emb, lab, labs, names, noise, range(len(names)))
-                    bar.update(len(names))
-            bar.close()
-        write_pending()
+            _score_by_label(batches, scorer, writer, pipe, mine, by_label, name_of, desc, progress)
+        pipe.flush()
     except BaseException:
         with contextlib.suppress(Exception):  # keep the rows already computed (resume starts after them)
-            write_pending()
+            pipe.flush()
         raise
     finally:
         writer.close()
@@ -377,7 +190,141 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
               f"{writer.busy[:20]}{' ...' if len(writer.busy) > 20 else ''}. Rerun with --resume after it ends.")
     return {"labels": mine, "scored": writer.scored, "skipped": writer.skipped, "busy": writer.busy,
             "files": [str(tis_file(out_dir, l)) for l in mine], "run_id": run_id, "copies_per_pass": copies,
-            "fast_agreement": agreement}
+            "fast_agreement": pipe.agreement}
+
+
+def run_key(config: TISConfig, device: torch.device, batch_size: int, codebook, fast_info, run_info) -> dict:
+    """Every setting that changes the scores: ``tis_config.json`` without its ``run_id`` (the store's docstring)."""
+    attr = ATTRIBUTIONS[config.attribution]
+    key = {"format": FORMAT_VERSION, **config.score_key(), "fast": fast_info, **(run_info or {})}
+    if attr.uses_baseline:  # the baseline changes the scores: part of the config
+        key["baseline"] = "zeros" if codebook is None else "codebook mean, sha1 " + hashlib.sha1(
+            np.ascontiguousarray(codebook, dtype=np.float32).tobytes()).hexdigest()[:16]
+    if attr.stochastic and config.noise_scope == "sample":
+        key["noise_device"] = device.type
+    if attr.stochastic and config.noise_scope in ("batch", "authors"):
+        key["batch_size"] = int(batch_size)
+    if config.noise_scope == "authors":
+        key["order"] = "split CSV order, batches across labels"
+    return key
+
+
+def _collate(batch):
+    embs, labels, names = zip(*batch)
+    return torch.stack([torch.as_tensor(e) for e in embs]), torch.as_tensor(labels, dtype=torch.long), list(names)
+
+
+class _Batches:
+    """A dataset's batches on the scoring device: ``on_device`` gives ``(emb (B, 256, 16, 16), target (B,),
+    labels as a host list)``; ids ``(B, 256)`` become embeddings there (the dataset's ``lookup``)."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, device: torch.device):
+        self.dataset, self.batch_size, self.num_workers, self.device = dataset, batch_size, num_workers, device
+        self.lookup = getattr(dataset, "lookup", None)
+
+    def loader(self, ds=None) -> DataLoader:
+        return DataLoader(self.dataset if ds is None else ds, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=_collate)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # pinned + non_blocking: a plain host->GPU copy would wait for the previous batch's queued work
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def on_device(self, emb, lab):
+        labs = lab.tolist()
+        emb, lab = self.to_device(emb), self.to_device(lab)
+        return (self.lookup(emb) if self.lookup is not None else emb), lab, labs
+
+
+class _ScoreWriter:
+    """One batch in flight: its scores are copied to the host asynchronously and its rows written only after the
+    next batch has been queued, so that on a GPU the CSV writing (and data loading) of one batch overlaps the
+    forward+backward of the next. Same rows, same order, same bytes; ``flush`` writes the batch in flight (also
+    after an error: a resumed run starts after it). ``exact``: with ``--fast``, the exact model, compared with the
+    fast one on the first batch (``agreement``)."""
+
+    def __init__(self, scorer: TISScorer, writer: LabelWriter, out_dir: Path, exact=None):
+        self.scorer, self.writer, self.out_dir, self.exact = scorer, writer, out_dir, exact
+        self.pending: list[tuple] = []
+        self.agreement: dict = {}
+
+    def add(self, emb, lab, labs, names, noise, rows) -> None:
+        """Queue a batch's scores; write the previous batch's rows. labs: the labels as a host list."""
+        s = self.scorer.score(emb, lab, noise)
+        if self.exact is not None and not self.agreement:
+            self._compare(s, emb, lab, noise)
+        s, ready = s.detach(), None
+        if s.device.type == "cuda":
+            host = torch.empty(s.shape, dtype=s.dtype, pin_memory=True)
+            host.copy_(s, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            s = host
+        self.flush()
+        self.pending.append((s, ready, labs, names, rows))
+
+    def _compare(self, s, emb, lab, noise) -> None:
+        ref = self.scorer.score(emb, lab, noise, model=self.exact)
+        k = min(20, ref.shape[1])
+        self.agreement.update(max_abs_diff=(s.double() - ref.double()).abs().max().item(),
+                              max_abs_score=ref.abs().max().item(),
+                              top20_overlap=top_overlap(s.float(), ref.float(), k))
+        print(f"--fast vs exact on the first batch: max |diff| {self.agreement['max_abs_diff']:.3g} (max |score| "
+              f"{self.agreement['max_abs_score']:.3g}), top-{k} position overlap {self.agreement['top20_overlap']:.4f}")
+
+    def flush(self) -> None:
+        """Write the rows of the batch in flight (waiting for its scores to reach the host)."""
+        while self.pending:
+            s, ready, labs, names, rows = self.pending.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            s = s.cpu()
+            s = (s.double() if self.scorer.authors else s.float()).numpy()  # (B, 256)
+            for j in rows:
+                if not np.isfinite(s[j]).all():
+                    raise CortexError(f"non-finite TIS for image {names[j]} (label {labs[j]}, file "
+                                      f"{tis_file(self.out_dir, labs[j])}): the IEM or the embedding {names[j]} "
+                                      f"produces NaN/Inf gradients; check the checkpoint and this embedding")
+                self.writer.write(labs[j], names[j], s[j])
+
+
+def _score_in_split_order(batches: _Batches, scorer: TISScorer, writer: LabelWriter, pipe: _ScoreWriter, keep: set,
+                          desc: str, progress: bool) -> None:
+    """The authors' loop: every batch of the split in order, noise drawn for each (kept in step); only the rows of
+    this shard's labels still to score are written."""
+    opened: dict[int, set[str] | None] = {}
+    it = iter(batches.loader())  # created before seeding: the iterator itself draws from the global RNG
+    scorer.start()
+    for emb, lab, names in tqdm(it, total=len(it), desc=desc, unit="batch", disable=not progress):
+        emb, lab, labs = batches.on_device(emb, lab)
+        noise = scorer.noise(emb, names)  # (S, B, 256, 16, 16)
+        rows = []
+        for j, (name, l) in enumerate(zip(names, labs)):
+            if l in keep:
+                if l not in opened:
+                    opened[l] = writer.open(l)
+                if opened[l] and name in opened[l]:
+                    rows.append(j)
+        if rows:
+            pipe.add(emb, lab, labs, names, noise, rows)
+
+
+def _score_by_label(batches: _Batches, scorer: TISScorer, writer: LabelWriter, pipe: _ScoreWriter, mine: list[int],
+                    by_label: dict, name_of, desc: str, progress: bool) -> None:
+    """Label by label (a batch holds consecutive images of one label): the images still to score of each."""
+    bar = tqdm(total=sum(len(v) for v in by_label.values()), desc=desc, unit="img", disable=not progress)
+    for l in mine:
+        rest = writer.open(l)
+        idx = [i for i in by_label[l] if rest and name_of(i) in rest]
+        bar.update(len(by_label[l]) - len(idx))
+        for emb, lab, names in batches.loader(Subset(batches.dataset, idx)):
+            emb, lab, labs = batches.on_device(emb, lab)
+            pipe.add(emb, lab, labs, names, scorer.noise(emb, names), range(len(names)))
+            bar.update(len(names))
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- TIS_computation.py
 
 
 def tis_parser(batch_size_default: int = 25, data_type_default: str | None = None) -> argparse.ArgumentParser:
