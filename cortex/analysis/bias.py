@@ -105,7 +105,6 @@ def _bad_neutral_row(ids, n_pos, n_codes) -> tuple[int, str] | None:
 
 def _read_neutral_rows(path):
     """``(names, ids, where)``: read_neutral_set's parse; ``where(i)``: ``file:line`` of row ``i``."""
-
     path = Path(path)
     if not path.exists():
         raise CortexError(f"neutral-prompt set not found: {path}. Build it with generate_dataset.py "
@@ -242,14 +241,13 @@ def label_names(data_dir) -> dict[int, str]:
 
 
 def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_partial: bool = False) -> dict:
-    """``{label: statistics file}`` of this run, after checking the inputs (issue 12.5 / 14.5).
+    """``{label: statistics file}`` of this run, after checking the inputs.
 
     Refuses (CortexError) statistics that are not the current run's (``cortex.significance.check_current_run``:
     stale against their TIS run, unfinished, or from another checkpoint / dataset), and a label of the train
     split with no statistics file or a statistics file for a label the split lacks; ``allow_partial``: warn
     and use the complete labels.
     """
-
     stats_dir = paths.stats_dir(model, attribution)
     files = label_files(stats_dir)
     hint = f"Run TIS_computation.py and TIS_analysis.py --model {model} --bias_type {paths.bias_type} first."
@@ -325,7 +323,6 @@ def report_bias_robustness(paths, top_n: int, token_num: int, exclude_shared: bo
     attributions, the seed replicates of cortex.analysis.replicates), write ``..._robustness.csv`` and print whether each
     label's direction is robust. Returns ``(csv path, rows)``; None when only one run exists or
     ``--results_dir`` points outside the seed folders."""
-
     known = {seed_paths("dalle", paths.root, s, paths.bias_type).bias_dir() for s in found_seeds(paths.root,
                                                                                                   paths.bias_type)}
     if paths.bias_dir() not in known:
@@ -362,7 +359,6 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     ``robustness``: ``{label: cortex.analysis.replicates.bias_robustness row}``; a direction that is not the same on every
     run found (seeds x attributions) gets "not robust (k/n runs)" in red under its bar.
     """
-
     plt = _plt()
     name = name or bias_csv_name(top_n, token_num)
     own = [dict(label=r.label, tokens=r.tokens, cliff_delta=r.cliff_delta, p_value=r.p_value,
@@ -431,7 +427,6 @@ def plot_ratio_sweep(rows: list[dict], out) -> Path:
     The ideal for perfectly recovered token sets of equal size is about ``2 ratio - 1`` (dashed).
     Saved with the Agg backend to ``out``.
     """
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     groups: dict = {}

@@ -68,7 +68,6 @@ def seed_flags(root, seed: int, bias_type: str | None = None, relative_to=None) 
 
 def seed_paths(experiment: str, root, seed: int, bias_type: str | None = None):
     """``cortex.paths.ExperimentPaths`` of seed ``seed``'s run."""
-
     return ExperimentPaths(experiment=experiment, root=Path(root), bias_type=bias_type,
                            **seed_dirs(root, seed, bias_type))
 
@@ -147,7 +146,6 @@ def token_stability(tokens_by_run: dict) -> dict:
 
 def read_run_tokens(stats_dir, top_n: int, k: int) -> dict:
     """``{label: first k tokens of section Top {top_n}}`` of one run's TIS statistics folder."""
-
     files = label_files(stats_dir)
     if not files:
         raise CortexError(f"no TIS statistics (label_*.csv) in {stats_dir}; run TIS_analysis.py for this run first")
@@ -195,7 +193,6 @@ def bias_robustness(runs: dict) -> list[dict]:
 def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude_shared: bool = False) -> dict:
     """``{"seed s, <attribution>": rows}`` of every bias table of these settings found under ``root``: the
     usual ``results/{bias_type}/Bias_detection/`` (seed 0) and each ``results/replicates/seed_<s>/{bias_type}/``."""
-
     out = {}
     for seed in found_seeds(root, bias_type):
         folder = seed_paths("dalle", root, seed, bias_type).bias_dir()
@@ -208,7 +205,6 @@ def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude
 
 def bias_robustness_file(root, bias_type: str, top_n: int, token_num: int, exclude_shared: bool = False) -> Path:
     """``results/{bias_type}/Bias_detection/token_bias_top{n}_num{k}_cliff[_noshared]_robustness.csv``."""
-
     name = bias_csv_name(top_n, token_num, exclude_shared).replace(".csv", "_robustness.csv")
     return seed_paths("dalle", root, 0, bias_type).bias_dir() / name
 

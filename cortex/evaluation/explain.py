@@ -156,7 +156,6 @@ def check_eval_dataset(paths, split: str = "test", images: bool = True) -> list[
     and how to get it) and, with ``images``, checks that every image's decoded PNG
     ``datasets/images/<a>/<b>.png`` exists. Returns the split's records.
     """
-
     data_dir = Path(paths.data_dir)
     if not data_dir.is_dir():
         raise CortexError(f"dataset folder not found: {data_dir}. The eval scripts need the dataset the IEM was "
@@ -191,7 +190,6 @@ def eval_setup(args, experiment: str = "vqgan", device=None):
     is reported before evaluator weights are looked for or downloaded. ``device``: one the script already
     resolved (default: ``--device`` / ``--gpu``). Returns ``(paths, device, evaluators)``.
     """
-
     paths = ExperimentPaths.from_args(args, experiment)
     device = get_device(args.device, args.gpu) if device is None else device
     seed_everything(args.seed)
@@ -208,7 +206,6 @@ def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bo
     ``config.json``) is near chance: its TIS then explain noise. Uses ``cortex.attribution.tis.check_iem_not_near_chance``;
     ``num_classes`` defaults to the dataset's (``dataset_info.json``, else the train split's labels).
     Returns True when it warned."""
-
     n = num_classes or dataset_info(paths.data_dir).get("num_classes")
     if not n:
         n = len({r.label for r in read_split(paths.data_dir, "train")})
