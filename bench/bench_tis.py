@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortex.attribution.attributions import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
+from cortex.attribution.scorer import TISConfig, TISScorer  # noqa: E402
 from cortex.analysis.ranking import TOP_NS  # noqa: E402
 from cortex.analysis.statistics import label_statistics
 from cortex.attribution.store import read_tis_file  # noqa: E402
@@ -137,8 +138,7 @@ def bench_lower_bound(args):
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.images, 256, 16, 16, generator=g).to(device)  # (B, 256, 16, 16)
         t = torch.randint(0, args.num_classes, (args.images,), generator=g).to(device)
-        z = standard_noise(args.nsamples, x.shape[1:], seeds=[image_seed(args.seed, i) for i in range(args.images)],
-                           device=device)
+        z = TISScorer(model, TISConfig(nsamples=args.nsamples, seed=args.seed), device).noise(x, range(args.images))
         copies = args.max_copies_per_pass
         if copies is None:
             free, _ = available_memory_bytes(device)
@@ -228,8 +228,8 @@ def bench_compute_tis(args):
                             progress=False)
             t_tis, _ = _timed(tis, device, args.repeats)
         xs = [x[i:i + args.images].to(device) for i in range(0, n, args.images)]
-        zs = [standard_noise(args.nsamples, x.shape[1:], seeds=[image_seed(args.seed, i + j) for j in range(len(b))],
-                             device=device) for i, b in zip(range(0, n, args.images), xs)]
+        scorer = TISScorer(model, TISConfig(nsamples=args.nsamples, seed=args.seed), device)
+        zs = [scorer.noise(b, range(i, i + len(b))) for i, b in zip(range(0, n, args.images), xs)]
         ts = [torch.tensor(labels[i:i + args.images], device=device) for i in range(0, n, args.images)]
         ws = {}
 
