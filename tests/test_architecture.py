@@ -45,7 +45,7 @@ KNOWN_UPWARD = {
 # modules over ~500 lines, each at its size now: the test fails if one grows or a new one passes the limit
 MAX_LINES = 500
 LARGE = {
-    "cortex.attribution.attributions": 642, "cortex.demo": 643,
+    "cortex.attribution.attributions": 642, "cortex.demo": 633,
     "cortex.attribution.store": 712,  # the one owner of the TIS folder format (its docstring is the spec)
     # helper A's (data, IEMs) and the lead's (significance) modules, split on their branches
     "cortex.data": 549, "cortex.models": 714, "cortex.real_data": 649, "cortex.training": 703,
