@@ -12,13 +12,13 @@ The TIS run is checked first: every label of the train split needs a complete la
 run in tis_config.json (no .partial file, no missing/extra label, one row per image, no NaN, no image
 twice); --allow_partial analyses the complete labels only, on purpose, with a warning. Files are
 byte-equal to the authors' script (ties: first occurrence; Files: one entry per occurrence);
-source.json records the TIS run (cortex.stats.check_statistics_current).
+source.json records the TIS run (cortex.provenance.check_statistics_current).
 """
 import argparse
 
+from cortex.analysis.statistics import analysis_parser
 from cortex.cli import bias_parser, make_parser, paths_parser, run_main
 from cortex.significance import add_significance_args, run_tis_analysis
-from cortex.stats import analysis_parser
 
 EXPERIMENT = "dalle"
 

@@ -6,12 +6,12 @@
 
 Writes results/{bias_type}/TIS/Net{m}/TIS_value_train/label_{k}.csv (header filename,label,contribution).
 SmoothGrad of the target logit (20 draws, noise sd 0.2 (max - min) per image), channel max. The work is done
-by cortex.tis.run_tis, shared with VQGAN_explanation (all of its flags apply: --attribution, --method, ...).
+by cortex.attribution.tis.run_tis, shared with VQGAN_explanation (all of its flags apply: --attribution, --method, ...).
 """
 import argparse
 
+from cortex.attribution.tis import run_tis, tis_parser
 from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
-from cortex.tis import run_tis, tis_parser
 
 EXPERIMENT = "dalle"
 

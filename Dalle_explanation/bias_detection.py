@@ -25,8 +25,8 @@ this run's rows.
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
-from cortex.bias import run_bias_detection
+from cortex.analysis.bias import run_bias_detection
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import (bias_parser, make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
                         seed_int)
 from cortex.paths import ExperimentPaths

@@ -4,7 +4,7 @@ The readers live once in ``cortex.data`` (shared with ``VQGAN_explanation``); th
 seed's import path: ``from dataset import EmbeddingDataset``. Data of a bias type live in
 ``datasets/{bias_type}/embeddings/`` (``cortex.paths.ExperimentPaths(experiment="dalle", bias_type=...)``).
 """
-from cortex.bias import read_neutral_set  # noqa: F401
+from cortex.analysis.bias import read_neutral_set  # noqa: F401
 from cortex.data import (  # noqa: F401
     DatasetWriter,
     EmbeddingDataset,

@@ -9,12 +9,12 @@
     sbatch --array=0-7 ... python TIS_computation.py --model 1 --data_type train   # 8 label shards
 
 Writes results/TIS/Net{m}/TIS_value_{split}/label_{k}.csv (header filename,label,contribution);
-other attributions under results/TIS_<attribution>/. The work is done by cortex.tis.run_tis.
+other attributions under results/TIS_<attribution>/. The work is done by cortex.attribution.tis.run_tis.
 """
 import argparse
 
+from cortex.attribution.tis import run_tis, tis_parser
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
-from cortex.tis import run_tis, tis_parser
 
 
 def get_args_parser():

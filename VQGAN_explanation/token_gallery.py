@@ -16,9 +16,9 @@ the tokenizer recorded in datasets/dataset_info.json), or the one named by --tok
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
-from cortex.paths import PAPER_ATTRIBUTION, ExperimentPaths
+from cortex.paths import ExperimentPaths, PAPER_ATTRIBUTION
 from cortex.provenance import verify
 from cortex.utils import CortexError, get_device, save_run_args
 
@@ -56,9 +56,9 @@ def get_args_parser():
 
 
 def main(args):
-    from cortex.gallery import build_gallery, draw_gallery
-    from cortex.plots import class_name, class_names_of
-    from cortex.stats import label_files
+    from cortex.report.gallery import build_gallery, draw_gallery
+    from cortex.report.plots import class_name, class_names_of
+    from cortex.paths import label_files
     from cortex.tokenizers import tokenizer_for_dataset
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from cortex.cli import (fraction, make_parser, nonneg_float, paths_parser, positive_float, positive_int, run_main,
                         runtime_parser)
 from cortex.data import dataset_geometry, dataset_info, read_split
-from cortex.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthetic_net, dataset_record,
-                               describe_dataset, evaluator_folder, evaluator_logits, has_imagenet_weights,
-                               net_input_size, pretrained_net, save_synthetic_evaluator)
-from cortex.explain import load_images, write_rows
-from cortex.masking import mask_images
+from cortex.evaluation.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthetic_net, dataset_record,
+                                          describe_dataset, evaluator_folder, evaluator_logits, has_imagenet_weights,
+                                          net_input_size, pretrained_net, save_synthetic_evaluator)
+from cortex.evaluation.explain import load_images, write_rows
+from cortex.evaluation.masking import mask_images
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, get_device, hold_writer_lock, save_run_args, seed_everything
 
@@ -223,7 +223,7 @@ def main(args):
     summary_path = out_dir / "evaluators.csv"
     old = []
     if summary_path.exists():
-        from cortex.explain import read_rows
+        from cortex.evaluation.explain import read_rows
 
         old = [r for r in read_rows(summary_path) if r["arch"] not in {s["arch"] for s in summaries}]
     write_rows(summary_path, SUMMARY_COLUMNS, old + summaries, float_fmt="{:.3f}")

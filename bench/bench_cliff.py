@@ -1,4 +1,4 @@
-"""Cliff's delta: sorting + searchsorted (cortex.bias.cliffs_delta) against the double loop.
+"""Cliff's delta: sorting + searchsorted (cortex.analysis.cliffs_delta.cliffs_delta) against the double loop.
 
     python bench/bench_cliff.py                 # 10,000 x 10,000 values (the size of the issue)
     python bench/bench_cliff.py --n 20000 --loop_sample 1000
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from cortex.bias import cliffs_delta, cliffs_delta_brute, cliffs_delta_loop
+from cortex.analysis.cliffs_delta import cliffs_delta, cliffs_delta_brute, cliffs_delta_loop
 
 
 def best_of(fn, repeat: int):

@@ -8,14 +8,14 @@ folder: ``datasets/train_embeddings.csv`` + ``train_token_indices.pkl`` (256 ids
 codes) and ``results/TIS/Net1/TIS_value_train/label_{k}.csv`` (256 float32-valued scores per image, as
 TIS_computation.py writes them) + ``tis_config.json``. Then it times, end to end from those files:
 
-* ``TIS_analysis.py --model 1``'s statistics (``cortex.stats.run_analysis``: checks, token cache, TIS
+* ``TIS_analysis.py --model 1``'s statistics (``cortex.analysis.statistics.run_analysis``: checks, token cache, TIS
   parsing, statistics, writing; not the enrichment tests the script runs after them) against
   ``plain_tis_statistics`` below (pandas ``read_csv`` + ``np.fromstring`` of the score lists, numpy
   argsort, pandas ``value_counts``/``groupby`` for the counts and file lists);
 * ``generate_freq_based_tokens.py`` against ``plain_frequency_baseline`` (pandas + numpy);
 * bias detection (``Dalle_explanation/bias_detection.py``'s counting step, once per size N): a neutral-prompt
   set of N images (``filename,indices``) and two labels' token sets (10 ids each); ours =
-  ``cortex.bias.read_neutral_set`` + ``detect_bias`` (counts, Cliff's delta, Mann-Whitney p; ``n_boot=0``: the
+  ``cortex.analysis.bias.read_neutral_set`` + ``detect_bias`` (counts, Cliff's delta, Mann-Whitney p; ``n_boot=0``: the
   bootstrap CI costs the same at every N) against ``plain_bias`` (pandas ``read_csv`` + ``np.fromstring``,
   ``np.isin`` on the (N, 256) ids, Cliff's delta by sorting).
 
@@ -45,12 +45,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortex.bias import detect_bias, read_neutral_set  # noqa: E402
+from cortex.analysis.bias import detect_bias, read_neutral_set  # noqa: E402
 from cortex.scripts import load_script, run_script  # noqa: E402
 from cortex.significance import run_significance  # noqa: E402
-from cortex.stats import run_analysis  # noqa: E402
+from cortex.analysis.statistics import run_analysis  # noqa: E402
 
-for _module in ("cortex.data", "cortex.tis", "scipy.stats", "tqdm"):  # (torch ...) imported before any timing
+for _module in ("cortex.data", "cortex.attribution.tis", "scipy.stats", "tqdm"):  # (torch ...) imported before any timing
     importlib.import_module(_module)
 
 TOP_NS = (1, 5, 10, 20)

@@ -5,7 +5,7 @@
     python bench/bench_tis.py --device cuda --images 25 --nsamples 20 --repeats 5 --compute_tis --skip_parsing
     python bench/bench_tis.py --images 2 --width 32 --nets 1 --seed_loop   # quick smoke test
 
-0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.smoothgrad`` on
+0. Lower bound (per net of ``--nets``, paper width by default): ``cortex.attribution.attributions.smoothgrad`` on
    ``--images`` embeddings x ``--nsamples`` draws, against the bare forward+backward of the same noisy
    copies in the same chunks (nothing else: no noise, no bookkeeping); the ratio should stay <= 1.1x.
    A breakdown follows: forward+backward, building the noisy copies, the float64 accumulation (each timed
@@ -21,9 +21,9 @@
      create_graph=True)`` per sample ``j`` (cost ~ batch^2 per draw);
    - ours: one forward/backward of the summed target logits over all noisy copies;
    and print the ratio and the max abs difference of the per-position scores (channel max).
-2. (``--compute_tis``) ``cortex.tis.compute_tis`` end to end (noise, scores, CSV rows written) against
+2. (``--compute_tis``) ``cortex.attribution.tis.compute_tis`` end to end (noise, scores, CSV rows written) against
    ``smoothgrad`` alone on the same ``--tis_batches`` batches: the per-batch costs outside ``smoothgrad``.
-3. Parsing. Time reading a TIS file of ``--rows`` rows with ``cortex.tis.read_tis_file`` (one numpy
+3. Parsing. Time reading a TIS file of ``--rows`` rows with ``cortex.attribution.store.read_tis_file`` (one numpy
    parse per file) against a csv + ``ast.literal_eval`` per row reader (the seed's), and the full
    statistics of one label (one argsort per image, reused for n = 1, 5, 10, 20) against re-reading and
    re-sorting for every n.
@@ -45,9 +45,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortex.attribution import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
-from cortex.stats import TOP_NS, label_statistics  # noqa: E402
-from cortex.tis import read_tis_file  # noqa: E402
+from cortex.attribution.attributions import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
+from cortex.attribution.scorer import TISConfig, TISScorer  # noqa: E402
+from cortex.analysis.ranking import TOP_NS  # noqa: E402
+from cortex.analysis.statistics import label_statistics
+from cortex.attribution.store import read_tis_file  # noqa: E402
 from cortex.utils import format_list  # noqa: E402
 
 
@@ -95,7 +97,7 @@ def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
     (``attribution.accumulate_draws``: the float64 sums in draw order, on a stand-in gradient) and
     ``noise_s`` (``attribution.standard_noise`` with per-image seeds: a per-batch cost of ``compute_tis``).
     """
-    from cortex.attribution import accumulate_draws, draw_pieces, fill_copies
+    from cortex.attribution.attributions import accumulate_draws, draw_pieces, fill_copies
 
     S, B = z.shape[:2]
     n = S * B
@@ -122,7 +124,7 @@ def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
 
 def bench_lower_bound(args):
     """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
-    from cortex.attribution import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
+    from cortex.attribution.attributions import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
         copies_for_budget
     from cortex.models import build_model
 
@@ -136,8 +138,7 @@ def bench_lower_bound(args):
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.images, 256, 16, 16, generator=g).to(device)  # (B, 256, 16, 16)
         t = torch.randint(0, args.num_classes, (args.images,), generator=g).to(device)
-        z = standard_noise(args.nsamples, x.shape[1:], seeds=[image_seed(args.seed, i) for i in range(args.images)],
-                           device=device)
+        z = TISScorer(model, TISConfig(nsamples=args.nsamples, seed=args.seed), device).noise(x, range(args.images))
         copies = args.max_copies_per_pass
         if copies is None:
             free, _ = available_memory_bytes(device)
@@ -196,7 +197,7 @@ class _MemoryDataset(torch.utils.data.Dataset):
 
 
 def bench_compute_tis(args):
-    """End to end: ``cortex.tis.compute_tis`` (noise, scores, CSV rows) against ``smoothgrad`` alone.
+    """End to end: ``cortex.attribution.tis.compute_tis`` (noise, scores, CSV rows) against ``smoothgrad`` alone.
 
     For each net of --nets: ``--tis_batches`` batches of ``--images`` images (two labels), scored and written
     to a temporary folder (after one warm-up run), against the same batches through ``smoothgrad`` only
@@ -204,7 +205,7 @@ def bench_compute_tis(args):
     pipelining of ``compute_tis`` (next batch queued before the rows of the previous one are written) hides.
     """
     from cortex.models import build_model
-    from cortex.tis import TISConfig, compute_tis
+    from cortex.attribution.tis import TISConfig, compute_tis
 
     device = torch.device(args.device)
     n = args.images * args.tis_batches
@@ -227,8 +228,8 @@ def bench_compute_tis(args):
                             progress=False)
             t_tis, _ = _timed(tis, device, args.repeats)
         xs = [x[i:i + args.images].to(device) for i in range(0, n, args.images)]
-        zs = [standard_noise(args.nsamples, x.shape[1:], seeds=[image_seed(args.seed, i + j) for j in range(len(b))],
-                             device=device) for i, b in zip(range(0, n, args.images), xs)]
+        scorer = TISScorer(model, TISConfig(nsamples=args.nsamples, seed=args.seed), device)
+        zs = [scorer.noise(b, range(i, i + len(b))) for i, b in zip(range(0, n, args.images), xs)]
         ts = [torch.tensor(labels[i:i + args.images], device=device) for i in range(0, n, args.images)]
         ws = {}
 

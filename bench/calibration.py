@@ -28,10 +28,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortex.data import load_token_indices  # noqa: E402
+from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.scripts import run_script  # noqa: E402
 from cortex.significance import (contrast_tests, read_label_tis, score_significant,  # noqa: E402
                                  significance_tests)
-from cortex.stats import label_files, read_ground_truth  # noqa: E402
+from cortex.paths import label_files  # noqa: E402
+from cortex.analysis.recovery import read_ground_truth
 
 ATTRIBUTIONS = ("smoothgrad", "smoothgrad_x_input")
 
@@ -57,7 +59,7 @@ def build_world(root: Path, layout: str, seed: int, args) -> None:
 
 
 def tis_dir(root: Path, attribution: str) -> Path:
-    return root / "results" / ("TIS" if attribution == "smoothgrad" else f"TIS_{attribution}") / "Net1" / "TIS_value_train"
+    return ExperimentPaths(root=root).tis_dir(1, "train", attribution)
 
 
 def evaluate(parsed: dict, planted: dict, nulls: list, top_ns, alpha: float) -> dict:

@@ -69,7 +69,7 @@ done
 $PY - "$W" "$TD" <<'EOF' 2>&1 | tee "$OUT/tis_cuda_vs_cpu.txt"
 import sys, glob, os
 import numpy as np
-from cortex.tis import read_tis_file
+from cortex.attribution.store import read_tis_file
 w = sys.argv[1]
 dmax, overlap, n = 0.0, [], 0
 td = sys.argv[2]

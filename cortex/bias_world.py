@@ -25,7 +25,7 @@ One world serves both bias types, as one generator (DALL-E-mini) serves both in 
 
 The truth (attribute token sets, the ratio, the expected sign of Cliff's delta) is written to each bias type's
 ``datasets/{bias_type}/embeddings/ground_truth.json``; ``concept_tokens`` there are the attribute tokens, so
-``cortex.stats.concept_recovery`` scores the Dalle IEMs too.
+``cortex.analysis.recovery.concept_recovery`` scores the Dalle IEMs too.
 """
 from __future__ import annotations
 

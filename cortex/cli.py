@@ -278,7 +278,7 @@ _NOISY_WARNINGS = (
     r".*is deprecated.*torch\.utils\._pytree.*",
     r".*Checkpoint directory .* exists and is not empty.*",  # resume writes into its own folder on purpose
 )
-# ours: cortex.tis prints a banner on stderr and also warns (for callers that catch it); the warnings module would
+# ours: cortex.attribution.tis prints a banner on stderr and also warns (for callers that catch it); the warnings module would
 # print the same text again. Appended after every other filter, so a catcher (pytest.warns, -W) still sees it.
 _REPEATED_WARNINGS = (r"the IEM's accuracy is near chance",)
 _quiet_state = {"filters": []}

@@ -6,11 +6,29 @@ so the VQGAN and DALL-E-mini folders (which differ only by a ``{bias_type}/`` le
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 # The paper's attribution keeps the paper's folders; others get their own (results/TIS_<name>/...).
 PAPER_ATTRIBUTION = "smoothgrad"
+def attribution_suffix(attribution: str) -> str:
+    """``""`` for the paper's attribution, else ``_<attribution>``: the one rule naming a non-paper attribution's
+    folders (``results/TIS_<attribution>/``) and files (``..._<attribution>.csv``, ``..._<attribution>.png``)."""
+    return "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
+
+
+LABEL_RE = re.compile(r"^label_(\d+)\.csv$")  # one file per label: TIS, statistics and frequency-baseline folders
+
+
+def label_files(directory, pattern: str = "label_*.csv") -> dict[int, Path]:
+    """``{label: path}`` of the ``label_{k}.csv`` files of a folder, sorted by label."""
+    out = {}
+    for p in Path(directory).glob(pattern):
+        m = LABEL_RE.match(p.name)
+        if m:
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
 
 
 def _absolute(path) -> Path:
@@ -86,8 +104,7 @@ class ExperimentPaths:
 
     # --- TIS
     def tis_root(self, attribution: str = PAPER_ATTRIBUTION) -> Path:
-        name = "TIS" if attribution == PAPER_ATTRIBUTION else f"TIS_{attribution}"
-        return self.results_dir / name
+        return self.results_dir / f"TIS{attribution_suffix(attribution)}"
 
     def tis_dir(self, m: int, split: str, attribution: str = PAPER_ATTRIBUTION) -> Path:
         return self.tis_root(attribution) / f"Net{m}" / f"TIS_value_{split}"
@@ -116,8 +133,7 @@ class ExperimentPaths:
 
     def token_gallery_file(self, m: int, label: int, top_n: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
         """The token gallery of a label's concept tokens (VQGAN_explanation/token_gallery.py)."""
-        tag = "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
-        return self.figures_dir(m) / f"token_gallery_label{label}_top{top_n}{tag}.png"
+        return self.figures_dir(m) / f"token_gallery_label{label}_top{top_n}{attribution_suffix(attribution)}.png"
 
     def bias_dir(self) -> Path:
         return self.results_dir / "Bias_detection"

@@ -4,9 +4,9 @@ Each artifact records the content hashes (sha256) of what it was computed from::
 
     dataset  (the split CSVs + codebook.npy: hashed, not recorded)
       -> IEM checkpoint     config.json "dataset": {file: sha256} of the data it was trained on
-      -> TIS run            tis_config.json: checkpoint sha256, split CSV and codebook sha256 (cortex.tis)
+      -> TIS run            tis_config.json: checkpoint sha256, split CSV and codebook sha256 (cortex.attribution.store)
       -> statistics         source.json: tis_config.json's SHA-1, each TIS file's fingerprint, statistics_id
-                            (cortex.stats); "in_progress" while TIS_analysis.py writes them
+                            (cortex.analysis.statistics); "in_progress" while TIS_analysis.py writes them
       -> significance       tis_significance.csv.source.json: the statistics_id it was computed from
     dataset -> frequency baseline   frequency_baseline/source.json: the split CSV's sha256, the labels;
                                     "in_progress" while generate_freq_based_tokens.py writes it
@@ -25,41 +25,24 @@ import json
 import os
 from pathlib import Path
 
-from .utils import CortexError, atomic_write
+from .attribution.store import TIS_CONFIG, file_sha1, fingerprint, short_list
+from .data import SPLITS, require_split, split_csv
+from .paths import PAPER_ATTRIBUTION, label_files
+from .utils import CortexError, atomic_write, file_sha256
 
 SOURCE_SUFFIX = ".source.json"  # the provenance record beside an evaluation output
 CODEBOOK = "codebook.npy"
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def file_sha256(path) -> str | None:
-    """sha256 of a file's bytes (``None`` when it does not exist); hashed once per process and file version."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
+SOURCE_FILE = "source.json"  # the TIS statistics' record: which TIS run they come from (check_statistics_current)
 
 
 def record_id(record: dict) -> str:
-    """16 hex digits of the sha256 of a record's canonical JSON (as ``cortex.tis.run_id_of``)."""
+    """16 hex digits of the sha256 of a record's canonical JSON (as ``cortex.attribution.store.run_id_of``)."""
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- the dataset
 
 def dataset_files() -> tuple[str, ...]:
-    from .data import SPLITS
-
     return tuple(v[0] for v in SPLITS.values()) + (CODEBOOK,)
 
 
@@ -94,7 +77,7 @@ def command(paths, script: str, model: int | None = None, attribution: str | Non
     for k, v in flags.items():
         if v is not None and v is not False:
             parts += [f"--{k}"] + ([] if v is True else [str(v)])
-    if attribution and attribution != "smoothgrad":
+    if attribution and attribution != PAPER_ATTRIBUTION:
         parts += ["--attribution", attribution]
     return " ".join(parts)
 
@@ -119,8 +102,6 @@ def _short(sha: str | None) -> str:
 
 def check_dataset(paths, split: str = "train") -> None:
     """The dataset exists (its ``split`` CSV): the head of every chain."""
-    from .data import require_split
-
     require_split(paths.data_dir, split)
 
 
@@ -144,16 +125,14 @@ def check_checkpoint(paths, model: int) -> str | None:
 
 
 def tis_record(tis_dir) -> dict | None:
-    p = Path(tis_dir) / "tis_config.json"
+    p = Path(tis_dir) / TIS_CONFIG
     return _read_json(p) if p.exists() else None
 
 
 def check_tis_run(paths, model: int, split: str, attribution: str = "smoothgrad") -> dict | None:
     """The TIS run of (model, split, attribution) was computed with the current checkpoint on the current split
     CSV and codebook (``tis_config.json``), and that checkpoint on the current dataset. Returns the run's
-    ``tis_config.json`` (``None`` when there is none: ``cortex.stats.check_tis_inputs`` reports that)."""
-    from .data import split_csv
-
+    ``tis_config.json`` (``None`` when there is none: ``cortex.attribution.store.check_tis_inputs`` reports that)."""
     check_checkpoint(paths, model)
     tis_dir = paths.tis_dir(model, split, attribution)
     cfg = tis_record(tis_dir)
@@ -185,12 +164,61 @@ def check_tis_run(paths, model: int, split: str, attribution: str = "smoothgrad"
     return cfg
 
 
+def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False,
+                             rebuild: str | None = None) -> dict | None:
+    """Check that the TIS statistics in ``stats_dir`` were computed from the current TIS run.
+
+    Reads ``stats_dir/source.json`` (written last by ``cortex.analysis.statistics.analyze_tis``). A CortexError when: the
+    statistics were left unfinished; a statistics file exists for a label outside the recorded run
+    (stale); and, when ``tis_dir`` exists, its ``tis_config.json`` differs from the recorded one, its
+    label files differ, or a TIS file changed since (fingerprint). Without ``source.json`` (statistics
+    not written by this version, e.g. the authors' published files) a warning is printed and ``None``
+    returned, or a CortexError with ``require=True``. Statistics made with ``--allow_partial`` pass with
+    a warning naming what they lack. Returns the recorded source dict.
+    """
+    stats_dir = Path(stats_dir)
+    rerun = f"Rebuild them: {rebuild}" if rebuild else "Rerun TIS_analysis.py (same --model/--attribution) to recompute them."
+    src_path = stats_dir / SOURCE_FILE
+    if not src_path.exists():
+        if label_files(stats_dir) and not require:
+            print(f"warning: {stats_dir} has no {SOURCE_FILE}: cannot tell which TIS run these statistics come "
+                  f"from (written by another tool or an older version). {rerun}")
+            return None
+        raise CortexError(f"{stats_dir}: no complete TIS statistics ({SOURCE_FILE} missing: never computed, or "
+                          f"the last TIS_analysis.py run stopped early). {rerun}")
+    src = json.loads(src_path.read_text(encoding="utf-8"))
+    if src.get("in_progress"):
+        raise CortexError(f"stale statistics {stats_dir}: the last TIS_analysis.py run did not finish (stopped "
+                          f"while writing them; the files may mix two runs). {rerun}")
+    recorded = {int(k): v for k, v in src["labels"].items()}
+    stale = sorted(set(label_files(stats_dir)) - set(recorded))
+    if stale:
+        raise CortexError(f"{stats_dir}: statistics files for labels {short_list(stale)} are not part of the recorded "
+                          f"TIS run (left from an earlier run). {rerun}")
+    if tis_dir is not None and Path(tis_dir).is_dir():
+        tis_dir = Path(tis_dir)
+        cpath = tis_dir / TIS_CONFIG
+        sha = file_sha1(cpath) if cpath.exists() else None
+        if sha != src.get("tis_config_sha1"):
+            raise CortexError(f"{stats_dir} was computed from another TIS run: {cpath} "
+                              f"{'changed' if sha else 'is missing'} since. {rerun}")
+        files = label_files(tis_dir)
+        changed = [l for l, v in recorded.items() if l not in files or fingerprint(files[l]) != v["fingerprint"]]
+        new = sorted(set(files) - set(recorded)) if src.get("complete", True) else []
+        if changed or new:
+            what = (f"TIS files changed or removed since: labels {short_list(sorted(changed))}. " if changed else "") + \
+                   (f"new TIS files: labels {short_list(new)}. " if new else "")
+            raise CortexError(f"{stats_dir} is out of date with {tis_dir}: {what}{rerun}")
+    if not src.get("complete", True):
+        print(f"warning: {stats_dir} was computed with --allow_partial from an incomplete TIS run: "
+              + "; ".join(src.get("problems", [])))
+    return src
+
+
 def check_statistics(paths, model: int, attribution: str = "smoothgrad", require: bool = False) -> dict | None:
     """The chain dataset -> checkpoint -> TIS run -> statistics of (model, attribution)
-    (``cortex.stats.check_statistics_current``: complete, not left over, from the current TIS run's files).
+    (:func:`check_statistics_current`: complete, not left over, from the current TIS run's files).
     Returns the statistics' ``source.json`` (``None``: statistics with no record, e.g. the authors', warned)."""
-    from .stats import check_statistics_current
-
     check_tis_run(paths, model, "train", attribution)
     return check_statistics_current(paths.stats_dir(model, attribution), paths.tis_dir(model, "train", attribution),
                                     require=require, rebuild=command(paths, "TIS_analysis.py", model, attribution))
@@ -202,8 +230,6 @@ def significance_record_path(sig_file) -> Path:
 
 def write_significance_record(sig_file, stats_dir) -> None:
     """Beside ``tis_significance.csv``: the ``statistics_id`` of the statistics it was computed with."""
-    from .stats import SOURCE_FILE
-
     src = _read_json(Path(stats_dir) / SOURCE_FILE) if (Path(stats_dir) / SOURCE_FILE).exists() else {}
     with atomic_write(significance_record_path(sig_file)) as f:
         json.dump({"statistics_id": src.get("statistics_id")}, f, indent=2)
@@ -243,8 +269,6 @@ def begin_frequency_baseline(paths) -> None:
 
 
 def finish_frequency_baseline(paths, split: str, labels) -> None:
-    from .data import split_csv
-
     name = split_csv(paths.data_dir, split).name
     with atomic_write(frequency_record_path(paths)) as f:
         json.dump({"split": split, "dataset": {name: file_sha256(split_csv(paths.data_dir, split))},
@@ -255,8 +279,6 @@ def check_frequency_baseline(paths) -> dict | None:
     """The frequency baseline is complete and was counted on the current split CSV. Returns its record;
     ``None`` when there is no baseline at all; a baseline written without a record (older version, the
     authors') passes with a warning."""
-    from .stats import label_files
-
     out = paths.frequency_dir()
     files = label_files(out)
     rec_path = frequency_record_path(paths)

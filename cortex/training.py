@@ -271,7 +271,7 @@ def read_training_log(path) -> dict[str, list[float]]:
 def plot_loss_curves(log_path, out_path, title: str = "") -> Path:
     """``loss_curves.png`` from a training log: train and validation loss (left axis) and validation accuracy
     (right axis, percent) per epoch. Matplotlib Agg; the PNG is written atomically. Returns ``out_path``."""
-    from .plots import _plt, _save
+    from .figures import _plt, _save
 
     h = read_training_log(log_path)
     plt = _plt()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import fcntl
 import json
 import os
@@ -333,3 +334,23 @@ def save_run_args(args, out_dir, name: str = "args.json", quiet: bool = False) -
     with atomic_write(out) as f:
         json.dump(d, f, indent=2, default=str)
     return out
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path) -> str | None:
+    """sha256 of a file's bytes (``None`` when it does not exist); hashed once per process and file version."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]

@@ -1,10 +1,10 @@
-"""cortex.attribution: exact gradients on a closed-form model, batched == per-sample loop,
+"""cortex.attribution.attributions: exact gradients on a closed-form model, batched == per-sample loop,
 batch-size independence, and the contribution scores (grad x input, IG, occlusion)."""
 import pytest
 import torch
 from torch import nn
 
-from cortex import attribution as A
+from cortex.attribution import attributions as A
 
 C, H, W, K = 8, 4, 4, 3
 

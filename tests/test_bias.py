@@ -1,11 +1,11 @@
-"""cortex.bias (Cliff's delta, detection, figure) and cortex.bias_world (the planted bias)."""
+"""cortex.analysis.bias (Cliff's delta, detection, figure) and cortex.bias_world (the planted bias)."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from cortex import bias as B
+from cortex.analysis import bias as B, bias_files as BF, cliffs_delta as CD
 from cortex.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
 from cortex.utils import CortexError
 
@@ -19,33 +19,33 @@ def test_cliffs_delta_equals_brute_force_with_ties(n, m, high):
     rng = np.random.default_rng(n * 1000 + m)
     for _ in range(5):
         x, y = rng.integers(0, high, n), rng.integers(0, high, m)
-        d = B.cliffs_delta(x, y)
-        assert d == pytest.approx(B.cliffs_delta_brute(x, y), abs=1e-12)
+        d = CD.cliffs_delta(x, y)
+        assert d == pytest.approx(CD.cliffs_delta_brute(x, y), abs=1e-12)
         if n * m <= 30_000:
-            assert d == pytest.approx(B.cliffs_delta_loop(x, y), abs=1e-12)
-        assert B.cliffs_delta(y, x) == pytest.approx(-d, abs=1e-12)
-        assert B.cliffs_delta_seed(x, y) == pytest.approx(d / 2, abs=1e-12)
+            assert d == pytest.approx(CD.cliffs_delta_loop(x, y), abs=1e-12)
+        assert CD.cliffs_delta(y, x) == pytest.approx(-d, abs=1e-12)
+        assert CD.cliffs_delta_seed(x, y) == pytest.approx(d / 2, abs=1e-12)
 
 
 def test_cliffs_delta_known_values_and_floats():
-    assert B.cliffs_delta([3, 4, 5], [0, 1, 2]) == 1.0
-    assert B.cliffs_delta([0, 1], [5, 6, 7]) == -1.0
-    assert B.cliffs_delta([2, 2, 2], [2, 2]) == 0.0
+    assert CD.cliffs_delta([3, 4, 5], [0, 1, 2]) == 1.0
+    assert CD.cliffs_delta([0, 1], [5, 6, 7]) == -1.0
+    assert CD.cliffs_delta([2, 2, 2], [2, 2]) == 0.0
     # x = [1, 2, 3], y = [2]: 1 pair greater, 1 less, 1 tie -> 0; y = [1, 1]: 4 greater, 0 less of 6 -> 2/3
-    assert B.cliffs_delta([1, 2, 3], [2]) == 0.0
-    assert B.cliffs_delta([1, 2, 3], [1, 1]) == pytest.approx(4 / 6)
+    assert CD.cliffs_delta([1, 2, 3], [2]) == 0.0
+    assert CD.cliffs_delta([1, 2, 3], [1, 1]) == pytest.approx(4 / 6)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=300), rng.normal(0.3, size=400)
-    assert B.cliffs_delta(x, y) == pytest.approx(B.cliffs_delta_brute(x, y), abs=1e-12)
+    assert CD.cliffs_delta(x, y) == pytest.approx(CD.cliffs_delta_brute(x, y), abs=1e-12)
 
 
 def test_cliffs_delta_errors():
     with pytest.raises(CortexError, match="sample x is empty"):
-        B.cliffs_delta([], [1, 2])
+        CD.cliffs_delta([], [1, 2])
     with pytest.raises(CortexError, match="sample y is empty"):
-        B.cliffs_delta([1], np.array([]))
+        CD.cliffs_delta([1], np.array([]))
     with pytest.raises(CortexError, match="NaN"):
-        B.cliffs_delta([1.0, float("nan")], [1.0])
+        CD.cliffs_delta([1.0, float("nan")], [1.0])
     assert B.magnitude(0.1) == "negligible" and B.magnitude(-0.4) == "medium" and B.magnitude(0.9) == "large"
 
 
@@ -141,7 +141,7 @@ def test_csv_roundtrip_and_figure(tmp_path):
     rows = B.detect_bias({0: [1, 5], 1: [2, 7]}, ids)
     out = B.write_bias_csv(paths.bias_dir() / B.bias_csv_name(5, 2), rows)
     with open(out, newline="") as f:
-        assert next(csv.reader(f)) == B.BIAS_HEADER
+        assert next(csv.reader(f)) == BF.BIAS_HEADER
     back = B.read_bias_csv(out)
     assert [r["label"] for r in back] == [0, 1] and back[0]["tokens"] == [1, 5]
     assert back[0]["cliff_delta"] == pytest.approx(rows[0].cliff_delta, abs=1e-6)

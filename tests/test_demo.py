@@ -43,7 +43,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
 def _check_replicates(work, report, out):
     """Seed 1's replicate ran in its own folders; the report gives intervals and verdicts; the SmoothGrad runs said
     where SmoothGrad fails; the bias robustness table compares the 4 runs (2 seeds x 2 attributions)."""
-    from cortex.replicates import seed_paths
+    from cortex.analysis.replicates import seed_paths
 
     vq, da = work / "VQGAN_explanation", work / "Dalle_explanation"
     assert seed_paths("vqgan", vq, 1).best_ckpt(1) == vq / "checkpoints/replicates/seed_1/ClassificationNet1/best_model.pth"

@@ -19,10 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cortex import evaluators as E
-from cortex import explain as X
-from cortex import masking as M
 from cortex.data import image_path, read_split
+from cortex.evaluation import codebook_level as XC, concept_level as XK, evaluators as E, explain as X, masking as M
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, format_list
@@ -236,15 +234,15 @@ def test_concept_level_equals_the_authors_and_paired_file(world):
     assert float(r["Avg_Masked_Prob_Target"]) == seq_mean([float(b["prob"]) for b in tgt])
     assert rows[1]["Model"] == "Overall" and float(rows[1]["Avg_Diff_Target"]) == seq_mean([float(r["Avg_Diff_Target"])])
     # the paired statistic beside it
-    paired = _rows(X.paired_stats_path(out))
-    assert list(paired[0]) == X.PAIRED_COLUMNS
+    paired = _rows(XK.paired_stats_path(out))
+    assert list(paired[0]) == XK.PAIRED_COLUMNS
     d = np.array([float(b["logit"]) - float(a["logit"]) for a, b in zip(tgt, base)])  # CORTEX drop - baseline drop
     row = next(p for p in paired if p["Model"] == "resnet10" and p["Metric"] == "logit_drop")
     assert int(row["N"]) == len(d) == NC * 3 and float(row["Mean_Paired_Diff"]) == pytest.approx(d.mean(), abs=1e-12)
     half = 2.306004135204166 * d.std(ddof=1) / math.sqrt(9)  # t_{0.975, 8}
     assert float(row["CI_Low"]) == pytest.approx(d.mean() - half, rel=1e-9)
     assert float(row["CI_High"]) == pytest.approx(d.mean() + half, rel=1e-9)
-    back = {(r["Model"], r["Metric"]): r for r in X.read_paired_stats(out)}
+    back = {(r["Model"], r["Metric"]): r for r in XK.read_paired_stats(out)}
     assert back[("resnet10", "logit_drop")]["CI_Low"] == float(row["CI_Low"]) and ("Overall", "prob_drop") in back
 
 
@@ -253,8 +251,8 @@ def test_paired_statistic_hand_computed():
     CORTEX drops 4, 3, 2; baseline drops 1, 1, 1; paired 3, 2, 1: mean 2, sd 1, t_{0.975,2} = 4.302653."""
     lg = np.array([[5.0, 1.0, 4.0], [5.0, 2.0, 4.0], [5.0, 3.0, 4.0]])
     pr = np.array([[0.9, 0.1, 0.5], [0.9, 0.2, 0.5], [0.9, 0.3, 0.5]])
-    res = X.ConceptLevelResult([], [(["a", "b", "c"], 0, {"ev": (lg, pr)}, np.zeros((3, 3)), (0, 1, 1))], [])
-    rows = {(r["Model"], r["Metric"]): r for r in X.concept_paired_stats(res)}
+    res = XK.ConceptLevelResult([], [(["a", "b", "c"], 0, {"ev": (lg, pr)}, np.zeros((3, 3)), (0, 1, 1))], [])
+    rows = {(r["Model"], r["Metric"]): r for r in XK.concept_paired_stats(res)}
     r = rows[("ev", "logit_drop")]
     assert r["Mean_Paired_Diff"] == pytest.approx(2.0) and r["Std"] == pytest.approx(1.0) and r["N"] == 3
     assert r["CI_Low"] == pytest.approx(2 - 4.302652729911275 / math.sqrt(3))
@@ -262,29 +260,29 @@ def test_paired_statistic_hand_computed():
     p = rows[("ev", "prob_drop")]  # 0.4, 0.3, 0.2
     assert p["Mean_Paired_Diff"] == pytest.approx(0.3) and p["Std"] == pytest.approx(0.1)
     assert rows[("Overall", "logit_drop")]["Mean_Paired_Diff"] == pytest.approx(2.0)
-    one = X.paired_t_interval([1.5])
+    one = XK.paired_t_interval([1.5])
     assert one["mean"] == 1.5 and math.isnan(one["low"]) and one["n"] == 1
 
 
 # ----------------------------------------------------------------------------- codebook level (13.9, 14.4)
 
 def test_checkpoint_steps_and_best_rule():
-    assert X.checkpoint_steps(5000, 500) == list(range(0, 5000, 500)) + [4999]
-    assert X.checkpoint_steps(4, 2) == [0, 2, 3] and X.checkpoint_steps(1, 500) == [0]
+    assert XC.checkpoint_steps(5000, 500) == list(range(0, 5000, 500)) + [4999]
+    assert XC.checkpoint_steps(4, 2) == [0, 2, 3] and XC.checkpoint_steps(1, 500) == [0]
     rng = np.random.default_rng(0)
     tp = rng.integers(0, 4, (6, 50)) / 4.0  # many ties and some all-zero columns
     tp[:, 0] = 0
-    b = X.best_checkpoints(tp)
+    b = XC.best_checkpoints(tp)
     for i in range(tp.shape[1]):  # the authors: best = 0; keep a checkpoint only if its prob is > best so far
         best, idx = 0.0, -1
         for t in range(tp.shape[0]):
             if tp[t, i] > best:
                 best, idx = tp[t, i], t
         assert b[i] == idx
-    s = {k: rng.random((6, 50)) for k in X.SCORE_KEYS}
+    s = {k: rng.random((6, 50)) for k in XC.SCORE_KEYS}
     s["tgt_prob"] = tp
-    s["initial"] = {k: rng.random(50) for k in X.SCORE_KEYS}
-    row = X.best_rows({"ev": s})[0][0]
+    s["initial"] = {k: rng.random(50) for k in XC.SCORE_KEYS}
+    row = XC.best_rows({"ev": s})[0][0]
     final = [s["orig_logit"][b[i], i] if b[i] >= 0 else 0.0 for i in range(50)]
     assert row["final_original_logit"] == np.mean(final)  # the authors' zeros where nothing beat 0
     assert row["initial_target_prob"] == np.mean(s["initial"]["tgt_prob"])
@@ -297,8 +295,8 @@ def test_token_checkpoint_is_that_steps_gumbel_sample():
     codebook = torch.randn(16, 256, generator=g)
     ids = torch.randint(0, 16, (2, 256), generator=g)
     iem = LinearIEM().requires_grad_(False)
-    region = X.region_positions((7, 8), (7, 8))
-    tr = X.optimize_tokens(iem, codebook, ids, torch.tensor([1, 2]), region, steps=1, lr=0.5, eval_every=500,
+    region = XC.region_positions((7, 8), (7, 8))
+    tr = XC.optimize_tokens(iem, codebook, ids, torch.tensor([1, 2]), region, steps=1, lr=0.5, eval_every=500,
                            seed=3, progress=False)
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(2, len(region), 16, generator=gen)
@@ -313,8 +311,8 @@ def test_embedding_checkpoint_is_after_the_update():
     codebook = torch.randn(16, 256, generator=g)
     ids = torch.randint(0, 16, (1, 256), generator=g)
     iem = LinearIEM().requires_grad_(False)
-    region = X.region_positions((7, 8), (7, 8))
-    tr = X.optimize_embedding(iem, codebook, ids, torch.tensor([2]), region, steps=3, lr=2.0, eval_every=2,
+    region = XC.region_positions((7, 8), (7, 8))
+    tr = XC.optimize_embedding(iem, codebook, ids, torch.tensor([2]), region, steps=3, lr=2.0, eval_every=2,
                               progress=False)
     assert tr.steps == [0, 2]
     emb = codebook[ids].transpose(1, 2).reshape(1, 256, 16, 16).clone().requires_grad_(True)
@@ -333,18 +331,18 @@ def test_decoded_image_conversion_is_the_authors():
     x = torch.randn(2, 3, 16, 16) * 1.5  # decoder output, partly outside [-1, 1]
     a = x.numpy().transpose(0, 2, 3, 1)
     want = (255 * ((a + 1.) / 2.)).clip(0, 255).astype(np.uint8)  # truncation, as chw_to_pillow
-    got = X.decoded_to_uint8(x).permute(0, 2, 3, 1).numpy()
+    got = XC.decoded_to_uint8(x).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(got, want)
 
 
 def test_codebook_pairs_rule():
-    paper, note = X.codebook_pairs(range(1000), 1000)
+    paper, note = XC.codebook_pairs(range(1000), 1000)
     assert paper == [(l, 30 - l) for l in range(10, 21) if l != 15] and note is None
-    pairs, note = X.codebook_pairs(range(10), 10)  # the paper's labels are absent: mirror the labels present
+    pairs, note = XC.codebook_pairs(range(10), 10)  # the paper's labels are absent: mirror the labels present
     assert pairs == [(0, 9), (1, 8), (2, 7), (3, 6), (4, 5), (5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
     assert "not all in this dataset" in note
-    assert X.codebook_pairs([0, 1, 2], 3) == ([(0, 2), (2, 0)], X.codebook_pairs([0, 1, 2], 3)[1])
-    assert X.codebook_pairs([0, 1, 2], 3, labels=[0, 1], target_sum=2) == ([(0, 2), (1, 1)], None)
+    assert XC.codebook_pairs([0, 1, 2], 3) == ([(0, 2), (2, 0)], XC.codebook_pairs([0, 1, 2], 3)[1])
+    assert XC.codebook_pairs([0, 1, 2], 3, labels=[0, 1], target_sum=2) == ([(0, 2), (1, 1)], None)
 
 
 def test_codebook_script_defaults_on_demo_data(world, capsys):

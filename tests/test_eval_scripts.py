@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from cortex import evaluators as E
-from cortex import explain as X
 from cortex.data import read_split
+from cortex.evaluation import codebook_level as XC, evaluators as E, explain as X
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import load_vq
@@ -176,7 +175,7 @@ def test_codebook_level(world, mode):
     assert len(per) == 6 and {p["best_step"] for p in per} <= {"0", "2", "3"}
     assert float(rows[0]["final_target_prob"]) == pytest.approx(np.mean([float(p["final_target_prob"]) for p in per]),
                                                                 abs=1e-5)
-    region = set(X.region_positions((6, 8), (5, 9)).tolist())
+    region = set(XC.region_positions((6, 8), (5, 9)).tolist())
     _, toks = _csv(run / "optimized_tokens.csv")
     assert len(toks) == 6 and {(t["label"], t["target"]) for t in toks} == {("0", "1"), ("2", "0")}
     for t in toks:
@@ -206,12 +205,12 @@ def test_optimisation_raises_target_logit(mode):
     codebook = torch.randn(16, 256, generator=g)
     ids = torch.randint(0, 16, (2, 256), generator=g)
     iem = LinearIEM().requires_grad_(False)
-    region = X.region_positions((7, 10), (7, 10))
+    region = XC.region_positions((7, 10), (7, 10))
     tg = torch.tensor([1, 2])
     if mode == "token":
-        tr = X.optimize_tokens(iem, codebook, ids, tg, region, steps=60, lr=0.5, eval_every=30, progress=False)
+        tr = XC.optimize_tokens(iem, codebook, ids, tg, region, steps=60, lr=0.5, eval_every=30, progress=False)
     else:
-        tr = X.optimize_embedding(iem, codebook, ids, tg, region, steps=60, lr=0.5, eval_every=30, progress=False)
+        tr = XC.optimize_embedding(iem, codebook, ids, tg, region, steps=60, lr=0.5, eval_every=30, progress=False)
     assert tr.steps == [0, 30, 59]  # the authors' step % every == 0 or step == steps - 1
     assert np.all(tr.iem_target_logit[-1] > tr.initial_iem_target_logit + 1)
     outside = np.setdiff1d(np.arange(256), region)

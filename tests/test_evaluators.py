@@ -1,13 +1,12 @@
-"""cortex.evaluators (ImageNet weights through torchvision's API, offline copies, clear errors; synthetic
-checkpoints) and cortex.masking (patch blackout, token-id masks)."""
+"""cortex.evaluation.evaluators (ImageNet weights through torchvision's API, offline copies, clear errors; synthetic
+checkpoints) and cortex.evaluation.masking (patch blackout, token-id masks)."""
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
 
-from cortex import evaluators as E
-from cortex import masking as M
+from cortex.evaluation import evaluators as E, masking as M
 from cortex.utils import CortexError
 
 

@@ -98,7 +98,7 @@ def test_topk_not_shown_above_the_number_of_classes():
 
 
 def test_near_chance_is_one_banner_not_two(tmp_path, capsys):
-    from cortex import tis as T
+    from cortex.attribution import tis as T
 
     ckpt = tmp_path / "ClassificationNet1" / "best_model.pth"
     ckpt.parent.mkdir()

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cortex import evaluators as E
-from cortex.data import (EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split)
+from cortex.data import EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split
+from cortex.evaluation import evaluators as E
 from cortex.models import MODEL_IDS, build_model, load_iem, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.tokenizers import load_tokenizer
@@ -127,8 +127,8 @@ def test_iem_trained_tested_and_reloaded_with_the_geometry(world):
 
 
 def test_tis_rows_and_statistics_follow_the_grid(world):
-    from cortex.stats import read_stats
-    from cortex.tis import read_tis_file
+    from cortex.analysis.statistics_files import read_stats
+    from cortex.attribution.store import read_tis_file
 
     paths, side, model = world["paths"], world["side"], world["model"]
     n_test = 0
@@ -162,7 +162,7 @@ def test_sample_and_concept_masking_on_the_grid(world):
 
 
 def test_codebook_level_on_the_grid(world):
-    from cortex.explain import default_region, region_positions
+    from cortex.evaluation.codebook_level import default_region, region_positions
 
     paths, side, model = world["paths"], world["side"], world["model"]
     out = run_script("VQGAN_explanation/eval/codebook_level_explanation.py",

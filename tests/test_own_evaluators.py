@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cortex import evaluators as E
 from cortex.cli import run_main
+from cortex.evaluation import evaluators as E
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError
 from tests.helpers import run_script
@@ -77,7 +77,7 @@ def test_eval_script_prints_an_error_line_for_foreign_evaluators(worlds, tmp_pat
     """The shell path: `error: ... trained on another dataset ...`, exit status 2 (through eval_setup)."""
     from types import SimpleNamespace
 
-    from cortex.explain import eval_setup
+    from cortex.evaluation.explain import eval_setup
 
     demo, own = worlds["demo"], worlds["own"]
     _train(demo, "--evaluator_dir", tmp_path / "ev")

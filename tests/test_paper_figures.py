@@ -1,7 +1,7 @@
 """Figures fit for a paper (issue 22, item 4): intervals drawn where they exist, labelled colour bars, every text
 >= 7 pt at a paper's text width, class names, short titles, galleries drawn from many images.
 
-Each figure carries ``cortex.plots.figure_summary`` in its PNG (``read_figure_summary``); ``check_report_figures``
+Each figure carries ``cortex.figures.figure_summary`` in its PNG (``read_figure_summary``); ``check_report_figures``
 checks every figure of the demo report against the panels it must have (tests/test_demo.py calls it).
 """
 import re
@@ -12,14 +12,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cortex import plots
-from cortex.gallery import spread_occurrences
+from cortex import figures
+from cortex.report import plots
+from cortex.report.gallery import spread_occurrences
 from cortex.utils import CortexError
 
 
 def _common(path, summary):
     """What every figure must satisfy: text >= 7 pt at a size no wider than a paper's text width, short titles."""
-    assert summary["min_font_pt"] >= plots.MIN_FONT_PT, (path, summary["min_font_pt"])
+    assert summary["min_font_pt"] >= figures.MIN_FONT_PT, (path, summary["min_font_pt"])
     assert 0 < summary["width_in"] <= plots.MAX_WIDTH_IN + 1e-6, (path, summary["width_in"])
     assert summary["suptitle"].count("\n") == 0 and len(summary["suptitle"]) <= 80, (path, summary["suptitle"])
     for p in summary["panels"]:
@@ -51,7 +52,7 @@ def check_report_figures(report: Path) -> list[str]:
     checked = []
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report.read_text()):
         path = (report.parent / link).resolve()
-        summary = plots.read_figure_summary(path)
+        summary = figures.read_figure_summary(path)
         _common(path, summary)
         kind = next((k for k in EXPECTED if re.search(k, path.name)), None)
         assert kind is not None, f"{path.name}: no expected panels known for this figure; add it to EXPECTED"
@@ -79,12 +80,12 @@ def _sample_data(rng, models=("resnet10", "vit_tiny_8"), ns=(5, 10), n_img=6):
 
 def test_deletion_curves_have_bands(tmp_path):
     df, per = _sample_data(np.random.default_rng(0))
-    s = plots.read_figure_summary(plots.deletion_curves(df, tmp_path / "d.png", title="Deletion", per_image=per))
+    s = figures.read_figure_summary(plots.deletion_curves(df, tmp_path / "d.png", title="Deletion", per_image=per))
     _common(tmp_path / "d.png", s)
     assert [p["title"] for p in s["panels"]] == ["resnet10", "vit_tiny_8"]
     assert all(p["lines"] == 2 and p["bands"] == 2 for p in s["panels"])
     # without per-image rows: no bands, the curves only
-    s = plots.read_figure_summary(plots.deletion_curves(df, tmp_path / "e.png"))
+    s = figures.read_figure_summary(plots.deletion_curves(df, tmp_path / "e.png"))
     assert all(p["lines"] == 2 and p["bands"] == 0 for p in s["panels"])
 
 
@@ -100,7 +101,7 @@ def test_concept_bars_have_error_bars(tmp_path):
                       + [dict(Model="Overall", Avg_Original_Prob=0.5, Avg_Masked_Prob_Target=0.4,
                               Avg_Masked_Prob_Baseline=0.45)])
     path = plots.concept_bars(df, tmp_path / "c.png", title="Concept level", per_image=per)
-    s = plots.read_figure_summary(path)
+    s = figures.read_figure_summary(path)
     _common(path, s)
     assert len(s["panels"]) == 1 and s["panels"][0]["errorbars"] == 3 and "95% CI" in s["panels"][0]["ylabel"]
     assert s["width_in"] <= plots.COLUMN_WIDTH_IN + 1e-6  # three groups fit one column
@@ -113,7 +114,7 @@ def test_tis_grid_colour_bar_labelled_and_class_names(tmp_path):
     titles = [f"0_{i}.png, label {plots.class_name(i, names)}" for i in range(2)]
     path = plots.tis_grid(imgs, [rng.random(256) for _ in range(2)], titles, tmp_path / "t.png", top_n=5,
                           masked=imgs, title="TIS")
-    s = plots.read_figure_summary(path)
+    s = figures.read_figure_summary(path)
     _common(path, s)
     assert len(s["panels"]) == 6 and s["colorbars"] == ["TIS", "TIS"]
     assert "label 1 (dog)" in s["panels"][3]["title"]
@@ -124,7 +125,7 @@ def test_before_after_fits_the_text_width(tmp_path):
     imgs = [np.zeros((32, 32, 3), np.uint8)] * 8
     path = plots.before_after(imgs, imgs, [f"{i} (a) -> 5 (b)\np(target) 0.00 -> 0.30" for i in range(8)],
                               tmp_path / "b.png", region=(7, 10, 7, 10), title="Codebook level")
-    s = plots.read_figure_summary(path)
+    s = figures.read_figure_summary(path)
     _common(path, s)
     assert len(s["panels"]) == 16
 
@@ -136,7 +137,7 @@ def test_randomisation_band_is_not_cut(tmp_path):
     rows = [dict(attribution=a, stage=k, layer=f"l{k}", spearman_mean=m, spearman_std=0.35)
             for a, ms in (("smoothgrad", [1.0, 0.8, 0.7]), ("smoothgrad_x_input", [1.0, -0.1, -0.2]))
             for k, m in enumerate(ms)]
-    s = plots.read_figure_summary(mod.plot_randomisation(rows, tmp_path / "r.png", "Model randomisation"))
+    s = figures.read_figure_summary(mod.plot_randomisation(rows, tmp_path / "r.png", "Model randomisation"))
     _common(tmp_path / "r.png", s)
     lo, hi = s["panels"][0]["ylim"]
     assert lo <= -0.2 - 0.35 and hi >= 1.0  # the lowest band edge (-0.55) and the top are inside
@@ -144,14 +145,14 @@ def test_randomisation_band_is_not_cut(tmp_path):
 
 
 def test_bias_figure_has_a_short_title(tmp_path):
-    from cortex import bias as B
+    from cortex.analysis import bias as B
     from cortex.paths import ExperimentPaths
 
     paths = ExperimentPaths("dalle", root=tmp_path, bias_type="doctor_gender")
     rows = [B.BiasRow(label=k, tokens=[1, 2, 3], counts=np.arange(5) + k, cliff_delta=d, cliff_delta_seed=d / 2,
                       p_value=0.01, ci=(d - 0.1, d + 0.1)) for k, d in ((0, 0.4), (1, -0.4))]
     path = B.plot_bias(paths, 5, 3, rows=rows)
-    s = plots.read_figure_summary(path)
+    s = figures.read_figure_summary(path)
     _common(path, s)
     assert s["panels"][0]["errorbars"] == 2 and "\n" not in s["panels"][0]["title"]
 
@@ -162,12 +163,12 @@ def test_loss_curves_and_a_png_without_summary(tmp_path):
     log = tmp_path / "training_log.txt"
     log.write_text("".join(f"Epoch [{e}/3], Training Loss: {1 / e:.4f}\nValidation Loss: {1.2 / e:.4f}, "
                            f"Accuracy: {30 * e:.2f}%\n" for e in (1, 2, 3)))
-    s = plots.read_figure_summary(plot_loss_curves(log, tmp_path / "loss_curves.png"))
+    s = figures.read_figure_summary(plot_loss_curves(log, tmp_path / "loss_curves.png"))
     _common(tmp_path / "loss_curves.png", s)
     assert s["width_in"] <= plots.COLUMN_WIDTH_IN + 1e-6
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     with pytest.raises(CortexError, match="no figure summary"):
-        plots.read_figure_summary(tmp_path / "plain.png")
+        figures.read_figure_summary(tmp_path / "plain.png")
 
 
 def test_gallery_draws_from_many_images():

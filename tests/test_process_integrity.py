@@ -232,7 +232,7 @@ def _hold(folder):
 
 
 def test_evaluators_and_analysis_refuse_a_second_writer(tiny_root, tmp_path):
-    from cortex.evaluators import synthetic_dir
+    from cortex.evaluation.evaluators import synthetic_dir
     from cortex.paths import ExperimentPaths
 
     paths = ExperimentPaths(experiment="vqgan", root=tiny_root)
@@ -290,7 +290,7 @@ def test_token_id_beyond_the_codebook_is_refused(tmp_path):
     """Token id 99999 in a 24-code dataset: refused (file:line) by the frequency baseline and by the token
     indices the statistics and the significance test read."""
     from cortex.data import load_token_indices
-    from cortex.stats import read_split_ids
+    from cortex.list_csv import read_split_ids
     from tests.helpers import compact_dataset
 
     d = compact_dataset(tmp_path / "datasets", 3, 4, n_codes=24)
@@ -313,7 +313,7 @@ def test_token_id_beyond_the_codebook_is_refused(tmp_path):
                                       ("99999", "token id 99999 is outside the codebook"),
                                       ("short", "255 token ids, expected 256")])
 def test_bad_neutral_row_is_refused_with_its_line(tmp_path, row, why):
-    from cortex.bias import read_neutral_set
+    from cortex.analysis.bias import read_neutral_set
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 24, 256) for _ in range(40)]
@@ -333,7 +333,9 @@ def test_bad_neutral_row_is_refused_with_its_line(tmp_path, row, why):
 
 
 def test_token_num_beyond_a_cut_list(tmp_path, capsys):
-    from cortex.stats import MAX_ROWS, read_frequency_baseline, read_stats_section
+    from cortex.analysis.ranking import MAX_ROWS
+    from cortex.analysis.frequency import read_frequency_baseline
+    from cortex.analysis.statistics_files import read_stats_section
     from tests.helpers import write_frequency_baseline, write_sectioned_stats
 
     cut = tmp_path / "stats" / "label_0.csv"
@@ -354,7 +356,7 @@ def test_token_num_beyond_a_cut_list(tmp_path, capsys):
 
 def test_concept_recovery_refuses_a_missing_section(tmp_path):
     from cortex.paths import ExperimentPaths
-    from cortex.stats import concept_recovery
+    from cortex.analysis.recovery import concept_recovery
     from tests.helpers import compact_dataset, write_sectioned_stats
 
     paths = ExperimentPaths(experiment="vqgan", root=tmp_path)
@@ -369,7 +371,7 @@ def test_concept_recovery_refuses_a_missing_section(tmp_path):
 # ----------------------------------------------------------------------------- messages that point the right way
 
 def test_header_only_split_csv_is_named(tmp_path):
-    from cortex.stats import split_label_counts
+    from cortex.list_csv import split_label_counts
 
     (tmp_path / "train_embeddings.csv").write_text("filename,label,indices\n")
     with pytest.raises(CortexError, match=r"train_embeddings\.csv: no rows \(header only\).*regenerate") as e:
@@ -378,7 +380,7 @@ def test_header_only_split_csv_is_named(tmp_path):
 
 
 def test_short_first_tis_row_is_the_one_named(tmp_path):
-    from cortex.tis import read_tis_file
+    from cortex.attribution.store import read_tis_file
     from cortex.utils import format_list
 
     rows = [np.arange(255 if i == 0 else 256) / 7 for i in range(5)]

@@ -228,7 +228,7 @@ def test_failed_frequency_baseline_is_refused_not_dropped(exp, monkeypatch):
     """Disk full while the frequency baseline is written: concept_recovery.py and the concept level refuse it."""
     import errno
 
-    from cortex import stats
+    from cortex.analysis import statistics as stats
 
     paths = ExperimentPaths(root=exp)
     real_open, calls = stats.StagedFiles.open, []

@@ -1,4 +1,4 @@
-"""Seed replicates (cortex/replicates.py), the README check's rule across CPUs, and the SmoothGrad caveat.
+"""Seed replicates (cortex/analysis/replicates.py), the README check's rule across CPUs, and the SmoothGrad caveat.
 
 Every aggregation is tested on constructed inputs; nothing here depends on a training run's outcome.
 """
@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from cortex import replicates as rp
-from cortex.attribution import smoothgrad_caveat
-from cortex.bias import BIAS_HEADER
+from cortex.analysis import replicates as rp
+from cortex.analysis.bias_files import BIAS_HEADER
+from cortex.attribution.attributions import smoothgrad_caveat
 from cortex.scripts import REPO, load_script
 from cortex.utils import CortexError
 

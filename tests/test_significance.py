@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats as ss
 
-from cortex import bias as B
 from cortex import significance as G
+from cortex.analysis import bias as B, cliffs_delta as CD
 from cortex.data import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
@@ -352,7 +352,7 @@ def test_cliff_delta_from_mannwhitney_equals_sorting(seed):
     rng = np.random.default_rng(seed)
     x, y = rng.integers(0, 6, rng.integers(1, 60)), rng.integers(0, 6, rng.integers(1, 60))
     d, p = B.cliffs_delta_mwu(x, y)
-    assert d == pytest.approx(B.cliffs_delta(x, y), abs=1e-12)
+    assert d == pytest.approx(CD.cliffs_delta(x, y), abs=1e-12)
     assert p == pytest.approx(ss.mannwhitneyu(x, y, alternative="two-sided").pvalue)
     lo, hi = B.bootstrap_ci(x, y, 500, seed=1)
     assert (lo, hi) == B.bootstrap_ci(x, y, 500, seed=1)  # seeded
@@ -365,10 +365,10 @@ def test_bootstrap_ci_matches_plain_resampling():
     x, y = rng.integers(0, 5, 80), rng.integers(1, 6, 70)
     lo, hi = B.bootstrap_ci(x, y, 4000, seed=0)
     r2 = np.random.default_rng(9)
-    plain = [B.cliffs_delta(r2.choice(x, x.size), r2.choice(y, y.size)) for _ in range(4000)]
+    plain = [CD.cliffs_delta(r2.choice(x, x.size), r2.choice(y, y.size)) for _ in range(4000)]
     assert lo == pytest.approx(np.quantile(plain, 0.025), abs=0.03)
     assert hi == pytest.approx(np.quantile(plain, 0.975), abs=0.03)
-    assert lo < B.cliffs_delta(x, y) < hi
+    assert lo < CD.cliffs_delta(x, y) < hi
 
 
 def _authors_rule(stats_files, top_n, token_num, neutral_ids):
@@ -407,7 +407,7 @@ def test_bias_table_authors_format(tmp_path):
         files[label] = p
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 50, 256) for _ in range(25)]
-    from cortex.stats import read_stats_section
+    from cortex.analysis.statistics_files import read_stats_section
 
     rows = B.detect_bias({k: read_stats_section(p, 5, 2) for k, p in files.items()}, ids)
     paths = ExperimentPaths(experiment="dalle", root=tmp_path, bias_type="doctor_gender")
@@ -446,7 +446,7 @@ def test_bias_figure_draws_only_this_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 12.5 / 14.5 inputs of the current run
 
 def _sha(path):
-    from cortex.tis import file_sha256
+    from cortex.utils import file_sha256
 
     return file_sha256(path)
 

@@ -1,11 +1,11 @@
-"""cortex.stats and the analysis scripts: sectioned format, ties, frequency baseline, concept recovery."""
+"""cortex.analysis.statistics and the analysis scripts: sectioned format, ties, frequency baseline, concept recovery."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from cortex import stats as S
+from cortex.analysis import frequency as F, ranking as R, statistics_files as SF
 from cortex.data import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
@@ -67,12 +67,12 @@ def test_sectioned_statistics_and_ties(world):
                     ["9", "3", "0_0.npy; 0_1.npy; 0_2.npy"], ["0", "3", "0_0.npy; 0_1.npy; 0_2.npy"],
                     ["3", "2", "0_2.npy; 0_2.npy"], ["1", "1", "0_1.npy"]]
     assert rows[14] == ["Top 10 Tokens"]
-    total, sections = S.read_stats(sd / "label_0.csv")
+    total, sections = SF.read_stats(sd / "label_0.csv")
     assert total == 3 and sorted(sections) == [1, 5, 10, 20]
     # top-10: positions 5..9 hold token 0 in every image -> 3*5 + 3 = 18
     assert sections[10][0] == (0, 18) and sections[20][0] == (0, 3 * 15 + 3)
-    assert S.read_stats_section(sd / "label_0.csv", 5, 3) == [7, 5, 9]
-    assert S.read_stats_section(sd / "label_1.csv", 1, 100) == [4]
+    assert SF.read_stats_section(sd / "label_0.csv", 5, 3) == [7, 5, 9]
+    assert SF.read_stats_section(sd / "label_1.csv", 1, 100) == [4]
     # global: the authors' sectioned layout, counts over labels read in label order, same tie rule
     g = _rows(sd / "global_top_tokens_statistics.csv")
     assert g[0] == ["Top N", "Token", "Frequency", "Files"]
@@ -81,7 +81,7 @@ def test_sectioned_statistics_and_ties(world):
     assert g[6] == ["Top 5 Tokens"]
     assert [r[:2] for r in g[7:16]] == [["7", "3"], ["5", "3"], ["9", "3"], ["0", "3"], ["3", "2"], ["4", "2"],
                                         ["2", "2"], ["1", "1"], ["8", "1"]]
-    assert S.read_stats(sd / "global_top_tokens_statistics.csv")[1][5][5] == (4, 2)
+    assert SF.read_stats(sd / "global_top_tokens_statistics.csv")[1][5][5] == (4, 2)
     # tidy long table = rows of the sectioned files
     long = _rows(sd / "tis_statistics_long.csv")
     assert long[0] == ["label", "top_n", "token", "count"]
@@ -93,11 +93,11 @@ def test_sectioned_statistics_and_ties(world):
 def test_read_stats_section_errors(tmp_path):
     p = tmp_path / "label_3.csv"
     p.write_text("Total Images: 2\r\nTop 1 Tokens\r\nToken,Frequency,Files\r\n4,2,a; b\r\n\r\n")
-    assert S.read_stats_section(p, 1, 5) == [4]
+    assert SF.read_stats_section(p, 1, 5) == [4]
     with pytest.raises(CortexError, match="label_3.csv.*Top 20 Tokens"):
-        S.read_stats_section(p, 20, 5)
+        SF.read_stats_section(p, 20, 5)
     with pytest.raises(CortexError, match="not found"):
-        S.read_stats_section(tmp_path / "missing.csv", 1, 5)
+        SF.read_stats_section(tmp_path / "missing.csv", 1, 5)
 
 
 def test_missing_image_in_token_indices(world):
@@ -115,7 +115,7 @@ def test_frequency_baseline(world):
     assert rows[0] == ["Token", "Count"]
     # token 0 fills 251 positions x 3 images + 3; 7, 5, 9 three times (first seen in that order); 3 twice; 1 once
     assert rows[1:] == [["0", str(251 * 3 + 3)], ["7", "3"], ["5", "3"], ["9", "3"], ["3", "2"], ["1", "1"]]
-    assert S.read_frequency_baseline(fd / "label_1.csv") == [0, 4, 2, 8]
+    assert F.read_frequency_baseline(fd / "label_1.csv") == [0, 4, 2, 8]
 
 
 def test_concept_recovery_on_hand_made_stats(world):
@@ -137,8 +137,8 @@ def test_concept_recovery_on_hand_made_stats(world):
 
 
 def test_count_tokens_ties_first_occurrence():
-    assert S.count_tokens(np.array([[4, 4, 2], [2, 9, 9]]), limit=2) == [(4, 2), (2, 2)]
-    assert S.count_tokens(np.array([9, 3, 5, 5, 3, 9, 5])) == [(5, 3), (9, 2), (3, 2)]
+    assert R.count_tokens(np.array([[4, 4, 2], [2, 9, 9]]), limit=2) == [(4, 2), (2, 2)]
+    assert R.count_tokens(np.array([9, 3, 5, 5, 3, 9, 5])) == [(5, 3), (9, 2), (3, 2)]
 
 
 def test_concept_recovery_on_synthetic_world(tmp_path):

@@ -1,7 +1,7 @@
 """TIS statistics and frequency baseline: byte-equal to the authors' scripts; integrity of the inputs.
 
 The "authors' rule" below is re-written here from their description (no code of theirs, nothing of
-cortex.stats): per image, the top-n positions are ``np.argsort(scores)[-n:][::-1]``; a plain dict / Counter
+cortex.analysis.statistics): per image, the top-n positions are ``np.argsort(scores)[-n:][::-1]``; a plain dict / Counter
 is filled in reading order and sorted by count, descending, with Python's stable sort (ties: first
 occurrence); Files lists the image of every occurrence; the global file has a ``Top N,Token,Frequency,Files``
 header and, per n, a ``Top n Tokens`` row followed by the rows.
@@ -14,9 +14,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cortex import stats as S
+from cortex import list_csv as L, provenance as P
+from cortex.analysis import statistics as S, statistics_files as SF
+from cortex.attribution.store import read_tis_file
 from cortex.data import DatasetWriter
-from cortex.tis import read_tis_file
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
 
@@ -38,7 +39,7 @@ def world(tmp_path, request, monkeypatch):
     """3 labels, ids over 400 codes (many tokens seen once: ties at the 100-row cut) and coarse scores
     (values in {0, .25, .5, .75, 1}: many equal scores, so numpy's tie order matters). Run with the
     row-by-row CSV readers and with the one-parse readers (``fast_list_csv``, used for files over 64 KiB)."""
-    monkeypatch.setattr(S, "FAST_CSV_MIN_BYTES", 0 if request.param == "fast_reader" else 1 << 40)
+    monkeypatch.setattr(L, "FAST_CSV_MIN_BYTES", 0 if request.param == "fast_reader" else 1 << 40)
     rng = np.random.default_rng(3)
     root = tmp_path / "exp"
     w = DatasetWriter(root / "datasets", np.zeros((N_CODES, 256), np.float32), layout="compact")
@@ -112,10 +113,10 @@ def test_tis_statistics_byte_equal_to_authors_rule(world):
     _analyse(world)
     tis = world / "results" / "TIS" / "Net1" / "TIS_value_train"
     expected = _authors_tis_statistics(tis, _ids_of(world), sorted(LABELS))
-    fast = S.fast_list_csv(tis / "label_0.csv", ["filename", "label", "contribution"])
-    assert (fast is not None) == (S.FAST_CSV_MIN_BYTES == 0)  # the reader under test
+    fast = L.fast_list_csv(tis / "label_0.csv", ["filename", "label", "contribution"])
+    assert (fast is not None) == (L.FAST_CSV_MIN_BYTES == 0)  # the reader under test
     # the fixture has ties at the cut: label 0's top-20 section lists 100 of more tokens seen once
-    top20 = S.read_stats(_stats_dir(world) / "label_0.csv")[1][20]
+    top20 = SF.read_stats(_stats_dir(world) / "label_0.csv")[1][20]
     assert len(top20) == 100 and top20[-1][1] == 1
     for name, want in expected.items():
         assert (_stats_dir(world) / name).read_bytes() == want, name
@@ -125,8 +126,8 @@ def test_tis_statistics_byte_equal_to_authors_rule(world):
 
 
 def test_frequency_baseline_byte_equal_to_authors_rule(world):
-    fast = S.fast_list_csv(world / "datasets" / "train_embeddings.csv", ["filename", "label", "indices"], 256, np.int64)
-    assert (fast is not None) == (S.FAST_CSV_MIN_BYTES == 0)
+    fast = L.fast_list_csv(world / "datasets" / "train_embeddings.csv", ["filename", "label", "indices"], 256, np.int64)
+    assert (fast is not None) == (L.FAST_CSV_MIN_BYTES == 0)
     run_script("VQGAN_explanation/generate_freq_based_tokens.py", ["--root", world])
     counters = {}
     with open(world / "datasets" / "train_embeddings.csv", newline="") as f:
@@ -178,7 +179,7 @@ def test_check_tis_inputs_names_each_defect(world, defect):
     elif defect == "foreign":
         (tis / "label_9.csv").write_bytes((tis / "label_2.csv").read_bytes())
         match = "labels the dataset does not have: label_9.csv"
-    elif defect == "other_run":  # cortex.tis records run ids: tis_config.json's and each finished label's
+    elif defect == "other_run":  # cortex.attribution.tis records run ids: tis_config.json's and each finished label's
         (tis / "tis_config.json").write_text(json.dumps({"attribution": "smoothgrad", "run_id": "a" * 16}))
         (tis / "runs.json").write_text(json.dumps({"0": "a" * 16, "1": "b" * 16, "2": "a" * 16}))
         match = "labels 1 were written by another TIS run"
@@ -195,22 +196,22 @@ def test_statistics_current_check(world):
     tis = world / "results" / "TIS" / "Net1" / "TIS_value_train"
     sd = _stats_dir(world)
     _analyse(world)
-    assert S.check_statistics_current(sd, tis)["complete"]
+    assert P.check_statistics_current(sd, tis)["complete"]
     (sd / "label_5.csv").write_bytes((sd / "label_0.csv").read_bytes())  # stale file beside the run's
     with pytest.raises(CortexError, match="label.* 5 .*not part of the recorded"):
-        S.check_statistics_current(sd, tis)
+        P.check_statistics_current(sd, tis)
     (sd / "label_5.csv").unlink()
     names, labels, scores = read_tis_file(tis / "label_1.csv")
     _write_tis(tis / "label_1.csv", zip(names, labels, scores[:, ::-1]))  # TIS recomputed, same config
     with pytest.raises(CortexError, match="out of date.*labels 1"):
-        S.check_statistics_current(sd, tis)
+        P.check_statistics_current(sd, tis)
     _analyse(world)
     (tis / "tis_config.json").write_text(json.dumps({"attribution": "smoothgrad", "method": "mean"}))
     with pytest.raises(CortexError, match="another TIS run.*tis_config.json changed"):
-        S.check_statistics_current(sd, tis)
+        P.check_statistics_current(sd, tis)
     (sd / "source.json").unlink()
     with pytest.raises(CortexError, match="source.json missing"):
-        S.check_statistics_current(sd, tis, require=True)
+        P.check_statistics_current(sd, tis, require=True)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "duplicate"])
@@ -244,7 +245,7 @@ def test_utf8_bom_headers_are_accepted(world):
     run_script("VQGAN_explanation/generate_freq_based_tokens.py", ["--root", world])
     stats0 = _stats_dir(world) / "label_0.csv"
     stats0.write_bytes(b"\xef\xbb\xbf" + stats0.read_bytes())
-    assert S.read_stats(stats0)[0] == 8
+    assert SF.read_stats(stats0)[0] == 8
 
 
 def test_frequency_baseline_rejects_label_outside_num_classes(world):

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cortex import bias as B
-from cortex import stats as S
+from cortex import list_csv as L
+from cortex.analysis import bias as B, frequency as F, ranking as R, statistics as S
 from cortex.scripts import load_script
 from cortex.significance import run_significance
 from cortex.utils import parse_int_list
@@ -34,7 +34,7 @@ def _lit(ids):
 
 @pytest.fixture
 def fast_always(monkeypatch):
-    monkeypatch.setattr(S, "FAST_CSV_MIN_BYTES", 0)
+    monkeypatch.setattr(L, "FAST_CSV_MIN_BYTES", 0)
 
 
 def test_fast_int_list_csv_equals_row_parse(tmp_path, fast_always):
@@ -42,13 +42,13 @@ def test_fast_int_list_csv_equals_row_parse(tmp_path, fast_always):
     for bom, nl in ((False, "\n"), (True, "\r\n")):
         p = _write(tmp_path / "s.csv", ["filename", "label", "indices"],
                    [[f"{i}_0.npy", i % 3, _lit(r)] for i, r in enumerate(ids)], nl, bom)
-        names, labels, values = S.fast_list_csv(p, ["filename", "label", "indices"], 256, np.int64)
+        names, labels, values = L.fast_list_csv(p, ["filename", "label", "indices"], 256, np.int64)
         assert names == [f"{i}_0.npy" for i in range(7)] and labels.tolist() == [i % 3 for i in range(7)]
         assert values.dtype == np.int64 and np.array_equal(values, ids)
     # a list column in the middle, other columns after it; any equal length
     p = _write(tmp_path / "n.csv", ["filename", "indices", "gender"], [[f"{i}.png", _lit(r[:9]), 1] for i, r in
                                                                          enumerate(ids)])
-    header, prefix, values = S.fast_int_list_csv(p, "indices", n_values=None)
+    header, prefix, values = L.fast_int_list_csv(p, "indices", n_values=None)
     assert header == ["filename", "indices", "gender"] and prefix[0].tolist()[:2] == ["0.png", "1.png"]
     assert np.array_equal(values, ids[:, :9])
 
@@ -79,7 +79,7 @@ def test_fast_int_list_csv_falls_back_on_anything_unusual(tmp_path, fast_always,
     p = _write(tmp_path / "s.csv", ["filename", "label", "indices"], rows)
     if bad == "blank_row":
         p.write_text(p.read_text().replace("\n", "\n\n", 2))
-    assert S.fast_list_csv(p, ["filename", "label", "indices"], 256, np.int64) is None
+    assert L.fast_list_csv(p, ["filename", "label", "indices"], 256, np.int64) is None
 
 
 def test_fast_float_reader_rejects_a_moved_value(tmp_path, fast_always):
@@ -87,9 +87,9 @@ def test_fast_float_reader_rejects_a_moved_value(tmp_path, fast_always):
     rows[0][2] = _lit(np.linspace(-1, 1, 257))
     rows[1][2] = _lit(np.linspace(-1, 1, 255))
     p = _write(tmp_path / "t.csv", ["filename", "label", "contribution"], rows)
-    assert S.fast_list_csv(p, ["filename", "label", "contribution"]) is None
+    assert L.fast_list_csv(p, ["filename", "label", "contribution"]) is None
     rows[0][2] = rows[1][2] = rows[2][2]
-    names, labels, scores = S.fast_list_csv(_write(p, ["filename", "label", "contribution"], rows),
+    names, labels, scores = L.fast_list_csv(_write(p, ["filename", "label", "contribution"], rows),
                                             ["filename", "label", "contribution"])
     assert scores.flags.writeable and np.array_equal(scores[0], np.linspace(-1, 1, 256) * 3)
 
@@ -101,18 +101,18 @@ def test_rank_occurrences_is_counter_most_common():
         if trial % 7 == 0:
             flat = flat - 20  # negative ids: the sorting path
         limit = [None, 1, 7, 100][trial % 4]
-        tokens, counts, where = S.rank_occurrences(flat, limit, positions=True)
+        tokens, counts, where = R.rank_occurrences(flat, limit, positions=True)
         want = Counter(flat.tolist()).most_common(limit)
         assert list(zip(tokens.tolist(), counts.tolist())) == want
         for t, w in zip(tokens, where):
             assert np.array_equal(w, np.flatnonzero(flat == t))
-        tokens, counts, _ = S.rank_occurrences(flat, limit)  # first occurrences found without the full sort
+        tokens, counts, _ = R.rank_occurrences(flat, limit)  # first occurrences found without the full sort
         assert list(zip(tokens.tolist(), counts.tolist())) == want
 
 
 def test_staged_files_are_atomic(tmp_path):
     out = tmp_path / "freq"
-    S.write_frequency_baseline(out, {0: [(5, 3)], 1: [(7, 1)]})
+    F.write_frequency_baseline(out, {0: [(5, 3)], 1: [(7, 1)]})
     assert (out / "label_0.csv").read_bytes() == b"Token,Count\r\n5,3\r\n"
     mode = (out / "label_1.csv").stat().st_mode & 0o777
     assert mode == 0o666 & ~S_umask()
@@ -133,7 +133,7 @@ def S_umask():
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_read_neutral_set_one_matrix_and_count_hits(tmp_path, monkeypatch, fast):
-    monkeypatch.setattr(S, "FAST_CSV_MIN_BYTES", 0 if fast else 1 << 40)
+    monkeypatch.setattr(L, "FAST_CSV_MIN_BYTES", 0 if fast else 1 << 40)
     ids = _lists(6, 256, seed=1)
     p = _write(tmp_path / "results_none.csv", ["filename", "indices", "gender", "color"],
                [[f"{i}.png" if i != 2 else "", _lit(r), i % 2, 0] for i, r in enumerate(ids)])
@@ -164,7 +164,7 @@ def test_read_neutral_set_ragged_and_bad_rows(tmp_path):
 
 
 def test_tis_analysis_parses_each_tis_file_once(world, monkeypatch):  # noqa: F811
-    import cortex.tis as T
+    import cortex.attribution.store as T
 
     reads = Counter()
     real = T.read_tis_file

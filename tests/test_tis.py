@@ -1,4 +1,4 @@
-"""cortex.tis: per-label TIS files, batch-size independence, resume after a kill, label shards."""
+"""cortex.attribution.tis: per-label TIS files, batch-size independence, resume after a kill, label shards."""
 import csv
 import json
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cortex import tis as T
-from cortex.attribution import image_seed, token_scores
+from cortex.attribution import scorer as S
+from cortex.attribution import store, tis as T
+from cortex.attribution.attributions import image_seed, token_scores
 from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset
@@ -36,7 +37,7 @@ def data_dir(tmp_path_factory):
 def _read_all(out_dir):
     out = {}
     for p in sorted(out_dir.glob("label_*.csv")):
-        names, labels, scores = T.read_tis_file(p)
+        names, labels, scores = store.read_tis_file(p)
         out[p.name] = (names, labels, scores)
     return out
 
@@ -119,7 +120,7 @@ def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
     ref_dir, out = tmp_path / "ref", tmp_path / "out"
     _run(data_dir, ref_dir, batch_size=2)
     calls = {"n": 0}
-    real = T.token_scores
+    real = S.token_scores
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -128,10 +129,10 @@ def test_resume_after_interruption(data_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "token_scores", dying)
+    monkeypatch.setattr(S, "token_scores", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(data_dir, out, batch_size=2)
-    monkeypatch.setattr(T, "token_scores", real)
+    monkeypatch.setattr(S, "token_scores", real)
     assert (out / "label_0.csv").exists() and (out / "label_1.csv.partial").exists()
     assert not (out / "label_1.csv").exists()
     with open(out / "label_1.csv.partial", "a") as f:  # a torn row, as left by a kill mid-write
@@ -159,7 +160,7 @@ def test_shards_equal_unsharded(data_dir, tmp_path):
         for p in d.glob("label_*.csv"):
             assert p.name not in seen, f"{p.name} written by shards {seen[p.name]} and {s}"
             seen[p.name] = s
-            a, b = T.read_tis_file(p), T.read_tis_file(tmp_path / "all" / p.name)
+            a, b = store.read_tis_file(p), store.read_tis_file(tmp_path / "all" / p.name)
             assert a[0] == b[0] and a[1] == b[1]
             np.testing.assert_allclose(a[2], b[2], rtol=1e-5, atol=1e-7)
     assert sorted(seen) == sorted(p.name for p in (tmp_path / "all").glob("label_*.csv"))
@@ -193,7 +194,7 @@ def test_contribution_attributions_run(data_dir, tmp_path):
         ds = EmbeddingDataset(data_dir, "train", labels=[0])
         T.compute_tis(Tiny(), ds, tmp_path / name, T.TISConfig(attribution=name, nsamples=2, ig_steps=4),
                       codebook=cb, progress=False)
-        names, labels, scores = T.read_tis_file(tmp_path / name / "label_0.csv")
+        names, labels, scores = store.read_tis_file(tmp_path / name / "label_0.csv")
         assert scores.shape == (PER_LABEL, 256) and np.isfinite(scores).all()
 
 
@@ -203,8 +204,8 @@ def test_read_tis_file_rejects_malformed_rows(tmp_path):
     p = tmp_path / "label_0.csv"
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(T.TIS_HEADER)
+        w.writerow(store.TIS_HEADER)
         w.writerow(["0_0.npy", 0, format_list(np.arange(256) / 3)])
         w.writerow(["0_1.npy", 0, format_list(np.arange(255) / 3)])
     with pytest.raises(CortexError, match=r"label_0\.csv:3 \(image 0_1\.npy\): 255 scores"):
-        T.read_tis_file(p)
+        store.read_tis_file(p)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cortex import attribution as A
-from cortex import tis as T
+from cortex.attribution import attributions as A, store, tis as T
 from cortex.data import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset
@@ -106,11 +105,11 @@ def test_two_processes_same_run_never_duplicate(data_dir, tmp_path):
 def test_held_label_is_refused_and_shards_run_side_by_side(data_dir, tmp_path):
     out = tmp_path / "tis"
     out.mkdir()
-    fd = T.try_lock(T.lock_file(out, 1))  # another writer holds label 1
+    fd = store.try_lock(store.lock_file(out, 1))  # another writer holds label 1
     assert fd is not None
     s = _run(data_dir, out)
     assert s["busy"] == [1] and not (out / "label_1.csv").exists() and (out / "label_0.csv").exists()
-    T.unlock(fd)
+    store.unlock(fd)
     assert _run(data_dir, out, resume=True)["scored"] == PER_LABEL
     # two shards of one run, side by side: nothing refused
     out2 = tmp_path / "sharded"
@@ -253,7 +252,7 @@ def test_authors_stream_reproduced(tmp_path):
     T.compute_tis(Tiny(), ds, out, cfg, batch_size=2, progress=False)
     got = {}
     for k in (0, 1):
-        names, _, scores = T.read_tis_file(out / f"label_{k}.csv")
+        names, _, scores = store.read_tis_file(out / f"label_{k}.csv")
         got.update(zip(names, scores))
     assert sorted(got) == sorted(ref)
     for n in ref:
@@ -320,8 +319,8 @@ def test_fast_close_to_exact(data_dir, tmp_path):
     assert json.loads((tmp_path / "fast" / "tis_config.json").read_text())["fast"]["bn_folds"] == 1
     assert exact["run_id"] != fast["run_id"]
     for k in range(N_CLASSES):
-        _, _, a = T.read_tis_file(tmp_path / "exact" / f"label_{k}.csv")
-        _, _, b = T.read_tis_file(tmp_path / "fast" / f"label_{k}.csv")
+        _, _, a = store.read_tis_file(tmp_path / "exact" / f"label_{k}.csv")
+        _, _, b = store.read_tis_file(tmp_path / "fast" / f"label_{k}.csv")
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
         overlap = A.top_overlap(torch.tensor(a), torch.tensor(b), 20)
         assert overlap >= 0.95

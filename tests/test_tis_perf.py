@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cortex import attribution as A
+from cortex.attribution import attributions as A
 from cortex.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,13 +127,14 @@ class _Images(torch.utils.data.Dataset):
 def test_compute_tis_writes_a_batch_while_the_next_is_scored(tmp_path, monkeypatch):
     """Rows of batch k are written after batch k+1 is queued (on a GPU the writing overlaps its work); an
     error keeps the rows already scored; the files are the same as scoring batch by batch."""
-    from cortex import tis as T
+    from cortex.attribution import scorer as S
+    from cortex.attribution import tis as T
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(256, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
     cfg = T.TISConfig(nsamples=2, max_copies_per_pass=0)
     T.compute_tis(model, _Images(6), tmp_path / "ref", cfg, batch_size=6, progress=False)  # one batch
-    rows_seen, real = [], T.token_scores
+    rows_seen, real = [], S.token_scores
 
     def spy(*a, **k):  # rows of label 0 on disk when a batch is scored
         part = tmp_path / "o" / "label_0.csv.partial"
@@ -142,7 +143,7 @@ def test_compute_tis_writes_a_batch_while_the_next_is_scored(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "token_scores", spy)
+    monkeypatch.setattr(S, "token_scores", spy)
     with pytest.raises(KeyboardInterrupt):
         T.compute_tis(model, _Images(8), tmp_path / "o", cfg, batch_size=2, progress=False)
     assert rows_seen == [0, 0, 2, 4]  # batch 1's rows appear while batch 3 is scored

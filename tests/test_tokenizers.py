@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cortex.analysis.statistics_files import write_stats_csv
 from cortex.data import image_path, load_codebook, read_split
 from cortex.paths import ExperimentPaths
-from cortex.stats import write_stats_csv
 from cortex.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
                                as_tokenizer, load_tokenizer, tokenizer_for_dataset)
 from cortex.utils import CortexError
@@ -270,7 +270,7 @@ def _write_stats(results_dir: Path, label: int, tokens: list[int]) -> Path:
 
 
 def test_token_gallery_synthetic(tiny_root, tmp_path):
-    from cortex.gallery import build_gallery
+    from cortex.report.gallery import build_gallery
     from cortex.synthetic import load_vq
 
     data_dir = tiny_root / "datasets"
@@ -301,7 +301,7 @@ def test_token_gallery_synthetic(tiny_root, tmp_path):
 
 
 def test_token_gallery_diffusers(diffusers_root, diffusers_dir, tmp_path):
-    from cortex.gallery import build_gallery
+    from cortex.report.gallery import build_gallery
 
     data_dir = diffusers_root / "datasets"
     recs = [r for r in read_split(data_dir, "train") if r.label == 0]
@@ -337,7 +337,7 @@ def test_token_gallery_diffusers(diffusers_root, diffusers_dir, tmp_path):
 # ----------------------------------------------------------------------------- item 2 (part): masking patch = image / grid
 
 def test_masking_patch_follows_the_grid():
-    from cortex.masking import mask_images, pixel_mask
+    from cortex.evaluation.masking import mask_images, pixel_mask
 
     pos = torch.zeros(256, dtype=torch.bool)
     pos[[0, 17, 255]] = True
@@ -362,7 +362,7 @@ def test_masking_patch_follows_the_grid():
 
 def test_codebook_level_decoder_accepts_diffusers(diffusers_root, diffusers_dir, taming_files):
     from cortex.data import ids_to_embedding
-    from cortex.explain import decode_ids, decoded_to_uint8
+    from cortex.evaluation.codebook_level import decode_ids, decoded_to_uint8
     from tests.helpers import load_script
 
     mod = load_script("VQGAN_explanation/eval/codebook_level_explanation.py")

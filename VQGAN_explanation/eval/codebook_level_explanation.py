@@ -44,11 +44,10 @@ VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 
 from cortex.cli import (make_parser, model_parser, nonneg_int, paths_parser, positive_float,
                         positive_int, run_main, runtime_parser)  # noqa: E402
-from cortex.evaluators import evaluator_parser  # noqa: E402
-from cortex.explain import (CODEBOOK_COLUMNS, PAPER_LABELS, SCORE_KEYS, best_rows, check_eval_dataset,  # noqa: E402
-                            codebook_pairs, default_region, eval_setup, optimize_embedding, optimize_tokens,
-                            region_positions,
-                            score_trace, warn_if_near_chance, write_rows)
+from cortex.evaluation.evaluators import evaluator_parser  # noqa: E402
+from cortex.evaluation.codebook_level import (PAPER_LABELS, SCORE_KEYS, best_rows, codebook_pairs, default_region,
+                                              optimize_embedding, optimize_tokens, region_positions, score_trace)
+from cortex.evaluation.explain import CODEBOOK_COLUMNS, check_eval_dataset, eval_setup, warn_if_near_chance, write_rows
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
 
@@ -263,7 +262,7 @@ def main(args):
         print("note: no token changed: the optimised embedding still snaps to the original codes; use more --steps "
               "or a larger --lr")
     if not args.no_figures:
-        from cortex import plots
+        from cortex.report import plots
 
         pick = _figure_picks(records, targets, 8)
         p0 = np.mean([scores[n]["initial"]["tgt_prob"] for n in scores], axis=0)

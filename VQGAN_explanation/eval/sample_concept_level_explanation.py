@@ -27,15 +27,18 @@ Writes results/Explanation/model_{m}/
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS, print_smoothgrad_caveat
-from cortex.cli import label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main, runtime_parser
-from cortex.evaluators import evaluator_parser
-from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, concept_level,
-                            concept_paired_stats, eval_setup, evaluated_labels, load_images, output_suffix,
-                            paired_stats_path, warn_if_near_chance, write_rows)
-from cortex.paths import ExperimentPaths
+from cortex.analysis.frequency import read_frequency_baseline
+from cortex.analysis.statistics_files import read_stats_section
+from cortex.attribution.attributions import ATTRIBUTIONS, print_smoothgrad_caveat
+from cortex.attribution.store import short_list as _short
+from cortex.cli import (label_subset_parser, make_parser, paths_parser, position_int, positive_int, run_main,
+                        runtime_parser)
+from cortex.evaluation.concept_level import PAIRED_COLUMNS, concept_level, concept_paired_stats, paired_stats_path
+from cortex.evaluation.evaluators import evaluator_parser
+from cortex.evaluation.explain import (CONCEPT_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, eval_setup,
+                                       evaluated_labels, load_images, warn_if_near_chance, write_rows)
+from cortex.paths import ExperimentPaths, attribution_suffix
 from cortex.provenance import write_output_record
-from cortex.stats import _short, read_frequency_baseline, read_stats_section
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -125,7 +128,7 @@ def main(args):
     print_smoothgrad_caveat(args.attribution, "concept tokens")
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"top{args.top_n}_token{args.token_num}{output_suffix(args.attribution)}"
+    tag = f"top{args.top_n}_token{args.token_num}{attribution_suffix(args.attribution)}"
     save_run_args(args, out_dir, f"sample_concept_level_args_{tag}.json")
     from cortex.data import dataset_geometry
 
@@ -153,7 +156,7 @@ def main(args):
     if not args.no_figures:
         import pandas as pd
 
-        from cortex import plots
+        from cortex.report import plots
 
         p = plots.concept_bars(pd.DataFrame(res.rows), paths.figures_dir(args.model) / f"concept_level_{tag}.png",
                                title=f"Concept level, Net{args.model} {args.attribution}, top {args.top_n}, "

@@ -27,17 +27,19 @@ Writes results/Explanation/model_{m}/
 """
 import argparse
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.attribution.attributions import ATTRIBUTIONS
+from cortex.attribution.store import check_tis_inputs, read_tis_file
 from cortex.cli import (label_subset_parser, make_parser, nonneg_int, paths_parser, position_int, run_main,
                         runtime_parser, seed_int)
-from cortex.evaluators import evaluator_parser
-from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
-                            evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
-                            warn_if_near_chance, write_rows)
-from cortex.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
+from cortex.evaluation.evaluators import evaluator_parser
+from cortex.evaluation.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
+                                       evaluated_labels, load_images, records_by_label, warn_if_near_chance,
+                                       write_rows)
+from cortex.evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
+from cortex.evaluation.sample_level import sample_level
+from cortex.list_csv import split_label_counts
+from cortex.paths import attribution_suffix
 from cortex.provenance import verify, write_output_record
-from cortex.stats import check_tis_inputs, split_label_counts
-from cortex.tis import read_tis_file
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "vqgan"
@@ -122,7 +124,7 @@ def main(args):
     warn_if_near_chance(paths, args.model)
     out_dir = paths.explanation_dir(args.model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = output_suffix(args.attribution)
+    suffix = attribution_suffix(args.attribution)
     save_run_args(args, out_dir, f"sample_image_level_args{suffix}.json")
     # the random control: drawn over the whole split in the authors' order (labels ascending, CSV order)
     order = [r.filename for recs in records_by_label(records).values() for r in recs]
@@ -136,7 +138,7 @@ def main(args):
     print(f"wrote {out}")
     _print_summary(res.rows, ns)
     if not args.no_figures:
-        from cortex.plots import class_names_of
+        from cortex.report.plots import class_names_of
 
         figures(res, paths.figures_dir(args.model), args, suffix, grid=(h, w), names=class_names_of(paths.data_dir))
     return out
@@ -154,7 +156,7 @@ def figures(res, fig_dir, args, suffix="", grid=None, names=None):
     """The deletion curves (95% bands over images) and the TIS grid; names: the dataset's class names."""
     import pandas as pd
 
-    from cortex import plots
+    from cortex.report import plots
 
     df = pd.DataFrame(res.rows)
     p1 = plots.deletion_curves(df, fig_dir / f"sample_level_deletion_curves{suffix}.png",

@@ -31,13 +31,14 @@ Candidates found on disk that fail are left out with a warning (leftovers of an 
 import argparse
 import csv
 
-from cortex.attribution import ATTRIBUTIONS
+from cortex.analysis.ranking import TOP_NS
+from cortex.analysis.recovery import concept_recovery, find_attributions, find_models, read_ground_truth
+from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import float_in, int_in, make_parser, paths_parser, position_int, positive_int, run_main
-from cortex.paths import ExperimentPaths
+from cortex.paths import ExperimentPaths, label_files
 from cortex.provenance import check_frequency_baseline, dataset_hashes, record_id, write_output_record
 from cortex.significance import (ALPHA, ENRICHMENT_FILE, SIGNIFICANCE_FILE, check_current_run, null_labels,
                                  read_significance, significance_recovery)
-from cortex.stats import TOP_NS, concept_recovery, find_attributions, find_models, label_files, read_ground_truth
 from cortex.utils import CortexError, atomic_write, save_run_args
 
 COLUMNS = ["model", "method", "top_n", "label", "k", "precision"]
@@ -166,7 +167,7 @@ def main(args, experiment="vqgan"):
                     w.writerow([_cell(r.get(c, "")) for c in SIG_COLUMNS])
             print(f"-> {sig_out}")
         if null_p and test == "label-contrast":
-            from cortex.plots import null_pvalues
+            from cortex.report.plots import null_pvalues
 
             png = null_pvalues(null_p, out.with_name("null_label_pvalues.png"), args.alpha,
                                title=f"null labels {nulls}: label-contrast p-values")

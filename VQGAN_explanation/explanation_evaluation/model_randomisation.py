@@ -7,7 +7,7 @@
 An attribution that explains the IEM must change when the IEM's weights are destroyed. Starting from the
 trained IEM (stage 0), the layers with parameters are re-initialised one by one from the top (the output
 layer first; cascading: earlier stages stay randomised), and after each stage the TIS of the same images
-(same SmoothGrad noise) are computed with cortex.attribution.token_scores. Reported per stage: the Spearman
+(same SmoothGrad noise) are computed with cortex.attribution.scorer.TISScorer. Reported per stage: the Spearman
 rank correlation between the trained and the randomised IEM's 256 TIS of an image, mean (and std) over the
 images. Stage 0 is 1 by construction; a sane attribution falls towards 0 as layers are randomised (an edge
 detector would not). The target of each image is its label.
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cortex.attribution import ATTRIBUTIONS, token_scores
+from cortex.attribution.attributions import ATTRIBUTIONS
+from cortex.attribution.scorer import TISConfig, TISScorer
 from cortex.cli import make_parser, model_parser, nonneg_float, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.provenance import verify, write_output_record
@@ -84,12 +85,16 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (ra * rb).sum(1) / den, 0.0)
 
 
-def scores_of(model, x, y, attribution: str, batch_size: int, seeds, **opts) -> np.ndarray:
-    """TIS ``(N, 256)`` of the images ``x`` ``(N, 256, 16, 16)`` for targets ``y`` (fixed per-image noise seeds)."""
+def scores_of(model, x, y, attribution: str, batch_size: int, seed: int, **settings) -> np.ndarray:
+    """TIS ``(N, 256)`` of the images ``x`` ``(N, 256, 16, 16)`` for targets ``y``: a ``TISScorer`` with image ``i``'s
+    noise seeded by ``image_seed(seed, i)`` (the same draws at every stage). settings: ``TISConfig`` fields
+    (nsamples, stdev_spread, ...)."""
+    scorer = TISScorer(model, TISConfig(attribution=attribution, seed=seed, **settings), device=x.device)
     out = []
     for s in range(0, x.shape[0], batch_size):
-        out.append(token_scores(attribution, model, x[s:s + batch_size], y[s:s + batch_size],
-                                seeds=seeds[s:s + batch_size], **opts).detach().cpu().double().numpy())
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        noise = scorer.noise(xb, range(s, s + xb.shape[0]))
+        out.append(scorer.score(xb, yb, noise).detach().cpu().double().numpy())
     return np.concatenate(out)
 
 
@@ -98,14 +103,11 @@ def cascading_randomisation(model, x, y, attributions, seed: int = 0, batch_size
     """Rows ``{attribution, stage, layer, spearman_mean, spearman_std, images}``; stage 0 = the trained IEM,
     stage k = the top k layers re-initialised (all layers, or the top ``max_stages``).
 
-    model is modified in place (pass a copy). x ``(N, 256, 16, 16)``, y ``(N,)`` targets; opts go to
-    ``token_scores`` (nsamples, stdev_spread, ...).
+    model is modified in place (pass a copy). x ``(N, 256, 16, 16)``, y ``(N,)`` targets; opts go to the
+    ``TISConfig`` of the scores (nsamples, stdev_spread, ...).
     """
-    from cortex.attribution import image_seed
-
-    seeds = [image_seed(seed, i) for i in range(x.shape[0])]
     model.eval()
-    trained = {a: scores_of(model, x, y, a, batch_size, seeds, **opts) for a in attributions}
+    trained = {a: scores_of(model, x, y, a, batch_size, seed, **opts) for a in attributions}
     g = torch.Generator().manual_seed(seed)
     rows = []
     stages = [("(trained)", None)] + randomisable_layers(model)[:max_stages]
@@ -115,7 +117,7 @@ def cascading_randomisation(model, x, y, attributions, seed: int = 0, batch_size
         if module is not None:
             reinitialise(module, g)
         for a in attributions:
-            now = trained[a] if stage == 0 else scores_of(model, x, y, a, batch_size, seeds, **opts)
+            now = trained[a] if stage == 0 else scores_of(model, x, y, a, batch_size, seed, **opts)
             rho = rowwise_spearman(trained[a], now)
             rows.append(dict(attribution=a, stage=stage, layer=name, spearman_mean=float(rho.mean()),
                              spearman_std=float(rho.std()), images=int(rho.size)))
@@ -125,7 +127,7 @@ def cascading_randomisation(model, x, y, attributions, seed: int = 0, batch_size
 def plot_randomisation(rows: list[dict], out: Path, title: str) -> Path:
     """Mean Spearman correlation per stage, one line per attribution, with a ± std band over images (Agg, saved to
     ``out``); the y range covers the whole band."""
-    from cortex.plots import MAX_WIDTH_IN, _plt, save_figure
+    from cortex.figures import MAX_WIDTH_IN, _plt, save_figure
 
     plt = _plt()
     n_stages = len({r["stage"] for r in rows})

@@ -2,16 +2,15 @@
 
 Seed 0 writes the usual folders; seed s (``train.py/TIS_computation.py --seed s`` with
 ``--checkpoint_dir checkpoints/replicates/seed_<s>[/<bias_type>] --results_dir results/replicates/seed_<s>[/<bias_type>]``)
-its own. This script reads them all (cortex/replicates.py; docs/evaluation.md#seed-replicates) and
+its own. This script reads them all (cortex/analysis/replicates.py; docs/evaluation.md#seed-replicates) and
 writes results/replicates/replicates_summary.csv (quantity,mean,min,max,n,per_seed): the IEM's test
 accuracy over the seeds and, per label, the mean pairwise Jaccard overlap of its top-k concept tokens
 across the seeds.
 
     python summarize_replicates.py --seeds 0 1 2 --attribution smoothgrad_x_input
 """
+from cortex.analysis.replicates import get_args_parser as _parser, main
 from cortex.cli import run_main
-from cortex.replicates import get_args_parser as _parser
-from cortex.replicates import main
 
 
 def get_args_parser():

@@ -5,147 +5,55 @@ For each label (bias attribute) of an IEM, its concept tokens are the first ``to
 (``datasets/doctor_original/information/results_none.csv``, column ``indices``) we count the positions whose
 token id is in the label's set, then compare the labels' per-image counts with Cliff's delta.
 
-Cliff's delta of samples ``x`` (n values) and ``y`` (m values) is the standard
-
-    delta = (#{(i, j): x_i > y_j} - #{(i, j): x_i < y_j}) / (n * m)      in [-1, 1]
-
-computed here in O((n + m) log(n + m)) by sorting ``y`` and two ``searchsorted`` calls (ties count in
-neither term). The seed code divided by ``2 * n * m``, i.e. returned half of the standard value; that
-value is reported too, as ``cliff_delta_seed``, for readers reproducing the paper's table.
+Cliff's delta, its p-value and bootstrap CI: :mod:`cortex.analysis.cliffs_delta`; the table: :mod:`cortex.analysis.bias_files`.
 
 Row of label k: ``cliff_delta = delta(counts_k, counts_rest)`` where ``counts_rest`` counts, per image, the
 tokens of the other labels' sets (for the two labels of DALL-E-mini: the other label's counts). A
 positive value means the neutral-prompt images carry label k's concept tokens more often than the other
 label's: the generator leans towards attribute k. With two labels the two rows are opposite.
-
-Uncertainty (issue 16.3): ``cliff_delta`` is computed from ``scipy.stats.mannwhitneyu`` (``delta = 2U/(n m) - 1``,
-equal to the sorting implementation), with its two-sided p-value and a seeded percentile-bootstrap 95% CI
-(the two samples resampled independently). Table format (issue 13.8): the authors' columns in their order and
-format (``tokens`` as ``['12', '7']``, the average as a Python float), rows in ascending label order, then the
-extra columns ``cliff_delta_seed, p_value, cliff_delta_ci_low, cliff_delta_ci_high, magnitude``.
 """
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .utils import CortexError, atomic_write, parse_int_list
+from ..attribution.attributions import print_smoothgrad_caveat
+from ..attribution.tis import check_iem_not_near_chance
+from ..data import codebook_size, n_positions
+from ..figures import MAX_WIDTH_IN, _plt, save_figure
+from ..list_csv import fast_int_list_csv, int_lists, split_label_counts
+from ..paths import label_files
+from ..provenance import SOURCE_FILE, dataset_hashes, write_output_record
+from ..significance import check_current_run
+from ..utils import CortexError, file_sha256, parse_int_list
+from .bias_files import BiasRow, bias_csv_name, read_bias_csv, write_bias_csv
+from .cliffs_delta import N_BOOT, bootstrap_ci, cliffs_delta_mwu, magnitude
+from .replicates import found_seeds, seed_paths, write_bias_robustness
+from .statistics_files import read_stats_section
 
-BIAS_HEADER = ["total_files", "total_token_occurrences", "average_frequency_per_file", "number_of_target_tokens",
-               "label", "tokens", "cliff_delta", "cliff_delta_seed", "p_value", "cliff_delta_ci_low",
-               "cliff_delta_ci_high", "magnitude"]
-N_BOOT = 2000  # bootstrap resamples of the 95% CI
-# Romano et al. (2006) thresholds on |delta| (the usual reading of Cliff's delta).
-MAGNITUDES = ((0.147, "negligible"), (0.33, "small"), (0.474, "medium"), (float("inf"), "large"))
 
 
 # ----------------------------------------------------------------------------- Cliff's delta
 
-def _sample(values, name: str) -> np.ndarray:
-    a = np.asarray(values)
-    if a.dtype == object:
-        raise CortexError(f"Cliff's delta: sample {name} must be numbers, got objects")
-    a = a.ravel()
-    if a.size == 0:
-        raise CortexError(f"Cliff's delta: sample {name} is empty; both samples need at least one value "
-                          f"(is the neutral-prompt CSV empty?)")
-    if np.issubdtype(a.dtype, np.floating) and np.isnan(a).any():
-        raise CortexError(f"Cliff's delta: sample {name} contains NaN")
-    return a
 
 
-def dominance(x, y) -> tuple[int, int]:
-    """``(#{x_i > y_j}, #{x_i < y_j})`` over all pairs, by sorting: O((n + m) log(n + m))."""
-    x, y = _sample(x, "x"), _sample(y, "y")
-    ys = np.sort(y, kind="stable")
-    below = np.searchsorted(ys, x, side="left")  # for each x_i: #y_j < x_i
-    not_above = np.searchsorted(ys, x, side="right")  # #y_j <= x_i
-    greater = int(below.sum(dtype=np.int64))
-    less = int((ys.size - not_above).sum(dtype=np.int64))
-    return greater, less
 
 
-def cliffs_delta(x, y) -> float:
-    """Standard Cliff's delta ``(#x>y - #x<y) / (n m)`` in [-1, 1]; O((n + m) log(n + m))."""
-    greater, less = dominance(x, y)
-    n, m = np.asarray(x).size, np.asarray(y).size
-    return (greater - less) / (n * m)
 
 
-def cliffs_delta_mwu(x, y) -> tuple[float, float]:
-    """``(delta, p)``: Cliff's delta from the Mann-Whitney U of ``x`` (``delta = 2 U / (n m) - 1``) and the
-    two-sided p-value of ``scipy.stats.mannwhitneyu`` (exact without ties for small samples, else the normal
-    approximation with tie correction). ``delta`` equals :func:`cliffs_delta`. Equal constant samples: p = 1."""
-    from scipy.stats import mannwhitneyu
-
-    x, y = _sample(x, "x"), _sample(y, "y")
-    n, m = x.size, y.size
-    if np.unique(np.concatenate([x, y])).size == 1:
-        return 0.0, 1.0
-    res = mannwhitneyu(x, y, alternative="two-sided")
-    return 2.0 * float(res.statistic) / (n * m) - 1.0, float(res.pvalue)
 
 
-def bootstrap_ci(x, y, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of Cliff's delta, ``x`` and ``y`` resampled independently (seeded).
-
-    Each resample is drawn as multinomial counts over the pooled distinct values, so one resample costs
-    O(distinct values) (the per-image token counts take few values): ``(B, V)`` arrays in chunks.
-    """
-    x, y = _sample(x, "x"), _sample(y, "y")
-    values = np.unique(np.concatenate([x, y]))  # (V,)
-    px = np.bincount(np.searchsorted(values, x), minlength=values.size) / x.size
-    py = np.bincount(np.searchsorted(values, y), minlength=values.size) / y.size
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for s in range(0, n_boot, 256):
-        b = min(256, n_boot - s)
-        hx = rng.multinomial(x.size, px, size=b).astype(np.float64)  # (b, V)
-        hy = rng.multinomial(y.size, py, size=b).astype(np.float64)  # (b, V)
-        below = np.cumsum(hy, axis=1) - hy  # (b, V) #y < value
-        above = y.size - np.cumsum(hy, axis=1)  # (b, V) #y > value
-        deltas.append(((hx * below).sum(1) - (hx * above).sum(1)) / (x.size * y.size))
-    d = np.concatenate(deltas)
-    a = (1 - level) / 2
-    return float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
 
 
-def cliffs_delta_seed(x, y) -> float:
-    """The value the seed code reported: half the standard Cliff's delta (it divided by ``2 n m``)."""
-    return cliffs_delta(x, y) / 2.0
 
 
-def cliffs_delta_brute(x, y, chunk: int = 1024) -> float:
-    """Definition by comparing every pair, vectorised with numpy in chunks of ``x`` (O(n m) work)."""
-    x, y = _sample(x, "x"), _sample(y, "y")
-    dom = 0
-    for s in range(0, x.size, chunk):
-        xs = x[s:s + chunk, None]
-        dom += int((xs > y[None]).sum()) - int((xs < y[None]).sum())
-    return dom / (x.size * y.size)
 
 
-def cliffs_delta_loop(x, y) -> float:
-    """The seed's double loop in pure Python (standard normalisation), for tests and the benchmark."""
-    x, y = _sample(x, "x").tolist(), _sample(y, "y").tolist()
-    dom = 0
-    for a in x:
-        for b in y:
-            if a > b:
-                dom += 1
-            elif a < b:
-                dom -= 1
-    return dom / (len(x) * len(y))
 
 
-def magnitude(delta: float) -> str:
-    """negligible / small / medium / large (Romano et al. 2006 thresholds on |delta|)."""
-    d = abs(delta)
-    return next(name for t, name in MAGNITUDES if d < t)
 
 
 # ----------------------------------------------------------------------------- the neutral-prompt set
@@ -156,7 +64,7 @@ def read_neutral_set(path, n_pos: int | None = None, n_codes: int | None = None
 
     ids: ``(N, L)`` int64 when every image has L ids (the usual 256), else a list of N arrays.
     ``filename`` is optional (row numbers are used when absent); other columns are ignored. Well-formed
-    files are read in one pass (``cortex.stats.fast_int_list_csv``; linear in the images); otherwise the
+    files are read in one pass (``cortex.list_csv.fast_int_list_csv``; linear in the images); otherwise the
     csv module's reader names the bad line. Given ``n_pos`` (ids per image) and ``n_codes`` (codebook size),
     a row with another number of ids, a negative id or one >= ``n_codes`` is a CortexError naming file:line.
     """
@@ -197,8 +105,6 @@ def _bad_neutral_row(ids, n_pos, n_codes) -> tuple[int, str] | None:
 
 def _read_neutral_rows(path):
     """``(names, ids, where)``: read_neutral_set's parse; ``where(i)``: ``file:line`` of row ``i``."""
-    from .stats import fast_int_list_csv, int_lists
-
     path = Path(path)
     if not path.exists():
         raise CortexError(f"neutral-prompt set not found: {path}. Build it with generate_dataset.py "
@@ -262,34 +168,10 @@ def _is_token(ids: np.ndarray, toks: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- detection
 
-@dataclass
-class BiasRow:
-    label: int
-    tokens: list
-    counts: np.ndarray  # (N,) per-image occurrences of the label's tokens
-    cliff_delta: float
-    cliff_delta_seed: float
-    p_value: float = float("nan")  # two-sided Mann-Whitney U
-    ci: tuple = (float("nan"), float("nan"))  # seeded percentile-bootstrap 95% CI of cliff_delta
-
-    def csv_row(self) -> list:
-        """The authors' columns in their format (``tokens`` as pandas writes a list of str: ``['12', '7']``;
-        the average as a Python float), then this project's extra columns."""
-        n = int(self.counts.size)
-        total = int(self.counts.sum())
-        return [n, total, repr(total / n), len(self.tokens), self.label, authors_tokens_cell(self.tokens),
-                f"{self.cliff_delta:.6f}", f"{self.cliff_delta_seed:.6f}", f"{self.p_value:.6g}",
-                f"{self.ci[0]:.6f}", f"{self.ci[1]:.6f}", magnitude(self.cliff_delta)]
 
 
-def authors_tokens_cell(tokens) -> str:
-    """The ``tokens`` cell as the authors' script writes it: the repr of a list of token-id strings."""
-    return str([str(int(t)) for t in tokens])
 
 
-def parse_tokens_cell(text: str, where: str = "") -> list[int]:
-    """Token ids of a ``tokens`` cell: the authors' ``['12', '7']`` or a plain ``[12, 7]``."""
-    return parse_int_list(text.replace("'", "").replace('"', ""), where=where).tolist()
 
 
 def drop_shared(label_tokens: dict) -> dict:
@@ -338,42 +220,10 @@ def detect_bias(label_tokens: dict, ids_per_image, exclude_shared: bool = False,
     return rows
 
 
-def write_bias_csv(path, rows: list[BiasRow]) -> Path:
-    with atomic_write(path) as f:
-        w = csv.writer(f)
-        w.writerow(BIAS_HEADER)
-        for r in rows:
-            w.writerow(r.csv_row())
-    return Path(path)
 
 
-def read_bias_csv(path) -> list[dict]:
-    """Rows of a ``token_bias_top{n}_num{k}_cliff.csv`` (label, tokens, cliff_delta, ... as Python values)."""
-    path = Path(path)
-    if not path.exists():
-        raise CortexError(f"bias detection result not found: {path}; run bias_detection.py first")
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"label", "tokens", "cliff_delta"} - set(reader.fieldnames or [])
-        if missing:
-            raise CortexError(f"{path}: missing columns {sorted(missing)}")
-        for row in reader:
-            d = dict(row)
-            d["label"] = int(row["label"])
-            d["tokens"] = parse_tokens_cell(row["tokens"], where=str(path))
-            d["cliff_delta"] = float(row["cliff_delta"])
-            for c in ("p_value", "cliff_delta_ci_low", "cliff_delta_ci_high"):
-                if row.get(c) not in (None, ""):
-                    d[c] = float(row[c])
-            if row.get("cliff_delta_seed") not in (None, ""):
-                d["cliff_delta_seed"] = float(row["cliff_delta_seed"])
-            out.append(d)
-    return out
 
 
-def bias_csv_name(top_n: int, token_num: int, exclude_shared: bool = False) -> str:
-    return f"token_bias_top{top_n}_num{token_num}_cliff{'_noshared' if exclude_shared else ''}.csv"
 
 
 def label_names(data_dir) -> dict[int, str]:
@@ -391,16 +241,13 @@ def label_names(data_dir) -> dict[int, str]:
 
 
 def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_partial: bool = False) -> dict:
-    """``{label: statistics file}`` of this run, after checking the inputs (issue 12.5 / 14.5).
+    """``{label: statistics file}`` of this run, after checking the inputs.
 
     Refuses (CortexError) statistics that are not the current run's (``cortex.significance.check_current_run``:
     stale against their TIS run, unfinished, or from another checkpoint / dataset), and a label of the train
     split with no statistics file or a statistics file for a label the split lacks; ``allow_partial``: warn
     and use the complete labels.
     """
-    from .significance import check_current_run
-    from .stats import label_files, split_label_counts
-
     stats_dir = paths.stats_dir(model, attribution)
     files = label_files(stats_dir)
     hint = f"Run TIS_computation.py and TIS_analysis.py --model {model} --bias_type {paths.bias_type} first."
@@ -438,11 +285,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
     (:func:`check_bias_inputs`); an IEM whose accuracy is near chance gets a loud warning. Returns
     ``{"csv": path, "figure": path | None, "rows": [BiasRow]}``.
     """
-    from .provenance import dataset_hashes, file_sha256, write_output_record
-    from .stats import SOURCE_FILE, read_stats_section
-    from .tis import check_iem_not_near_chance
 
-    from .attribution import print_smoothgrad_caveat
 
     files = check_bias_inputs(paths, model, attribution, allow_partial)
     print_smoothgrad_caveat(attribution, "bias")
@@ -453,13 +296,10 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
         if not toks:
             raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
     neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
-    from .data import codebook_size, n_positions
 
     _, ids = read_neutral_set(neutral, n_positions(paths.data_dir), codebook_size(paths.data_dir))
     rows = detect_bias(label_tokens, ids, exclude_shared, n_boot, seed)
-    name = bias_csv_name(top_n, token_num, exclude_shared)
-    if attribution != "smoothgrad":
-        name = name.replace(".csv", f"_{attribution}.csv")
+    name = bias_csv_name(top_n, token_num, exclude_shared, attribution)
     out = write_bias_csv(paths.bias_dir() / name, rows)
     src = paths.stats_dir(model, attribution) / SOURCE_FILE
     write_output_record(out, {"dataset": dataset_hashes(paths.data_dir), "neutral_csv_sha256": file_sha256(neutral),
@@ -480,11 +320,9 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
 
 def report_bias_robustness(paths, top_n: int, token_num: int, exclude_shared: bool = False):
     """After a bias run: compare it with every other run of these settings under ``--root`` (the other
-    attributions, the seed replicates of cortex.replicates), write ``..._robustness.csv`` and print whether each
+    attributions, the seed replicates of cortex.analysis.replicates), write ``..._robustness.csv`` and print whether each
     label's direction is robust. Returns ``(csv path, rows)``; None when only one run exists or
     ``--results_dir`` points outside the seed folders."""
-    from .replicates import found_seeds, seed_paths, write_bias_robustness
-
     known = {seed_paths("dalle", paths.root, s, paths.bias_type).bias_dir() for s in found_seeds(paths.root,
                                                                                                   paths.bias_type)}
     if paths.bias_dir() not in known:
@@ -518,11 +356,9 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
     bias type's or an earlier run's file), with its bootstrap 95% CI as an error bar, the Mann-Whitney p and
     the size label above each bar, the label's tokens under it (``*`` = a planted attribute token of the
     synthetic world). Right: the per-image token counts of the labels over the neutral-prompt set.
-    ``robustness``: ``{label: cortex.replicates.bias_robustness row}``; a direction that is not the same on every
+    ``robustness``: ``{label: cortex.analysis.replicates.bias_robustness row}``; a direction that is not the same on every
     run found (seeds x attributions) gets "not robust (k/n runs)" in red under its bar.
     """
-    from .plots import MAX_WIDTH_IN, _plt, save_figure
-
     plt = _plt()
     name = name or bias_csv_name(top_n, token_num)
     own = [dict(label=r.label, tokens=r.tokens, cliff_delta=r.cliff_delta, p_value=r.p_value,
@@ -591,8 +427,6 @@ def plot_ratio_sweep(rows: list[dict], out) -> Path:
     The ideal for perfectly recovered token sets of equal size is about ``2 ratio - 1`` (dashed).
     Saved with the Agg backend to ``out``.
     """
-    from .plots import _plt, save_figure
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     groups: dict = {}

@@ -11,7 +11,7 @@ The evaluations mask by **token id**: every position of an image whose id is in 
   (``authors_random_draws``: ``random.sample`` from one stream seeded 42, a fresh draw per image and n);
 * concept level: a label's concept tokens (TIS statistics) or its frequency-baseline tokens.
 
-Another tokenizer's ``h x w`` grid (issue 15): positions are ``p = row*w + col`` over ``h*w`` entries; pass
+Another tokenizer's ``h x w`` grid: positions are ``p = row*w + col`` over ``h*w`` entries; pass
 ``grid=(h, w)`` to :func:`mask_images` and ``n_pos=h*w`` to the token choices (default 256).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import GRID, N_POS
-from .utils import CortexError
+from ..data import GRID, N_POS
+from ..utils import CortexError
 
 
 def patch_size(image_size: int) -> int:

@@ -35,7 +35,12 @@ import itertools
 import math
 from pathlib import Path
 
-from .utils import CortexError, atomic_write
+from ..attribution.attributions import ATTRIBUTIONS
+from ..cli import add_message_flags, bias_parser, experiment_folder, make_parser, position_int, positive_int, seed_int
+from ..paths import ExperimentPaths, label_files
+from ..utils import CortexError, atomic_write
+from .bias_files import bias_csv_name, read_bias_csv
+from .statistics_files import read_stats_section
 
 REPLICATES_DIR = "replicates"
 BIAS_ROBUSTNESS_HEADER = ["label", "direction", "runs", "runs_same_sign", "runs_ci_excludes_0", "delta_mean",
@@ -63,8 +68,6 @@ def seed_flags(root, seed: int, bias_type: str | None = None, relative_to=None) 
 
 def seed_paths(experiment: str, root, seed: int, bias_type: str | None = None):
     """``cortex.paths.ExperimentPaths`` of seed ``seed``'s run."""
-    from .paths import ExperimentPaths
-
     return ExperimentPaths(experiment=experiment, root=Path(root), bias_type=bias_type,
                            **seed_dirs(root, seed, bias_type))
 
@@ -143,8 +146,6 @@ def token_stability(tokens_by_run: dict) -> dict:
 
 def read_run_tokens(stats_dir, top_n: int, k: int) -> dict:
     """``{label: first k tokens of section Top {top_n}}`` of one run's TIS statistics folder."""
-    from .stats import label_files, read_stats_section
-
     files = label_files(stats_dir)
     if not files:
         raise CortexError(f"no TIS statistics (label_*.csv) in {stats_dir}; run TIS_analysis.py for this run first")
@@ -156,7 +157,7 @@ def read_run_tokens(stats_dir, top_n: int, k: int) -> dict:
 def bias_robustness(runs: dict) -> list[dict]:
     """Is a label's bias direction the same in every run?
 
-    runs: ``{run name: [rows of a bias CSV]}`` (``cortex.bias.read_bias_csv`` rows: ``label``, ``cliff_delta``,
+    runs: ``{run name: [rows of a bias CSV]}`` (``cortex.analysis.bias_files.read_bias_csv`` rows: ``label``, ``cliff_delta``,
     optionally ``cliff_delta_ci_low/high``); a run is e.g. ``seed 1, smoothgrad_x_input``. Per label: the
     direction of the runs' mean δ, how many runs share its sign and how many have a 95% CI excluding 0. The
     verdict is ``robust`` when every run has that sign and a CI excluding 0 (runs without a CI count by sign),
@@ -192,15 +193,11 @@ def bias_robustness(runs: dict) -> list[dict]:
 def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude_shared: bool = False) -> dict:
     """``{"seed s, <attribution>": rows}`` of every bias table of these settings found under ``root``: the
     usual ``results/{bias_type}/Bias_detection/`` (seed 0) and each ``results/replicates/seed_<s>/{bias_type}/``."""
-    from .attribution import ATTRIBUTIONS
-    from .bias import bias_csv_name, read_bias_csv
-
-    base = bias_csv_name(top_n, token_num, exclude_shared)
     out = {}
     for seed in found_seeds(root, bias_type):
         folder = seed_paths("dalle", root, seed, bias_type).bias_dir()
         for attr in sorted(ATTRIBUTIONS):
-            f = folder / (base if attr == "smoothgrad" else base.replace(".csv", f"_{attr}.csv"))
+            f = folder / bias_csv_name(top_n, token_num, exclude_shared, attr)
             if f.is_file():
                 out[f"seed {seed}, {attr}"] = read_bias_csv(f)
     return out
@@ -208,8 +205,6 @@ def bias_runs(root, bias_type: str, top_n: int = 5, token_num: int = 10, exclude
 
 def bias_robustness_file(root, bias_type: str, top_n: int, token_num: int, exclude_shared: bool = False) -> Path:
     """``results/{bias_type}/Bias_detection/token_bias_top{n}_num{k}_cliff[_noshared]_robustness.csv``."""
-    from .bias import bias_csv_name
-
     name = bias_csv_name(top_n, token_num, exclude_shared).replace(".csv", "_robustness.csv")
     return seed_paths("dalle", root, 0, bias_type).bias_dir() / name
 
@@ -295,8 +290,6 @@ def get_args_parser(script=None, up: int = 0, experiment: str = "vqgan"):
     """Parser of ``summarize_replicates.py`` (``script``: the script's ``__file__``; ``up``: folders above it)."""
     import argparse
 
-    from .cli import (add_message_flags, bias_parser, experiment_folder, make_parser, position_int, positive_int,
-                      seed_int)
 
     p = make_parser("summarize_replicates.py", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,

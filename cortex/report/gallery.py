@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import CortexError
+from ..utils import CortexError
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TokenCard:
 
 def concept_tokens(stats_file, top_n: int, k: int) -> list[tuple[int, int]]:
     """The first ``k`` rows ``(token, count)`` of section ``Top {top_n} Tokens`` of a TIS statistics file."""
-    from .stats import read_stats
+    from ..analysis.statistics_files import read_stats
 
     if k <= 0:
         raise CortexError(f"--k {k}: ask for at least one token")
@@ -96,9 +96,9 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
     accepts). Patches come from ``images/`` of ``data_dir``; a dataset generated with ``--no_images`` has
     none (CortexError). context: tokens of margin around each patch (the token is boxed in the figure).
     """
-    from .data import image_path, read_split
-    from .synthetic import to_uint8
-    from .tokenizers import as_tokenizer
+    from ..data import image_path, read_split
+    from ..synthetic import to_uint8
+    from ..tokenizers import as_tokenizer
 
     if context < 0 or n_patches < 0:
         raise CortexError(f"--context {context} / --patches {n_patches}: use non-negative numbers")
@@ -139,7 +139,7 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
 
 def draw_gallery(cards: list[TokenCard], path, title: str = "") -> Path:
     """One row per token: its decode on its own, then its patches from the dataset. Saves a PNG."""
-    from .plots import MAX_WIDTH_IN, _plt, _save
+    from ..figures import MAX_WIDTH_IN, _plt, _save
 
     plt = _plt()
     if not cards:
