@@ -18,7 +18,7 @@ import argparse
 
 from cortex.analysis.statistics import analysis_parser
 from cortex.cli import bias_parser, make_parser, paths_parser, run_main
-from cortex.significance import add_significance_args, run_tis_analysis
+from cortex.analysis.significance import add_significance_args, run_tis_analysis
 
 EXPERIMENT = "dalle"
 

@@ -10,7 +10,7 @@ results/TIS[_<attribution>]/Net{m}/TIS_statistics_train/label_{k}.csv (sectioned
 global_top_tokens_statistics.csv and tis_statistics_long.csv (label,top_n,token,count), and
 tis_significance.csv (the label-contrast test per token: does it mark the label's images, and is it more
 often in their top n than in other labels' images that contain it? exact label-permutation p-values,
-Benjamini-Hochberg across a label's tokens; --enrichment adds tis_enrichment.csv; see cortex/significance.py).
+Benjamini-Hochberg across a label's tokens; --enrichment adds tis_enrichment.csv; see cortex/analysis/significance.py).
 --significant_only lists only the tokens with q < --alpha there; the sectioned files are unchanged.
 The TIS run is checked first: every label of the train split needs a complete label_{k}.csv of the one
 run in tis_config.json (no .partial file, no missing/extra label, one row per image, no NaN, no image
@@ -22,7 +22,7 @@ import argparse
 
 from cortex.analysis.statistics import analysis_parser
 from cortex.cli import make_parser, paths_parser, run_main
-from cortex.significance import add_significance_args, run_tis_analysis
+from cortex.analysis.significance import add_significance_args, run_tis_analysis
 
 EXPERIMENT = "vqgan"
 

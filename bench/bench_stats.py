@@ -23,7 +23,7 @@ Both sides write/return the same results; the benchmark asserts they are byte-eq
 equal ``cliff_delta`` cells), then prints images/s of each and the ratio (project / plain; >= 1 means the
 project is at least as fast), the median over ``--repeats`` runs. Timings include parsing the CSVs, which
 dominates. At the ``--significance_sizes`` it also times the whole TIS_analysis.py in one run: the statistics
-step (keeping the parsed scores) and then the significance step (``cortex.significance.run_significance``: the
+step (keeping the parsed scores) and then the significance step (``cortex.analysis.significance.run_significance``: the
 label-contrast test, the default; ``--enrichment`` adds the within-image test, timed separately) and prints
 the ratio (statistics + tests) / statistics (issue 20: at most 2). Use ``--workdir`` to keep the generated
 folders.
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortex.analysis.bias import detect_bias, read_neutral_set  # noqa: E402
 from cortex.scripts import load_script, run_script  # noqa: E402
-from cortex.significance import run_significance  # noqa: E402
+from cortex.analysis.significance import run_significance  # noqa: E402
 from cortex.analysis.statistics import run_analysis  # noqa: E402
 
 for _module in ("cortex.data", "cortex.attribution.tis", "scipy.stats", "tqdm"):  # (torch ...) imported before any timing

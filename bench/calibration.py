@@ -8,7 +8,7 @@ labels (labels with no planted concept), distractors (decoys) and hard negatives
 tokens in every image): generate_dataset.py, train.py (a tiny IEM), TIS_computation.py (SmoothGrad and
 SmoothGrad x input). Finished steps are kept in ``--workdir`` and skipped on a rerun.
 
-Then, per attribution and top n, the tests of ``cortex.significance`` run on ``--subsamples`` seeded random
+Then, per attribution and top n, the tests of ``cortex.analysis.significance`` run on ``--subsamples`` seeded random
 subsets (``--fraction`` of each label's train images; seed = one replicate of the statistics) and are scored
 against the planted truth: recall of the planted tokens, FDP (false share of the planted labels' significant
 tokens), significant tokens per null label and the fraction of null labels with any discovery. Printed: the
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cortex.data import load_token_indices  # noqa: E402
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.scripts import run_script  # noqa: E402
-from cortex.significance import (contrast_tests, read_label_tis, score_significant,  # noqa: E402
+from cortex.analysis.significance import (contrast_tests, read_label_tis, score_significant,  # noqa: E402
                                  significance_tests)
 from cortex.paths import label_files  # noqa: E402
 from cortex.analysis.recovery import read_ground_truth

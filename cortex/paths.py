@@ -18,6 +18,8 @@ def attribution_suffix(attribution: str) -> str:
     return "" if attribution == PAPER_ATTRIBUTION else f"_{attribution}"
 
 
+SIGNIFICANCE_FILE = "tis_significance.csv"  # beside the statistics: the label-contrast test (the default)
+ENRICHMENT_FILE = "tis_enrichment.csv"  # beside the statistics: the within-image test (TIS_analysis.py --enrichment)
 LABEL_RE = re.compile(r"^label_(\d+)\.csv$")  # one file per label: TIS, statistics and frequency-baseline folders
 
 

@@ -237,7 +237,7 @@ def write_significance_record(sig_file, stats_dir) -> None:
 
 def check_significance(paths, model: int, attribution: str, source: dict | None) -> None:
     """``tis_significance.csv`` was computed with the statistics beside it (``source``: their ``source.json``)."""
-    from .significance import SIGNIFICANCE_FILE
+    from .paths import SIGNIFICANCE_FILE
 
     sig = paths.stats_dir(model, attribution) / SIGNIFICANCE_FILE
     want = (source or {}).get("statistics_id")

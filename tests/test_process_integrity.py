@@ -412,7 +412,7 @@ def test_dangling_results_symlink_is_named(tmp_path, capsys):
 def test_deleted_dataset_or_iem_is_not_another_one(tmp_path):
     """Statistics whose dataset (or IEM) was deleted since: 'not found', not 'another dataset / IEM'."""
     from cortex.paths import ExperimentPaths
-    from cortex.significance import check_current_run
+    from cortex.analysis.significance import check_current_run
     from tests.helpers import compact_dataset
     from tests.test_significance import _fake_tis_run
 

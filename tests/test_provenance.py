@@ -209,13 +209,13 @@ def test_tis_analysis_killed_leaves_no_statistics_a_consumer_accepts(exp, tmp_pa
     assert code == 2 and "did not finish" in _one_error(err)
     # the rerun repairs it
     run_script(f"{V}/TIS_analysis.py", ["--model", 1, "--root", exp, "--no_progress"])
-    from cortex.significance import check_current_run
+    from cortex.analysis.significance import check_current_run
 
     check_current_run(paths, 1, "smoothgrad")
 
 
 def test_significance_of_other_statistics_is_refused(exp):
-    from cortex.significance import check_current_run
+    from cortex.analysis.significance import check_current_run
 
     paths = ExperimentPaths(root=exp)
     rec = paths.stats_dir(1) / "tis_significance.csv.source.json"

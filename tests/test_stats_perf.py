@@ -11,7 +11,7 @@ import pytest
 from cortex import list_csv as L
 from cortex.analysis import bias as B, frequency as F, ranking as R, statistics as S
 from cortex.scripts import load_script
-from cortex.significance import run_significance
+from cortex.analysis.significance import run_significance
 from cortex.utils import parse_int_list
 from tests.test_stats_faithful import _analyse, _stats_dir, world  # noqa: F401  (fixture)
 

@@ -22,7 +22,7 @@ With null labels, results/Explanation/null_label_pvalues.png shows the null labe
 label-contrast test (histogram and QQ plot against the uniform: the calibration check).
 
 Inputs: only statistics of the current runs are used. Each (model, attribution) is checked with
-cortex.significance.check_current_run (statistics match their TIS run, which names the checkpoint and train
+cortex.analysis.significance.check_current_run (statistics match their TIS run, which names the checkpoint and train
 CSV on disk now) and must cover every label of ground_truth.json.
 Candidates found on disk that fail are left out with a warning (leftovers of an earlier run); one named by
 --model/--attribution that fails is refused, unless --allow_partial.
@@ -37,7 +37,7 @@ from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import float_in, int_in, make_parser, paths_parser, position_int, positive_int, run_main
 from cortex.paths import ExperimentPaths, label_files
 from cortex.provenance import check_frequency_baseline, dataset_hashes, record_id, write_output_record
-from cortex.significance import (ALPHA, ENRICHMENT_FILE, SIGNIFICANCE_FILE, check_current_run, null_labels,
+from cortex.analysis.significance import (ALPHA, ENRICHMENT_FILE, SIGNIFICANCE_FILE, check_current_run, null_labels,
                                  read_significance, significance_recovery)
 from cortex.utils import CortexError, atomic_write, save_run_args
 

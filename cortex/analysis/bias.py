@@ -27,7 +27,7 @@ from ..figures import MAX_WIDTH_IN, _plt, save_figure
 from ..list_csv import fast_int_list_csv, int_lists, split_label_counts
 from ..paths import label_files
 from ..provenance import SOURCE_FILE, dataset_hashes, write_output_record
-from ..significance import check_current_run
+from .significance import check_current_run
 from ..utils import CortexError, file_sha256, parse_int_list
 from .bias_files import BiasRow, bias_csv_name, read_bias_csv, write_bias_csv
 from .cliffs_delta import N_BOOT, bootstrap_ci, cliffs_delta_mwu, magnitude
@@ -243,7 +243,7 @@ def label_names(data_dir) -> dict[int, str]:
 def check_bias_inputs(paths, model: int, attribution: str = "smoothgrad", allow_partial: bool = False) -> dict:
     """``{label: statistics file}`` of this run, after checking the inputs.
 
-    Refuses (CortexError) statistics that are not the current run's (``cortex.significance.check_current_run``:
+    Refuses (CortexError) statistics that are not the current run's (``cortex.analysis.significance.check_current_run``:
     stale against their TIS run, unfinished, or from another checkpoint / dataset), and a label of the train
     split with no statistics file or a statistics file for a label the split lacks; ``allow_partial``: warn
     and use the complete labels.

@@ -92,6 +92,12 @@ def count_tokens(ids, limit: int | None = MAX_ROWS) -> list[tuple[int, int]]:
     return list(zip(tokens.tolist(), counts.tolist()))
 
 
+def rank_tokens(tokens: np.ndarray, count: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Indices of the kept tokens, ``count`` descending, then token id ascending (the significance tables' order)."""
+    idx = np.flatnonzero(keep)
+    return idx[np.lexsort((tokens[idx], -count[idx]))]
+
+
 def top_positions(scores: np.ndarray, max_n: int) -> np.ndarray:
     """The authors' top positions of each row, best first: ``(N, max_n)``.
 

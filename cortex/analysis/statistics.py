@@ -95,7 +95,7 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
     labels outside this run are removed, and ``source.json`` records the ``tis_config.json`` and each TIS
     file's fingerprint (``cortex.provenance.check_statistics_current``). Returns ``{"labels": [...], "images": N}``.
     keep: a dict to fill with ``{label: (ids (N, 256), scores (N, 256))}`` of the labels analysed, so a later
-    step (the enrichment tests, ``cortex.significance.run_significance(parsed=...)``) need not parse the
+    step (the enrichment tests, ``cortex.analysis.significance.run_significance(parsed=...)``) need not parse the
     TIS files again.
     """
     tis_dir, stats_dir = Path(tis_dir), Path(stats_dir)
