@@ -1,9 +1,9 @@
 """Datasets of token-based embeddings (256 x 16 x 16), as the seed's ``dataset.py``.
 
-The readers live once in ``cortex.data`` (shared with ``Dalle_explanation``); this module keeps the
+The readers live once in ``cortex.data.formats`` (shared with ``Dalle_explanation``); this module keeps the
 seed's import path: ``from dataset import EmbeddingDataset``.
 """
-from cortex.data import (  # noqa: F401
+from cortex.data.formats import (  # noqa: F401
     DatasetWriter,
     EmbeddingDataset,
     Record,

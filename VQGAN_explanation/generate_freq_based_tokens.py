@@ -17,7 +17,7 @@ is refused by its consumers, not used). bench/bench_stats.py times it against a 
 import argparse
 
 from cortex.cli import int_in, make_parser, paths_parser, positive_int, run_main
-from cortex.data import resolve_num_classes
+from cortex.data.formats import resolve_num_classes
 from cortex.paths import ExperimentPaths
 from cortex.provenance import begin_frequency_baseline, finish_frequency_baseline
 from cortex.stats import MAX_ROWS, frequency_baseline, label_files, read_split_ids, write_frequency_baseline

@@ -50,7 +50,7 @@ from cortex.scripts import load_script, run_script  # noqa: E402
 from cortex.significance import run_significance  # noqa: E402
 from cortex.stats import run_analysis  # noqa: E402
 
-for _module in ("cortex.data", "cortex.tis", "scipy.stats", "tqdm"):  # (torch ...) imported before any timing
+for _module in ("cortex.data.formats", "cortex.tis", "scipy.stats", "tqdm"):  # (torch ...) imported before any timing
     importlib.import_module(_module)
 
 TOP_NS = (1, 5, 10, 20)

@@ -453,7 +453,7 @@ def run_bias_detection(paths, model: int, top_n: int = 5, token_num: int = 10, a
         if not toks:
             raise CortexError(f"{files[k]}: section 'Top {top_n} Tokens' has no tokens")
     neutral = Path(neutral_csv) if neutral_csv else paths.neutral_csv()
-    from .data import codebook_size, n_positions
+    from cortex.data.formats import codebook_size, n_positions
 
     _, ids = read_neutral_set(neutral, n_positions(paths.data_dir), codebook_size(paths.data_dir))
     rows = detect_bias(label_tokens, ids, exclude_shared, n_boot, seed)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import GRID, N_POS
+from cortex.data.formats import GRID, N_POS
 from .synthetic import SyntheticWorld, WorldConfig, to_uint8
 from .utils import CortexError, atomic_write, format_list
 

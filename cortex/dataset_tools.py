@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
+from cortex.data.formats import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
                    load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir,
                    write_token_indices)
 from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
+from cortex.data.formats import GRID, N_POS, Record, ids_to_embedding, image_path, embedding_to_ids, square_grid
 from .evaluators import class_logit_prob, evaluator_logits, to_unit
 from .masking import draw_masks, mask_images, positions_with_ids, prefix_masks, ranking
 from .utils import CortexError, atomic_write
@@ -722,7 +722,7 @@ def check_eval_dataset(paths, split: str = "test", images: bool = True) -> list[
     and how to get it) and, with ``images``, checks that every image's decoded PNG
     ``datasets/images/<a>/<b>.png`` exists. Returns the split's records.
     """
-    from .data import read_split
+    from cortex.data.formats import read_split
 
     data_dir = Path(paths.data_dir)
     if not data_dir.is_dir():
@@ -758,7 +758,7 @@ def eval_setup(args, experiment: str = "vqgan", device=None):
     is reported before evaluator weights are looked for or downloaded. ``device``: one the script already
     resolved (default: ``--device`` / ``--gpu``). Returns ``(paths, device, evaluators)``.
     """
-    from .data import dataset_info
+    from cortex.data.formats import dataset_info
     from .evaluators import load_evaluators
     from .paths import ExperimentPaths
     from .utils import get_device, seed_everything
@@ -779,7 +779,7 @@ def warn_if_near_chance(paths, model: int, num_classes: int | None = None) -> bo
     ``config.json``) is near chance: its TIS then explain noise. Uses ``cortex.tis.check_iem_not_near_chance``;
     ``num_classes`` defaults to the dataset's (``dataset_info.json``, else the train split's labels).
     Returns True when it warned."""
-    from .data import dataset_info, read_split
+    from cortex.data.formats import dataset_info, read_split
     from .tis import check_iem_not_near_chance
 
     n = num_classes or dataset_info(paths.data_dir).get("num_classes")

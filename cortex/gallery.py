@@ -96,7 +96,7 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
     accepts). Patches come from ``images/`` of ``data_dir``; a dataset generated with ``--no_images`` has
     none (CortexError). context: tokens of margin around each patch (the token is boxed in the figure).
     """
-    from .data import image_path, read_split
+    from cortex.data.formats import image_path, read_split
     from .synthetic import to_uint8
     from .tokenizers import as_tokenizer
 

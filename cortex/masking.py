@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import GRID, N_POS
+from cortex.data.formats import GRID, N_POS
 from .utils import CortexError
 
 

@@ -71,7 +71,7 @@ def _check_depth(depth: int) -> int:
 
 def _check_geometry(code_dim: int, grid) -> tuple[int, tuple[int, int]]:
     """``(D, (h, w))`` as positive ints, else a ModelArgumentError."""
-    from cortex.data import check_geometry
+    from cortex.data.formats import check_geometry
 
     try:
         h, w, d = check_geometry(grid, code_dim, "IEM geometry")
@@ -425,7 +425,7 @@ def build_model(experiment: str, model_id: int, num_classes: int, width: int = P
 
     ``depth`` (transformer layers) applies to VQGAN Net4 (default 12) and Dalle Net3 (default 6)
     and is ignored by the convolutional nets. ``code_dim`` D (default 256) and ``grid`` (h, w) (default
-    16 x 16): the embeddings ``(B, D, h, w)`` the net reads (``cortex.data.dataset_geometry`` of a dataset).
+    16 x 16): the embeddings ``(B, D, h, w)`` the net reads (``cortex.data.formats.dataset_geometry`` of a dataset).
     """
     _check_model_id(experiment, model_id)
     key = (experiment, model_id)

@@ -52,7 +52,7 @@ def class_name(label, names=None) -> str:
 
 def class_names_of(data_dir) -> list | None:
     """The dataset's ``class_names`` (dataset_info.json; ``--source images`` stores the folder names), or None."""
-    from .data import dataset_info
+    from cortex.data.formats import dataset_info
 
     names = dataset_info(data_dir).get("class_names")
     return list(names) if names else None
@@ -235,7 +235,7 @@ def concept_bars(df, path, title: str = "", per_image=None) -> Path:
 
 def _grid_of(n_pos: int, grid=None) -> tuple[int, int]:
     """(h, w) of a TIS row of ``n_pos`` scores: ``grid`` if given, else the square grid (16 x 16 for 256)."""
-    from .data import square_grid
+    from cortex.data.formats import square_grid
 
     if grid is None:
         return square_grid(n_pos)

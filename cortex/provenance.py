@@ -58,7 +58,7 @@ def record_id(record: dict) -> str:
 # ----------------------------------------------------------------------------- the dataset
 
 def dataset_files() -> tuple[str, ...]:
-    from .data import SPLITS
+    from cortex.data.formats import SPLITS
 
     return tuple(v[0] for v in SPLITS.values()) + (CODEBOOK,)
 
@@ -119,7 +119,7 @@ def _short(sha: str | None) -> str:
 
 def check_dataset(paths, split: str = "train") -> None:
     """The dataset exists (its ``split`` CSV): the head of every chain."""
-    from .data import require_split
+    from cortex.data.formats import require_split
 
     require_split(paths.data_dir, split)
 
@@ -152,7 +152,7 @@ def check_tis_run(paths, model: int, split: str, attribution: str = "smoothgrad"
     """The TIS run of (model, split, attribution) was computed with the current checkpoint on the current split
     CSV and codebook (``tis_config.json``), and that checkpoint on the current dataset. Returns the run's
     ``tis_config.json`` (``None`` when there is none: ``cortex.stats.check_tis_inputs`` reports that)."""
-    from .data import split_csv
+    from cortex.data.formats import split_csv
 
     check_checkpoint(paths, model)
     tis_dir = paths.tis_dir(model, split, attribution)
@@ -243,7 +243,7 @@ def begin_frequency_baseline(paths) -> None:
 
 
 def finish_frequency_baseline(paths, split: str, labels) -> None:
-    from .data import split_csv
+    from cortex.data.formats import split_csv
 
     name = split_csv(paths.data_dir, split).name
     with atomic_write(frequency_record_path(paths)) as f:

@@ -1,5 +1,5 @@
 """Real VQGAN datasets (SPEC §6): class-conditional sampling with taming's ``cin_transformer`` and
-encoding of image folders, written in the authors' layout through :class:`cortex.data.DatasetWriter`.
+encoding of image folders, written in the authors' layout through :class:`cortex.data.formats.DatasetWriter`.
 
 Design: the writer needs the codebook when it is built, so loading and generating are two calls and
 the model is loaded once::
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import GRID, N_POS, canonical_split
+from cortex.data.formats import GRID, N_POS, canonical_split
 from .cli import float_in, nonneg_int, positive_float, positive_int
 from .utils import CortexError, atomic_write, format_list
 
@@ -274,7 +274,7 @@ def decode_ids(model, ids, grid=None):
     """ids (B, h*w) -> images (B, 3, H, W) in about [-1, 1] (any tokenizer adapter).
 
     grid: (h, w); default the square grid of ``ids.shape[1]`` (16 x 16 for 256 ids)."""
-    from .data import square_grid
+    from cortex.data.formats import square_grid
 
     h, w = square_grid(ids.shape[1]) if grid is None else grid
     return tokenizer_of(model).decode(ids.reshape(ids.shape[0], h, w))
@@ -572,14 +572,14 @@ def generate_images(args, writer, device, model) -> dict:
 def generate_real(args, writer, device, model=None) -> dict:
     """Run ``args.source`` (cin_transformer | images); returns the dataset_info dict.
 
-    writer: a :class:`cortex.data.DatasetWriter` (the caller closes it with the returned info), or a
+    writer: a :class:`cortex.data.formats.DatasetWriter` (the caller closes it with the returned info), or a
     dataset folder: then the writer is built here with ``args.layout`` (default ``files``) and closed
     with the info. model: from :func:`load_vq_for_dataset` (loaded here when None). Resumable: files in
     ``writer.done(split)`` are skipped.
     """
     import torch
 
-    from .data import DatasetWriter
+    from cortex.data.formats import DatasetWriter
 
     device = torch.device(device)
     source = getattr(args, "source", None)
@@ -606,7 +606,7 @@ def generate_real(args, writer, device, model=None) -> dict:
 
 def build_real_dataset(args, data_dir, layout: str, device) -> dict:
     """load_vq_for_dataset + DatasetWriter + generate_real + close; returns the info dict."""
-    from .data import DatasetWriter
+    from cortex.data.formats import DatasetWriter
 
     model, codebook = load_vq_for_dataset(args, device)
     writer = DatasetWriter(data_dir, codebook, layout)

@@ -323,7 +323,7 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     parsed: ``{label: (ids, scores)}`` kept by ``cortex.stats.run_analysis(keep=...)`` in the same run, so
     the TIS files and the token cache are not read a second time.
     """
-    from .data import load_token_indices
+    from cortex.data.formats import load_token_indices
     from .paths import ExperimentPaths
     from .provenance import significance_record_path, write_significance_record
     from .stats import label_files

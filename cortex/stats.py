@@ -215,7 +215,7 @@ class TisRunInfo:
 
 def split_label_counts(data_dir, split: str = "train") -> dict[int, int]:
     """``{label: number of images}`` of ``{split}_embeddings.csv`` (labels only: the id lists are not parsed)."""
-    from .data import split_csv
+    from cortex.data.formats import split_csv
 
     path = split_csv(data_dir, split)
     if not path.exists():
@@ -590,13 +590,13 @@ def check_tis_rows(path, names: list[str], scores: np.ndarray) -> None:
 
 def read_split_ids(data_dir, split: str = "train", num_classes: int | None = None):
     """``(names, labels (N,) int64, ids (N, h*w) int64)`` of ``{split}_embeddings.csv`` in file order (h*w = 256
-    for the paper's grid; another tokenizer's from ``dataset_info.json``, :func:`cortex.data.dataset_geometry`).
+    for the paper's grid; another tokenizer's from ``dataset_info.json``, :func:`cortex.data.formats.dataset_geometry`).
 
-    One C parse on well-formed files; anything else goes through :func:`cortex.data.read_split` (the
+    One C parse on well-formed files; anything else goes through :func:`cortex.data.formats.read_split` (the
     training reader), so every check -- header, field count, integer label within ``0..num_classes-1``,
     256 ids in 0..n_codes-1 -- and its message (file and line) are the training reader's.
     """
-    from .data import CSV_HEADER, codebook_size, n_positions, read_split, split_csv
+    from cortex.data.formats import CSV_HEADER, codebook_size, n_positions, read_split, split_csv
 
     path = split_csv(data_dir, split)
     fast = fast_list_csv(path, CSV_HEADER, n_positions(data_dir), np.int64) if path.exists() else None
@@ -945,7 +945,7 @@ def check_statistics_current(stats_dir, tis_dir=None, *, require: bool = False, 
 def frequency_baseline(records, limit: int = MAX_ROWS) -> dict[int, list[tuple[int, int]]]:
     """``{label: [(token, count), ...]}``: the ids occurring most often in a label's images.
 
-    records: ``cortex.data.Record``s, or ``(labels (N,), ids (N, 256))`` arrays (:func:`read_split_ids`).
+    records: ``cortex.data.formats.Record``s, or ``(labels (N,), ids (N, 256))`` arrays (:func:`read_split_ids`).
     Counted in file order, ties in first-occurrence order (the authors' ``Counter.most_common``).
     """
     if isinstance(records, tuple):
@@ -1048,7 +1048,7 @@ def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,
     are dicts with keys ``model, method, top_n, label, k, precision`` (summary: label ``"mean"``).
     attributions: a list for every model, or ``{model: [attribution, ...]}``; default: all found per model.
     """
-    from .data import read_split
+    from cortex.data.formats import read_split
 
     planted = read_ground_truth(Path(paths.data_dir) / "ground_truth.json")
     records = read_split(paths.data_dir, "train")
@@ -1123,7 +1123,7 @@ def run_analysis(args, experiment: str, keep: dict | None = None) -> dict:
     (:func:`check_tis_inputs`; ``--allow_partial`` to proceed on an incomplete run). keep: filled with the
     parsed ``{label: (ids, scores)}`` (:func:`analyze_tis`) for the enrichment tests that follow.
     """
-    from .data import load_token_indices
+    from cortex.data.formats import load_token_indices
     from .paths import ExperimentPaths
     from .provenance import check_tis_run
     from .utils import save_run_args

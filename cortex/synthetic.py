@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import EMB_DIM, GRID, N_POS, ids_to_embedding, embedding_to_ids
+from cortex.data.formats import EMB_DIM, GRID, N_POS, ids_to_embedding, embedding_to_ids
 from .utils import CortexError, atomic_torch_save, atomic_write
 
 

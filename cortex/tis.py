@@ -668,7 +668,7 @@ def compute_tis(model: torch.nn.Module, dataset, out_dir, config: TISConfig | No
     """Score every image of ``dataset`` (this shard's labels) and write ``out_dir/label_{k}.csv``.
 
     model: IEM taking ``(B, 256, 16, 16)``; dataset: items ``(embedding (256,16,16), label, filename)``
-    with a ``labels`` list (``cortex.data.EmbeddingDataset``; items may carry ``(256,)`` token ids instead,
+    with a ``labels`` list (``cortex.data.formats.EmbeddingDataset``; items may carry ``(256,)`` token ids instead,
     which its ``lookup`` turns into embeddings on ``device``); codebook ``(n_codes, 256)`` gives the
     baseline of integrated gradients / occlusion (mean codebook vector; zeros when None). run_info: extra
     identity of the run for ``tis_config.json`` (checkpoint hash, model, data; see the module docstring);
@@ -919,7 +919,7 @@ def run_tis(args, experiment: str) -> dict:
 
     Uses ``args`` from ``paths_parser``, ``runtime_parser``, ``model_parser`` and ``tis_parser``.
     """
-    from .data import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
+    from cortex.data.formats import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
     from .models import load_iem
     from .paths import ExperimentPaths
     from .provenance import check_checkpoint

@@ -190,7 +190,7 @@ class SyntheticTokenizer(VQTokenizer):
     kind = "synthetic"
 
     def __init__(self, vq, name: str = "synthetic"):
-        from .data import GRID
+        from cortex.data.formats import GRID
 
         super().__init__(vq.codebook, GRID, vq.image_size, name)
         self.model = vq
@@ -348,7 +348,7 @@ def tokenizer_for_dataset(data_dir, kind: str | None = None, config=None, ckpt=N
     ``synthetic_vq.pt``, or the ``tokenizer`` + ``tokenizer_config`` (+ ``vqgan_ckpt``) recorded by
     ``generate_dataset.py --source images``.
     """
-    from .data import dataset_info
+    from cortex.data.formats import dataset_info
 
     data_dir = Path(data_dir)
     if kind not in (None, "auto"):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import EmbeddingDataset, resolve_num_classes
+from cortex.data.formats import EmbeddingDataset, resolve_num_classes
 from .models import UNFINISHED_MARKER, build_model, load_iem, save_iem
 from .cli import make_parser, nonneg_float, positive_float, positive_int
 from .utils import CortexError, Interrupted, atomic_write, folder_writer_lock, save_run_args, warn_no_cuda
@@ -342,7 +342,7 @@ def trim_metrics_csv(path: Path, epochs_done: int) -> None:
 
 
 def make_module(model, args, lookup=None, shuffle_generator: torch.Generator | None = None):
-    """lookup: ``cortex.data.TokenLookup`` turning id batches (compact layout) into embeddings on the device.
+    """lookup: ``cortex.data.formats.TokenLookup`` turning id batches (compact layout) into embeddings on the device.
     shuffle_generator: the train loader's generator; its state and the dropout RNG travel in last.ckpt, so a
     resumed run draws the same batches and dropout masks as an uninterrupted one (bit-exact weights)."""
     pl = _lightning()

@@ -15,7 +15,7 @@ from torch import nn
 
 from cortex import evaluators as E
 from cortex import explain as X
-from cortex.data import read_split
+from cortex.data.formats import read_split
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import load_vq

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cortex import evaluators as E
-from cortex.data import (EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split)
+from cortex.data.formats import (EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split)
 from cortex.models import MODEL_IDS, build_model, load_iem, save_iem
 from cortex.paths import ExperimentPaths
 from cortex.tokenizers import load_tokenizer

@@ -289,7 +289,7 @@ def _edit_line(path, lineno, fn):
 def test_token_id_beyond_the_codebook_is_refused(tmp_path):
     """Token id 99999 in a 24-code dataset: refused (file:line) by the frequency baseline and by the token
     indices the statistics and the significance test read."""
-    from cortex.data import load_token_indices
+    from cortex.data.formats import load_token_indices
     from cortex.stats import read_split_ids
     from tests.helpers import compact_dataset
 

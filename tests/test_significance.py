@@ -8,7 +8,7 @@ from scipy import stats as ss
 
 from cortex import bias as B
 from cortex import significance as G
-from cortex.data import DatasetWriter
+from cortex.data.formats import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
 
@@ -434,7 +434,7 @@ def _sha(path):
 
 def _fake_tis_run(root, data_dir, tis_dir, ckpt, labels_scores, attribution="smoothgrad"):
     """TIS files of a run (hand-made scores) whose tis_config.json names ``ckpt`` and the train CSV."""
-    from cortex.data import read_split
+    from cortex.data.formats import read_split
 
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if not ckpt.exists():

@@ -9,7 +9,7 @@ from torch import nn
 
 from cortex import tis as T
 from cortex.attribution import image_seed, token_scores
-from cortex.data import EmbeddingDataset
+from cortex.data.formats import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset
 

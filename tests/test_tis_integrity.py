@@ -13,7 +13,7 @@ from torch import nn
 
 from cortex import attribution as A
 from cortex import tis as T
-from cortex.data import EmbeddingDataset
+from cortex.data.formats import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset
 

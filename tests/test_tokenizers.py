@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cortex.data import image_path, load_codebook, read_split
+from cortex.data.formats import image_path, load_codebook, read_split
 from cortex.paths import ExperimentPaths
 from cortex.stats import write_stats_csv
 from cortex.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
@@ -361,7 +361,7 @@ def test_masking_patch_follows_the_grid():
 # ----------------------------------------------------------------------------- item 2/4 (part): codebook level decodes any tokenizer
 
 def test_codebook_level_decoder_accepts_diffusers(diffusers_root, diffusers_dir, taming_files):
-    from cortex.data import ids_to_embedding
+    from cortex.data.formats import ids_to_embedding
     from cortex.explain import decode_ids, decoded_to_uint8
     from tests.helpers import load_script
 

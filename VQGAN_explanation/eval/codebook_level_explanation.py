@@ -147,7 +147,7 @@ def select_images(records, pairs, per_label):
 
 
 def main(args):
-    from cortex.data import dataset_geometry
+    from cortex.data.formats import dataset_geometry
     from cortex.models import load_iem
     from cortex.provenance import verify, write_output_record
 

@@ -127,7 +127,7 @@ def main(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"top{args.top_n}_token{args.token_num}{output_suffix(args.attribution)}"
     save_run_args(args, out_dir, f"sample_concept_level_args_{tag}.json")
-    from cortex.data import dataset_geometry
+    from cortex.data.formats import dataset_geometry
 
     h, w, _ = dataset_geometry(paths.data_dir)  # the token grid (16x16 unless dataset_info.json says otherwise)
     res = concept_level(evaluators, label_data(paths, inputs), batch_size=args.eval_batch_size,

@@ -111,7 +111,7 @@ def label_data(paths, args, by_label, tis_files):
 
 
 def main(args):
-    from cortex.data import dataset_geometry
+    from cortex.data.formats import dataset_geometry
     from cortex.paths import ExperimentPaths
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)

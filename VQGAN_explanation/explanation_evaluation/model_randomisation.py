@@ -154,7 +154,7 @@ def plot_randomisation(rows: list[dict], out: Path, title: str) -> Path:
 # ----------------------------------------------------------------------------- script
 
 def main(args):
-    from cortex.data import EmbeddingDataset
+    from cortex.data.formats import EmbeddingDataset
     from cortex.models import load_iem
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
