@@ -30,7 +30,7 @@ from cortex.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neut
 from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, nonneg_float, nonneg_int,
                         paths_parser, positive_int, run_main, runtime_parser)
 from cortex.data.formats import DatasetWriter
-from cortex.dataset_tools import holds_dataset, recover_staged, staged_dataset
+from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import save_vq, write_json, write_world
 from cortex.utils import CortexError, save_run_args

@@ -20,7 +20,7 @@ import json
 
 from cortex.cli import int_in, make_parser, nonneg_int, paths_parser, positive_int, run_main, runtime_parser
 from cortex.data.formats import DatasetWriter
-from cortex.dataset_tools import holds_dataset, recover_staged, staged_dataset
+from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
 from cortex.tokenizers import SyntheticTokenizer

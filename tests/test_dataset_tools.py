@@ -1,4 +1,4 @@
-"""cortex.dataset_tools: compact_dataset.py (files -> codebook.npy) and merge_datasets.py (folders -> one)."""
+"""cortex.data.dataset_tools: compact_dataset.py (files -> codebook.npy) and merge_datasets.py (folders -> one)."""
 import json
 import os
 import pickle

@@ -21,7 +21,7 @@ import numpy as np
 from cortex.data.formats import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
                    load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir,
                    write_token_indices)
-from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
+from cortex.utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
 
 
 # ----------------------------------------------------------------------------- files -> compact
@@ -112,8 +112,8 @@ def run_compact(args, data_dir) -> Path:
     if args.vqgan_ckpt or args.vqgan_config:
         if not (args.vqgan_ckpt and args.vqgan_config):
             raise CortexError("--vqgan_config and --vqgan_ckpt go together (the taming VQGAN that made the data)")
-        from .real_data import codebook_of
-        from .taming_compat import load_taming_model
+        from cortex.real_data import codebook_of
+        from cortex.taming_compat import load_taming_model
 
         reference = codebook_of(load_taming_model(args.vqgan_config, args.vqgan_ckpt, "cpu"))
     cb, seen, max_dev = codebook_from_files(data_dir, args.n_codes, reference, args.tolerance,
