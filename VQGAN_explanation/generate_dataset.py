@@ -23,7 +23,7 @@ from cortex.data.formats import DatasetWriter
 from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
-from cortex.tokenizers import SyntheticTokenizer
+from cortex.data.tokenizers import SyntheticTokenizer
 from cortex.utils import CortexError, save_run_args, settings_line
 
 EXPERIMENT = "vqgan"

@@ -59,7 +59,7 @@ def main(args):
     from cortex.gallery import build_gallery, draw_gallery
     from cortex.plots import class_name, class_names_of
     from cortex.stats import label_files
-    from cortex.tokenizers import tokenizer_for_dataset
+    from cortex.data.tokenizers import tokenizer_for_dataset
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     stats_dir = paths.stats_dir(args.model, args.attribution)

@@ -605,8 +605,8 @@ def decoded_to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_ids(vq, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Token ids (B, h*w) (256 for 16x16) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
-    tokenizer adapter of :mod:`cortex.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
-    from .tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
+    tokenizer adapter of :mod:`cortex.data.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
+    from cortex.data.tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
 
     tok = as_tokenizer(vq)
     if not isinstance(tok, (TamingTokenizer, SyntheticTokenizer)):  # diffusers VQModel / custom tokenizer

@@ -35,8 +35,8 @@ folder instead of a writer builds the writer with ``args.layout`` and closes it 
 Token ids are row-major (``p = row*16 + col``); only 16x16 grids with 256-d codes fit the layout.
 
 Every model argument (``model``) may be a taming ``VQModel`` / ``Net2NetTransformer``, a diffusers ``VQModel``,
-a :class:`~cortex.synthetic.SyntheticVQ` or any :class:`cortex.tokenizers.VQTokenizer`: encoding and decoding
-go through :func:`cortex.tokenizers.as_tokenizer`. ``--source images --tokenizer diffusers --tokenizer_config
+a :class:`~cortex.synthetic.SyntheticVQ` or any :class:`cortex.data.tokenizers.VQTokenizer`: encoding and decoding
+go through :func:`cortex.data.tokenizers.as_tokenizer`. ``--source images --tokenizer diffusers --tokenizer_config
 <save_pretrained folder>`` encodes a folder with a diffusers ``VQModel``; ``dataset_info.json`` records the
 tokenizer (``tokenizer``, ``code_dim``, ``grid_size``, ``patch_size``, ``tokenizer_config``).
 """
@@ -179,13 +179,13 @@ def _sub_seed(*parts) -> int:
 
 def first_stage(model):
     """The VQ model (``encode``/``decode``/``quantize``) of a VQModel or a Net2NetTransformer (a
-    :class:`cortex.tokenizers.VQTokenizer` passes through)."""
+    :class:`cortex.data.tokenizers.VQTokenizer` passes through)."""
     return getattr(model, "first_stage_model", model)
 
 
 def tokenizer_of(model):
-    """The :class:`cortex.tokenizers.VQTokenizer` of a taming / diffusers / synthetic model (or the tokenizer)."""
-    from .tokenizers import as_tokenizer
+    """The :class:`cortex.data.tokenizers.VQTokenizer` of a taming / diffusers / synthetic model (or the tokenizer)."""
+    from cortex.data.tokenizers import as_tokenizer
 
     return as_tokenizer(model)
 
@@ -222,7 +222,7 @@ def load_vq_for_dataset(args, device):
     """Load the model ``args.source`` needs; returns ``(model, codebook (n_codes, 256) float32)``.
 
     cin_transformer: the Net2NetTransformer of --transformer_config/--transformer_ckpt (its first stage is
-    the VQGAN). images: with ``--tokenizer diffusers`` a :class:`cortex.tokenizers.DiffusersTokenizer` from the
+    the VQGAN). images: with ``--tokenizer diffusers`` a :class:`cortex.data.tokenizers.DiffusersTokenizer` from the
     ``save_pretrained`` folder --tokenizer_config; with ``--tokenizer taming`` (default) the VQModel of
     --vqgan_config (or --tokenizer_config) + --vqgan_ckpt, else the first stage of the transformer.
     """
@@ -242,7 +242,7 @@ def load_vq_for_dataset(args, device):
         if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
             raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
     elif source == "images" and kind == "diffusers":
-        from .tokenizers import load_tokenizer
+        from cortex.data.tokenizers import load_tokenizer
 
         model = load_tokenizer("diffusers", _arg(args, "tokenizer_config"), device=device)
     elif source == "images":

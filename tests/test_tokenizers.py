@@ -1,4 +1,4 @@
-"""The tokenizer adapters (cortex.tokenizers), --source images with either tokenizer, and the token gallery.
+"""The tokenizer adapters (cortex.data.tokenizers), --source images with either tokenizer, and the token gallery.
 
 Tiny randomly initialised models built here (no download): a diffusers VQModel (16x16 grid at 32 px,
 64 codes of 256-d) saved with save_pretrained, a taming VQModel saved as YAML + checkpoint, and the
@@ -17,7 +17,7 @@ from PIL import Image
 from cortex.data.formats import image_path, load_codebook, read_split
 from cortex.paths import ExperimentPaths
 from cortex.stats import write_stats_csv
-from cortex.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
+from cortex.data.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
                                as_tokenizer, load_tokenizer, tokenizer_for_dataset)
 from cortex.utils import CortexError
 from tests.helpers import run_script

@@ -105,7 +105,7 @@ def load_vq(args, paths, device):
     """The VQ model whose decoder renders the optimised tokens (synthetic world or taming VQGAN)."""
     synthetic = Path(paths.data_dir) / "synthetic_vq.pt"
     if args.vq == "diffusers":
-        from cortex.tokenizers import load_diffusers_vq
+        from cortex.data.tokenizers import load_diffusers_vq
 
         print(f"VQ decoder: diffusers VQModel {args.tokenizer_config}")
         return load_diffusers_vq(args.tokenizer_config, device)

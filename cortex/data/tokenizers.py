@@ -19,7 +19,7 @@ exactly the given ids. Everything runs under ``torch.no_grad``.
 Wrapping another model, e.g. a LlamaGen / Janus VQ-16 tokenizer (24x24 grid of 8-d L2-normalised codes)::
 
     import torch.nn.functional as F
-    from cortex.tokenizers import CallableTokenizer
+    from cortex.data.tokenizers import CallableTokenizer
 
     vq = VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8)      # LlamaGen's own code
     vq.load_state_dict(torch.load("vq_ds16_c2i.pt")["model"]); vq.eval()
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import CortexError
+from cortex.utils import CortexError
 
 KINDS = ("synthetic", "taming", "diffusers")
 
@@ -277,7 +277,7 @@ def as_tokenizer(obj) -> VQTokenizer:
     Net2NetTransformer or a diffusers VQModel."""
     if isinstance(obj, VQTokenizer):
         return obj
-    from .synthetic import SyntheticVQ
+    from cortex.synthetic import SyntheticVQ
 
     if isinstance(obj, SyntheticVQ):
         return SyntheticTokenizer(obj)
@@ -287,7 +287,7 @@ def as_tokenizer(obj) -> VQTokenizer:
     if hasattr(vq, "quantize") and hasattr(vq, "encoder") and hasattr(getattr(vq, "encoder"), "num_resolutions"):
         return TamingTokenizer(obj)
     raise CortexError(f"no tokenizer adapter for {type(obj).__module__}.{type(obj).__name__}; wrap it with "
-                      f"cortex.tokenizers.CallableTokenizer(codebook, encode_fn, decode_fn, grid, image_size)")
+                      f"cortex.data.tokenizers.CallableTokenizer(codebook, encode_fn, decode_fn, grid, image_size)")
 
 
 def load_diffusers_vq(folder, device="cpu"):
@@ -322,7 +322,7 @@ def load_tokenizer(kind: str, config=None, ckpt=None, device="cpu") -> VQTokeniz
         if not config or not ckpt:
             raise CortexError("--tokenizer taming needs the VQGAN YAML (--tokenizer_config or --vqgan_config) and "
                               "its checkpoint (--vqgan_ckpt)")
-        from .taming_compat import load_taming_model
+        from cortex.taming_compat import load_taming_model
 
         return TamingTokenizer(load_taming_model(config, ckpt, device))
     if kind == "diffusers":
@@ -330,7 +330,7 @@ def load_tokenizer(kind: str, config=None, ckpt=None, device="cpu") -> VQTokeniz
             raise CortexError("--tokenizer diffusers needs --tokenizer_config <folder written by VQModel.save_pretrained>")
         return DiffusersTokenizer(load_diffusers_vq(config, device), name=Path(config).name or "diffusers")
     if kind == "synthetic":
-        from .synthetic import load_vq
+        from cortex.synthetic import load_vq
 
         path = Path(config) if config else None
         if path is not None and path.is_dir():
