@@ -19,7 +19,7 @@ test/ .npy files or codebook.npy only with --layout compact, images/, dataset_in
 synthetic_vq.pt), and datasets/doctor_original/information/results_none.csv (filename,indices,gender,color)
 with neutral_info.json; the neutral pictures go to datasets/doctor_original/images/ (not with --no_images).
 
---source images encodes folders of generated pictures with a taming VQGAN (cortex.real_data): --image_dir with
+--source images encodes folders of generated pictures with a taming VQGAN (cortex.data.real_data): --image_dir with
 one sub-folder per label (sorted names -> 0, 1), --neutral_image_dir for the neutral-prompt set.
 """
 import argparse
@@ -74,7 +74,7 @@ def synthetic_parser():
 
 
 def get_args_parser():
-    from cortex.real_data import add_real_source_args
+    from cortex.data.real_data import add_real_source_args
 
     p = make_parser("Generate the bias datasets (DALL-E-mini)", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,7 +212,7 @@ IMAGES_NOT_DATA = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir
 
 def generate_images(args, bias_types) -> dict:
     """--source images: encode labelled pictures of one bias type and/or the neutral-prompt pictures."""
-    from cortex import real_data
+    from cortex.data import real_data
     from cortex.utils import get_device
 
     if len(bias_types) != 1:

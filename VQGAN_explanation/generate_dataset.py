@@ -60,7 +60,7 @@ def synthetic_parser():
 
 
 def get_args_parser():
-    from cortex.real_data import add_real_source_args
+    from cortex.data.real_data import add_real_source_args
 
     p = make_parser("Generate a token-embedding dataset (VQGAN)",
                     parents=[synthetic_parser(), paths_parser(__file__), runtime_parser()],
@@ -108,7 +108,7 @@ def main(args):
         if args.source == "synthetic":
             info = generate_synthetic(args, build)
         else:
-            from cortex.real_data import generate_real
+            from cortex.data.real_data import generate_real
             from cortex.utils import get_device
 
             info = generate_real(args, build, get_device(args.device, args.gpu))

@@ -80,7 +80,7 @@ def pics(tmp_path_factory):
 
 
 def _images(pics):
-    from cortex.real_data import load_image
+    from cortex.data.real_data import load_image
 
     return torch.stack([load_image(p, 32) for p in sorted(pics.rglob("*.png"))])  # (6, 3, 32, 32)
 
@@ -208,7 +208,7 @@ def _check_dataset(data_dir: Path, tok, pics):
     n = 0
     for split in ("train", "test"):
         for r in read_split(data_dir, split):
-            from cortex.real_data import load_image
+            from cortex.data.real_data import load_image
 
             ids = tok.encode(load_image(src[r.filename], 32)[None])[0]
             assert np.array_equal(ids.reshape(-1).numpy(), r.ids)

@@ -112,7 +112,7 @@ def run_compact(args, data_dir) -> Path:
     if args.vqgan_ckpt or args.vqgan_config:
         if not (args.vqgan_ckpt and args.vqgan_config):
             raise CortexError("--vqgan_config and --vqgan_ckpt go together (the taming VQGAN that made the data)")
-        from cortex.real_data import codebook_of
+        from cortex.data.real_data import codebook_of
         from cortex.taming_compat import load_taming_model
 
         reference = codebook_of(load_taming_model(args.vqgan_config, args.vqgan_ckpt, "cpu"))

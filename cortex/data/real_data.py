@@ -4,7 +4,7 @@ encoding of image folders, written in the authors' layout through :class:`cortex
 Design: the writer needs the codebook when it is built, so loading and generating are two calls and
 the model is loaded once::
 
-    from cortex import real_data
+    from cortex.data import real_data
     real_data.add_real_source_args(parser)                      # flags of both real sources
     ...
     model, codebook = real_data.load_vq_for_dataset(args, device)   # (taming model, (n_codes, 256) float32)
@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from cortex.data.formats import GRID, N_POS, canonical_split
-from .cli import float_in, nonneg_int, positive_float, positive_int
-from .utils import CortexError, atomic_write, format_list
+from cortex.cli import float_in, nonneg_int, positive_float, positive_int
+from cortex.utils import CortexError, atomic_write, format_list
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SOURCES = ("cin_transformer", "images")
@@ -226,7 +226,7 @@ def load_vq_for_dataset(args, device):
     ``save_pretrained`` folder --tokenizer_config; with ``--tokenizer taming`` (default) the VQModel of
     --vqgan_config (or --tokenizer_config) + --vqgan_ckpt, else the first stage of the transformer.
     """
-    from .taming_compat import load_taming_model
+    from cortex.taming_compat import load_taming_model
 
     source = getattr(args, "source", None)
     kind = _arg(args, "tokenizer", "taming")
