@@ -32,7 +32,7 @@ from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, non
 from cortex.data.formats import DatasetWriter
 from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
-from cortex.synthetic import save_vq, write_json, write_world
+from cortex.data.synthetic import save_vq, write_json, write_world
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "dalle"

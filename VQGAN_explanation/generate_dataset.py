@@ -22,7 +22,7 @@ from cortex.cli import int_in, make_parser, nonneg_int, paths_parser, positive_i
 from cortex.data.formats import DatasetWriter
 from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
-from cortex.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
+from cortex.data.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
 from cortex.data.tokenizers import SyntheticTokenizer
 from cortex.utils import CortexError, save_run_args, settings_line
 

@@ -2,7 +2,7 @@
 
 One world serves both bias types, as one generator (DALL-E-mini) serves both in the paper:
 
-* the codebook and background are those of :class:`cortex.synthetic.SyntheticWorld` (shared Zipf background
+* the codebook and background are those of :class:`cortex.data.synthetic.SyntheticWorld` (shared Zipf background
   pool, distractors), built with five extra disjoint token groups: ``doctor`` (the shared object, the same
   tokens whatever the labels), ``gender_0`` / ``gender_1`` (male / female) and ``color_0`` / ``color_1``
   (light / dark skin);
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from cortex.data.formats import GRID, N_POS
-from .synthetic import SyntheticWorld, WorldConfig, to_uint8
+from cortex.data.synthetic import SyntheticWorld, WorldConfig, to_uint8
 from .utils import CortexError, atomic_write, format_list
 
 # bias type -> (attribute, names of labels 0 and 1)
@@ -154,7 +154,7 @@ class BiasWorld:
         return ids
 
     def sampler(self, bias_type: str):
-        """``sampler(label, rng) -> ids`` for ``cortex.synthetic.write_world``: the label is the bias type's
+        """``sampler(label, rng) -> ids`` for ``cortex.data.synthetic.write_world``: the label is the bias type's
         attribute, the other attribute is drawn 50/50; with probability ``attribute_dropout`` the labelled
         attribute is not visible (same rate for both labels)."""
         attribute, _ = _attribute(bias_type)

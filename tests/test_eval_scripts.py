@@ -18,7 +18,7 @@ from cortex import explain as X
 from cortex.data.formats import read_split
 from cortex.models import build_model, save_iem
 from cortex.paths import ExperimentPaths
-from cortex.synthetic import load_vq
+from cortex.data.synthetic import load_vq
 from cortex.utils import CortexError, format_list
 from tests.helpers import LinearIEM, run_script, write_frequency_baseline, write_sectioned_stats
 

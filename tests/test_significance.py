@@ -285,7 +285,7 @@ def test_tis_analysis_writes_significance(hand_world):
 # ----------------------------------------------------------------------------- 16.2 null labels and their report
 
 def test_null_classes_in_synthetic_world(tmp_path):
-    from cortex.synthetic import SyntheticWorld, WorldConfig
+    from cortex.data.synthetic import SyntheticWorld, WorldConfig
 
     w = SyntheticWorld.build(WorldConfig(num_classes=2, null_classes=2, n_codes=96, concept_tokens=3,
                                          n_background=16, n_distractors=4))

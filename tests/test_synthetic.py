@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cortex.data.formats import read_split
-from cortex.synthetic import SyntheticWorld, WorldConfig, load_vq
+from cortex.data.synthetic import SyntheticWorld, WorldConfig, load_vq
 from tests.conftest import TINY_WORLD
 from tests.helpers import run_script
 

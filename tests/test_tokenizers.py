@@ -271,7 +271,7 @@ def _write_stats(results_dir: Path, label: int, tokens: list[int]) -> Path:
 
 def test_token_gallery_synthetic(tiny_root, tmp_path):
     from cortex.gallery import build_gallery
-    from cortex.synthetic import load_vq
+    from cortex.data.synthetic import load_vq
 
     data_dir = tiny_root / "datasets"
     planted = json.loads((data_dir / "ground_truth.json").read_text())["concept_tokens"]["1"]

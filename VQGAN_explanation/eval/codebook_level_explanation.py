@@ -112,7 +112,7 @@ def load_vq(args, paths, device):
     use_taming = args.vq == "taming" or (args.vq == "auto" and (args.vqgan_config or args.vqgan_ckpt
                                                                  or not synthetic.exists()))
     if not use_taming:
-        from cortex.synthetic import load_vq as load_synthetic
+        from cortex.data.synthetic import load_vq as load_synthetic
 
         print(f"VQ decoder: the synthetic world's ({synthetic})")
         return load_synthetic(synthetic, device)

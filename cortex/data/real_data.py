@@ -35,7 +35,7 @@ folder instead of a writer builds the writer with ``args.layout`` and closes it 
 Token ids are row-major (``p = row*16 + col``); only 16x16 grids with 256-d codes fit the layout.
 
 Every model argument (``model``) may be a taming ``VQModel`` / ``Net2NetTransformer``, a diffusers ``VQModel``,
-a :class:`~cortex.synthetic.SyntheticVQ` or any :class:`cortex.data.tokenizers.VQTokenizer`: encoding and decoding
+a :class:`~cortex.data.synthetic.SyntheticVQ` or any :class:`cortex.data.tokenizers.VQTokenizer`: encoding and decoding
 go through :func:`cortex.data.tokenizers.as_tokenizer`. ``--source images --tokenizer diffusers --tokenizer_config
 <save_pretrained folder>`` encodes a folder with a diffusers ``VQModel``; ``dataset_info.json`` records the
 tokenizer (``tokenizer``, ``code_dim``, ``grid_size``, ``patch_size``, ``tokenizer_config``).

@@ -8,7 +8,7 @@ A VQ tokenizer turns an image into an ``h x w`` grid of token ids, each an index
   :class:`TamingTokenizer`, loaded from ``(config.yaml, last.ckpt)`` by :func:`load_tokenizer`;
 * diffusers ``VQModel`` (aMUSEd, Kandinsky; codebook ``quantize.embedding.weight``): :class:`DiffusersTokenizer`,
   loaded from a folder written by ``VQModel.save_pretrained`` (never downloaded);
-* the embedded synthetic world (:class:`cortex.synthetic.SyntheticVQ`): :class:`SyntheticTokenizer`;
+* the embedded synthetic world (:class:`cortex.data.synthetic.SyntheticVQ`): :class:`SyntheticTokenizer`;
 * anything else in a few lines: :class:`CallableTokenizer`.
 
 Conventions (all adapters): images are ``(B, 3, H, W)`` floats in ``[-1, 1]``; ids are ``(B, h, w)`` int64,
@@ -185,7 +185,7 @@ class CallableTokenizer(VQTokenizer):
 
 
 class SyntheticTokenizer(VQTokenizer):
-    """The embedded synthetic world's :class:`~cortex.synthetic.SyntheticVQ` (16x16 grid, 256-d codes)."""
+    """The embedded synthetic world's :class:`~cortex.data.synthetic.SyntheticVQ` (16x16 grid, 256-d codes)."""
 
     kind = "synthetic"
 
@@ -277,7 +277,7 @@ def as_tokenizer(obj) -> VQTokenizer:
     Net2NetTransformer or a diffusers VQModel."""
     if isinstance(obj, VQTokenizer):
         return obj
-    from cortex.synthetic import SyntheticVQ
+    from cortex.data.synthetic import SyntheticVQ
 
     if isinstance(obj, SyntheticVQ):
         return SyntheticTokenizer(obj)
@@ -330,7 +330,7 @@ def load_tokenizer(kind: str, config=None, ckpt=None, device="cpu") -> VQTokeniz
             raise CortexError("--tokenizer diffusers needs --tokenizer_config <folder written by VQModel.save_pretrained>")
         return DiffusersTokenizer(load_diffusers_vq(config, device), name=Path(config).name or "diffusers")
     if kind == "synthetic":
-        from cortex.synthetic import load_vq
+        from cortex.data.synthetic import load_vq
 
         path = Path(config) if config else None
         if path is not None and path.is_dir():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cortex.data.formats import EMB_DIM, GRID, N_POS, ids_to_embedding, embedding_to_ids
-from .utils import CortexError, atomic_torch_save, atomic_write
+from cortex.utils import CortexError, atomic_torch_save, atomic_write
 
 
 # ----------------------------------------------------------------------------- the toy VQ model
