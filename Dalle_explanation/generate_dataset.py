@@ -7,7 +7,7 @@
         --image_dir pictures/doctor_gender --neutral_image_dir pictures/doctor_none \
         --vqgan_config vqgan_imagenet_f16_16384/configs/model.yaml --vqgan_ckpt vqgan_imagenet_f16_16384/checkpoints/last.ckpt
 
-Synthetic (the default, no download; see cortex/bias_world.py): one world for both bias types. Every image is a
+Synthetic (the default, no download; see cortex/data/bias_world.py): one world for both bias types. Every image is a
 "doctor" object (shared tokens) with a gender square (male/female tokens) and a skin-colour square (light/dark
 tokens) on the shared background. ``doctor_gender`` labels images 0 male / 1 female (colour drawn 50/50),
 ``doctor_color`` 0 light / 1 dark (gender drawn 50/50). The neutral-prompt set is shared: each image has both
@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cortex.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
+from cortex.data.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
 from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, nonneg_float, nonneg_int,
                         paths_parser, positive_int, run_main, runtime_parser)
 from cortex.data.formats import DatasetWriter

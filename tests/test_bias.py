@@ -1,4 +1,4 @@
-"""cortex.bias (Cliff's delta, detection, figure) and cortex.bias_world (the planted bias)."""
+"""cortex.bias (Cliff's delta, detection, figure) and cortex.data.bias_world (the planted bias)."""
 import csv
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cortex import bias as B
-from cortex.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
+from cortex.data.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
 from cortex.utils import CortexError
 
 SMALL = BiasWorldConfig(n_codes=160, attribute_tokens=6, doctor_tokens=8, n_background=24, n_distractors=8)

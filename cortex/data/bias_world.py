@@ -39,7 +39,7 @@ import torch
 
 from cortex.data.formats import GRID, N_POS
 from cortex.data.synthetic import SyntheticWorld, WorldConfig, to_uint8
-from .utils import CortexError, atomic_write, format_list
+from cortex.utils import CortexError, atomic_write, format_list
 
 # bias type -> (attribute, names of labels 0 and 1)
 ATTRIBUTES = {"doctor_gender": ("gender", ("male", "female")), "doctor_color": ("color", ("light", "dark"))}
