@@ -126,7 +126,7 @@ def test_generate_dataset_from_pictures(tmp_path):
 
     from cortex.bias import read_neutral_set
     from cortex.data.formats import read_split
-    from cortex.taming_compat import import_taming
+    from cortex.data.taming_compat import import_taming
     from tests.test_taming import vq_params, write_yaml
 
     import_taming()

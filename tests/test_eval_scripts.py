@@ -240,7 +240,7 @@ def test_codebook_level_taming_vqgan(world, tmp_path):
     pytest.importorskip("taming")
     from omegaconf import OmegaConf
 
-    from cortex.taming_compat import import_taming
+    from cortex.data.taming_compat import import_taming
     from tests.helpers import load_script
 
     import_taming()

@@ -49,7 +49,7 @@ def taming_files(tmp_path_factory):
     """A tiny taming VQModel (f2: 32 px -> 16x16, 256-d codes) as YAML + Lightning-style checkpoint."""
     from omegaconf import OmegaConf
 
-    from cortex.taming_compat import instantiate_from_config
+    from cortex.data.taming_compat import instantiate_from_config
 
     d = tmp_path_factory.mktemp("taming")
     params = {"embed_dim": 256, "n_embed": N_CODES, "lossconfig": {"target": "torch.nn.Identity"},

@@ -116,7 +116,7 @@ def load_vq(args, paths, device):
 
         print(f"VQ decoder: the synthetic world's ({synthetic})")
         return load_synthetic(synthetic, device)
-    from cortex.taming_compat import load_taming_model
+    from cortex.data.taming_compat import load_taming_model
 
     config = args.vqgan_config or str(Path(VQGAN_directory) / "configs" / "model.yaml")
     ckpt = args.vqgan_ckpt or str(Path(VQGAN_directory) / "checkpoints" / "last.ckpt")

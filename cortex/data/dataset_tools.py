@@ -113,7 +113,7 @@ def run_compact(args, data_dir) -> Path:
         if not (args.vqgan_ckpt and args.vqgan_config):
             raise CortexError("--vqgan_config and --vqgan_ckpt go together (the taming VQGAN that made the data)")
         from cortex.data.real_data import codebook_of
-        from cortex.taming_compat import load_taming_model
+        from cortex.data.taming_compat import load_taming_model
 
         reference = codebook_of(load_taming_model(args.vqgan_config, args.vqgan_ckpt, "cpu"))
     cb, seen, max_dev = codebook_from_files(data_dir, args.n_codes, reference, args.tolerance,

@@ -226,7 +226,7 @@ def load_vq_for_dataset(args, device):
     ``save_pretrained`` folder --tokenizer_config; with ``--tokenizer taming`` (default) the VQModel of
     --vqgan_config (or --tokenizer_config) + --vqgan_ckpt, else the first stage of the transformer.
     """
-    from cortex.taming_compat import load_taming_model
+    from cortex.data.taming_compat import load_taming_model
 
     source = getattr(args, "source", None)
     kind = _arg(args, "tokenizer", "taming")

@@ -322,7 +322,7 @@ def load_tokenizer(kind: str, config=None, ckpt=None, device="cpu") -> VQTokeniz
         if not config or not ckpt:
             raise CortexError("--tokenizer taming needs the VQGAN YAML (--tokenizer_config or --vqgan_config) and "
                               "its checkpoint (--vqgan_ckpt)")
-        from cortex.taming_compat import load_taming_model
+        from cortex.data.taming_compat import load_taming_model
 
         return TamingTokenizer(load_taming_model(config, ckpt, device))
     if kind == "diffusers":

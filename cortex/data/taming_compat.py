@@ -20,7 +20,7 @@ the authors' absolute paths): the one checkpoint given loads every sub-model.
 
 ``DistanceVQModel`` (also ``VQGAN_explanation/new_vqgan.py``'s ``VQModel``) is a taming ``VQModel``
 whose ``encode`` also returns the quantiser's squared distances to every code. It is created on
-first access (module ``__getattr__``), so ``target: cortex.taming_compat.DistanceVQModel`` works in a
+first access (module ``__getattr__``), so ``target: cortex.data.taming_compat.DistanceVQModel`` works in a
 config and importing this module stays free.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import types
 from pathlib import Path
 
-from .utils import CortexError
+from cortex.utils import CortexError
 
 _APPLIED = False
 _DISTANCE_CLS = None
