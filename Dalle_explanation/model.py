@@ -1,11 +1,12 @@
-"""The IEMs of Dalle_explanation under the seed's names (SPEC §4); the architectures live in ``cortex.models``.
+"""The IEMs of Dalle_explanation under the seed's names (SPEC §4); the architectures live in ``cortex.iem``.
 
 ``ClassificationNet1`` VGG-like (= VQGAN Net1), ``ClassificationNet2`` ResNet-SE (= VQGAN Net3),
 ``ClassificationNet3`` post-LN transformer attending across positions. Input ``(B, 256, 16, 16)``,
 output ``(B, num_classes)`` logits (2 bias attributes by default).
 """
-from cortex.models import (MODEL_IDS, PostLNTransformer, ResSENet, VGGNet, build_model,  # noqa: F401
-                           identify_architecture, load_iem, save_iem)
+from cortex.iem.architectures import PostLNTransformer, ResSENet, VGGNet  # noqa: F401
+from cortex.iem.checkpoints import load_iem, save_iem  # noqa: F401
+from cortex.iem.registry import MODEL_IDS, build_model, identify_architecture  # noqa: F401
 
 EXPERIMENT = "dalle"
 NUM_CLASSES = 2

@@ -1,10 +1,11 @@
-"""The IEMs of VQGAN_explanation under the seed's names (SPEC §4); the architectures live in ``cortex.models``.
+"""The IEMs of VQGAN_explanation under the seed's names (SPEC §4); the architectures live in ``cortex.iem``.
 
 ``ClassificationNet1`` VGG-like, ``ClassificationNet2`` VGG-like + conv3, ``ClassificationNet3`` ResNet-SE,
 ``ClassificationNet4`` ViT with BatchNorm. Input ``(B, 256, 16, 16)``, output ``(B, num_classes)`` logits.
 """
-from cortex.models import (MODEL_IDS, ResSENet, VGGNet, ViTBN, build_model, identify_architecture,  # noqa: F401
-                           load_iem, save_iem)
+from cortex.iem.architectures import ResSENet, VGGNet, ViTBN  # noqa: F401
+from cortex.iem.checkpoints import load_iem, save_iem  # noqa: F401
+from cortex.iem.registry import MODEL_IDS, build_model, identify_architecture  # noqa: F401
 
 EXPERIMENT = "vqgan"
 NUM_CLASSES = 1000

@@ -124,7 +124,7 @@ def bench_lower_bound(args):
     """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
     from cortex.attribution import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
         copies_for_budget
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -203,7 +203,7 @@ def bench_compute_tis(args):
     (noise drawn beforehand). The ratio shows the per-batch costs outside ``smoothgrad`` that the
     pipelining of ``compute_tis`` (next batch queued before the rows of the previous one are written) hides.
     """
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
     from cortex.tis import TISConfig, compute_tis
 
     device = torch.device(args.device)
@@ -244,7 +244,7 @@ def bench_compute_tis(args):
 
 
 def bench_smoothgrad(args):
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads) if args.threads else None

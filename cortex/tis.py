@@ -920,7 +920,7 @@ def run_tis(args, experiment: str) -> dict:
     Uses ``args`` from ``paths_parser``, ``runtime_parser``, ``model_parser`` and ``tis_parser``.
     """
     from cortex.data.formats import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
-    from .models import load_iem
+    from cortex.iem.checkpoints import load_iem
     from .paths import ExperimentPaths
     from .provenance import check_checkpoint
     from .utils import get_device, require_file, save_run_args, seed_everything

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cortex.data.formats import EmbeddingDataset, resolve_num_classes
-from .models import UNFINISHED_MARKER, build_model, load_iem, save_iem
+from cortex.iem.checkpoints import UNFINISHED_MARKER, load_iem, save_iem
+from cortex.iem.registry import build_model
 from .cli import make_parser, nonneg_float, positive_float, positive_int
 from .utils import CortexError, Interrupted, atomic_write, folder_writer_lock, save_run_args, warn_no_cuda
 
@@ -196,7 +197,7 @@ def check_resume_settings(old_args_path: Path, args) -> None:
 
 
 def mark_unfinished(model_dir: Path, epochs: int, epochs_done: int | None) -> None:
-    """Write ``<model_dir>/training_unfinished.json`` (``cortex.models.UNFINISHED_MARKER``): while it exists,
+    """Write ``<model_dir>/training_unfinished.json`` (``cortex.iem.checkpoints.UNFINISHED_MARKER``): while it exists,
     ``load_iem`` refuses the folder's model.pth / best_model.pth. Rank 0 only; removed when the last epoch is
     saved."""
     from .utils import is_primary_process

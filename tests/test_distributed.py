@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex.models import load_iem
+from cortex.iem.checkpoints import load_iem
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "VQGAN_explanation"

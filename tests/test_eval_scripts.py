@@ -16,7 +16,8 @@ from torch import nn
 from cortex import evaluators as E
 from cortex import explain as X
 from cortex.data.formats import read_split
-from cortex.models import build_model, save_iem
+from cortex.iem.checkpoints import save_iem
+from cortex.iem.registry import build_model
 from cortex.paths import ExperimentPaths
 from cortex.data.synthetic import load_vq
 from cortex.utils import CortexError, format_list

@@ -18,7 +18,8 @@ from PIL import Image
 
 from cortex import evaluators as E
 from cortex.data.formats import (EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split)
-from cortex.models import MODEL_IDS, build_model, load_iem, save_iem
+from cortex.iem.checkpoints import load_iem, save_iem
+from cortex.iem.registry import MODEL_IDS, build_model
 from cortex.paths import ExperimentPaths
 from cortex.data.tokenizers import load_tokenizer
 from cortex.utils import CortexError

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.models import UNFINISHED_MARKER
+from cortex.iem.checkpoints import UNFINISHED_MARKER
 from cortex.utils import CortexError, atomic_torch_save, try_lock, unlock
 from tests.helpers import run_script
 from tests.test_train_integrity import _compact_copy

@@ -296,7 +296,7 @@ def test_memory_budget_maps_to_copies():
 # ----------------------------------------------------------------------------- 17.3 --fast
 
 def test_batchnorm_folding_is_exact_in_eval_mode():
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     torch.manual_seed(0)
     for m in (1, 3):

@@ -366,7 +366,7 @@ def test_csv_with_bom_header(tiny_root, tmp_path):
 # ----------------------------------------------------------------------------- 13.11 dropout as the authors
 
 def test_dropout_probabilities_as_the_authors():
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     vit = build_model("vqgan", 4, 3, width=16, depth=2)
     ps = [m.p for m in vit.modules() if isinstance(m, torch.nn.Dropout)]

@@ -148,7 +148,7 @@ def select_images(records, pairs, per_label):
 
 def main(args):
     from cortex.data.formats import dataset_geometry
-    from cortex.models import load_iem
+    from cortex.iem.checkpoints import load_iem
     from cortex.provenance import verify, write_output_record
 
     # inputs first (dataset, IEM, VQ decoder), evaluators (maybe a download) last

@@ -155,7 +155,7 @@ def plot_randomisation(rows: list[dict], out: Path, title: str) -> Path:
 
 def main(args):
     from cortex.data.formats import EmbeddingDataset
-    from cortex.models import load_iem
+    from cortex.iem.checkpoints import load_iem
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     used = verify(paths, args.model, split=args.split)  # the IEM was trained on this dataset (cortex.provenance)
