@@ -13,7 +13,7 @@ from cortex.cli import (bias_parser, data_parser, make_parser, model_parser, pat
                         runtime_parser)
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.training import test_iem, write_csv_row
+from cortex.iem.training import test_iem, write_csv_row
 from cortex.utils import save_run_args
 
 EXPERIMENT = "dalle"

@@ -10,7 +10,7 @@ import argparse
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.training import test_iem, topk_line, write_csv_row
+from cortex.iem.training import test_iem, topk_line, write_csv_row
 from cortex.utils import save_run_args
 
 EXPERIMENT = "vqgan"

@@ -12,7 +12,7 @@ import argparse
 
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
 from cortex.paths import ExperimentPaths
-from cortex.training import train_iem, train_parser
+from cortex.iem.training import train_iem, train_parser
 
 EXPERIMENT = "vqgan"
 

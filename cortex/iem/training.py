@@ -31,8 +31,8 @@ from tqdm import tqdm
 from cortex.data.formats import EmbeddingDataset, resolve_num_classes
 from cortex.iem.checkpoints import UNFINISHED_MARKER, load_iem, save_iem
 from cortex.iem.registry import build_model
-from .cli import make_parser, nonneg_float, positive_float, positive_int
-from .utils import CortexError, Interrupted, atomic_write, folder_writer_lock, save_run_args, warn_no_cuda
+from cortex.cli import make_parser, nonneg_float, positive_float, positive_int
+from cortex.utils import CortexError, Interrupted, atomic_write, folder_writer_lock, save_run_args, warn_no_cuda
 
 # experiment -> (paper defaults, default number of classes)
 TRAIN_DEFAULTS = {
@@ -200,7 +200,7 @@ def mark_unfinished(model_dir: Path, epochs: int, epochs_done: int | None) -> No
     """Write ``<model_dir>/training_unfinished.json`` (``cortex.iem.checkpoints.UNFINISHED_MARKER``): while it exists,
     ``load_iem`` refuses the folder's model.pth / best_model.pth. Rank 0 only; removed when the last epoch is
     saved."""
-    from .utils import is_primary_process
+    from cortex.utils import is_primary_process
 
     if not is_primary_process():
         return
@@ -272,7 +272,7 @@ def read_training_log(path) -> dict[str, list[float]]:
 def plot_loss_curves(log_path, out_path, title: str = "") -> Path:
     """``loss_curves.png`` from a training log: train and validation loss (left axis) and validation accuracy
     (right axis, percent) per epoch. Matplotlib Agg; the PNG is written atomically. Returns ``out_path``."""
-    from .plots import _plt, _save
+    from cortex.plots import _plt, _save
 
     h = read_training_log(log_path)
     plt = _plt()
@@ -554,7 +554,7 @@ def train_iem(args, paths, experiment: str) -> dict:
     Returns ``{'best', 'last', 'log', 'curves', 'metrics'}`` paths. A fresh run refuses to replace a trained IEM
     without ``--overwrite``; a resumed one refuses other training settings (``check_resume_settings``).
     """
-    from .provenance import dataset_hashes
+    from cortex.provenance import dataset_hashes
 
     pl = _lightning()
     if args.resume and getattr(args, "overwrite", False):
@@ -676,8 +676,8 @@ def write_csv_row(path, header: list[str], row: list) -> None:
 def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10), used: dict | None = None) -> dict:
     """Top-k accuracies (percent) of best_model.pth on the test split, after checking that the checkpoint was
     trained on this dataset (``cortex.provenance.verify``); ``used`` is filled with the ids of the inputs."""
-    from .provenance import verify
-    from .utils import get_device
+    from cortex.provenance import verify
+    from cortex.utils import get_device
 
     (used if used is not None else {}).update(verify(paths, args.model, split="test"))
     device = get_device(args.device, args.gpu)
