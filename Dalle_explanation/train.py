@@ -14,6 +14,7 @@ Adam (weight decay 1e-4), StepLR(5, 0.1), cross-entropy; the work is done by cor
 import argparse
 
 from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.iem.training import train_iem, train_parser
 
@@ -23,7 +24,7 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     return make_parser(
         "Train an IEM (DALL-E-mini bias)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[model_parser((1, 2, 3)), bias_parser(), train_parser(EXPERIMENT), paths_parser(__file__), runtime_parser(),
+        parents=[model_parser(model_choices("dalle")), bias_parser(), train_parser(EXPERIMENT), paths_parser(__file__), runtime_parser(),
                  data_parser()])
 
 

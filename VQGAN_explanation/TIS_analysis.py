@@ -20,6 +20,7 @@ source.json records the TIS run (cortex.stats.check_statistics_current).
 import argparse
 
 from cortex.cli import make_parser, paths_parser, run_main
+from cortex.iem.registry import model_choices
 from cortex.significance import add_significance_args, run_tis_analysis
 from cortex.stats import analysis_parser
 
@@ -29,7 +30,7 @@ EXPERIMENT = "vqgan"
 def get_args_parser():
     p = make_parser("TIS_analysis", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[analysis_parser((1, 2, 3, 4)), paths_parser(__file__)])
+                    parents=[analysis_parser(model_choices("vqgan")), paths_parser(__file__)])
     add_significance_args(p)
     return p
 

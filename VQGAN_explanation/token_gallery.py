@@ -18,6 +18,7 @@ import argparse
 
 from cortex.attribution import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 from cortex.paths import PAPER_ATTRIBUTION, ExperimentPaths
 from cortex.provenance import verify
 from cortex.utils import CortexError, get_device, save_run_args
@@ -30,7 +31,7 @@ def get_args_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     parents=[paths_parser(__file__), runtime_parser()])
     g = p.add_argument_group("gallery")
-    g.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True,
+    g.add_argument("--model", type=int, choices=model_choices("vqgan"), required=True,
                    help="IEM whose TIS statistics name the concept tokens: ClassificationNet{m}")
     g.add_argument("--label", type=nonneg_int, nargs="+", default=None,
                    help="label(s) to draw (default: every label with a TIS statistics file)")

@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortex.attribution import image_seed, noise_scale, reduce_channels, smoothgrad, standard_noise  # noqa: E402
+from cortex.iem.registry import model_choices  # noqa: E402
 from cortex.stats import TOP_NS, label_statistics  # noqa: E402
 from cortex.tis import read_tis_file  # noqa: E402
 from cortex.utils import format_list  # noqa: E402
@@ -340,7 +341,7 @@ def bench_parsing(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser("bench_tis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=int, default=1, choices=(1, 2, 3, 4))
+    p.add_argument("--model", type=int, default=1, choices=model_choices("vqgan"))
     p.add_argument("--width", type=int, default=512, help="IEM width (paper: 512)")
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=25, help="seed-loop comparison: as the seed README's example")

@@ -220,8 +220,9 @@ def merge_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_parser(model_choices=(1, 2, 3, 4), default_model: int | None = None) -> argparse.ArgumentParser:
-    """Which IEM, its width, and the number of classes."""
+def model_parser(model_choices, default_model: int | None = None) -> argparse.ArgumentParser:
+    """Which IEM (``--model`` among ``model_choices``: ``cortex.iem.registry.model_choices(experiment)``),
+    its width, and the number of classes."""
     p = make_parser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", type=int, choices=model_choices, default=default_model,

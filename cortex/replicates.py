@@ -36,6 +36,7 @@ import math
 from pathlib import Path
 
 from .utils import CortexError, atomic_write
+from cortex.iem.registry import model_choices
 
 REPLICATES_DIR = "replicates"
 BIAS_ROBUSTNESS_HEADER = ["label", "direction", "runs", "runs_same_sign", "runs_ci_excludes_0", "delta_mean",
@@ -306,11 +307,11 @@ def get_args_parser(script=None, up: int = 0, experiment: str = "vqgan"):
                    help="experiment folder holding the seed folders (default: %(default)s)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=None,
                    help="seeds to compare (default: 0 and every results/replicates/seed_<s> found)")
-    p.add_argument("--model", type=int, choices=(1, 2, 3, 4), default=1, help="IEM ClassificationNet{m} (default: 1)")
+    p.add_argument("--model", type=int, choices=model_choices("vqgan"), default=1, help="IEM ClassificationNet{m} (default: 1)")
     p.add_argument("--attribution", default="smoothgrad", help="whose TIS statistics (default: %(default)s)")
     p.add_argument("--top_n", type=position_int, default=5, help="section 'Top n Tokens' (default: %(default)s)")
     p.add_argument("--k", type=positive_int, default=10, help="tokens per label compared (default: %(default)s)")
-    p.add_argument("--across_models", type=int, choices=(1, 2, 3, 4), nargs="+", default=None,
+    p.add_argument("--across_models", type=int, choices=model_choices("vqgan"), nargs="+", default=None,
                    help="also compare the tokens of these IEMs (e.g. 1 2 3 4) with each other, per seed")
     return add_message_flags(p)
 

@@ -49,6 +49,7 @@ from cortex.explain import (CODEBOOK_COLUMNS, PAPER_LABELS, SCORE_KEYS, best_row
                             codebook_pairs, default_region, eval_setup, optimize_embedding, optimize_tokens,
                             region_positions,
                             score_trace, warn_if_near_chance, write_rows)
+from cortex.iem.registry import model_choices  # noqa: E402
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
 
@@ -61,7 +62,7 @@ PER_IMAGE_COLUMNS = ["filename", "label", "target", "evaluator", "best_step", "i
 def get_args_parser():
     p = make_parser("codebook_level_explanation", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[model_parser((1, 2, 3, 4)), paths_parser(__file__, up=1),
+                    parents=[model_parser(model_choices("vqgan")), paths_parser(__file__, up=1),
                                          runtime_parser(), evaluator_parser()])
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimization_type", choices=("token", "embedding"), default="token",

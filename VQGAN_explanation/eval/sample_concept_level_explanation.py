@@ -33,6 +33,7 @@ from cortex.evaluators import evaluator_parser
 from cortex.explain import (CONCEPT_COLUMNS, PAIRED_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, concept_level,
                             concept_paired_stats, eval_setup, evaluated_labels, load_images, output_suffix,
                             paired_stats_path, warn_if_near_chance, write_rows)
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
 from cortex.stats import _short, read_frequency_baseline, read_stats_section
@@ -49,7 +50,7 @@ def get_args_parser():
                     parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser(),
                              label_subset_parser("evaluate the labels that have statistics and a frequency baseline "
                                                  "even if others lack them (prints what is skipped); default: refuse")])
-    p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS statistics are used")
+    p.add_argument("--model", type=int, choices=model_choices("vqgan"), required=True, help="IEM whose TIS statistics are used")
     p.add_argument("--top_n", type=position_int, default=20, help="section 'Top {top_n} Tokens' of the statistics (default: 20)")
     p.add_argument("--token_num", type=positive_int, default=100, help="concept / baseline tokens per label (default: 100)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",

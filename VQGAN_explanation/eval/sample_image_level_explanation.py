@@ -34,6 +34,7 @@ from cortex.evaluators import evaluator_parser
 from cortex.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COLUMNS, check_eval_dataset, eval_setup,
                             evaluated_labels, load_images, output_suffix, records_by_label, sample_level,
                             warn_if_near_chance, write_rows)
+from cortex.iem.registry import model_choices
 from cortex.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
 from cortex.provenance import verify, write_output_record
 from cortex.stats import check_tis_inputs, split_label_counts
@@ -49,7 +50,7 @@ def get_args_parser():
                     parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser(),
                              label_subset_parser("evaluate the labels whose TIS are complete even if others are "
                                                  "missing or partial (prints what is skipped); default: refuse")])
-    p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS are evaluated")
+    p.add_argument("--model", type=int, choices=model_choices("vqgan"), required=True, help="IEM whose TIS are evaluated")
     p.add_argument("--num_tokens", type=position_int, nargs="+", default=list(DEFAULT_NS),
                    help="numbers n of top TIS / random positions (default: 5 10 ... 50)")
     p.add_argument("--data_type", default="test", choices=("test", "train"),

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from cortex.iem.architectures import EMBED_DIM, GRID, PAPER_WIDTH
-from cortex.iem.registry import (DEFAULT_DEPTH, DEFAULT_NUM_CLASSES, EXPERIMENTS, FOLDERS, _check_experiment,
-                                 _check_model_id, build_model, identify_architecture, infer_hparams)
+from cortex.iem.registry import (DEFAULT_NUM_CLASSES, EXPERIMENTS, FOLDERS, _check_experiment, _check_model_id,
+                                 build_model, default_depth, identify_architecture, infer_hparams)
 from cortex.utils import CortexError, atomic_torch_save, atomic_write
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -189,7 +189,7 @@ def load_iem(path, experiment: str, model_id: int, num_classes: int | None = Non
     config = _read_config(path, experiment, model_id)
     inferred = infer_hparams(sd, experiment, model_id)
     defaults = {"num_classes": DEFAULT_NUM_CLASSES[experiment], "width": PAPER_WIDTH,
-                "depth": DEFAULT_DEPTH.get((experiment, model_id)), **_GEOMETRY}
+                "depth": default_depth(experiment, model_id), **_GEOMETRY}
     hp, source = {}, {}
     for k in given:
         for src, table in (("argument", given), ("config.json", config), ("checkpoint shapes", inferred),
