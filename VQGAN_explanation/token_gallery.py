@@ -18,6 +18,7 @@ import argparse
 
 from cortex.attribution import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
+from cortex.data.tokenizers import tokenizer_for_dataset, tokenizer_kinds
 from cortex.iem.registry import model_choices
 from cortex.paths import PAPER_ATTRIBUTION, ExperimentPaths
 from cortex.provenance import verify
@@ -47,7 +48,7 @@ def get_args_parser():
                    help="images the patches are cut from (default: %(default)s, the split the statistics count)")
     g.add_argument("--attribution", default=PAPER_ATTRIBUTION, choices=sorted(ATTRIBUTIONS),
                    help="which TIS statistics (default: %(default)s, the paper's)")
-    g.add_argument("--tokenizer", default="auto", choices=("auto", "synthetic", "taming", "diffusers"),
+    g.add_argument("--tokenizer", default="auto", choices=("auto", *tokenizer_kinds()),
                    help="tokenizer that decodes the tokens (default: the dataset's, from dataset_info.json)")
     g.add_argument("--tokenizer_config", default=None,
                    help="taming: the VQGAN YAML; diffusers: the VQModel.save_pretrained folder; synthetic: "
@@ -60,7 +61,6 @@ def main(args):
     from cortex.gallery import build_gallery, draw_gallery
     from cortex.plots import class_name, class_names_of
     from cortex.stats import label_files
-    from cortex.data.tokenizers import tokenizer_for_dataset
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     stats_dir = paths.stats_dir(args.model, args.attribution)

@@ -49,14 +49,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-from cortex.data.formats import GRID, N_POS, canonical_split
 from cortex.cli import float_in, nonneg_int, positive_float, positive_int
+from cortex.data.formats import GRID, N_POS, DatasetWriter, canonical_split, square_grid
+from cortex.data.taming_compat import load_taming_model
+from cortex.data.tokenizers import as_tokenizer, load_tokenizer, tokenizer_kinds
 from cortex.utils import CortexError, atomic_write, format_list
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SOURCES = ("cin_transformer", "images")
-TOKENIZERS = ("taming", "diffusers")  # --tokenizer of --source images
 
 
 # ----------------------------------------------------------------------------- flags
@@ -68,9 +72,10 @@ def add_real_source_args(parser: argparse.ArgumentParser):
                    help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
     g.add_argument("--vqgan_ckpt", default=None,
                    help="its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
-    g.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+    g.add_argument("--tokenizer", choices=tokenizer_kinds(images_only=True), default=None,
                    help="images: which VQ tokenizer encodes the folder: taming (a VQGAN YAML + checkpoint, the "
-                        "default) or diffusers (a VQModel folder written by save_pretrained, e.g. aMUSEd's vqvae)")
+                        "default), diffusers (a VQModel folder written by save_pretrained, e.g. aMUSEd's vqvae) or "
+                        "another registered kind (cortex.data.tokenizers.TOKENIZERS)")
     g.add_argument("--tokenizer_config", default=None,
                    help="images: --tokenizer diffusers: the save_pretrained folder (config.json + weights; nothing is "
                         "downloaded); --tokenizer taming: the VQGAN YAML (same as --vqgan_config, with --vqgan_ckpt)")
@@ -183,27 +188,20 @@ def first_stage(model):
     return getattr(model, "first_stage_model", model)
 
 
-def tokenizer_of(model):
-    """The :class:`cortex.data.tokenizers.VQTokenizer` of a taming / diffusers / synthetic model (or the tokenizer)."""
-    from cortex.data.tokenizers import as_tokenizer
-
-    return as_tokenizer(model)
-
-
 def codebook_of(model) -> np.ndarray:
     """(n_codes, D) float32 codebook of the model's quantiser (any tokenizer adapter; D = 256 for taming's VQGAN)."""
-    cb = tokenizer_of(model).codebook.detach().float().cpu().numpy()
+    cb = as_tokenizer(model).codebook.detach().float().cpu().numpy()
     return np.ascontiguousarray(cb)
 
 
 def model_resolution(model) -> int:
     """The tokenizer's training resolution (taming: encoder.resolution; diffusers: config.sample_size)."""
-    return int(tokenizer_of(model).image_size[0])
+    return int(as_tokenizer(model).image_size[0])
 
 
 def grid_at(model, resolution: int | None = None) -> tuple[int, int]:
     """The token grid (h, w) of a square ``resolution`` px image (default: the model's resolution)."""
-    tok = tokenizer_of(model)
+    tok = as_tokenizer(model)
     return tok.grid_at(resolution or tok.image_size[0])
 
 
@@ -212,7 +210,7 @@ def _check_grid(model, resolution: int | None = None, what: str = "") -> tuple[i
     h, w = grid_at(model, resolution)
     if h < 1 or w < 1:
         res = resolution or model_resolution(model)
-        ph, pw = tokenizer_of(model).patch_size
+        ph, pw = as_tokenizer(model).patch_size
         raise CortexError(f"{what}at {res} px this tokenizer gives a {h}x{w} token grid; use --resolution of at "
                           f"least {max(ph, pw)} px (one {ph}x{pw} px token)")
     return h, w
@@ -226,12 +224,10 @@ def load_vq_for_dataset(args, device):
     ``save_pretrained`` folder --tokenizer_config; with ``--tokenizer taming`` (default) the VQModel of
     --vqgan_config (or --tokenizer_config) + --vqgan_ckpt, else the first stage of the transformer.
     """
-    from cortex.data.taming_compat import load_taming_model
-
     source = getattr(args, "source", None)
     kind = _arg(args, "tokenizer", "taming")
-    if kind not in TOKENIZERS:
-        raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(TOKENIZERS)}")
+    if kind not in tokenizer_kinds(images_only=True):
+        raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(tokenizer_kinds(images_only=True))}")
     if source == "cin_transformer":
         if kind != "taming":
             raise CortexError("--source cin_transformer samples with taming's transformer; --tokenizer must be taming")
@@ -241,10 +237,8 @@ def load_vq_for_dataset(args, device):
         model = load_taming_model(args.transformer_config, args.transformer_ckpt, device)
         if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
             raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
-    elif source == "images" and kind == "diffusers":
-        from cortex.data.tokenizers import load_tokenizer
-
-        model = load_tokenizer("diffusers", _arg(args, "tokenizer_config"), device=device)
+    elif source == "images" and kind != "taming":   # diffusers or another registered tokenizer
+        model = load_tokenizer(kind, _arg(args, "tokenizer_config"), device=device)
     elif source == "images":
         vq_config = _arg(args, "vqgan_config") or _arg(args, "tokenizer_config")
         if vq_config and getattr(args, "vqgan_ckpt", None):
@@ -265,7 +259,7 @@ def load_vq_for_dataset(args, device):
 def encode_ids(model, x):
     """x (B, 3, R, R) in [-1, 1] -> token ids (B, h*w) int64, row-major (any tokenizer adapter; 256 for the
     paper's VQGAN at 256 px)."""
-    ids = tokenizer_of(model).encode(x)  # (B, h, w)
+    ids = as_tokenizer(model).encode(x)  # (B, h, w)
     b, h, w = ids.shape
     return ids.reshape(b, h * w)
 
@@ -274,16 +268,14 @@ def decode_ids(model, ids, grid=None):
     """ids (B, h*w) -> images (B, 3, H, W) in about [-1, 1] (any tokenizer adapter).
 
     grid: (h, w); default the square grid of ``ids.shape[1]`` (16 x 16 for 256 ids)."""
-    from cortex.data.formats import square_grid
-
     h, w = square_grid(ids.shape[1]) if grid is None else grid
-    return tokenizer_of(model).decode(ids.reshape(ids.shape[0], h, w))
+    return as_tokenizer(model).decode(ids.reshape(ids.shape[0], h, w))
 
 
 def to_uint8(x) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return x.to(dtype=torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def sample_class_conditional(model, labels, top_k=600, top_p=0.92, temperature=1.0, callback=None):
@@ -292,8 +284,7 @@ def sample_class_conditional(model, labels, top_k=600, top_p=0.92, temperature=1
     labels: (B,) class ids (LongTensor on the model's device) -> ids (B, 256) in raster order.
     Uses the global torch RNG: seed it before calling.
     """
-    import torch
-    from taming.modules.transformer.mingpt import sample_with_past
+    from taming.modules.transformer.mingpt import sample_with_past  # taming: optional, imported on use
 
     if getattr(model, "be_unconditional", False):
         raise CortexError("the transformer is unconditional; --source cin_transformer needs a class-conditional one")
@@ -322,8 +313,6 @@ def _check_transformer(model, classes) -> None:
 
 
 def generate_cin(args, writer, device, model) -> dict:
-    import torch
-    from tqdm import tqdm
 
     grid = _check_grid(model)
     if grid != (GRID, GRID):
@@ -387,7 +376,7 @@ def _base_info(model, source, args, grid=(GRID, GRID)) -> dict:
     """dataset_info.json fields shared by the real sources, with the tokenizer's geometry (``tokenizer``,
     ``code_dim``, ``grid_size`` [h, w] of the encoded images, ``patch_size``; ``tokenizer_config`` for
     ``--tokenizer diffusers``)."""
-    tok = tokenizer_of(model)
+    tok = as_tokenizer(model)
     h, w = grid
     info = {
         "source": source,
@@ -458,8 +447,6 @@ def list_labelled_images(image_dir, labels_csv=None):
 
 def load_image(path, resolution: int):
     """Picture -> (3, R, R) float tensor in [-1, 1]: shorter side resized to R (bicubic), center crop."""
-    import torch
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -516,8 +503,6 @@ def _write_sources(data_dir: Path, plan, image_dir) -> None:
 
 
 def generate_images(args, writer, device, model) -> dict:
-    import torch
-    from tqdm import tqdm
 
     resolution = int(_arg(args, "resolution", 0)) or model_resolution(model)
     grid = _check_grid(model, resolution, "--resolution: ")
@@ -577,10 +562,6 @@ def generate_real(args, writer, device, model=None) -> dict:
     with the info. model: from :func:`load_vq_for_dataset` (loaded here when None). Resumable: files in
     ``writer.done(split)`` are skipped.
     """
-    import torch
-
-    from cortex.data.formats import DatasetWriter
-
     device = torch.device(device)
     source = getattr(args, "source", None)
     if source not in SOURCES:
@@ -606,7 +587,6 @@ def generate_real(args, writer, device, model=None) -> dict:
 
 def build_real_dataset(args, data_dir, layout: str, device) -> dict:
     """load_vq_for_dataset + DatasetWriter + generate_real + close; returns the info dict."""
-    from cortex.data.formats import DatasetWriter
 
     model, codebook = load_vq_for_dataset(args, device)
     writer = DatasetWriter(data_dir, codebook, layout)
@@ -620,8 +600,6 @@ def encode_neutral_set(args, out_csv, model, device, image_dir=None) -> Path:
     (filename relative to the folder, indices a quoted list of 256 ids): the DALL-E-mini neutral-prompt set
     ``datasets/doctor_original/information/results_none.csv``. image_dir: default --neutral_image_dir,
     else --image_dir. Resolution and batch size from --resolution / --batch_size."""
-    import torch
-    from tqdm import tqdm
 
     folder = image_dir or _arg(args, "neutral_image_dir") or _arg(args, "image_dir")
     if not folder or not Path(folder).is_dir():
