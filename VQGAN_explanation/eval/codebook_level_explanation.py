@@ -42,7 +42,7 @@ import torch
 # configs/model.yaml and checkpoints/last.ckpt as downloaded (see docs/real_vqgan_data.md).
 VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 
-from cortex.cli import (make_parser, model_parser, nonneg_int, paths_parser, positive_float,
+from cortex.cli import (add_vqgan_args, make_parser, model_parser, nonneg_int, paths_parser, positive_float,
                         positive_int, run_main, runtime_parser)  # noqa: E402
 from cortex.data.tokenizers import load_tokenizer, tokenizer_kinds  # noqa: E402
 from cortex.evaluators import evaluator_parser  # noqa: E402
@@ -98,8 +98,8 @@ def get_args_parser():
     g.add_argument("--tokenizer_config", default=None,
                    help="--vq diffusers (or another registered kind): the VQModel.save_pretrained folder (the "
                         "tokenizer's files) the dataset was encoded with")
-    g.add_argument("--vqgan_config", default=None, help="taming VQGAN YAML (default: <VQGAN_directory>/configs/model.yaml)")
-    g.add_argument("--vqgan_ckpt", default=None, help="taming VQGAN checkpoint (default: <VQGAN_directory>/checkpoints/last.ckpt)")
+    add_vqgan_args(g, "taming VQGAN YAML (default: <VQGAN_directory>/configs/model.yaml)",
+                   "taming VQGAN checkpoint (default: <VQGAN_directory>/checkpoints/last.ckpt)")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs and images only")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     return p

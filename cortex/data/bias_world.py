@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cortex.data.formats import GRID, N_POS
-from cortex.data.synthetic import SyntheticWorld, WorldConfig, to_uint8
+from cortex.data.formats import GRID, N_POS, to_uint8
+from cortex.data.synthetic import SyntheticWorld, WorldConfig
 from cortex.utils import CortexError, atomic_write, format_list
 
 # bias type -> (attribute, names of labels 0 and 1)

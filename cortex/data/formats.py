@@ -9,7 +9,7 @@ Two layouts give identical tensors:
 
 CSV rows look like ``0_12.npy,0,"[5, 16383, ...]"`` and are read with the csv module.
 
-Other tokenizers (issue 15): a dataset of an ``h x w`` grid of ``D``-d codes records ``grid_size`` [h, w] and
+Other tokenizers: a dataset of an ``h x w`` grid of ``D``-d codes records ``grid_size`` [h, w] and
 ``code_dim`` D in ``dataset_info.json`` (:func:`dataset_geometry`); its rows then hold ``h*w`` ids and its
 embeddings are ``(D, h, w)``. Without those keys (the authors' data) the geometry is the paper's 16 x 16 x 256.
 """
@@ -452,6 +452,12 @@ def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
     except OSError as e:
         print(f"note: could not write {path} ({e}); using the token indices read from {csv_path.name}")
     return cache
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded (what the dataset's PNGs hold)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_path(data_dir, filename: str) -> Path:

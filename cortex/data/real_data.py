@@ -53,8 +53,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cortex.cli import float_in, nonneg_int, positive_float, positive_int
-from cortex.data.formats import GRID, N_POS, DatasetWriter, canonical_split, square_grid
+from cortex.cli import add_vqgan_args, float_in, nonneg_int, positive_float, positive_int
+from cortex.data.formats import GRID, N_POS, DatasetWriter, canonical_split, square_grid, to_uint8
 from cortex.data.taming_compat import load_taming_model
 from cortex.data.tokenizers import as_tokenizer, load_tokenizer, tokenizer_kinds
 from cortex.utils import CortexError, atomic_write, format_list
@@ -68,10 +68,8 @@ SOURCES = ("cin_transformer", "images")
 def add_real_source_args(parser: argparse.ArgumentParser):
     """Add the flags of ``--source cin_transformer`` and ``--source images`` to ``parser``."""
     g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see docs/real_vqgan_data.md")
-    g.add_argument("--vqgan_config", default=None,
-                   help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
-    g.add_argument("--vqgan_ckpt", default=None,
-                   help="its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
+    add_vqgan_args(g, "taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml",
+                   "its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
     g.add_argument("--tokenizer", choices=tokenizer_kinds(images_only=True), default=None,
                    help="images: which VQ tokenizer encodes the folder: taming (a VQGAN YAML + checkpoint, the "
                         "default), diffusers (a VQModel folder written by save_pretrained, e.g. aMUSEd's vqvae) or "
@@ -270,12 +268,6 @@ def decode_ids(model, ids, grid=None):
     grid: (h, w); default the square grid of ``ids.shape[1]`` (16 x 16 for 256 ids)."""
     h, w = square_grid(ids.shape[1]) if grid is None else grid
     return as_tokenizer(model).decode(ids.reshape(ids.shape[0], h, w))
-
-
-def to_uint8(x) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(dtype=torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def sample_class_conditional(model, labels, top_k=600, top_p=0.92, temperature=1.0, callback=None):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cortex.data.formats import EMB_DIM, GRID, N_POS, ids_to_embedding, embedding_to_ids
+from cortex.data.formats import EMB_DIM, GRID, N_POS, embedding_to_ids, ids_to_embedding, to_uint8
 from cortex.utils import CortexError, atomic_torch_save, atomic_write
 
 
@@ -252,12 +252,6 @@ def render_patches(hue, sat, val, P: int, rng: np.random.Generator) -> torch.Ten
     tex = np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy) + phase)  # (n, P, P)
     img = rgb[:, :, None, None] * (0.8 + 0.2 * tex[:, None])  # (n, 3, P, P) in [0, 1]
     return torch.from_numpy(np.clip(img, 0, 1) * 2 - 1).float()
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def write_world(data_dir, writer, world: SyntheticWorld, vq: SyntheticVQ, counts: dict, seed: int,

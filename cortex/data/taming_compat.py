@@ -31,7 +31,7 @@ import sys
 import types
 from pathlib import Path
 
-from cortex.utils import CortexError
+from cortex.utils import CortexError, torch_load_checkpoint
 
 _APPLIED = False
 _DISTANCE_CLS = None
@@ -188,28 +188,6 @@ def prepare_config_for_inference(cfg, keep_loss: bool = False):
     return cfg
 
 
-def _torch_load(path: Path):
-    import torch
-
-    def unreadable(e):
-        return CortexError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                           f"is the download complete?")
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        if "weights only load failed" not in str(e).lower():
-            raise unreadable(e) from e
-    # Lightning 1.x checkpoints (the official taming ones) pickle callback classes next to the weights;
-    # they load only with the full unpickler. The user chose this file to run it.
-    print(f"note: {path.name} holds more than tensors (a Lightning 1.x checkpoint); loading it with "
-          f"torch.load(weights_only=False). Load only checkpoints from a source you trust.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise unreadable(e) from e
-
-
 def read_state_dict(ckpt_path) -> dict:
     """The state dict inside a Lightning checkpoint (``state_dict``) or a plain state dict file."""
     import torch
@@ -219,7 +197,7 @@ def read_state_dict(ckpt_path) -> dict:
         raise CortexError(f"checkpoint not found: {path}. Download it as docs/real_vqgan_data.md says "
                           f"(e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt) or fix --vqgan_ckpt / "
                           f"--transformer_ckpt.")
-    obj = _torch_load(path)
+    obj = torch_load_checkpoint(path, "cpu", hint="is the download complete?", note_full_unpickle=True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and not any(

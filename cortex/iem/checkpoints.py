@@ -5,7 +5,6 @@ paper defaults) and loads it strictly, with errors that say what to do.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from cortex.iem.architectures import EMBED_DIM, GRID, PAPER_WIDTH
 from cortex.iem.registry import (DEFAULT_NUM_CLASSES, EXPERIMENTS, FOLDERS, _check_experiment, _check_model_id,
                                  build_model, default_depth, identify_architecture, infer_hparams)
-from cortex.utils import CortexError, atomic_torch_save, atomic_write
+from cortex.utils import CortexError, atomic_torch_save, atomic_write, torch_load_checkpoint
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
@@ -123,21 +122,6 @@ def _read_config(path: Path, experiment: str, model_id: int) -> dict:
     return cfg
 
 
-def _torch_load(path: Path, map_location):
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CortexError(f"{path}: cannot read the checkpoint ({e}); is it a torch .pth file?") from None
-    # Lightning checkpoints may pickle hyper-parameters (e.g. an argparse Namespace); the file is
-    # the user's own checkpoint, so fall back to a full unpickle.
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable checkpoint"
-        raise CortexError(f"{path}: cannot read the checkpoint ({e}); is it a torch .pth file?") from None
-
-
 # written by train.py beside model.pth / best_model.pth while a run is unfinished (removed when its last epoch
 # is saved): a run killed, stopped by SIGTERM or failed keeps it, and load_iem refuses its checkpoints
 UNFINISHED_MARKER = "training_unfinished.json"
@@ -172,7 +156,7 @@ def load_iem(path, experiment: str, model_id: int, num_classes: int | None = Non
     if not path.is_file():
         raise CortexError(f"checkpoint not found: {path}; train it first with train.py --model {model_id}")
     check_training_finished(path, model_id)
-    sd = unwrap_state_dict(_torch_load(path, map_location), where=str(path))
+    sd = unwrap_state_dict(torch_load_checkpoint(path, map_location), where=str(path))
 
     found = identify_architecture(sd, experiment)
     if found is None:
