@@ -14,7 +14,7 @@ from cortex.cli import (bias_parser, data_parser, make_parser, model_parser, pat
 from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.iem.training import test_iem, write_csv_row
+from cortex.iem.testing import test_iem, write_csv_row
 from cortex.utils import save_run_args
 
 EXPERIMENT = "dalle"

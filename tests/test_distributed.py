@@ -175,7 +175,7 @@ def test_killed_run_resumes(data_dir, tmp_path):
 
 
 def test_trim_training_log(tmp_path):
-    from cortex.iem.training import trim_training_log
+    from cortex.iem.run_files import trim_training_log
 
     p = tmp_path / "training_log_20250101_0000.txt"
     p.write_text("Epoch [1/3], Training Loss: 1.0000\nValidation Loss: 1.0000, Accuracy: 10.00%\n"

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from cortex.data.formats import GRID, N_POS, to_uint8
 from cortex.data.synthetic import SyntheticWorld, WorldConfig
@@ -239,8 +241,6 @@ def write_neutral_set(csv_path, world: BiasWorld, vq, n_images: int, gender_rati
     gender/color are the true attributes of each image (0/1; bias detection reads only ``indices``).
     image_dir: where the decoded PNGs go (``<image_dir>/<filename>``), None for none. Returns the info dict.
     """
-    from tqdm import tqdm
-
     if n_images < 1:
         raise CortexError(f"--neutral_images {n_images}: need at least one neutral-prompt image")
     seed = world.config.seed
@@ -252,8 +252,6 @@ def write_neutral_set(csv_path, world: BiasWorld, vq, n_images: int, gender_rati
         ids = world.sample(rng, int(gender[i]), int(color[i]))
         name = f"none_{i}.png"
         if image_dir is not None:
-            from PIL import Image
-
             img = to_uint8(vq.decode_ids(torch.from_numpy(ids)[None]))[0]
             out = Path(image_dir) / name
             out.parent.mkdir(parents=True, exist_ok=True)

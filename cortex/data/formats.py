@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from cortex.utils import CortexError, atomic_save_npy, atomic_write, format_list, generator_command, parse_int_list
@@ -412,7 +413,7 @@ def token_indices_path(data_dir, split: str) -> Path:
 def write_token_indices(data_dir, split: str, cache: dict) -> Path:
     """Write ``{split}_token_indices.pkl`` (the authors' format) and, beside it, ``.pkl.source.json``: the
     sha256 of the pickle and of the CSV it was built from (:func:`load_token_indices` trusts only those)."""
-    from cortex.provenance import file_sha256
+    from cortex.provenance import file_sha256  # provenance reads datasets itself: importing it at the top is a cycle
 
     path = token_indices_path(data_dir, split)
     with atomic_write(path, "wb") as f:
@@ -429,7 +430,7 @@ def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
     the sha256 of the pickle and of the CSV it was built from, and both must equal the files' now (an edited
     pickle, an edited, regenerated or merged CSV, or a pickle with no record -- the authors' download -- is
     rebuilt; kept in memory only when the folder is read-only)."""
-    from cortex.provenance import file_sha256
+    from cortex.provenance import file_sha256  # provenance reads datasets itself: importing it at the top is a cycle
 
     split = canonical_split(split)
     path = token_indices_path(data_dir, split)
@@ -513,8 +514,6 @@ class DatasetWriter:
             emb = self.codebook[ids].T.reshape(self.codebook.shape[1], h, w)  # (D, h, w)
             atomic_save_npy(split_npy_dir(self.data_dir, split) / filename, np.ascontiguousarray(emb))
         if image is not None:
-            from PIL import Image
-
             out = image_path(self.data_dir, filename)
             out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(out, "wb") as f:

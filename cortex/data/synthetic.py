@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from cortex.data.formats import EMB_DIM, GRID, N_POS, embedding_to_ids, ids_to_embedding, to_uint8
 from cortex.utils import CortexError, atomic_torch_save, atomic_write
@@ -261,8 +262,6 @@ def write_world(data_dir, writer, world: SyntheticWorld, vq: SyntheticVQ, counts
     sampler(label, rng) -> ids overrides ``world.sample``. Each image's rng is seeded by
     (seed, label, index), so the data do not depend on the order or on resuming.
     """
-    from tqdm import tqdm
-
     sampler = sampler or world.sample
     jobs = []
     for y in range(world.config.total_classes):

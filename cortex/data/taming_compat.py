@@ -31,6 +31,9 @@ import sys
 import types
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from cortex.utils import CortexError, torch_load_checkpoint
 
 _APPLIED = False
@@ -51,9 +54,6 @@ def top_k_top_p_filtering(logits, top_k: int | None = 0, top_p: float | None = 1
     logits: (B, vocab). ``top_k`` None/0 and ``top_p`` None/1.0 switch the filter off. Returns a new
     tensor (the old function also wrote into ``logits``; mingpt only uses the return value).
     """
-    import torch
-    import torch.nn.functional as F
-
     top_k = int(top_k or 0)
     top_p = 1.0 if top_p is None else float(top_p)
     if top_k > 0:
@@ -190,8 +190,6 @@ def prepare_config_for_inference(cfg, keep_loss: bool = False):
 
 def read_state_dict(ckpt_path) -> dict:
     """The state dict inside a Lightning checkpoint (``state_dict``) or a plain state dict file."""
-    import torch
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise CortexError(f"checkpoint not found: {path}. Download it as docs/real_vqgan_data.md says "
@@ -263,8 +261,6 @@ def load_taming_model(config_path, ckpt_path=None, device="cpu", keep_loss: bool
     initialisation (for tests and timing). Every nested ``ckpt_path`` of the config is dropped and every
     ``lossconfig`` becomes ``torch.nn.Identity`` (unless ``keep_loss``), so one file loads everything.
     """
-    import torch
-
     import_taming()
     cfg = prepare_config_for_inference(load_config(config_path), keep_loss=keep_loss)
     sd = read_state_dict(ckpt_path) if ckpt_path is not None else None  # check the file before building
@@ -290,8 +286,7 @@ def vq_distances(quantize, h):
     h: (B, C, H, W) pre-quantisation features -> (B, H*W, n_codes), row-major positions; argmin over the
     last axis equals the quantiser's indices (same formula, same order of operations).
     """
-    import torch
-    from einops import rearrange
+    from einops import rearrange  # a taming dependency, imported with it
 
     z = rearrange(h, "b c h w -> b h w c").contiguous()
     zf = z.view(-1, quantize.e_dim)

@@ -53,6 +53,7 @@ import torch
 
 from cortex.data.formats import GRID, dataset_info
 from cortex.data.synthetic import SyntheticVQ, load_vq
+from cortex.data.taming_compat import load_taming_model
 from cortex.utils import CortexError
 
 
@@ -351,8 +352,6 @@ def _load_taming(config, ckpt, device) -> VQTokenizer:
     if not config or not ckpt:
         raise CortexError("--tokenizer taming needs the VQGAN YAML (--tokenizer_config or --vqgan_config) and "
                           "its checkpoint (--vqgan_ckpt)")
-    from cortex.data.taming_compat import load_taming_model  # taming (an optional dependency) is imported on use
-
     return TamingTokenizer(load_taming_model(config, ckpt, device))
 
 
