@@ -6,7 +6,6 @@ seed's import path: ``from dataset import EmbeddingDataset``. Data of a bias typ
 """
 from cortex.bias import read_neutral_set  # noqa: F401
 from cortex.data.formats import (  # noqa: F401
-    DatasetWriter,
     EmbeddingDataset,
     Record,
     TokenLookup,
@@ -16,3 +15,4 @@ from cortex.data.formats import (  # noqa: F401
     load_token_indices,
     read_split,
 )
+from cortex.data.writer import DatasetWriter  # noqa: F401

@@ -29,7 +29,7 @@ from pathlib import Path
 from cortex.data.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
 from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, nonneg_float, nonneg_int,
                         paths_parser, positive_int, run_main, runtime_parser)
-from cortex.data.formats import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.data.synthetic import save_vq, write_json, write_world

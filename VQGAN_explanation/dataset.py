@@ -4,7 +4,6 @@ The readers live once in ``cortex.data.formats`` (shared with ``Dalle_explanatio
 seed's import path: ``from dataset import EmbeddingDataset``.
 """
 from cortex.data.formats import (  # noqa: F401
-    DatasetWriter,
     EmbeddingDataset,
     Record,
     TokenLookup,
@@ -14,3 +13,4 @@ from cortex.data.formats import (  # noqa: F401
     load_token_indices,
     read_split,
 )
+from cortex.data.writer import DatasetWriter  # noqa: F401

@@ -19,7 +19,7 @@ import argparse
 import json
 
 from cortex.cli import int_in, make_parser, nonneg_int, paths_parser, positive_int, run_main, runtime_parser
-from cortex.data.formats import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
 from cortex.data.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cortex.data.formats import DatasetWriter, EmbeddingDataset
+from cortex.data.formats import EmbeddingDataset
+from cortex.data.writer import DatasetWriter
 from cortex.utils import get_device
 
 

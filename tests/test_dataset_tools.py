@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.data.formats import DatasetWriter, EmbeddingDataset, image_path, load_codebook, read_split
+from cortex.data.formats import EmbeddingDataset, image_path, load_codebook, read_split
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError
 from tests.helpers import run_script
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cortex import evaluators as E
-from cortex.data.formats import (EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split)
+from cortex.data.formats import EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split
 from cortex.iem.checkpoints import load_iem, save_iem
 from cortex.iem.registry import MODEL_IDS, build_model
 from cortex.paths import ExperimentPaths

@@ -8,7 +8,7 @@ from scipy import stats as ss
 
 from cortex import bias as B
 from cortex import significance as G
-from cortex.data.formats import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
 

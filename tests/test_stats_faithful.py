@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cortex import stats as S
-from cortex.data.formats import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.tis import read_tis_file
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script

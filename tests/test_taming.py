@@ -18,7 +18,8 @@ from PIL import Image
 pytest.importorskip("taming")
 
 from cortex.data import real_data  # noqa: E402
-from cortex.data.formats import DatasetWriter, EmbeddingDataset, image_path, load_codebook, read_split  # noqa: E402
+from cortex.data.formats import EmbeddingDataset, image_path, load_codebook, read_split  # noqa: E402
+from cortex.data.writer import DatasetWriter  # noqa: E402
 from cortex.data.taming_compat import import_taming, load_taming_model, top_k_top_p_filtering  # noqa: E402
 from cortex.utils import CortexError  # noqa: E402
 from tests.helpers import run_script  # noqa: E402

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.data.formats import DatasetWriter, EmbeddingDataset, load_token_indices, read_split
+from cortex.data.formats import EmbeddingDataset, load_token_indices, read_split
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError
 from tests.conftest import TINY_WORLD
 from tests.helpers import run_script

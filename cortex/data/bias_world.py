@@ -39,7 +39,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cortex.data.formats import GRID, N_POS, to_uint8
+from cortex.data.formats import GRID, N_POS
+from cortex.data.writer import to_uint8
 from cortex.data.synthetic import SyntheticWorld, WorldConfig
 from cortex.utils import CortexError, atomic_write, format_list
 

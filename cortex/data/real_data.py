@@ -54,7 +54,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from cortex.cli import add_vqgan_args, float_in, nonneg_int, positive_float, positive_int
-from cortex.data.formats import GRID, N_POS, DatasetWriter, canonical_split, square_grid, to_uint8
+from cortex.data.formats import GRID, N_POS, canonical_split, square_grid
+from cortex.data.writer import DatasetWriter, to_uint8
 from cortex.data.taming_compat import load_taming_model
 from cortex.data.tokenizers import as_tokenizer, load_tokenizer, tokenizer_kinds
 from cortex.utils import CortexError, atomic_write, format_list

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cortex.data.formats import EMB_DIM, GRID, N_POS, embedding_to_ids, ids_to_embedding, to_uint8
+from cortex.data.formats import EMB_DIM, GRID, N_POS, embedding_to_ids, ids_to_embedding
+from cortex.data.writer import to_uint8
 from cortex.utils import CortexError, atomic_torch_save, atomic_write
 
 
