@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from cortex.data.tokenizers import (TOKENIZERS, TokenizerEntry, VQTokenizer, load_tokenizer, register_tokenizer,
-                                    tokenizer_kinds, unregister_tokenizer)
+                                    tokenizer_for_dataset, tokenizer_kinds, unregister_tokenizer)
 from cortex.iem.checkpoints import load_iem
 from cortex.iem.registry import (IEMEntry, StateDictSignature, build_model, identify_architecture, model_choices,
                                  register_iem, unregister_iem)
@@ -143,6 +143,7 @@ def test_toy_tokenizer_and_iem_through_train_tis_and_statistics(world):
     info = json.loads((paths.data_dir / "dataset_info.json").read_text())
     assert info["tokenizer"] == "toy" and info["grid_size"] == [SIDE, SIDE] and info["code_dim"] == 8
     tok = load_tokenizer("toy", world["toy_file"])
+    assert isinstance(tokenizer_for_dataset(paths.data_dir), PaletteTokenizer)  # dataset_info.json names it
     assert torch.equal(tok.encode(tok.decode(torch.arange(64).reshape(1, 8, 8) % 8)),
                        torch.arange(64).reshape(1, 8, 8) % 8)  # the adapter round-trips
 

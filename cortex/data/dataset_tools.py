@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cortex.data.formats import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
                                  load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir,
                                  write_token_indices)
-from cortex.data.real_data import codebook_of
+from cortex.data.real_common import codebook_of
 from cortex.data.taming_compat import load_taming_model
 from cortex.utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
 
