@@ -19,6 +19,7 @@ import argparse
 from cortex.analysis.statistics import analysis_parser
 from cortex.cli import bias_parser, make_parser, paths_parser, run_main
 from cortex.analysis.significance import add_significance_args, run_tis_analysis
+from cortex.iem.registry import model_choices
 
 EXPERIMENT = "dalle"
 
@@ -26,7 +27,7 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     p = make_parser("TIS_analysis (DALL-E-mini bias)", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[analysis_parser((1, 2, 3)), bias_parser(), paths_parser(__file__)])
+                    parents=[analysis_parser(model_choices("dalle")), bias_parser(), paths_parser(__file__)])
     add_significance_args(p)
     return p
 

@@ -12,6 +12,7 @@ import argparse
 
 from cortex.attribution.tis import run_tis, tis_parser
 from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 
 EXPERIMENT = "dalle"
 
@@ -19,7 +20,7 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     return make_parser(
         "TIS_computation (DALL-E-mini bias)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[paths_parser(__file__), runtime_parser(), data_parser(), model_parser((1, 2, 3)), bias_parser(),
+        parents=[paths_parser(__file__), runtime_parser(), data_parser(), model_parser(model_choices("dalle")), bias_parser(),
                  tis_parser(batch_size_default=10, data_type_default="train")])
 
 

@@ -29,6 +29,7 @@ from cortex.analysis.bias import run_bias_detection
 from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import (bias_parser, make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main,
                         seed_int)
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.utils import save_run_args
 
@@ -39,7 +40,7 @@ def get_args_parser():
     p = make_parser("Bias detection (DALL-E-mini)", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     parents=[bias_parser(), paths_parser(__file__)])
-    p.add_argument("--model", type=int, choices=(1, 2, 3), default=1, help="IEM ClassificationNet{m} (default: 1)")
+    p.add_argument("--model", type=int, choices=model_choices("dalle"), default=1, help="IEM ClassificationNet{m} (default: 1)")
     p.add_argument("--top_n", type=position_int, default=5, help="section 'Top n Tokens' of the TIS statistics (default: 5)")
     p.add_argument("--token_num", type=positive_int, default=10, help="tokens per label: the first k rows (default: 10)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",

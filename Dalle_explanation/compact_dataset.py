@@ -7,7 +7,7 @@ Same as VQGAN_explanation/compact_dataset.py, for datasets/<bias_type>/embedding
 import argparse
 
 from cortex.cli import bias_parser, compact_parser, make_parser, paths_parser, run_main
-from cortex.dataset_tools import run_compact
+from cortex.data.dataset_tools import run_compact
 from cortex.paths import ExperimentPaths
 
 EXPERIMENT = "dalle"

@@ -7,7 +7,7 @@
         --image_dir pictures/doctor_gender --neutral_image_dir pictures/doctor_none \
         --vqgan_config vqgan_imagenet_f16_16384/configs/model.yaml --vqgan_ckpt vqgan_imagenet_f16_16384/checkpoints/last.ckpt
 
-Synthetic (the default, no download; see cortex/bias_world.py): one world for both bias types. Every image is a
+Synthetic (the default, no download; see cortex/data/bias_world.py): one world for both bias types. Every image is a
 "doctor" object (shared tokens) with a gender square (male/female tokens) and a skin-colour square (light/dark
 tokens) on the shared background. ``doctor_gender`` labels images 0 male / 1 female (colour drawn 50/50),
 ``doctor_color`` 0 light / 1 dark (gender drawn 50/50). The neutral-prompt set is shared: each image has both
@@ -19,20 +19,20 @@ test/ .npy files or codebook.npy only with --layout compact, images/, dataset_in
 synthetic_vq.pt), and datasets/doctor_original/information/results_none.csv (filename,indices,gender,color)
 with neutral_info.json; the neutral pictures go to datasets/doctor_original/images/ (not with --no_images).
 
---source images encodes folders of generated pictures with a taming VQGAN (cortex.real_data): --image_dir with
+--source images encodes folders of generated pictures with a taming VQGAN (cortex.data.real_data): --image_dir with
 one sub-folder per label (sorted names -> 0, 1), --neutral_image_dir for the neutral-prompt set.
 """
 import argparse
 import json
 from pathlib import Path
 
-from cortex.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
+from cortex.data.bias_world import ATTRIBUTES, BiasWorld, BiasWorldConfig, write_neutral_set
 from cortex.cli import (BIAS_TYPES, float_in, fraction, int_in, make_parser, nonneg_float, nonneg_int,
                         paths_parser, positive_int, run_main, runtime_parser)
-from cortex.data import DatasetWriter
-from cortex.dataset_tools import holds_dataset, recover_staged, staged_dataset
+from cortex.data.writer import DatasetWriter
+from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
-from cortex.synthetic import save_vq, write_json, write_world
+from cortex.data.synthetic import save_vq, write_json, write_world
 from cortex.utils import CortexError, save_run_args
 
 EXPERIMENT = "dalle"
@@ -74,7 +74,7 @@ def synthetic_parser():
 
 
 def get_args_parser():
-    from cortex.real_data import add_real_source_args
+    from cortex.data.real_data import add_real_source_args
 
     p = make_parser("Generate the bias datasets (DALL-E-mini)", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,7 +212,7 @@ IMAGES_NOT_DATA = {"root", "data_dir", "checkpoint_dir", "results_dir", "log_dir
 
 def generate_images(args, bias_types) -> dict:
     """--source images: encode labelled pictures of one bias type and/or the neutral-prompt pictures."""
-    from cortex import real_data
+    from cortex.data import real_data
     from cortex.utils import get_device
 
     if len(bias_types) != 1:

@@ -1,35 +1,16 @@
-"""The IEMs of Dalle_explanation under the seed's names (SPEC §4); the architectures live in ``cortex.models``.
+"""The IEMs of Dalle_explanation under the seed's names (SPEC §4); the architectures live in ``cortex.iem``.
 
 ``ClassificationNet1`` VGG-like (= VQGAN Net1), ``ClassificationNet2`` ResNet-SE (= VQGAN Net3),
 ``ClassificationNet3`` post-LN transformer attending across positions. Input ``(B, 256, 16, 16)``,
 output ``(B, num_classes)`` logits (2 bias attributes by default).
 """
-from cortex.models import (MODEL_IDS, PostLNTransformer, ResSENet, VGGNet, build_model,  # noqa: F401
-                           identify_architecture, load_iem, save_iem)
+from cortex.iem.checkpoints import load_iem, save_iem  # noqa: F401
+from cortex.iem.registry import DEFAULT_NUM_CLASSES, MODEL_IDS, authors_class, build_model, identify_architecture  # noqa: F401,E501
 
 EXPERIMENT = "dalle"
-NUM_CLASSES = 2
+NUM_CLASSES = DEFAULT_NUM_CLASSES[EXPERIMENT]
 
-
-class ClassificationNet1(VGGNet):
-    """VGG-like, as VQGAN_explanation's ClassificationNet1 (SPEC §4)."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 512):
-        super().__init__(num_classes, width, variant=1)
-
-
-class ClassificationNet2(ResSENet):
-    """ResNet with squeeze-excitation, as VQGAN_explanation's ClassificationNet3 (SPEC §4)."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 512):
-        super().__init__(num_classes, width)
-
-
-class ClassificationNet3(PostLNTransformer):
-    """Post-LN transformer, 6 layers by default, fixed sinusoidal positions (SPEC §4 Dalle Net3)."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 512, depth: int = 6):
-        super().__init__(num_classes, width, depth)
-
-
-MODEL_CLASSES = {1: ClassificationNet1, 2: ClassificationNet2, 3: ClassificationNet3}
+# the authors' class names; each is its registry entry's architecture with the paper's defaults
+ClassificationNet1 = authors_class(EXPERIMENT, 1)
+ClassificationNet2 = authors_class(EXPERIMENT, 2)
+ClassificationNet3 = authors_class(EXPERIMENT, 3)

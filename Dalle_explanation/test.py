@@ -11,9 +11,10 @@ import argparse
 
 from cortex.cli import (bias_parser, data_parser, make_parser, model_parser, paths_parser, positive_int, run_main,
                         runtime_parser)
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.training import test_iem, write_csv_row
+from cortex.iem.testing import test_iem, write_csv_row
 from cortex.utils import save_run_args
 
 EXPERIMENT = "dalle"
@@ -22,7 +23,7 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     p = make_parser("Test an IEM (DALL-E-mini bias)", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[model_parser((1, 2, 3)), bias_parser(), paths_parser(__file__), runtime_parser(),
+                    parents=[model_parser(model_choices("dalle")), bias_parser(), paths_parser(__file__), runtime_parser(),
                                          data_parser()])
     p.add_argument("--batch_size", type=positive_int, default=256, help="test batch size (default: %(default)s)")
     return p

@@ -9,13 +9,14 @@ Data: datasets/{bias_type}/embeddings/. Writes checkpoints/{bias_type}/Classific
 {model.pth,best_model.pth,config.json,loss_curves.png,lightning/{last.ckpt,metrics.csv}} and
 logs/training_log_<YYYYmmdd_HHMM>.txt (the experiment's logs/, as the authors'; a second run in the same minute
 gets _2). A batch over a tenth of the training set is lowered (printed). Retraining a trained net needs --overwrite.
-Adam (weight decay 1e-4), StepLR(5, 0.1), cross-entropy; the work is done by cortex.training.train_iem.
+Adam (weight decay 1e-4), StepLR(5, 0.1), cross-entropy; the work is done by cortex.iem.training.train_iem.
 """
 import argparse
 
 from cortex.cli import bias_parser, data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
-from cortex.training import train_iem, train_parser
+from cortex.iem.training import train_iem, train_parser
 
 EXPERIMENT = "dalle"
 
@@ -23,7 +24,7 @@ EXPERIMENT = "dalle"
 def get_args_parser():
     return make_parser(
         "Train an IEM (DALL-E-mini bias)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[model_parser((1, 2, 3)), bias_parser(), train_parser(EXPERIMENT), paths_parser(__file__), runtime_parser(),
+        parents=[model_parser(model_choices("dalle")), bias_parser(), train_parser(EXPERIMENT), paths_parser(__file__), runtime_parser(),
                  data_parser()])
 
 

@@ -23,6 +23,7 @@ import argparse
 from cortex.analysis.statistics import analysis_parser
 from cortex.cli import make_parser, paths_parser, run_main
 from cortex.analysis.significance import add_significance_args, run_tis_analysis
+from cortex.iem.registry import model_choices
 
 EXPERIMENT = "vqgan"
 
@@ -30,7 +31,7 @@ EXPERIMENT = "vqgan"
 def get_args_parser():
     p = make_parser("TIS_analysis", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[analysis_parser((1, 2, 3, 4)), paths_parser(__file__)])
+                    parents=[analysis_parser(model_choices("vqgan")), paths_parser(__file__)])
     add_significance_args(p)
     return p
 

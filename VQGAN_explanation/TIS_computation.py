@@ -15,12 +15,13 @@ import argparse
 
 from cortex.attribution.tis import run_tis, tis_parser
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 
 
 def get_args_parser():
     return make_parser(
         "TIS_computation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[paths_parser(__file__), runtime_parser(), data_parser(), model_parser(), tis_parser(batch_size_default=25)])
+        parents=[paths_parser(__file__), runtime_parser(), data_parser(), model_parser(model_choices("vqgan")), tis_parser(batch_size_default=25)])
 
 
 def main(args):

@@ -9,7 +9,7 @@ and ship token ids instead of 256 KiB per image; the per-image files are left un
 import argparse
 
 from cortex.cli import compact_parser, make_parser, paths_parser, run_main
-from cortex.dataset_tools import run_compact
+from cortex.data.dataset_tools import run_compact
 from cortex.paths import ExperimentPaths
 
 EXPERIMENT = "vqgan"

@@ -1,10 +1,9 @@
 """Datasets of token-based embeddings (256 x 16 x 16), as the seed's ``dataset.py``.
 
-The readers live once in ``cortex.data`` (shared with ``Dalle_explanation``); this module keeps the
+The readers live once in ``cortex.data.formats`` (shared with ``Dalle_explanation``); this module keeps the
 seed's import path: ``from dataset import EmbeddingDataset``.
 """
-from cortex.data import (  # noqa: F401
-    DatasetWriter,
+from cortex.data.formats import (  # noqa: F401
     EmbeddingDataset,
     Record,
     TokenLookup,
@@ -14,3 +13,4 @@ from cortex.data import (  # noqa: F401
     load_token_indices,
     read_split,
 )
+from cortex.data.writer import DatasetWriter  # noqa: F401

@@ -19,11 +19,11 @@ import argparse
 import json
 
 from cortex.cli import int_in, make_parser, nonneg_int, paths_parser, positive_int, run_main, runtime_parser
-from cortex.data import DatasetWriter
-from cortex.dataset_tools import holds_dataset, recover_staged, staged_dataset
+from cortex.data.writer import DatasetWriter
+from cortex.data.dataset_tools import holds_dataset, recover_staged, staged_dataset
 from cortex.paths import ExperimentPaths
-from cortex.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
-from cortex.tokenizers import SyntheticTokenizer
+from cortex.data.synthetic import SyntheticWorld, WorldConfig, save_vq, write_json, write_world
+from cortex.data.tokenizers import SyntheticTokenizer
 from cortex.utils import CortexError, save_run_args, settings_line
 
 EXPERIMENT = "vqgan"
@@ -60,7 +60,7 @@ def synthetic_parser():
 
 
 def get_args_parser():
-    from cortex.real_data import add_real_source_args
+    from cortex.data.real_data import add_real_source_args
 
     p = make_parser("Generate a token-embedding dataset (VQGAN)",
                     parents=[synthetic_parser(), paths_parser(__file__), runtime_parser()],
@@ -108,7 +108,7 @@ def main(args):
         if args.source == "synthetic":
             info = generate_synthetic(args, build)
         else:
-            from cortex.real_data import generate_real
+            from cortex.data.real_data import generate_real
             from cortex.utils import get_device
 
             info = generate_real(args, build, get_device(args.device, args.gpu))

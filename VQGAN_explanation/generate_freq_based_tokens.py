@@ -8,7 +8,7 @@ Reads datasets/train_embeddings.csv; writes results/TIS/frequency_baseline/label
 label's rows in CSV order, ties in first-occurrence order (collections.Counter.most_common).
 Labels are checked as the training reader checks them: an integer in 0..num_classes-1
 (--num_classes, else datasets/dataset_info.json, else 1000).
-Linear in the images: the CSV is parsed in one pass (cortex.list_csv.read_split_ids; the row-by-row reader
+Linear in the images: the CSV is parsed in one pass (cortex.data.list_csv.read_split_ids; the row-by-row reader
 only for a malformed file, to name the line), counts by np.bincount; every label file is written
 atomically (cortex.analysis.statistics_files.StagedFiles); results/TIS/frequency_baseline/source.json records the split CSV's
 sha256 and the labels, and says "unfinished" while the files are written (cortex.provenance: a failed run
@@ -19,8 +19,8 @@ import argparse
 from cortex.analysis.frequency import frequency_baseline, write_frequency_baseline
 from cortex.analysis.ranking import MAX_ROWS
 from cortex.cli import int_in, make_parser, paths_parser, positive_int, run_main
-from cortex.data import resolve_num_classes
-from cortex.list_csv import read_split_ids
+from cortex.data.formats import resolve_num_classes
+from cortex.data.list_csv import read_split_ids
 from cortex.paths import ExperimentPaths, label_files
 from cortex.provenance import begin_frequency_baseline, finish_frequency_baseline
 from cortex.utils import save_run_args

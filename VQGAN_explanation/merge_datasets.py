@@ -11,7 +11,7 @@ dataset_info.json merged (its merged_from lists each input's own settings).
 import argparse
 
 from cortex.cli import make_parser, merge_parser, paths_parser, run_main
-from cortex.dataset_tools import run_merge
+from cortex.data.dataset_tools import run_merge
 from cortex.paths import ExperimentPaths
 
 EXPERIMENT = "vqgan"

@@ -8,9 +8,10 @@ Writes results/Classification/ClassificationNet{m}/testing_results.csv.
 import argparse
 
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, positive_int, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.provenance import write_output_record
-from cortex.training import test_iem, topk_line, write_csv_row
+from cortex.iem.testing import test_iem, topk_line, write_csv_row
 from cortex.utils import save_run_args
 
 EXPERIMENT = "vqgan"
@@ -18,7 +19,7 @@ KS = (1, 3, 5, 10)
 
 
 def get_args_parser():
-    p = make_parser("Test an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), paths_parser(__file__),
+    p = make_parser("Test an IEM (VQGAN)", parents=[model_parser(model_choices("vqgan")), paths_parser(__file__),
                                                                   runtime_parser(), data_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch_size", type=positive_int, default=512, help="test batch size")

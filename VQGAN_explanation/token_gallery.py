@@ -19,6 +19,8 @@ import argparse
 from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.cli import make_parser, nonneg_int, paths_parser, position_int, positive_int, run_main, runtime_parser
 from cortex.paths import ExperimentPaths, PAPER_ATTRIBUTION
+from cortex.data.tokenizers import tokenizer_for_dataset, tokenizer_kinds
+from cortex.iem.registry import model_choices
 from cortex.provenance import verify
 from cortex.utils import CortexError, get_device, save_run_args
 
@@ -30,7 +32,7 @@ def get_args_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     parents=[paths_parser(__file__), runtime_parser()])
     g = p.add_argument_group("gallery")
-    g.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True,
+    g.add_argument("--model", type=int, choices=model_choices("vqgan"), required=True,
                    help="IEM whose TIS statistics name the concept tokens: ClassificationNet{m}")
     g.add_argument("--label", type=nonneg_int, nargs="+", default=None,
                    help="label(s) to draw (default: every label with a TIS statistics file)")
@@ -46,7 +48,7 @@ def get_args_parser():
                    help="images the patches are cut from (default: %(default)s, the split the statistics count)")
     g.add_argument("--attribution", default=PAPER_ATTRIBUTION, choices=sorted(ATTRIBUTIONS),
                    help="which TIS statistics (default: %(default)s, the paper's)")
-    g.add_argument("--tokenizer", default="auto", choices=("auto", "synthetic", "taming", "diffusers"),
+    g.add_argument("--tokenizer", default="auto", choices=("auto", *tokenizer_kinds()),
                    help="tokenizer that decodes the tokens (default: the dataset's, from dataset_info.json)")
     g.add_argument("--tokenizer_config", default=None,
                    help="taming: the VQGAN YAML; diffusers: the VQModel.save_pretrained folder; synthetic: "
@@ -59,7 +61,6 @@ def main(args):
     from cortex.report.gallery import build_gallery, draw_gallery
     from cortex.report.plots import class_name, class_names_of
     from cortex.paths import label_files
-    from cortex.tokenizers import tokenizer_for_dataset
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     stats_dir = paths.stats_dir(args.model, args.attribution)

@@ -11,15 +11,16 @@ Retraining a trained net needs --overwrite; --resume refuses changed settings (l
 import argparse
 
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
-from cortex.training import train_iem, train_parser
+from cortex.iem.training import train_iem, train_parser
 
 EXPERIMENT = "vqgan"
 
 
 def get_args_parser():
     return make_parser(
-        "Train an IEM (VQGAN)", parents=[model_parser((1, 2, 3, 4)), train_parser(EXPERIMENT), paths_parser(__file__),
+        "Train an IEM (VQGAN)", parents=[model_parser(model_choices("vqgan")), train_parser(EXPERIMENT), paths_parser(__file__),
                                           runtime_parser(), data_parser()],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 

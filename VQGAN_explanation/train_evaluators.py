@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cortex.cli import (fraction, make_parser, nonneg_float, paths_parser, positive_float, positive_int, run_main,
                         runtime_parser)
-from cortex.data import dataset_geometry, dataset_info, read_split
+from cortex.data.formats import dataset_geometry, dataset_info, read_split
 from cortex.evaluation.evaluators import (DEFAULT_SYNTHETIC_ARCHS, Evaluator, build_synthetic_net, dataset_record,
                                           describe_dataset, evaluator_folder, evaluator_logits, has_imagenet_weights,
                                           net_input_size, pretrained_net, save_synthetic_evaluator)

@@ -2,7 +2,7 @@
 
     python bench/bench_loading.py [--images 2000] [--n_codes 16384] [--device cpu|cuda]
 
-Every row goes through cortex.data.EmbeddingDataset and a shuffled DataLoader with train.py's batch size,
+Every row goes through cortex.data.formats.EmbeddingDataset and a shuffled DataLoader with train.py's batch size,
 and is timed twice:
 
 * **loader**: what the DataLoader hands to the training/TIS step per second. The authors' layout reads
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cortex.data import DatasetWriter, EmbeddingDataset
+from cortex.data.formats import EmbeddingDataset
+from cortex.data.writer import DatasetWriter
 from cortex.utils import get_device
 
 

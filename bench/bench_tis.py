@@ -50,6 +50,7 @@ from cortex.attribution.scorer import TISConfig, TISScorer  # noqa: E402
 from cortex.analysis.ranking import TOP_NS  # noqa: E402
 from cortex.analysis.statistics import label_statistics
 from cortex.attribution.store import read_tis_file  # noqa: E402
+from cortex.iem.registry import model_choices  # noqa: E402
 from cortex.utils import format_list  # noqa: E402
 
 
@@ -126,7 +127,7 @@ def bench_lower_bound(args):
     """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
     from cortex.attribution.attributions import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
         copies_for_budget
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -204,7 +205,7 @@ def bench_compute_tis(args):
     (noise drawn beforehand). The ratio shows the per-batch costs outside ``smoothgrad`` that the
     pipelining of ``compute_tis`` (next batch queued before the rows of the previous one are written) hides.
     """
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
     from cortex.attribution.tis import TISConfig, compute_tis
 
     device = torch.device(args.device)
@@ -245,7 +246,7 @@ def bench_compute_tis(args):
 
 
 def bench_smoothgrad(args):
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads) if args.threads else None
@@ -341,7 +342,7 @@ def bench_parsing(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser("bench_tis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=int, default=1, choices=(1, 2, 3, 4))
+    p.add_argument("--model", type=int, default=1, choices=model_choices("vqgan"))
     p.add_argument("--width", type=int, default=512, help="IEM width (paper: 512)")
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=25, help="seed-loop comparison: as the seed README's example")

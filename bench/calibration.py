@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortex.data import load_token_indices  # noqa: E402
+from cortex.data.formats import load_token_indices  # noqa: E402
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.scripts import run_script  # noqa: E402
 from cortex.analysis.significance import (contrast_tests, read_label_tis, score_significant,  # noqa: E402

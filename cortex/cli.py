@@ -82,8 +82,9 @@ def float_in(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
 positive_int = int_in(1)          # widths, batch sizes, epochs, counts of things that must exist
 nonneg_int = int_in(0)            # workers, labels, optional counts
 seed_int = int_in(0, 2**32 - 1)   # numpy's seed range
-position_int = int_in(1, 256)     # top-n over the 16 x 16 = 256 token positions
-grid_index = int_in(0, 15)        # a row or column of the 16 x 16 token grid
+# top-n token positions: 1..256 whatever the dataset's grid, because a flag is checked before any dataset is read.
+# 256 is the paper's 16 x 16 grid: a dataset with a larger grid (e.g. 32 x 32) cannot ask for more than its top 256.
+position_int = int_in(1, 256)
 positive_float = float_in(0, lo_open=True)
 nonneg_float = float_in(0)
 fraction = float_in(0, 1)         # probabilities and ratios
@@ -188,6 +189,13 @@ def data_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_vqgan_args(group, config_help: str, ckpt_help: str = "its checkpoint (with --vqgan_config)") -> None:
+    """``--vqgan_config`` / ``--vqgan_ckpt``, a taming VQGAN as YAML + checkpoint, added to ``group`` (a parser or
+    an argument group); each script says in ``config_help`` / ``ckpt_help`` what it uses the VQGAN for."""
+    group.add_argument("--vqgan_config", default=None, help=config_help)
+    group.add_argument("--vqgan_ckpt", default=None, help=ckpt_help)
+
+
 def compact_parser() -> argparse.ArgumentParser:
     """compact_dataset.py: build codebook.npy from the authors' per-image files."""
     p = make_parser(add_help=False)
@@ -195,10 +203,8 @@ def compact_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_codes", type=positive_int, default=None,
                    help="codebook size, e.g. 16384 for the paper's VQGAN (default: the VQGAN's, else the largest "
                         "id in the CSVs + 1)")
-    g.add_argument("--vqgan_config", default=None,
-                   help="optional taming VQGAN YAML of the model that made the data: its full codebook is written "
-                        "(codes no image uses included) and every file is checked against it")
-    g.add_argument("--vqgan_ckpt", default=None, help="its checkpoint (with --vqgan_config)")
+    add_vqgan_args(g, "optional taming VQGAN YAML of the model that made the data: its full codebook is written "
+                      "(codes no image uses included) and every file is checked against it")
     g.add_argument("--tolerance", type=nonneg_float, default=1e-5,
                    help="allowed |file - codebook| per value, times (1 + |value|): float rounding of taming's "
                         "straight-through z_q (default: %(default)s; 0 = bit-exact)")
@@ -220,8 +226,9 @@ def merge_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_parser(model_choices=(1, 2, 3, 4), default_model: int | None = None) -> argparse.ArgumentParser:
-    """Which IEM, its width, and the number of classes."""
+def model_parser(model_choices, default_model: int | None = None) -> argparse.ArgumentParser:
+    """Which IEM (``--model`` among ``model_choices``: ``cortex.iem.registry.model_choices(experiment)``),
+    its width, and the number of classes."""
     p = make_parser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", type=int, choices=model_choices, default=default_model,

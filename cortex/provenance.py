@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from .attribution.store import TIS_CONFIG, file_sha1, fingerprint, short_list
-from .data import SPLITS, require_split, split_csv
+from .data.formats import SPLITS, require_split, split_csv
 from .paths import PAPER_ATTRIBUTION, label_files
 from .utils import CortexError, atomic_write, file_sha256
 

@@ -90,6 +90,33 @@ def atomic_torch_save(obj, path) -> None:
         torch.save(obj, f)
 
 
+def torch_load_checkpoint(path, map_location="cpu", hint: str = "is it a torch .pth file?",
+                          note_full_unpickle: bool = False):
+    """``torch.load`` of a checkpoint the user chose, tensors only first; a file that pickles more than tensors
+    (Lightning hyper-parameters or callback classes) is loaded with the full unpickler (with a printed note when
+    ``note_full_unpickle``). An unreadable file is a CortexError naming it, ending with ``hint``."""
+    import pickle
+
+    import torch
+
+    def unreadable(e):
+        return CortexError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:200]}); {hint}")
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # torch's "weights only load failed": more than tensors
+        pass
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, OSError, ...: not a readable checkpoint
+        raise unreadable(e) from None
+    if note_full_unpickle:
+        print(f"note: {Path(path).name} holds more than tensors (a Lightning 1.x checkpoint); loading it with "
+              f"torch.load(weights_only=False). Load only checkpoints from a source you trust.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable checkpoint"
+        raise unreadable(e) from None
+
+
 # ----------------------------------------------------------------------------- locks
 
 def open_lock(path) -> int:

@@ -22,7 +22,7 @@ class LinearIEM(nn.Module):
 
 def compact_dataset(d, n_classes: int, per_label: int, n_codes: int = 24):
     """A seeded compact-layout train split: ``per_label`` images of random ids for each of ``n_classes`` labels."""
-    from cortex.data import DatasetWriter
+    from cortex.data.writer import DatasetWriter
 
     rng = np.random.default_rng(0)
     w = DatasetWriter(d, rng.normal(size=(n_codes, 256)).astype(np.float32), layout="compact")

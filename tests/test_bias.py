@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cortex.analysis import bias as B, bias_files as BF, cliffs_delta as CD
-from cortex.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
+from cortex.data.bias_world import BiasWorld, BiasWorldConfig, neutral_assignment, write_neutral_set
 from cortex.utils import CortexError
 
 SMALL = BiasWorldConfig(n_codes=160, attribute_tokens=6, doctor_tokens=8, n_background=24, n_distractors=8)

@@ -126,8 +126,8 @@ def test_generate_dataset_from_pictures(tmp_path):
     from PIL import Image
 
     from cortex.analysis.bias import read_neutral_set
-    from cortex.data import read_split
-    from cortex.taming_compat import import_taming
+    from cortex.data.formats import read_split
+    from cortex.data.taming_compat import import_taming
     from tests.test_taming import vq_params, write_yaml
 
     import_taming()

@@ -1,4 +1,4 @@
-"""cortex.data: the authors' layout and the compact layout give identical tensors; bad input is named."""
+"""cortex.data.formats: the authors' layout and the compact layout give identical tensors; bad input is named."""
 import csv
 import shutil
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.data import (DatasetWriter, EmbeddingDataset, embedding_to_ids, ids_to_embedding, image_path,
-                         load_codebook, load_token_indices, read_split)
+from cortex.data.formats import (EmbeddingDataset, embedding_to_ids, ids_to_embedding, image_path, load_codebook,
+                                 load_token_indices, read_split)
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError, format_list, parse_float_list, parse_int_list
 
 

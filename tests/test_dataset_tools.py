@@ -1,4 +1,4 @@
-"""cortex.dataset_tools: compact_dataset.py (files -> codebook.npy) and merge_datasets.py (folders -> one)."""
+"""cortex.data.dataset_tools: compact_dataset.py (files -> codebook.npy) and merge_datasets.py (folders -> one)."""
 import json
 import os
 import pickle
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.data import DatasetWriter, EmbeddingDataset, image_path, load_codebook, read_split
+from cortex.data.formats import EmbeddingDataset, image_path, load_codebook, read_split
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError
 from tests.helpers import run_script
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex.models import load_iem
+from cortex.iem.checkpoints import load_iem
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "VQGAN_explanation"
@@ -29,7 +29,7 @@ NAN_WRAPPER = '''
 import importlib.util, os, sys, types
 import torch
 import torch.nn.functional as F
-import cortex.training as T
+import cortex.iem.training as T
 calls = {"n": 0}
 def cross_entropy(logits, y, *a, **k):
     loss = F.cross_entropy(logits, y, *a, **k)
@@ -175,7 +175,7 @@ def test_killed_run_resumes(data_dir, tmp_path):
 
 
 def test_trim_training_log(tmp_path):
-    from cortex.training import trim_training_log
+    from cortex.iem.run_files import trim_training_log
 
     p = tmp_path / "training_log_20250101_0000.txt"
     p.write_text("Epoch [1/3], Training Loss: 1.0000\nValidation Loss: 1.0000, Accuracy: 10.00%\n"

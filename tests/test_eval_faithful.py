@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cortex.data import image_path, read_split
+from cortex.data.formats import image_path, read_split
 from cortex.evaluation import codebook_level as XC, concept_level as XK, evaluators as E, explain as X, masking as M
-from cortex.models import build_model, save_iem
+from cortex.iem.registry import build_model
+from cortex.iem.checkpoints import save_iem
 from cortex.paths import ExperimentPaths
 from cortex.utils import CortexError, format_list
 from tests.helpers import LinearIEM, run_script, write_frequency_baseline, write_sectioned_stats
@@ -192,8 +193,8 @@ def test_full_precision_writers(tmp_path):
 
 def test_testing_results_full_precision(world, tmp_path):
     """test.py writes 100 * correct / total unrounded (the authors' csv writer), not %.2f."""
-    from cortex.data import EmbeddingDataset
-    from cortex.models import load_iem
+    from cortex.data.formats import EmbeddingDataset
+    from cortex.iem.checkpoints import load_iem
 
     out = run_script("VQGAN_explanation/test.py", ["--model", 1, "--root", world.root, "--width", 8, "--device", "cpu",
                                                    "--results_dir", tmp_path])

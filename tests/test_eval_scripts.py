@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.data import read_split
+from cortex.data.formats import read_split
 from cortex.evaluation import codebook_level as XC, evaluators as E, explain as X
-from cortex.models import build_model, save_iem
+from cortex.iem.registry import build_model
+from cortex.iem.checkpoints import save_iem
 from cortex.paths import ExperimentPaths
-from cortex.synthetic import load_vq
+from cortex.data.synthetic import load_vq
 from cortex.utils import CortexError, format_list
 from tests.helpers import LinearIEM, run_script, write_frequency_baseline, write_sectioned_stats
 
@@ -239,7 +240,7 @@ def test_codebook_level_taming_vqgan(world, tmp_path):
     pytest.importorskip("taming")
     from omegaconf import OmegaConf
 
-    from cortex.taming_compat import import_taming
+    from cortex.data.taming_compat import import_taming
     from tests.helpers import load_script
 
     import_taming()

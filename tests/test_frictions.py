@@ -75,7 +75,7 @@ def test_quiet_training_writes_no_progress_bars(tiny_root, tmp_path):
 def test_accelerator_gpu_without_cuda_is_an_error():
     import torch
 
-    from cortex.training import _accelerator_and_devices
+    from cortex.iem.training import _accelerator_and_devices
 
     args = argparse.Namespace(accelerator="gpu", devices="auto", device=None, gpu=None)
     if torch.cuda.is_available():
@@ -90,7 +90,7 @@ def test_accelerator_gpu_without_cuda_is_an_error():
 
 
 def test_topk_not_shown_above_the_number_of_classes():
-    from cortex.training import topk_line
+    from cortex.iem.testing import topk_line
 
     line = topk_line({1: 83.333, 3: 100.0, 5: 100.0, 10: 100.0, "num_classes": 3}, (1, 3, 5, 10))
     assert line == "Top-1: 83.33%, Top-3: 100.00%, Top-5: n/a (3 classes), Top-10: n/a (3 classes)"

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cortex.data import EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split
+from cortex.data.formats import EmbeddingDataset, dataset_geometry, ids_to_embedding, load_codebook, read_split
 from cortex.evaluation import evaluators as E
-from cortex.models import MODEL_IDS, build_model, load_iem, save_iem
+from cortex.iem.registry import MODEL_IDS, build_model
+from cortex.iem.checkpoints import load_iem, save_iem
 from cortex.paths import ExperimentPaths
-from cortex.tokenizers import load_tokenizer
+from cortex.data.tokenizers import load_tokenizer
 from cortex.utils import CortexError
 from tests.helpers import run_script
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex import models
-from cortex.models import MODEL_IDS, build_model, identify_architecture, load_iem, save_iem
+from cortex.iem import architectures as models
+from cortex.iem.checkpoints import load_iem, save_iem
+from cortex.iem.registry import MODEL_IDS, build_model, identify_architecture
 from cortex.utils import CortexError
 from tests.helpers import load_script
 

@@ -158,7 +158,7 @@ def test_bias_figure_has_a_short_title(tmp_path):
 
 
 def test_loss_curves_and_a_png_without_summary(tmp_path):
-    from cortex.training import plot_loss_curves
+    from cortex.iem.run_files import plot_loss_curves
 
     log = tmp_path / "training_log.txt"
     log.write_text("".join(f"Epoch [{e}/3], Training Loss: {1 / e:.4f}\nValidation Loss: {1.2 / e:.4f}, "

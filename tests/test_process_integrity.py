@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.models import UNFINISHED_MARKER
+from cortex.iem.checkpoints import UNFINISHED_MARKER
 from cortex.utils import CortexError, atomic_torch_save, try_lock, unlock
 from tests.helpers import run_script
 from tests.test_train_integrity import _compact_copy
@@ -289,8 +289,8 @@ def _edit_line(path, lineno, fn):
 def test_token_id_beyond_the_codebook_is_refused(tmp_path):
     """Token id 99999 in a 24-code dataset: refused (file:line) by the frequency baseline and by the token
     indices the statistics and the significance test read."""
-    from cortex.data import load_token_indices
-    from cortex.list_csv import read_split_ids
+    from cortex.data.formats import load_token_indices
+    from cortex.data.list_csv import read_split_ids
     from tests.helpers import compact_dataset
 
     d = compact_dataset(tmp_path / "datasets", 3, 4, n_codes=24)
@@ -371,7 +371,7 @@ def test_concept_recovery_refuses_a_missing_section(tmp_path):
 # ----------------------------------------------------------------------------- messages that point the right way
 
 def test_header_only_split_csv_is_named(tmp_path):
-    from cortex.list_csv import split_label_counts
+    from cortex.data.list_csv import split_label_counts
 
     (tmp_path / "train_embeddings.csv").write_text("filename,label,indices\n")
     with pytest.raises(CortexError, match=r"train_embeddings\.csv: no rows \(header only\).*regenerate") as e:

@@ -271,7 +271,7 @@ def test_new_frequency_baseline_of_another_dataset_is_refused(exp):
 
 
 def test_token_pickle_is_checked_by_content_not_time(tiny_root, tmp_path):
-    from cortex.data import load_token_indices, read_split
+    from cortex.data.formats import load_token_indices, read_split
 
     d = tmp_path / "d"
     shutil.copytree(tiny_root / "datasets", d, ignore=shutil.ignore_patterns("images", "train", "val", "test"))
@@ -292,7 +292,7 @@ def test_token_pickle_is_checked_by_content_not_time(tiny_root, tmp_path):
 
 
 def test_codebook_disagreeing_with_the_files_is_detected(tiny_root, tmp_path):
-    from cortex.data import EmbeddingDataset
+    from cortex.data.formats import EmbeddingDataset
 
     d = tmp_path / "d"
     shutil.copytree(tiny_root / "datasets", d, ignore=shutil.ignore_patterns("images"))

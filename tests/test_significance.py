@@ -10,7 +10,7 @@ from scipy import stats as ss
 from cortex.analysis import significance as G
 from cortex.analysis.exact_tests import hypergeom_sf
 from cortex.analysis import bias as B, cliffs_delta as CD
-from cortex.data import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
 
@@ -305,7 +305,7 @@ def test_tis_analysis_writes_significance(hand_world):
 # ----------------------------------------------------------------------------- 16.2 null labels and their report
 
 def test_null_classes_in_synthetic_world(tmp_path):
-    from cortex.synthetic import SyntheticWorld, WorldConfig
+    from cortex.data.synthetic import SyntheticWorld, WorldConfig
 
     w = SyntheticWorld.build(WorldConfig(num_classes=2, null_classes=2, n_codes=96, concept_tokens=3,
                                          n_background=16, n_distractors=4))
@@ -454,7 +454,7 @@ def _sha(path):
 
 def _fake_tis_run(root, data_dir, tis_dir, ckpt, labels_scores, attribution="smoothgrad"):
     """TIS files of a run (hand-made scores) whose tis_config.json names ``ckpt`` and the train CSV."""
-    from cortex.data import read_split
+    from cortex.data.formats import read_split
 
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if not ckpt.exists():

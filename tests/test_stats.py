@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cortex.analysis import frequency as F, ranking as R, statistics_files as SF
-from cortex.data import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
 

@@ -14,10 +14,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cortex import list_csv as L, provenance as P
+from cortex import provenance as P
+from cortex.data import list_csv as L
 from cortex.analysis import statistics as S, statistics_files as SF
 from cortex.attribution.store import read_tis_file
-from cortex.data import DatasetWriter
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError, atomic_write, format_list
 from tests.helpers import run_script
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cortex import list_csv as L
+from cortex.data import list_csv as L
 from cortex.analysis import bias as B, frequency as F, ranking as R, statistics as S
 from cortex.scripts import load_script
 from cortex.analysis.significance import run_significance

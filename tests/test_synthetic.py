@@ -5,8 +5,8 @@ import json
 import numpy as np
 import torch
 
-from cortex.data import read_split
-from cortex.synthetic import SyntheticWorld, WorldConfig, load_vq
+from cortex.data.formats import read_split
+from cortex.data.synthetic import SyntheticWorld, WorldConfig, load_vq
 from tests.conftest import TINY_WORLD
 from tests.helpers import run_script
 
@@ -77,6 +77,6 @@ def test_vq_interface_roundtrip(tiny_root):
     assert torch.equal(vq.decode(quant), img)
     # the saved PNG is the decode
     from PIL import Image
-    from cortex.data import image_path
+    from cortex.data.formats import image_path
     png = np.asarray(Image.open(image_path(tiny_root / "datasets", rec.filename)))
     assert np.abs(png.astype(int) - ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()).max() <= 1

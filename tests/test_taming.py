@@ -17,9 +17,10 @@ from PIL import Image
 
 pytest.importorskip("taming")
 
-from cortex import real_data  # noqa: E402
-from cortex.data import DatasetWriter, EmbeddingDataset, image_path, load_codebook, read_split  # noqa: E402
-from cortex.taming_compat import import_taming, load_taming_model, top_k_top_p_filtering  # noqa: E402
+from cortex.data import real_data  # noqa: E402
+from cortex.data.formats import EmbeddingDataset, image_path, load_codebook, read_split  # noqa: E402
+from cortex.data.writer import DatasetWriter  # noqa: E402
+from cortex.data.taming_compat import import_taming, load_taming_model, top_k_top_p_filtering  # noqa: E402
 from cortex.utils import CortexError  # noqa: E402
 from tests.helpers import run_script  # noqa: E402
 
@@ -185,7 +186,7 @@ def test_loader_errors(tiny, tmp_path):
         real_data.load_vq_for_dataset(real_args(tiny, transformer_config=None), "cpu")
 
 
-@pytest.mark.parametrize("target", ["cortex.taming_compat.DistanceVQModel", "new_vqgan.VQModel"])
+@pytest.mark.parametrize("target", ["cortex.data.taming_compat.DistanceVQModel", "new_vqgan.VQModel"])
 def test_distance_vqmodel(tiny, tmp_path, monkeypatch, target):
     monkeypatch.syspath_prepend(str(REPO / "VQGAN_explanation"))
     cfg = write_yaml(tmp_path / "d.yaml", {"model": {"target": target, "params": vq_params()}})

@@ -10,7 +10,7 @@ from torch import nn
 from cortex.attribution import scorer as S
 from cortex.attribution import store, tis as T
 from cortex.attribution.attributions import image_seed, token_scores
-from cortex.data import EmbeddingDataset
+from cortex.data.formats import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset
 

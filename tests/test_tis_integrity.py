@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cortex.attribution import attributions as A, store, tis as T
-from cortex.data import EmbeddingDataset
+from cortex.data.formats import EmbeddingDataset
 from cortex.utils import CortexError
 from tests.helpers import compact_dataset
 
@@ -295,7 +295,7 @@ def test_memory_budget_maps_to_copies():
 # ----------------------------------------------------------------------------- 17.3 --fast
 
 def test_batchnorm_folding_is_exact_in_eval_mode():
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     torch.manual_seed(0)
     for m in (1, 3):

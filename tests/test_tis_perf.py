@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cortex.attribution import attributions as A
-from cortex.models import build_model
+from cortex.iem.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # ops that make the host wait for the device (or need data-dependent shapes)

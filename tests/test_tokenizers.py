@@ -1,4 +1,4 @@
-"""The tokenizer adapters (cortex.tokenizers), --source images with either tokenizer, and the token gallery.
+"""The tokenizer adapters (cortex.data.tokenizers), --source images with either tokenizer, and the token gallery.
 
 Tiny randomly initialised models built here (no download): a diffusers VQModel (16x16 grid at 32 px,
 64 codes of 256-d) saved with save_pretrained, a taming VQModel saved as YAML + checkpoint, and the
@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from cortex.analysis.statistics_files import write_stats_csv
-from cortex.data import image_path, load_codebook, read_split
+from cortex.data.formats import image_path, load_codebook, read_split
+from cortex.data.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
+                                    as_tokenizer, load_tokenizer, tokenizer_for_dataset)
 from cortex.paths import ExperimentPaths
-from cortex.tokenizers import (CallableTokenizer, DiffusersTokenizer, SyntheticTokenizer, TamingTokenizer,
-                               as_tokenizer, load_tokenizer, tokenizer_for_dataset)
 from cortex.utils import CortexError
 from tests.helpers import run_script
 
@@ -49,7 +49,7 @@ def taming_files(tmp_path_factory):
     """A tiny taming VQModel (f2: 32 px -> 16x16, 256-d codes) as YAML + Lightning-style checkpoint."""
     from omegaconf import OmegaConf
 
-    from cortex.taming_compat import instantiate_from_config
+    from cortex.data.taming_compat import instantiate_from_config
 
     d = tmp_path_factory.mktemp("taming")
     params = {"embed_dim": 256, "n_embed": N_CODES, "lossconfig": {"target": "torch.nn.Identity"},
@@ -80,7 +80,7 @@ def pics(tmp_path_factory):
 
 
 def _images(pics):
-    from cortex.real_data import load_image
+    from cortex.data.real_data import load_image
 
     return torch.stack([load_image(p, 32) for p in sorted(pics.rglob("*.png"))])  # (6, 3, 32, 32)
 
@@ -208,7 +208,7 @@ def _check_dataset(data_dir: Path, tok, pics):
     n = 0
     for split in ("train", "test"):
         for r in read_split(data_dir, split):
-            from cortex.real_data import load_image
+            from cortex.data.real_data import load_image
 
             ids = tok.encode(load_image(src[r.filename], 32)[None])[0]
             assert np.array_equal(ids.reshape(-1).numpy(), r.ids)
@@ -271,7 +271,7 @@ def _write_stats(results_dir: Path, label: int, tokens: list[int]) -> Path:
 
 def test_token_gallery_synthetic(tiny_root, tmp_path):
     from cortex.report.gallery import build_gallery
-    from cortex.synthetic import load_vq
+    from cortex.data.synthetic import load_vq
 
     data_dir = tiny_root / "datasets"
     planted = json.loads((data_dir / "ground_truth.json").read_text())["concept_tokens"]["1"]
@@ -361,7 +361,7 @@ def test_masking_patch_follows_the_grid():
 # ----------------------------------------------------------------------------- item 2/4 (part): codebook level decodes any tokenizer
 
 def test_codebook_level_decoder_accepts_diffusers(diffusers_root, diffusers_dir, taming_files):
-    from cortex.data import ids_to_embedding
+    from cortex.data.formats import ids_to_embedding
     from cortex.evaluation.codebook_level import decode_ids, decoded_to_uint8
     from tests.helpers import load_script
 

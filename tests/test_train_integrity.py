@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.data import DatasetWriter, EmbeddingDataset, load_token_indices, read_split
+from cortex.data.formats import EmbeddingDataset, load_token_indices, read_split
+from cortex.data.writer import DatasetWriter
 from cortex.utils import CortexError
 from tests.conftest import TINY_WORLD
 from tests.helpers import run_script
@@ -68,7 +69,7 @@ def test_checkpoint_files_and_curves(trained2):
 
 
 def test_plot_loss_curves_reads_the_authors_log(tmp_path):
-    from cortex.training import plot_loss_curves, read_training_log
+    from cortex.iem.run_files import plot_loss_curves, read_training_log
 
     log = tmp_path / "training_log_20250101_1200.txt"
     log.write_text("Epoch [1/3], Training Loss: 2.0000\nValidation Loss: 1.5000, Accuracy: 40.00%\n"
@@ -81,7 +82,7 @@ def test_plot_loss_curves_reads_the_authors_log(tmp_path):
 
 def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     """A save that dies mid-way (disk full) leaves the previous checkpoint intact and no temp file."""
-    from cortex.training import atomic_checkpoint_save, checkpoint_problem
+    from cortex.iem.run_files import atomic_checkpoint_save, checkpoint_problem
 
     path = tmp_path / "lightning" / "last.ckpt"
     atomic_checkpoint_save({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, path)
@@ -279,7 +280,7 @@ def test_dalle_logs_and_batch_cap(dalle_root, tmp_path, capsys):
 
 
 def test_batch_cap_rule():
-    from cortex.training import capped_batch_size
+    from cortex.iem.run_files import capped_batch_size
 
     assert capped_batch_size(256, 600, "dalle") == 60
     assert capped_batch_size(32, 600, "dalle") == 32
@@ -366,7 +367,7 @@ def test_csv_with_bom_header(tiny_root, tmp_path):
 # ----------------------------------------------------------------------------- 13.11 dropout as the authors
 
 def test_dropout_probabilities_as_the_authors():
-    from cortex.models import build_model
+    from cortex.iem.registry import build_model
 
     vit = build_model("vqgan", 4, 3, width=16, depth=2)
     ps = [m.p for m in vit.modules() if isinstance(m, torch.nn.Dropout)]

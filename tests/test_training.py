@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from cortex.models import load_iem
+from cortex.iem.checkpoints import load_iem
 from cortex.utils import CortexError
 from tests.helpers import run_script
 
@@ -75,7 +75,7 @@ def test_every_net_trains(tiny_root, tmp_path, m):
     import shutil
     shutil.copytree(tiny_root / "datasets", tmp_path / "datasets", ignore=shutil.ignore_patterns("images", "train", "val", "test"))
     run_script("VQGAN_explanation/train.py", ["--root", tmp_path, "--model", m, "--epochs", "1", "--depth", "1", *TRAIN])
-    from cortex.models import identify_architecture
+    from cortex.iem.registry import identify_architecture
     sd = torch.load(tmp_path / "checkpoints" / f"ClassificationNet{m}" / "model.pth", weights_only=True)
     assert identify_architecture(sd, "vqgan") == m
 

@@ -42,12 +42,14 @@ import torch
 # configs/model.yaml and checkpoints/last.ckpt as downloaded (see docs/real_vqgan_data.md).
 VQGAN_directory = "../checkpoints/taming/vqgan_imagenet_f16_16384"
 
-from cortex.cli import (make_parser, model_parser, nonneg_int, paths_parser, positive_float,
+from cortex.cli import (add_vqgan_args, make_parser, model_parser, nonneg_int, paths_parser, positive_float,
                         positive_int, run_main, runtime_parser)  # noqa: E402
 from cortex.evaluation.evaluators import evaluator_parser  # noqa: E402
 from cortex.evaluation.codebook_level import (PAPER_LABELS, SCORE_KEYS, best_rows, codebook_pairs, default_region,
                                               optimize_embedding, optimize_tokens, region_positions, score_trace)
 from cortex.evaluation.explain import CODEBOOK_COLUMNS, check_eval_dataset, eval_setup, warn_if_near_chance, write_rows
+from cortex.data.tokenizers import load_tokenizer, tokenizer_kinds  # noqa: E402
+from cortex.iem.registry import model_choices  # noqa: E402
 from cortex.paths import ExperimentPaths  # noqa: E402
 from cortex.utils import CortexError, atomic_write, format_list, save_run_args  # noqa: E402
 
@@ -60,7 +62,7 @@ PER_IMAGE_COLUMNS = ["filename", "label", "target", "evaluator", "best_step", "i
 def get_args_parser():
     p = make_parser("codebook_level_explanation", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[model_parser((1, 2, 3, 4)), paths_parser(__file__, up=1),
+                    parents=[model_parser(model_choices("vqgan")), paths_parser(__file__, up=1),
                                          runtime_parser(), evaluator_parser()])
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimization_type", choices=("token", "embedding"), default="token",
@@ -87,45 +89,43 @@ def get_args_parser():
     g.add_argument("--cols", type=nonneg_int, nargs=2, default=None, metavar=("FIRST", "LAST"),
                    help="token cols of the region, inclusive (default: as --rows)")
     g = p.add_argument_group("VQ decoder")
-    g.add_argument("--vq", choices=("auto", "synthetic", "taming", "diffusers"), default="auto",
+    g.add_argument("--vq", choices=("auto", *tokenizer_kinds()), default="auto",
                    help="decoder: synthetic (datasets/synthetic_vq.pt), taming (--vqgan_config/--vqgan_ckpt, default "
-                        "VQGAN_directory), diffusers (a VQModel save_pretrained folder, --tokenizer_config), or auto: "
-                        "synthetic when that file exists and no --vqgan_* flag is given")
+                        "VQGAN_directory), diffusers (a VQModel save_pretrained folder, --tokenizer_config), another "
+                        "registered tokenizer (--tokenizer_config), or auto: synthetic when that file exists and no "
+                        "--vqgan_* flag is given")
     g.add_argument("--tokenizer_config", default=None,
-                   help="--vq diffusers: the VQModel.save_pretrained folder the dataset was encoded with")
-    g.add_argument("--vqgan_config", default=None, help="taming VQGAN YAML (default: <VQGAN_directory>/configs/model.yaml)")
-    g.add_argument("--vqgan_ckpt", default=None, help="taming VQGAN checkpoint (default: <VQGAN_directory>/checkpoints/last.ckpt)")
+                   help="--vq diffusers (or another registered kind): the VQModel.save_pretrained folder (the "
+                        "tokenizer's files) the dataset was encoded with")
+    add_vqgan_args(g, "taming VQGAN YAML (default: <VQGAN_directory>/configs/model.yaml)",
+                   "taming VQGAN checkpoint (default: <VQGAN_directory>/checkpoints/last.ckpt)")
     p.add_argument("--no_figures", action="store_true", help="write the CSVs and images only")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     return p
 
 
 def load_vq(args, paths, device):
-    """The VQ model whose decoder renders the optimised tokens (synthetic world or taming VQGAN)."""
+    """The tokenizer whose decoder renders the optimised tokens, from the tokenizer registry
+    (``cortex.data.tokenizers``): ``--vq auto`` is the synthetic world's when ``datasets/synthetic_vq.pt`` exists
+    and no ``--vqgan_*`` flag is given, else the taming VQGAN."""
     synthetic = Path(paths.data_dir) / "synthetic_vq.pt"
-    if args.vq == "diffusers":
-        from cortex.tokenizers import load_diffusers_vq
-
-        print(f"VQ decoder: diffusers VQModel {args.tokenizer_config}")
-        return load_diffusers_vq(args.tokenizer_config, device)
-    use_taming = args.vq == "taming" or (args.vq == "auto" and (args.vqgan_config or args.vqgan_ckpt
-                                                                 or not synthetic.exists()))
-    if not use_taming:
-        from cortex.synthetic import load_vq as load_synthetic
-
-        print(f"VQ decoder: the synthetic world's ({synthetic})")
-        return load_synthetic(synthetic, device)
-    from cortex.taming_compat import load_taming_model
-
-    config = args.vqgan_config or str(Path(VQGAN_directory) / "configs" / "model.yaml")
-    ckpt = args.vqgan_ckpt or str(Path(VQGAN_directory) / "checkpoints" / "last.ckpt")
-    for what, f in (("VQGAN config", config), ("VQGAN checkpoint", ckpt)):
-        if not Path(f).is_file():
-            raise CortexError(f"{what} not found: {f}. Edit VQGAN_directory at the top of codebook_level_explanation.py "
-                              f"or pass --vqgan_config/--vqgan_ckpt (see docs/real_vqgan_data.md); on the synthetic world "
-                              f"generate datasets/synthetic_vq.pt with generate_dataset.py")
-    print(f"VQ decoder: taming VQGAN {config} + {ckpt}")
-    return load_taming_model(config, ckpt, device)
+    kind = args.vq
+    if kind == "auto":
+        kind = "taming" if (args.vqgan_config or args.vqgan_ckpt or not synthetic.exists()) else "synthetic"
+    config, ckpt = args.tokenizer_config, args.vqgan_ckpt
+    if kind == "synthetic":
+        config = synthetic
+    elif kind == "taming":
+        config = args.vqgan_config or str(Path(VQGAN_directory) / "configs" / "model.yaml")
+        ckpt = args.vqgan_ckpt or str(Path(VQGAN_directory) / "checkpoints" / "last.ckpt")
+        for what, f in (("VQGAN config", config), ("VQGAN checkpoint", ckpt)):
+            if not Path(f).is_file():
+                raise CortexError(f"{what} not found: {f}. Edit VQGAN_directory at the top of "
+                                  f"codebook_level_explanation.py or pass --vqgan_config/--vqgan_ckpt (see "
+                                  f"docs/real_vqgan_data.md); on the synthetic world generate datasets/synthetic_vq.pt "
+                                  f"with generate_dataset.py")
+    print(f"VQ decoder: {kind} {config}" + (f" + {ckpt}" if kind == "taming" else ""))
+    return load_tokenizer(kind, config, ckpt, device)
 
 
 def select_images(records, pairs, per_label):
@@ -146,8 +146,8 @@ def select_images(records, pairs, per_label):
 
 
 def main(args):
-    from cortex.data import dataset_geometry
-    from cortex.models import load_iem
+    from cortex.data.formats import dataset_geometry
+    from cortex.iem.checkpoints import load_iem
     from cortex.provenance import verify, write_output_record
 
     # inputs first (dataset, IEM, VQ decoder), evaluators (maybe a download) last
@@ -170,8 +170,9 @@ def main(args):
     pairs, note = codebook_pairs({r.label for r in test}, iem_classes, args.labels, args.target_sum, args.pairs)
     if note:
         print(note)
-    vq = load_vq(args, paths, device)
-    codebook = vq.quantize.embedding.weight.detach()
+    tok = load_vq(args, paths, device)
+    codebook = tok.codebook
+    vq = getattr(tok, "model", tok)  # the adapter's model (score_trace decodes taming / synthetic ids through it)
     if codebook.shape[1] != code_dim:
         raise CortexError(f"the VQ codebook has dimension {codebook.shape[1]}; the dataset {paths.data_dir} (and its "
                           f"IEM) has {code_dim}-d codes: pass the VQ model that made it (--vq, --tokenizer_config)")

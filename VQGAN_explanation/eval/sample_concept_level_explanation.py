@@ -38,6 +38,7 @@ from cortex.evaluation.evaluators import evaluator_parser
 from cortex.evaluation.explain import (CONCEPT_COLUMNS, PER_IMAGE_COLUMNS, check_eval_dataset, eval_setup,
                                        evaluated_labels, load_images, warn_if_near_chance, write_rows)
 from cortex.paths import ExperimentPaths, attribution_suffix
+from cortex.iem.registry import model_choices
 from cortex.provenance import write_output_record
 from cortex.utils import CortexError, save_run_args
 
@@ -52,7 +53,7 @@ def get_args_parser():
                     parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser(),
                              label_subset_parser("evaluate the labels that have statistics and a frequency baseline "
                                                  "even if others lack them (prints what is skipped); default: refuse")])
-    p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS statistics are used")
+    p.add_argument("--model", type=int, choices=model_choices("vqgan"), required=True, help="IEM whose TIS statistics are used")
     p.add_argument("--top_n", type=position_int, default=20, help="section 'Top {top_n} Tokens' of the statistics (default: 20)")
     p.add_argument("--token_num", type=positive_int, default=100, help="concept / baseline tokens per label (default: 100)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="smoothgrad",
@@ -130,7 +131,7 @@ def main(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"top{args.top_n}_token{args.token_num}{attribution_suffix(args.attribution)}"
     save_run_args(args, out_dir, f"sample_concept_level_args_{tag}.json")
-    from cortex.data import dataset_geometry
+    from cortex.data.formats import dataset_geometry
 
     h, w, _ = dataset_geometry(paths.data_dir)  # the token grid (16x16 unless dataset_info.json says otherwise)
     res = concept_level(evaluators, label_data(paths, inputs), batch_size=args.eval_batch_size,

@@ -37,8 +37,9 @@ from cortex.evaluation.explain import (DEFAULT_NS, PER_IMAGE_COLUMNS, SAMPLE_COL
                                        write_rows)
 from cortex.evaluation.masking import AUTHORS_RANDOM_SEED, authors_random_draws, check_ns
 from cortex.evaluation.sample_level import sample_level
-from cortex.list_csv import split_label_counts
+from cortex.data.list_csv import split_label_counts
 from cortex.paths import attribution_suffix
+from cortex.iem.registry import model_choices
 from cortex.provenance import verify, write_output_record
 from cortex.utils import CortexError, save_run_args
 
@@ -51,7 +52,7 @@ def get_args_parser():
                     parents=[paths_parser(__file__, up=1), runtime_parser(), evaluator_parser(),
                              label_subset_parser("evaluate the labels whose TIS are complete even if others are "
                                                  "missing or partial (prints what is skipped); default: refuse")])
-    p.add_argument("--model", type=int, choices=(1, 2, 3, 4), required=True, help="IEM whose TIS are evaluated")
+    p.add_argument("--model", type=int, choices=model_choices("vqgan"), required=True, help="IEM whose TIS are evaluated")
     p.add_argument("--num_tokens", type=position_int, nargs="+", default=list(DEFAULT_NS),
                    help="numbers n of top TIS / random positions (default: 5 10 ... 50)")
     p.add_argument("--data_type", default="test", choices=("test", "train"),
@@ -113,7 +114,7 @@ def label_data(paths, args, by_label, tis_files):
 
 
 def main(args):
-    from cortex.data import dataset_geometry
+    from cortex.data.formats import dataset_geometry
     from cortex.paths import ExperimentPaths
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)

@@ -25,6 +25,7 @@ import torch
 from cortex.attribution.attributions import ATTRIBUTIONS
 from cortex.attribution.scorer import TISConfig, TISScorer
 from cortex.cli import make_parser, model_parser, nonneg_float, paths_parser, positive_int, run_main, runtime_parser
+from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
 from cortex.provenance import verify, write_output_record
 from cortex.utils import CortexError, atomic_write, get_device, save_run_args
@@ -35,7 +36,7 @@ COLUMNS = ["model", "attribution", "stage", "layer", "spearman_mean", "spearman_
 
 def get_args_parser():
     p = make_parser("model_randomisation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                    parents=[model_parser(), paths_parser(__file__, up=1), runtime_parser()])
+                    parents=[model_parser(model_choices("vqgan")), paths_parser(__file__, up=1), runtime_parser()])
     p.add_argument("--attributions", nargs="+", choices=sorted(ATTRIBUTIONS),
                    default=["smoothgrad", "smoothgrad_x_input"], help="attributions to check (default: %(default)s)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
@@ -156,8 +157,8 @@ def plot_randomisation(rows: list[dict], out: Path, title: str) -> Path:
 # ----------------------------------------------------------------------------- script
 
 def main(args):
-    from cortex.data import EmbeddingDataset
-    from cortex.models import load_iem
+    from cortex.data.formats import EmbeddingDataset
+    from cortex.iem.checkpoints import load_iem
 
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     used = verify(paths, args.model, split=args.split)  # the IEM was trained on this dataset (cortex.provenance)

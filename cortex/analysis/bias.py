@@ -22,9 +22,9 @@ import numpy as np
 
 from ..attribution.attributions import print_smoothgrad_caveat
 from ..attribution.tis import check_iem_not_near_chance
-from ..data import codebook_size, n_positions
+from ..data.formats import codebook_size, n_positions
 from ..figures import MAX_WIDTH_IN, _plt, save_figure
-from ..list_csv import fast_int_list_csv, int_lists, split_label_counts
+from ..data.list_csv import fast_int_list_csv, int_lists, split_label_counts
 from ..paths import label_files
 from ..provenance import SOURCE_FILE, dataset_hashes, write_output_record
 from .significance import check_current_run
@@ -64,7 +64,7 @@ def read_neutral_set(path, n_pos: int | None = None, n_codes: int | None = None
 
     ids: ``(N, L)`` int64 when every image has L ids (the usual 256), else a list of N arrays.
     ``filename`` is optional (row numbers are used when absent); other columns are ignored. Well-formed
-    files are read in one pass (``cortex.list_csv.fast_int_list_csv``; linear in the images); otherwise the
+    files are read in one pass (``cortex.data.list_csv.fast_int_list_csv``; linear in the images); otherwise the
     csv module's reader names the bad line. Given ``n_pos`` (ids per image) and ``n_codes`` (codebook size),
     a row with another number of ids, a negative id or one >= ``n_codes`` is a CortexError naming file:line.
     """

@@ -118,7 +118,7 @@ def read_label_tis(path, token_indices: dict) -> tuple[np.ndarray, np.ndarray]:
 def significance_tests(tis_files: dict, token_indices: dict | None, top_ns, progress: bool = True,
                        parsed: dict | None = None) -> dict:
     """``{label: {n: TokenTests}}`` for the TIS files ``{label: path}``; parsed: ``{label: (ids, scores)}``
-    already read (``cortex.stats.analyze_tis(keep=...)``): those files are not read again."""
+    already read (``cortex.analysis.statistics.analyze_tis(keep=...)``): those files are not read again."""
     parsed = parsed or {}
     out = {}
     for label, path in tqdm(tis_files.items(), desc="enrichment tests", unit="label", disable=not progress):

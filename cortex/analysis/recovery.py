@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..attribution.attributions import ATTRIBUTIONS
-from ..data import read_split
+from ..data.formats import read_split
 from ..paths import label_files
 from ..utils import CortexError
 from .frequency import read_frequency_baseline

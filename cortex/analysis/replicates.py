@@ -41,6 +41,7 @@ from ..paths import ExperimentPaths, label_files
 from ..utils import CortexError, atomic_write
 from .bias_files import bias_csv_name, read_bias_csv
 from .statistics_files import read_stats_section
+from cortex.iem.registry import model_choices
 
 REPLICATES_DIR = "replicates"
 BIAS_ROBUSTNESS_HEADER = ["label", "direction", "runs", "runs_same_sign", "runs_ci_excludes_0", "delta_mean",
@@ -299,11 +300,11 @@ def get_args_parser(script=None, up: int = 0, experiment: str = "vqgan"):
                    help="experiment folder holding the seed folders (default: %(default)s)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=None,
                    help="seeds to compare (default: 0 and every results/replicates/seed_<s> found)")
-    p.add_argument("--model", type=int, choices=(1, 2, 3, 4), default=1, help="IEM ClassificationNet{m} (default: 1)")
+    p.add_argument("--model", type=int, choices=model_choices("vqgan"), default=1, help="IEM ClassificationNet{m} (default: 1)")
     p.add_argument("--attribution", default="smoothgrad", help="whose TIS statistics (default: %(default)s)")
     p.add_argument("--top_n", type=position_int, default=5, help="section 'Top n Tokens' (default: %(default)s)")
     p.add_argument("--k", type=positive_int, default=10, help="tokens per label compared (default: %(default)s)")
-    p.add_argument("--across_models", type=int, choices=(1, 2, 3, 4), nargs="+", default=None,
+    p.add_argument("--across_models", type=int, choices=model_choices("vqgan"), nargs="+", default=None,
                    help="also compare the tokens of these IEMs (e.g. 1 2 3 4) with each other, per seed")
     return add_message_flags(p)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..attribution.attributions import print_smoothgrad_caveat
 from ..cli import float_in, positive_int
-from ..data import load_token_indices
+from ..data.formats import load_token_indices
 from ..paths import ENRICHMENT_FILE, SIGNIFICANCE_FILE, ExperimentPaths, label_files
 from ..provenance import significance_record_path, verify, write_significance_record
 from ..utils import CortexError, atomic_write, hold_writer_lock
@@ -99,7 +99,7 @@ def add_significance_args(p) -> None:
 
 
 def run_tis_analysis(args, experiment: str) -> dict:
-    """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.stats.run_analysis), then the
+    """``TIS_analysis.py`` of both folders: the authors' statistics (cortex.analysis.statistics.run_analysis), then the
     label-contrast tests of the same labels (and with ``--enrichment`` the within-image test); each TIS file is
     parsed once for all."""
     stats_dir = ExperimentPaths.from_args(args, experiment).stats_dir(args.model, args.attribution)
@@ -116,7 +116,7 @@ def run_significance(args, experiment: str, parsed: dict | None = None) -> Path:
     """TIS_analysis.py's second output: the label-contrast tests (and with ``--enrichment`` the within-image
     enrichment tests) of the labels that have statistics.
 
-    parsed: ``{label: (ids, scores)}`` kept by ``cortex.stats.run_analysis(keep=...)`` in the same run, so
+    parsed: ``{label: (ids, scores)}`` kept by ``cortex.analysis.statistics.run_analysis(keep=...)`` in the same run, so
     the TIS files and the token cache are not read a second time.
     """
     if not 0 < args.alpha < 1:
@@ -215,7 +215,7 @@ def check_current_run(paths, model: int, attribution: str) -> dict:
     """CortexError unless the statistics of (model, attribution) come from the *current* run.
 
     Current: every link of ``cortex.provenance`` up to the dataset holds -- the statistics are complete and
-    match their TIS run (``cortex.stats.check_statistics_current``), that run names the checkpoint, train CSV
+    match their TIS run (``cortex.provenance.check_statistics_current``), that run names the checkpoint, train CSV
     and codebook on disk now, the checkpoint was trained on this dataset, and ``tis_significance.csv`` was
     computed with these statistics. Returns the ids used (``cortex.provenance.verify``).
     """

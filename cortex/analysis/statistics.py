@@ -25,8 +25,8 @@ from ..attribution import store
 from ..attribution.attributions import ATTRIBUTIONS
 from ..attribution.store import TIS_CONFIG, check_tis_inputs, fingerprint, report_problems
 from ..cli import make_parser, position_int, positive_int
-from ..data import load_token_indices
-from ..list_csv import split_label_counts
+from ..data.formats import load_token_indices
+from ..data.list_csv import split_label_counts
 from ..paths import ExperimentPaths, label_files
 from ..provenance import SOURCE_FILE, check_tis_run, mark_in_progress, record_id
 from ..utils import CortexError, atomic_write, save_run_args
@@ -87,7 +87,7 @@ def analyze_tis(tis_dir, stats_dir, token_indices, top_ns=TOP_NS, limit: int = M
     """Write the statistics of a TIS run (``tis_dir/label_{k}.csv``) to ``stats_dir``, as the authors' script.
 
     token_indices: ``{filename: [256 ids]}`` or a function returning it (called after the checks).
-    expected_labels: ``{label: n_images}`` of the train split (``cortex.list_csv.split_label_counts``); the run is
+    expected_labels: ``{label: n_images}`` of the train split (``cortex.data.list_csv.split_label_counts``); the run is
     checked by ``cortex.attribution.store.check_tis_inputs`` (a CortexError unless ``allow_partial``). Every TIS file is read
     and checked (NaN/Inf, repeated image, row count) before anything is written. Per label: top-n token
     counts (``Files``: one entry per occurrence), ties in the authors' first-occurrence order; the global

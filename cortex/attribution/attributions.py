@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from cortex.iem.registry import bf16_allowed
+
 NOISE_SCOPES = ("sample", "batch", "authors")
 REDUCTIONS = ("max", "mean", "sum")
 
@@ -615,13 +617,9 @@ class _FastWrapper(nn.Module):
         return self.inner(x)
 
 
-# nets whose bf16 TIS keep >= 99% of the top-20 positions of the exact float32 TIS (measured, H100, paper width):
-# VQGAN Net3 99.8% (allowed); Net1 75%, Net4 98.8% (not allowed). Others: never bf16.
-BF16_NETS = {("vqgan", 3)}
-
-
 def prepare_fast(model: nn.Module, device, net: tuple[str, int] | None = None) -> tuple[nn.Module, dict]:
-    """The ``--fast`` model: BatchNorm folded, channels-last, bf16 autocast only for ``BF16_NETS`` on CUDA.
+    """The ``--fast`` model: BatchNorm folded, channels-last, bf16 autocast on CUDA only for the nets whose
+    registry entry allows it (``cortex.iem.registry.bf16_allowed``).
 
     Returns ``(model on device in eval mode, info)`` with info ``{"bn_folds", "channels_last", "bf16"}``
     (recorded in ``tis_config.json``: it changes the scores beyond float rounding when bf16 is on).
@@ -631,7 +629,7 @@ def prepare_fast(model: nn.Module, device, net: tuple[str, int] | None = None) -
     folded = folded.to(device).to(memory_format=torch.channels_last)
     for p in folded.parameters():
         p.requires_grad_(False)
-    bf16 = device.type == "cuda" and net is not None and tuple(net) in BF16_NETS
+    bf16 = device.type == "cuda" and bf16_allowed(net)
     return _FastWrapper(folded, bf16).eval(), {"bn_folds": n, "channels_last": True, "bf16": bf16}
 
 

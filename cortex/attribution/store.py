@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..list_csv import fast_list_csv
+from ..data.list_csv import fast_list_csv
 from ..paths import LABEL_RE, label_files
 from ..utils import (CortexError, atomic_write, blocking_lock, format_list, lock_fd, open_lock, parse_float_list,
                      try_lock, unlock)
@@ -201,7 +201,7 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
     the paper's grid. The row length is the first row's (:func:`tis_row_length`); a row of another length is
     a CortexError naming it.
 
-    Linear in the rows: one C parse (``cortex.list_csv.fast_list_csv``), else the row-by-row reader below,
+    Linear in the rows: one C parse (``cortex.data.list_csv.fast_list_csv``), else the row-by-row reader below,
     which names a malformed line. A UTF-8 BOM is accepted; a NaN/Inf score or an image listed twice is a
     CortexError naming the file and line (:func:`check_tis_rows`).
     """

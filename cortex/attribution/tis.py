@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..cli import env_int, make_parser, nonneg_float, nonneg_int, positive_float, positive_int
-from ..data import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
-from ..models import load_iem
+from ..data.formats import EmbeddingDataset, load_codebook, resolve_num_classes, split_csv
+from ..iem.checkpoints import load_iem
 from ..paths import ExperimentPaths
 from ..provenance import check_checkpoint
 from ..utils import CortexError, file_sha256, get_device, require_file, save_run_args, seed_everything

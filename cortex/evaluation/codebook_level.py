@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import trange
 
-from ..data import GRID, embedding_to_ids, ids_to_embedding, square_grid
-from ..tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
+from ..data.formats import GRID, embedding_to_ids, ids_to_embedding, square_grid
+from ..data.tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
 from ..utils import CortexError
 from .evaluators import class_logit_prob, evaluator_logits
 
@@ -235,7 +235,7 @@ def decoded_to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_ids(vq, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Token ids (B, h*w) (256 for 16x16) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
-    tokenizer adapter of :mod:`cortex.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
+    tokenizer adapter of :mod:`cortex.data.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
     tok = as_tokenizer(vq)
     if not isinstance(tok, (TamingTokenizer, SyntheticTokenizer)):  # diffusers VQModel / custom tokenizer
         # the tokenizer's own grid, else (a dataset encoded at another --resolution) the square grid of the ids

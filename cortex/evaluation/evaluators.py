@@ -272,7 +272,7 @@ def dataset_record(data_dir) -> dict:
     dataset in the same folder is told apart, and a copy of the dataset elsewhere is recognised."""
     import hashlib
 
-    from ..data import dataset_info, read_split
+    from ..data.formats import dataset_info, read_split
 
     data_dir = Path(data_dir)
     h = hashlib.sha256()
@@ -388,7 +388,7 @@ def evaluator_parser() -> argparse.ArgumentParser:
 
 
 def is_synthetic_dataset(data_dir) -> bool:
-    from ..data import dataset_info
+    from ..data.formats import dataset_info
 
     return (Path(data_dir) / "synthetic_vq.pt").exists() or dataset_info(data_dir).get("source") == SYNTHETIC
 
@@ -415,7 +415,7 @@ def resolve_evaluator_names(names, paths, evaluator_dir=None) -> list[str]:
     ``checkpoints/evaluators/`` holds some (on the synthetic world: any), else the four ImageNet models -- unless
     the dataset's labels are not ImageNet class ids (the synthetic world, your own labelled images), which is a
     CortexError saying to run train_evaluators.py."""
-    from ..data import dataset_info
+    from ..data.formats import dataset_info
 
     names = [SYNTHETIC if n == TRAINED else n for n in (names or [AUTO])]
     folder = evaluator_folder(paths, evaluator_dir)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..attribution.tis import check_iem_not_near_chance
-from ..data import GRID, N_POS, Record, dataset_info, image_path, read_split, square_grid
+from ..data.formats import GRID, N_POS, Record, dataset_info, image_path, read_split, square_grid
 from ..paths import ExperimentPaths
 from ..utils import CortexError, atomic_write, get_device, seed_everything
 from .evaluators import class_logit_prob, evaluator_logits, load_evaluators, to_unit

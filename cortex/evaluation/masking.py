@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import GRID, N_POS
+from ..data.formats import GRID, N_POS
 from ..utils import CortexError
 
 
@@ -43,7 +43,7 @@ def pixel_mask(pos_mask: torch.Tensor, image_size, grid=None) -> torch.Tensor:
     """(B, h*w) bool position mask -> (B, 1, H, W) bool pixel mask (True = blacked out).
 
     grid: the token grid (h, w) of another tokenizer (default: the paper's 16 x 16); image_size: H, or (H, W)
-    with a grid. A token covers an (H / h) x (W / w) patch (:attr:`cortex.tokenizers.VQTokenizer.patch_size`).
+    with a grid. A token covers an (H / h) x (W / w) patch (:attr:`cortex.data.tokenizers.VQTokenizer.patch_size`).
     """
     pos_mask = torch.as_tensor(pos_mask, dtype=torch.bool)
     if pos_mask.ndim == 1:

@@ -4,14 +4,14 @@ For each of a label's first ``k`` concept tokens (section ``Top {top_n} Tokens``
 file) the gallery shows
 
 * the token **decoded on its own**: the tokenizer's decode of a grid filled with that token
-  (:meth:`cortex.tokenizers.VQTokenizer.decode_token`), and
+  (:meth:`cortex.data.tokenizers.VQTokenizer.decode_token`), and
 * the token **in context**: up to ``n_patches`` patches cut from the dataset's decoded images
   ``datasets/images/<a>/<b>.png`` where the token sits, drawn from as many images as possible (the first
   occurrence in each of the label's images of ``split``, in the split CSV's order, then the second ones, ...:
   :func:`spread_occurrences`; patch = image size / grid),
 
 one row per token, one PNG per label (matplotlib Agg). Works for every tokenizer adapter (synthetic world,
-taming, diffusers, :class:`~cortex.tokenizers.CallableTokenizer`).
+taming, diffusers, :class:`~cortex.data.tokenizers.CallableTokenizer`).
 
     cards = build_gallery(data_dir, tokenizer, stats_file, label=3, top_n=20, k=8)
     draw_gallery(cards, "gallery.png", title="label 3")
@@ -92,13 +92,13 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
                   n_patches: int = 6, split: str = "train", context: int = 0) -> list[TokenCard]:
     """The gallery rows of ``label``: one :class:`TokenCard` per concept token, in the statistics' order.
 
-    tokenizer: any :class:`cortex.tokenizers.VQTokenizer` (or a model :func:`~cortex.tokenizers.as_tokenizer`
+    tokenizer: any :class:`cortex.data.tokenizers.VQTokenizer` (or a model :func:`~cortex.data.tokenizers.as_tokenizer`
     accepts). Patches come from ``images/`` of ``data_dir``; a dataset generated with ``--no_images`` has
     none (CortexError). context: tokens of margin around each patch (the token is boxed in the figure).
     """
-    from ..data import image_path, read_split
-    from ..synthetic import to_uint8
-    from ..tokenizers import as_tokenizer
+    from ..data.formats import image_path, read_split
+    from ..data.synthetic import to_uint8
+    from ..data.tokenizers import as_tokenizer
 
     if context < 0 or n_patches < 0:
         raise CortexError(f"--context {context} / --patches {n_patches}: use non-negative numbers")

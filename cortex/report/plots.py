@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import dataset_info, square_grid
+from ..data.formats import dataset_info, square_grid
 from ..evaluation.concept_level import paired_t_interval
 from ..figures import COLUMN_WIDTH_IN, MAX_WIDTH_IN, _plt, _save, save_figure
 from ..utils import CortexError

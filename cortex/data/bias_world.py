@@ -2,7 +2,7 @@
 
 One world serves both bias types, as one generator (DALL-E-mini) serves both in the paper:
 
-* the codebook and background are those of :class:`cortex.synthetic.SyntheticWorld` (shared Zipf background
+* the codebook and background are those of :class:`cortex.data.synthetic.SyntheticWorld` (shared Zipf background
   pool, distractors), built with five extra disjoint token groups: ``doctor`` (the shared object, the same
   tokens whatever the labels), ``gender_0`` / ``gender_1`` (male / female) and ``color_0`` / ``color_1``
   (light / dark skin);
@@ -36,10 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
-from .data import GRID, N_POS
-from .synthetic import SyntheticWorld, WorldConfig, to_uint8
-from .utils import CortexError, atomic_write, format_list
+from cortex.data.formats import GRID, N_POS
+from cortex.data.writer import to_uint8
+from cortex.data.synthetic import SyntheticWorld, WorldConfig
+from cortex.utils import CortexError, atomic_write, format_list
 
 # bias type -> (attribute, names of labels 0 and 1)
 ATTRIBUTES = {"doctor_gender": ("gender", ("male", "female")), "doctor_color": ("color", ("light", "dark"))}
@@ -154,7 +157,7 @@ class BiasWorld:
         return ids
 
     def sampler(self, bias_type: str):
-        """``sampler(label, rng) -> ids`` for ``cortex.synthetic.write_world``: the label is the bias type's
+        """``sampler(label, rng) -> ids`` for ``cortex.data.synthetic.write_world``: the label is the bias type's
         attribute, the other attribute is drawn 50/50; with probability ``attribute_dropout`` the labelled
         attribute is not visible (same rate for both labels)."""
         attribute, _ = _attribute(bias_type)
@@ -239,8 +242,6 @@ def write_neutral_set(csv_path, world: BiasWorld, vq, n_images: int, gender_rati
     gender/color are the true attributes of each image (0/1; bias detection reads only ``indices``).
     image_dir: where the decoded PNGs go (``<image_dir>/<filename>``), None for none. Returns the info dict.
     """
-    from tqdm import tqdm
-
     if n_images < 1:
         raise CortexError(f"--neutral_images {n_images}: need at least one neutral-prompt image")
     seed = world.config.seed
@@ -252,8 +253,6 @@ def write_neutral_set(csv_path, world: BiasWorld, vq, n_images: int, gender_rati
         ids = world.sample(rng, int(gender[i]), int(color[i]))
         name = f"none_{i}.png"
         if image_dir is not None:
-            from PIL import Image
-
             img = to_uint8(vq.decode_ids(torch.from_numpy(ids)[None]))[0]
             out = Path(image_dir) / name
             out.parent.mkdir(parents=True, exist_ok=True)

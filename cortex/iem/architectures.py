@@ -1,10 +1,11 @@
-"""The Information Extraction Models (IEMs) of SPEC §4, ``build_model`` and IEM checkpoint I/O.
+"""The Information Extraction Models (IEMs) of SPEC §4: one class per distinct architecture.
 
 Every IEM reads a token-based embedding ``(B, 256, 16, 16)`` and returns raw logits
-``(B, num_classes)``. Other tokenizers (issue 15): ``code_dim`` D and ``grid`` (h, w) build a net for
+``(B, num_classes)``. Other tokenizers: ``code_dim`` D and ``grid`` (h, w) build a net for
 ``(B, D, h, w)`` embeddings -- the first layer takes D channels, the transformers' positions are h*w+1
 long, and the VGG nets average-pool their map to 4x4 when it is not already 4x4. The defaults (256,
-16 x 16) build exactly the paper's nets. One class per distinct architecture, shared by both experiments:
+16 x 16) build exactly the paper's nets. The classes are shared by both experiments
+(``cortex.iem.registry`` says which ClassificationNet each one is):
 
 =====================  ==========================  =================
 class                  VQGAN_explanation           Dalle_explanation
@@ -19,36 +20,23 @@ At the default ``width=512`` the state-dict keys and shapes equal
 ``shared/fixtures/state_dict_shapes.json``, so the authors' checkpoints load with
 ``strict=True``. A smaller ``width`` (a multiple of 8) scales every hidden size with it
 (fc 4096 = 8·width, 2048 = 4·width, 1024 = 2·width, MLP 2048 = 4·width) for tests and CPU demos.
-
-Checkpoints: ``save_iem`` writes the plain ``state_dict`` plus a ``config.json`` beside it;
-``load_iem`` rebuilds the net (from explicit values, else ``config.json``, else the state-dict
-shapes, else the paper defaults) and loads it strictly, with errors that say what to do.
 """
 from __future__ import annotations
 
-import json
 import math
-import pickle
-import re
-from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from cortex.utils import CortexError, atomic_torch_save, atomic_write
+from cortex.data.formats import check_geometry
+from cortex.utils import CortexError
 
 EMBED_DIM = 256        # channels of a token embedding (VQGAN codebook vectors)
 GRID = 16              # tokens per side: 16 x 16 = 256 positions
 NUM_POSITIONS = GRID * GRID
 PAPER_WIDTH = 512
 NUM_HEADS = 8
-
-EXPERIMENTS = ("vqgan", "dalle")
-MODEL_IDS = {"vqgan": (1, 2, 3, 4), "dalle": (1, 2, 3)}
-DEFAULT_NUM_CLASSES = {"vqgan": 1000, "dalle": 2}
-DEFAULT_DEPTH = {("vqgan", 4): 12, ("dalle", 3): 6}  # transformer layers; other nets have no depth
-FOLDERS = {"vqgan": "VQGAN_explanation", "dalle": "Dalle_explanation"}
 
 
 class ModelArgumentError(CortexError, ValueError):
@@ -71,8 +59,6 @@ def _check_depth(depth: int) -> int:
 
 def _check_geometry(code_dim: int, grid) -> tuple[int, tuple[int, int]]:
     """``(D, (h, w))`` as positive ints, else a ModelArgumentError."""
-    from cortex.data import check_geometry
-
     try:
         h, w, d = check_geometry(grid, code_dim, "IEM geometry")
     except CortexError as e:
@@ -396,319 +382,3 @@ class PostLNTransformer(nn.Module):
         x = self.norm(x)[:, 0]                                 # (B, w) the cls token
         return self.fc(self.pre_classifier(x))                 # (B, num_classes)
 
-
-# ============================================================================ build
-
-def _check_experiment(experiment: str) -> str:
-    if experiment not in EXPERIMENTS:
-        raise ModelArgumentError(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
-    return experiment
-
-
-def _check_model_id(experiment: str, model_id: int) -> int:
-    choices = MODEL_IDS[_check_experiment(experiment)]
-    if model_id not in choices or isinstance(model_id, bool):
-        raise ModelArgumentError(
-            f"--model {model_id!r} is not an IEM of {FOLDERS[experiment]}; "
-            f"valid choices: {', '.join(map(str, choices))}")
-    return model_id
-
-
-def has_depth(experiment: str, model_id: int) -> bool:
-    """Whether the net is a transformer (has a ``depth``)."""
-    return (experiment, model_id) in DEFAULT_DEPTH
-
-
-def build_model(experiment: str, model_id: int, num_classes: int, width: int = PAPER_WIDTH,
-                depth: int | None = None, code_dim: int | None = None, grid=None) -> nn.Module:
-    """ClassificationNet{model_id} of ``experiment`` ("vqgan" | "dalle"), randomly initialised.
-
-    ``depth`` (transformer layers) applies to VQGAN Net4 (default 12) and Dalle Net3 (default 6)
-    and is ignored by the convolutional nets. ``code_dim`` D (default 256) and ``grid`` (h, w) (default
-    16 x 16): the embeddings ``(B, D, h, w)`` the net reads (``cortex.data.dataset_geometry`` of a dataset).
-    """
-    _check_model_id(experiment, model_id)
-    key = (experiment, model_id)
-    if depth is None:
-        depth = DEFAULT_DEPTH.get(key)
-    geo = dict(code_dim=EMBED_DIM if code_dim is None else code_dim, grid=(GRID, GRID) if grid is None else grid)
-    if key in (("vqgan", 1), ("dalle", 1)):
-        return VGGNet(num_classes, width, variant=1, **geo)
-    if key == ("vqgan", 2):
-        return VGGNet(num_classes, width, variant=2, **geo)
-    if key in (("vqgan", 3), ("dalle", 2)):
-        return ResSENet(num_classes, width, **geo)
-    if key == ("vqgan", 4):
-        return ViTBN(num_classes, width, depth, **geo)
-    return PostLNTransformer(num_classes, width, depth, **geo)       # ("dalle", 3)
-
-
-# ============================================================================ state-dict inspection
-
-# (experiment, model_id) -> (key of the first layer, key of the final layer); both weights'
-# dim 0 give width and num_classes.
-_SIGNATURE = {
-    ("vqgan", 1): ("conv1_1.weight", "fc3.weight"),
-    ("vqgan", 2): ("conv1_1.weight", "fc3.weight"),
-    ("vqgan", 3): ("layer1.0.conv1.weight", "fc2.weight"),
-    ("vqgan", 4): ("proj.0.weight", "fc.weight"),
-    ("dalle", 1): ("conv1_1.weight", "fc3.weight"),
-    ("dalle", 2): ("layer1.0.conv1.weight", "fc2.weight"),
-    ("dalle", 3): ("proj.weight", "fc.weight"),
-}
-
-
-def identify_architecture(state_dict, experiment: str) -> int | None:
-    """Which ClassificationNet of ``experiment`` a state dict belongs to (by its key set), else None."""
-    _check_experiment(experiment)
-    keys = set(state_dict)
-    vgg = "conv1_1.weight" in keys and "fc3.weight" in keys
-    resse = "layer1.0.conv1.weight" in keys and "layer1.0.se.fc1.weight" in keys
-    vit_bn = "pos_embed" in keys and "proj.0.weight" in keys and "final_norm.weight" in keys
-    post_ln = "proj.weight" in keys and "norm.weight" in keys and "pos_embed" not in keys
-    if experiment == "vqgan":
-        if vgg:
-            return 2 if "conv3_1.weight" in keys else 1
-        if resse:
-            return 3
-        if vit_bn:
-            return 4
-        return None
-    if vgg and "conv3_1.weight" not in keys:
-        return 1
-    if resse:
-        return 2
-    if post_ln:
-        return 3
-    return None
-
-
-def _shape(state_dict, key: str) -> tuple[int, ...]:
-    return tuple(state_dict[key].shape)
-
-
-def infer_hparams(state_dict, experiment: str, model_id: int) -> dict:
-    """``{"width", "num_classes", "depth", "code_dim", "grid"}`` read off the state-dict shapes (missing ones
-    are None). ``code_dim`` is the first layer's input size; ``grid`` only the ViT's ``pos_embed`` tells (as a
-    square grid of its h*w positions; the other nets' weights do not depend on the grid)."""
-    first, last = _SIGNATURE[(experiment, model_id)]
-    out = {"width": None, "num_classes": None, "depth": None, "code_dim": None, "grid": None}
-    if first in state_dict:
-        out["width"] = _shape(state_dict, first)[0]
-        out["code_dim"] = _shape(state_dict, first)[1]
-    if "pos_embed" in state_dict:
-        n = _shape(state_dict, "pos_embed")[1] - 1
-        g = math.isqrt(max(n, 0))
-        out["grid"] = [g, g] if g * g == n and n > 0 else None
-    if last in state_dict:
-        out["num_classes"] = _shape(state_dict, last)[0]
-    if has_depth(experiment, model_id):
-        layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.(\d+)\.", k))}
-        out["depth"] = max(layers) + 1 if layers else None
-    return out
-
-
-_PREFIXES = ("module.", "model.", "_orig_mod.")
-
-
-def unwrap_state_dict(obj, where: str = "checkpoint") -> dict:
-    """A plain ``{name: tensor}`` dict from a checkpoint object.
-
-    Accepts a plain state dict, or a dict with a ``state_dict`` / ``model`` entry (Lightning,
-    custom trainers); strips a ``module.`` (DDP), ``model.`` (Lightning), ``_orig_mod.``
-    (torch.compile) prefix. When only some keys carry ``model.`` (a LightningModule with other
-    state, e.g. a loss weight), only those are kept.
-    """
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    for entry in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(entry), dict):
-            obj = obj[entry]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CortexError(f"{where}: not a state dict: expected a {{name: tensor}} mapping "
-                          f"(or one under 'state_dict' / 'model')")
-    sd = dict(obj)
-    changed = True
-    while changed and sd:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
-                changed = True
-    if not any(identify_architecture(sd, e) for e in EXPERIMENTS):
-        sub = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-        if sub and any(identify_architecture(sub, e) for e in EXPERIMENTS):
-            sd = sub
-    return sd
-
-
-# ============================================================================ save / load
-
-_HPARAMS = ("num_classes", "width", "depth")
-_GEOMETRY = {"code_dim": EMBED_DIM, "grid": [GRID, GRID]}  # recorded in config.json only when not these
-
-
-def _model_meta(model_or_state_dict) -> dict:
-    """width / num_classes / depth / code_dim / grid from a model's attributes (built by ``build_model``)."""
-    if isinstance(model_or_state_dict, nn.Module):
-        out = {k: getattr(model_or_state_dict, k) for k in (*_HPARAMS, *_GEOMETRY) if hasattr(model_or_state_dict, k)}
-        if "grid" in out:
-            out["grid"] = list(out["grid"])
-        return out
-    return {}
-
-
-def save_iem(model_or_state_dict, path, meta: dict) -> Path:
-    """Write the plain ``state_dict`` to ``path`` and ``config.json`` beside it (both atomically).
-
-    ``meta`` must name the ``experiment``; ``model_id``, ``num_classes``, ``width`` and ``depth``
-    are taken from ``meta``, else from the model, else from the state-dict shapes. ``code_dim`` and
-    ``grid`` [h, w] likewise, written only when they differ from the paper's 256 and [16, 16] (so the
-    paper-geometry config.json is unchanged). Extra ``meta`` keys are kept in ``config.json``.
-    Returns the path of ``config.json``.
-    """
-    path = Path(path)
-    sd = unwrap_state_dict(model_or_state_dict)
-    experiment = meta.get("experiment")
-    _check_experiment(experiment)
-    found = identify_architecture(sd, experiment)
-    model_id = meta.get("model_id") or found
-    if model_id is None:
-        raise CortexError(f"save_iem({path}): cannot tell which ClassificationNet of {experiment} this is; "
-                          f"pass meta['model_id']")
-    _check_model_id(experiment, model_id)
-    if found is not None and found != model_id:
-        raise CortexError(f"save_iem({path}): meta says ClassificationNet{model_id} but the weights are "
-                          f"a ClassificationNet{found} of {experiment}")
-    inferred = infer_hparams(sd, experiment, model_id)
-    config = dict(meta)
-    config.update(experiment=experiment, model_id=int(model_id))
-    for k in (*_HPARAMS, *_GEOMETRY):
-        v = meta.get(k)
-        if v is None:
-            v = _model_meta(model_or_state_dict).get(k, inferred[k])
-        if k in _GEOMETRY:
-            v = None if v is None else (list(v) if k == "grid" else int(v))
-            if v is None or v == _GEOMETRY[k]:
-                config.pop(k, None)
-                continue
-        config[k] = v
-    atomic_torch_save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}, path)
-    config_path = path.parent / "config.json"
-    with atomic_write(config_path) as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    return config_path
-
-
-def _read_config(path: Path, experiment: str, model_id: int) -> dict:
-    """The ``config.json`` beside ``path`` if it describes this experiment/net, else ``{}``."""
-    cfg_path = path.parent / "config.json"
-    if not cfg_path.exists():
-        return {}
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CortexError(f"{cfg_path}: unreadable config ({e}); fix or delete it") from None
-    if cfg.get("experiment", experiment) != experiment or cfg.get("model_id", model_id) != model_id:
-        return {}
-    return cfg
-
-
-def _torch_load(path: Path, map_location):
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CortexError(f"{path}: cannot read the checkpoint ({e}); is it a torch .pth file?") from None
-    # Lightning checkpoints may pickle hyper-parameters (e.g. an argparse Namespace); the file is
-    # the user's own checkpoint, so fall back to a full unpickle.
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable checkpoint"
-        raise CortexError(f"{path}: cannot read the checkpoint ({e}); is it a torch .pth file?") from None
-
-
-# written by train.py beside model.pth / best_model.pth while a run is unfinished (removed when its last epoch
-# is saved): a run killed, stopped by SIGTERM or failed keeps it, and load_iem refuses its checkpoints
-UNFINISHED_MARKER = "training_unfinished.json"
-
-
-def check_training_finished(path, model_id) -> None:
-    """CortexError when ``path``'s folder holds the marker of an unfinished training run (``UNFINISHED_MARKER``)."""
-    marker = Path(path).parent / UNFINISHED_MARKER
-    if not marker.exists():
-        return
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        info = {}
-    done = (f"{info.get('epochs_done') or 0} of {info['epochs']} epochs done; " if "epochs" in info else "")
-    raise CortexError(f"{path}: its training run is unfinished ({done}{marker} is there: the run was stopped, "
-                      f"killed or failed, or is running now); its weights are not a finished IEM. Continue it with "
-                      f"python train.py --model {model_id} --resume (same settings), or train anew with --overwrite")
-
-
-def load_iem(path, experiment: str, model_id: int, num_classes: int | None = None, width: int | None = None,
-             depth: int | None = None, map_location="cpu", code_dim: int | None = None, grid=None) -> nn.Module:
-    """Load ClassificationNet{model_id} of ``experiment`` from ``path``, strictly, in eval mode.
-
-    Each of ``num_classes`` / ``width`` / ``depth`` / ``code_dim`` / ``grid`` left as None comes from the ``config.json``
-    beside the checkpoint when present, else from the state-dict shapes, else the paper default.
-    Raises ``CortexError`` for a missing file, a checkpoint of another architecture, or a shape
-    mismatch (naming the first bad key).
-    """
-    _check_model_id(experiment, model_id)
-    path = Path(path)
-    if not path.is_file():
-        raise CortexError(f"checkpoint not found: {path}; train it first with train.py --model {model_id}")
-    check_training_finished(path, model_id)
-    sd = unwrap_state_dict(_torch_load(path, map_location), where=str(path))
-
-    found = identify_architecture(sd, experiment)
-    if found is None:
-        other = [e for e in EXPERIMENTS if e != experiment and identify_architecture(sd, e)]
-        hint = (f" (it looks like a {FOLDERS[other[0]]} ClassificationNet{identify_architecture(sd, other[0])} "
-                f"checkpoint)") if other else ""
-        raise CortexError(f"{path} is not a checkpoint of any {FOLDERS[experiment]} IEM{hint}; "
-                          f"first keys: {list(sd)[:3]}")
-    if found != model_id:
-        raise CortexError(f"{path} holds a ClassificationNet{found} checkpoint ({experiment}), "
-                          f"but --model {model_id} was given; pass --model {found}")
-
-    given = {"num_classes": num_classes, "width": width, "depth": depth, "code_dim": code_dim, "grid": grid}
-    config = _read_config(path, experiment, model_id)
-    inferred = infer_hparams(sd, experiment, model_id)
-    defaults = {"num_classes": DEFAULT_NUM_CLASSES[experiment], "width": PAPER_WIDTH,
-                "depth": DEFAULT_DEPTH.get((experiment, model_id)), **_GEOMETRY}
-    hp, source = {}, {}
-    for k in given:
-        for src, table in (("argument", given), ("config.json", config), ("checkpoint shapes", inferred),
-                           ("paper default", defaults)):
-            if table.get(k) is not None:
-                hp[k], source[k] = table[k], src
-                break
-        else:
-            hp[k], source[k] = None, "none"
-
-    model = build_model(experiment, model_id, hp["num_classes"], hp["width"], hp["depth"], hp["code_dim"], hp["grid"])
-    _check_compatible(model.state_dict(), sd, path, hp, source)
-    model.load_state_dict(sd, strict=True)
-    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-
-
-def _check_compatible(expected: dict, got: dict, path: Path, hp: dict, source: dict) -> None:
-    """Raise a CortexError naming the first missing/unexpected/mis-shaped key."""
-    used = ", ".join(f"{k}={v} (from {source[k]})" for k, v in hp.items() if v is not None)
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise CortexError(f"{path}: {what} ({len(missing)} missing, {len(unexpected)} unexpected) for a net "
-                          f"built with {used}; check --depth")
-    for k, v in expected.items():
-        if tuple(v.shape) != tuple(got[k].shape):
-            raise CortexError(f"{path}: {k} has shape {list(got[k].shape)} in the checkpoint but "
-                              f"{list(v.shape)} in the net built with {used}; check --width / --num_classes "
-                              f"(or config.json beside the checkpoint)")

@@ -20,7 +20,7 @@ the authors' absolute paths): the one checkpoint given loads every sub-model.
 
 ``DistanceVQModel`` (also ``VQGAN_explanation/new_vqgan.py``'s ``VQModel``) is a taming ``VQModel``
 whose ``encode`` also returns the quantiser's squared distances to every code. It is created on
-first access (module ``__getattr__``), so ``target: cortex.taming_compat.DistanceVQModel`` works in a
+first access (module ``__getattr__``), so ``target: cortex.data.taming_compat.DistanceVQModel`` works in a
 config and importing this module stays free.
 """
 from __future__ import annotations
@@ -31,7 +31,10 @@ import sys
 import types
 from pathlib import Path
 
-from .utils import CortexError
+import torch
+import torch.nn.functional as F
+
+from cortex.utils import CortexError, torch_load_checkpoint
 
 _APPLIED = False
 _DISTANCE_CLS = None
@@ -51,9 +54,6 @@ def top_k_top_p_filtering(logits, top_k: int | None = 0, top_p: float | None = 1
     logits: (B, vocab). ``top_k`` None/0 and ``top_p`` None/1.0 switch the filter off. Returns a new
     tensor (the old function also wrote into ``logits``; mingpt only uses the return value).
     """
-    import torch
-    import torch.nn.functional as F
-
     top_k = int(top_k or 0)
     top_p = 1.0 if top_p is None else float(top_p)
     if top_k > 0:
@@ -188,38 +188,14 @@ def prepare_config_for_inference(cfg, keep_loss: bool = False):
     return cfg
 
 
-def _torch_load(path: Path):
-    import torch
-
-    def unreadable(e):
-        return CortexError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                           f"is the download complete?")
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        if "weights only load failed" not in str(e).lower():
-            raise unreadable(e) from e
-    # Lightning 1.x checkpoints (the official taming ones) pickle callback classes next to the weights;
-    # they load only with the full unpickler. The user chose this file to run it.
-    print(f"note: {path.name} holds more than tensors (a Lightning 1.x checkpoint); loading it with "
-          f"torch.load(weights_only=False). Load only checkpoints from a source you trust.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise unreadable(e) from e
-
-
 def read_state_dict(ckpt_path) -> dict:
     """The state dict inside a Lightning checkpoint (``state_dict``) or a plain state dict file."""
-    import torch
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise CortexError(f"checkpoint not found: {path}. Download it as docs/real_vqgan_data.md says "
                           f"(e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt) or fix --vqgan_ckpt / "
                           f"--transformer_ckpt.")
-    obj = _torch_load(path)
+    obj = torch_load_checkpoint(path, "cpu", hint="is the download complete?", note_full_unpickle=True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and not any(
@@ -285,8 +261,6 @@ def load_taming_model(config_path, ckpt_path=None, device="cpu", keep_loss: bool
     initialisation (for tests and timing). Every nested ``ckpt_path`` of the config is dropped and every
     ``lossconfig`` becomes ``torch.nn.Identity`` (unless ``keep_loss``), so one file loads everything.
     """
-    import torch
-
     import_taming()
     cfg = prepare_config_for_inference(load_config(config_path), keep_loss=keep_loss)
     sd = read_state_dict(ckpt_path) if ckpt_path is not None else None  # check the file before building
@@ -312,8 +286,7 @@ def vq_distances(quantize, h):
     h: (B, C, H, W) pre-quantisation features -> (B, H*W, n_codes), row-major positions; argmin over the
     last axis equals the quantiser's indices (same formula, same order of operations).
     """
-    import torch
-    from einops import rearrange
+    from einops import rearrange  # a taming dependency, imported with it
 
     z = rearrange(h, "b c h w -> b h w c").contiguous()
     zf = z.view(-1, quantize.e_dim)

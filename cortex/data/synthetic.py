@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from .data import EMB_DIM, GRID, N_POS, ids_to_embedding, embedding_to_ids
-from .utils import CortexError, atomic_torch_save, atomic_write
+from cortex.data.formats import EMB_DIM, GRID, N_POS, embedding_to_ids, ids_to_embedding
+from cortex.data.writer import to_uint8
+from cortex.utils import CortexError, atomic_torch_save, atomic_write
 
 
 # ----------------------------------------------------------------------------- the toy VQ model
@@ -254,12 +256,6 @@ def render_patches(hue, sat, val, P: int, rng: np.random.Generator) -> torch.Ten
     return torch.from_numpy(np.clip(img, 0, 1) * 2 - 1).float()
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def write_world(data_dir, writer, world: SyntheticWorld, vq: SyntheticVQ, counts: dict, seed: int,
                 sampler=None, label_name: str = "label") -> None:
     """Sample ``counts[split]`` images per class into ``writer`` (resumable) with decoded PNGs.
@@ -267,8 +263,6 @@ def write_world(data_dir, writer, world: SyntheticWorld, vq: SyntheticVQ, counts
     sampler(label, rng) -> ids overrides ``world.sample``. Each image's rng is seeded by
     (seed, label, index), so the data do not depend on the order or on resuming.
     """
-    from tqdm import tqdm
-
     sampler = sampler or world.sample
     jobs = []
     for y in range(world.config.total_classes):

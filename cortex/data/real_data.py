@@ -1,10 +1,11 @@
-"""Real VQGAN datasets (SPEC §6): class-conditional sampling with taming's ``cin_transformer`` and
-encoding of image folders, written in the authors' layout through :class:`cortex.data.DatasetWriter`.
+"""Real VQGAN datasets (SPEC §6): class-conditional sampling with taming's ``cin_transformer``
+(:mod:`cortex.data.cin_transformer`) and encoding of image folders (here), written in the authors' layout through
+:class:`cortex.data.writer.DatasetWriter`; what both share is in :mod:`cortex.data.real_common`.
 
 Design: the writer needs the codebook when it is built, so loading and generating are two calls and
 the model is loaded once::
 
-    from cortex import real_data
+    from cortex.data import real_data
     real_data.add_real_source_args(parser)                      # flags of both real sources
     ...
     model, codebook = real_data.load_vq_for_dataset(args, device)   # (taming model, (n_codes, 256) float32)
@@ -35,8 +36,8 @@ folder instead of a writer builds the writer with ``args.layout`` and closes it 
 Token ids are row-major (``p = row*16 + col``); only 16x16 grids with 256-d codes fit the layout.
 
 Every model argument (``model``) may be a taming ``VQModel`` / ``Net2NetTransformer``, a diffusers ``VQModel``,
-a :class:`~cortex.synthetic.SyntheticVQ` or any :class:`cortex.tokenizers.VQTokenizer`: encoding and decoding
-go through :func:`cortex.tokenizers.as_tokenizer`. ``--source images --tokenizer diffusers --tokenizer_config
+a :class:`~cortex.data.synthetic.SyntheticVQ` or any :class:`cortex.data.tokenizers.VQTokenizer`: encoding and decoding
+go through :func:`cortex.data.tokenizers.as_tokenizer`. ``--source images --tokenizer diffusers --tokenizer_config
 <save_pretrained folder>`` encodes a folder with a diffusers ``VQModel``; ``dataset_info.json`` records the
 tokenizer (``tokenizer``, ``code_dim``, ``grid_size``, ``patch_size``, ``tokenizer_config``).
 """
@@ -44,19 +45,26 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-from .data import GRID, N_POS, canonical_split
-from .cli import float_in, nonneg_int, positive_float, positive_int
-from .utils import CortexError, atomic_write, format_list
+from cortex.cli import add_vqgan_args, float_in, nonneg_int, positive_float, positive_int
+from cortex.data.cin_transformer import generate_cin
+from cortex.data.formats import canonical_split
+from cortex.data.real_common import (_arg, _base_info, _check_grid, _sub_seed, codebook_of, decode_ids, encode_ids,
+                                     first_stage, model_resolution, parse_splits, split_of_index)
+from cortex.data.taming_compat import load_taming_model
+from cortex.data.tokenizers import load_tokenizer, tokenizer_kinds
+from cortex.data.writer import DatasetWriter, to_uint8
+from cortex.utils import CortexError, atomic_write, format_list
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SOURCES = ("cin_transformer", "images")
-TOKENIZERS = ("taming", "diffusers")  # --tokenizer of --source images
 
 
 # ----------------------------------------------------------------------------- flags
@@ -64,13 +72,12 @@ TOKENIZERS = ("taming", "diffusers")  # --tokenizer of --source images
 def add_real_source_args(parser: argparse.ArgumentParser):
     """Add the flags of ``--source cin_transformer`` and ``--source images`` to ``parser``."""
     g = parser.add_argument_group("real VQGAN sources (--source cin_transformer | images), see docs/real_vqgan_data.md")
-    g.add_argument("--vqgan_config", default=None,
-                   help="taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml")
-    g.add_argument("--vqgan_ckpt", default=None,
-                   help="its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
-    g.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+    add_vqgan_args(g, "taming VQGAN YAML for --source images, e.g. vqgan_imagenet_f16_16384/configs/model.yaml",
+                   "its checkpoint, e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt")
+    g.add_argument("--tokenizer", choices=tokenizer_kinds(images_only=True), default=None,
                    help="images: which VQ tokenizer encodes the folder: taming (a VQGAN YAML + checkpoint, the "
-                        "default) or diffusers (a VQModel folder written by save_pretrained, e.g. aMUSEd's vqvae)")
+                        "default), diffusers (a VQModel folder written by save_pretrained, e.g. aMUSEd's vqvae) or "
+                        "another registered kind (cortex.data.tokenizers.TOKENIZERS)")
     g.add_argument("--tokenizer_config", default=None,
                    help="images: --tokenizer diffusers: the save_pretrained folder (config.json + weights; nothing is "
                         "downloaded); --tokenizer taming: the VQGAN YAML (same as --vqgan_config, with --vqgan_ckpt)")
@@ -111,127 +118,18 @@ def add_real_source_args(parser: argparse.ArgumentParser):
     return g
 
 
-def _arg(args, name, default=None):
-    v = getattr(args, name, default)
-    return default if v is None else v
-
-
-def parse_classes(text: str) -> list[int]:
-    """``"0-999"`` / ``"1,5,7"`` / ``"0-9,20"`` -> sorted unique ints."""
-    out = set()
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                a, b = int(a), int(b)
-                if b < a:
-                    raise ValueError
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise CortexError(f"--classes {text!r}: use ids and ranges like 0-999 or 1,5,7") from None
-    if not out or min(out) < 0:
-        raise CortexError(f"--classes {text!r}: no (non-negative) class ids")
-    return sorted(out)
-
-
-def parse_splits(text: str) -> tuple[float, float, float]:
-    try:
-        fr = [float(t) for t in str(text).split(",")]
-    except ValueError:
-        fr = []
-    if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0:
-        raise CortexError(f"--splits {text!r}: give three non-negative fractions train,validation,test, e.g. 0.8,0.1,0.1")
-    s = sum(fr)
-    return fr[0] / s, fr[1] / s, fr[2] / s
-
-
-def split_counts(n: int, fractions) -> tuple[int, int, int]:
-    """Items per split for ``n`` items: largest-remainder rounding, and every split with a positive
-    fraction gets at least one item when ``n`` allows it (10 items at 0.8,0.1,0.1 -> 8, 1, 1)."""
-    raw = [f * n for f in fractions]
-    counts = [int(r) for r in raw]
-    for i in sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))[: n - sum(counts)]:
-        counts[i] += 1
-    need = [i for i in range(3) if fractions[i] > 0 and counts[i] == 0]
-    if len([f for f in fractions if f > 0]) <= n:
-        for i in need:
-            counts[max(range(3), key=lambda j: counts[j])] -= 1
-            counts[i] += 1
-    return counts[0], counts[1], counts[2]
-
-
-def split_of_index(i: int, n: int, fractions) -> str:
-    """Split of item ``i`` of ``n``: the first ``split_counts(n)[0]`` are train, then validation, then test."""
-    n_train, n_val, _ = split_counts(n, fractions)
-    return "train" if i < n_train else ("validation" if i < n_train + n_val else "test")
-
-
-def _sub_seed(*parts) -> int:
-    h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") % (2**63)
-
-
-# ----------------------------------------------------------------------------- models
-
-def first_stage(model):
-    """The VQ model (``encode``/``decode``/``quantize``) of a VQModel or a Net2NetTransformer (a
-    :class:`cortex.tokenizers.VQTokenizer` passes through)."""
-    return getattr(model, "first_stage_model", model)
-
-
-def tokenizer_of(model):
-    """The :class:`cortex.tokenizers.VQTokenizer` of a taming / diffusers / synthetic model (or the tokenizer)."""
-    from .tokenizers import as_tokenizer
-
-    return as_tokenizer(model)
-
-
-def codebook_of(model) -> np.ndarray:
-    """(n_codes, D) float32 codebook of the model's quantiser (any tokenizer adapter; D = 256 for taming's VQGAN)."""
-    cb = tokenizer_of(model).codebook.detach().float().cpu().numpy()
-    return np.ascontiguousarray(cb)
-
-
-def model_resolution(model) -> int:
-    """The tokenizer's training resolution (taming: encoder.resolution; diffusers: config.sample_size)."""
-    return int(tokenizer_of(model).image_size[0])
-
-
-def grid_at(model, resolution: int | None = None) -> tuple[int, int]:
-    """The token grid (h, w) of a square ``resolution`` px image (default: the model's resolution)."""
-    tok = tokenizer_of(model)
-    return tok.grid_at(resolution or tok.image_size[0])
-
-
-def _check_grid(model, resolution: int | None = None, what: str = "") -> tuple[int, int]:
-    """The token grid (h, w) at ``resolution``; an empty grid (a too small --resolution) is a CortexError."""
-    h, w = grid_at(model, resolution)
-    if h < 1 or w < 1:
-        res = resolution or model_resolution(model)
-        ph, pw = tokenizer_of(model).patch_size
-        raise CortexError(f"{what}at {res} px this tokenizer gives a {h}x{w} token grid; use --resolution of at "
-                          f"least {max(ph, pw)} px (one {ph}x{pw} px token)")
-    return h, w
-
-
 def load_vq_for_dataset(args, device):
     """Load the model ``args.source`` needs; returns ``(model, codebook (n_codes, 256) float32)``.
 
     cin_transformer: the Net2NetTransformer of --transformer_config/--transformer_ckpt (its first stage is
-    the VQGAN). images: with ``--tokenizer diffusers`` a :class:`cortex.tokenizers.DiffusersTokenizer` from the
+    the VQGAN). images: with ``--tokenizer diffusers`` a :class:`cortex.data.tokenizers.DiffusersTokenizer` from the
     ``save_pretrained`` folder --tokenizer_config; with ``--tokenizer taming`` (default) the VQModel of
     --vqgan_config (or --tokenizer_config) + --vqgan_ckpt, else the first stage of the transformer.
     """
-    from .taming_compat import load_taming_model
-
     source = getattr(args, "source", None)
     kind = _arg(args, "tokenizer", "taming")
-    if kind not in TOKENIZERS:
-        raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(TOKENIZERS)}")
+    if kind not in tokenizer_kinds(images_only=True):
+        raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(tokenizer_kinds(images_only=True))}")
     if source == "cin_transformer":
         if kind != "taming":
             raise CortexError("--source cin_transformer samples with taming's transformer; --tokenizer must be taming")
@@ -241,10 +139,8 @@ def load_vq_for_dataset(args, device):
         model = load_taming_model(args.transformer_config, args.transformer_ckpt, device)
         if not hasattr(model, "transformer") or not hasattr(model, "first_stage_model"):
             raise CortexError(f"{args.transformer_config}: builds {type(model).__name__}, not a Net2NetTransformer")
-    elif source == "images" and kind == "diffusers":
-        from .tokenizers import load_tokenizer
-
-        model = load_tokenizer("diffusers", _arg(args, "tokenizer_config"), device=device)
+    elif source == "images" and kind != "taming":   # diffusers or another registered tokenizer
+        model = load_tokenizer(kind, _arg(args, "tokenizer_config"), device=device)
     elif source == "images":
         vq_config = _arg(args, "vqgan_config") or _arg(args, "tokenizer_config")
         if vq_config and getattr(args, "vqgan_ckpt", None):
@@ -258,152 +154,6 @@ def load_vq_for_dataset(args, device):
     else:
         raise CortexError(f"--source {source!r}: the real sources are {', '.join(SOURCES)}")
     return model, codebook_of(model)
-
-
-# ----------------------------------------------------------------------------- encode / decode / sample
-
-def encode_ids(model, x):
-    """x (B, 3, R, R) in [-1, 1] -> token ids (B, h*w) int64, row-major (any tokenizer adapter; 256 for the
-    paper's VQGAN at 256 px)."""
-    ids = tokenizer_of(model).encode(x)  # (B, h, w)
-    b, h, w = ids.shape
-    return ids.reshape(b, h * w)
-
-
-def decode_ids(model, ids, grid=None):
-    """ids (B, h*w) -> images (B, 3, H, W) in about [-1, 1] (any tokenizer adapter).
-
-    grid: (h, w); default the square grid of ``ids.shape[1]`` (16 x 16 for 256 ids)."""
-    from .data import square_grid
-
-    h, w = square_grid(ids.shape[1]) if grid is None else grid
-    return tokenizer_of(model).decode(ids.reshape(ids.shape[0], h, w))
-
-
-def to_uint8(x) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def sample_class_conditional(model, labels, top_k=600, top_p=0.92, temperature=1.0, callback=None):
-    """Class-conditional token grids from a Net2NetTransformer, as taming's ``sample_fast.py``.
-
-    labels: (B,) class ids (LongTensor on the model's device) -> ids (B, 256) in raster order.
-    Uses the global torch RNG: seed it before calling.
-    """
-    import torch
-    from taming.modules.transformer.mingpt import sample_with_past
-
-    if getattr(model, "be_unconditional", False):
-        raise CortexError("the transformer is unconditional; --source cin_transformer needs a class-conditional one")
-    with torch.no_grad():
-        _, c = model.encode_to_c(labels)  # (B, 1) class tokens (Labelator: the label itself)
-        c = c.reshape(labels.shape[0], -1).long()
-        idx = sample_with_past(c, model.transformer, steps=N_POS, temperature=temperature,
-                               sample_logits=True, top_k=int(top_k or 0),  # 0: no top-k (top-p still applies)
-                               top_p=top_p if top_p is not None and top_p < 1.0 else None, callback=callback)
-        return model.permuter(idx, reverse=True)
-
-
-# ----------------------------------------------------------------------------- cin_transformer
-
-def _check_transformer(model, classes) -> None:
-    vocab = model.transformer.config.vocab_size
-    n = first_stage(model).quantize.n_e
-    if n > vocab:
-        raise CortexError(f"the transformer's vocabulary ({vocab}) is smaller than the VQGAN codebook ({n})")
-    n_classes = getattr(model.cond_stage_model, "n_classes", None)
-    if n_classes is not None and max(classes) >= n_classes:
-        raise CortexError(f"--classes goes up to {max(classes)} but the transformer knows {n_classes} classes")
-    if model.transformer.get_block_size() < N_POS + 1:
-        raise CortexError(f"the transformer's block_size {model.transformer.get_block_size()} is shorter than "
-                          f"1 class token + {N_POS} image tokens")
-
-
-def generate_cin(args, writer, device, model) -> dict:
-    import torch
-    from tqdm import tqdm
-
-    grid = _check_grid(model)
-    if grid != (GRID, GRID):
-        raise CortexError(f"--source cin_transformer samples {N_POS} tokens (taming's 16x16 cin_transformer); "
-                          f"this model's first stage gives a {grid[0]}x{grid[1]} token grid")
-    classes = parse_classes(_arg(args, "classes", "0-999"))
-    _check_transformer(model, classes)
-    n = int(_arg(args, "images_per_class", 100))
-    if n <= 0:
-        raise CortexError("--images_per_class must be positive")
-    bs = max(1, int(_arg(args, "batch_size", 25)))
-    fractions = parse_splits(_arg(args, "splits", "0.8,0.1,0.1"))
-    seed = int(_arg(args, "seed", 0))
-    top_k, top_p = int(_arg(args, "top_k", 600)), float(_arg(args, "top_p", 0.92))
-    temperature = float(_arg(args, "temperature", 1.0))
-    save_images = not getattr(args, "no_images", False)
-    done = set().union(*(writer.done(s) for s in ("train", "validation", "test")))
-
-    batches = []  # (class, [indices]) chunks; a chunk with anything missing is redrawn whole (same seed)
-    for c in classes:
-        for start in range(0, n, bs):
-            idx = list(range(start, min(start + bs, n)))
-            if any(f"{c}_{i}.npy" not in done for i in idx):
-                batches.append((c, idx))
-    todo = sum(sum(f"{c}_{i}.npy" not in done for i in idx) for c, idx in batches)
-    print(f"cin_transformer: {len(classes)} classes x {n} images, {len(classes) * n - todo} already done, "
-          f"{todo} to sample in {len(batches)} batches (top_k {top_k}, top_p {top_p}, temperature {temperature})")
-    t0 = time.time()
-    with tqdm(total=todo, desc="sampling", unit="img") as bar:
-        for c, idx in batches:
-            torch.manual_seed(_sub_seed(seed, "cin", c, idx[0]))
-            labels = torch.full((len(idx),), c, dtype=torch.long, device=device)
-            ids = sample_class_conditional(model, labels, top_k, top_p, temperature)
-            imgs = to_uint8(decode_ids(model, ids)) if save_images else [None] * len(idx)
-            ids = ids.cpu().numpy()
-            for j, i in enumerate(idx):
-                name = f"{c}_{i}.npy"
-                if name in done:
-                    continue
-                writer.add(split_of_index(i, n, fractions), name, c, ids[j], imgs[j])
-                bar.update(1)
-    dt = time.time() - t0
-    if todo:
-        print(f"sampled {todo} images in {dt:.1f} s ({dt / todo:.3f} s/image on {device})")
-    info = _base_info(model, "cin_transformer", args)
-    info.update({
-        "num_classes": max(classes) + 1,
-        "classes": classes,
-        "images_per_class": n,
-        "top_k": top_k, "top_p": top_p, "temperature": temperature, "batch_size": bs, "seed": seed,
-        "splits": list(fractions),
-        "split_sizes": dict(zip(("train", "validation", "test"),
-                                (len(classes) * k for k in split_counts(n, fractions)))),
-        "transformer_config": str(_arg(args, "transformer_config", "")),
-        "transformer_ckpt": str(_arg(args, "transformer_ckpt", "")),
-    })
-    return info
-
-
-def _base_info(model, source, args, grid=(GRID, GRID)) -> dict:
-    """dataset_info.json fields shared by the real sources, with the tokenizer's geometry (``tokenizer``,
-    ``code_dim``, ``grid_size`` [h, w] of the encoded images, ``patch_size``; ``tokenizer_config`` for
-    ``--tokenizer diffusers``)."""
-    tok = tokenizer_of(model)
-    h, w = grid
-    info = {
-        "source": source,
-        "n_codes": tok.n_codes,
-        "embed_dim": tok.code_dim,
-        "grid": h if h == w else [h, w],
-        "image_size": h * tok.patch_size[0],
-        "layout_note": f"E[c, r, k] = codebook[ids[r*{w}+k], c]",
-        "images_saved": not getattr(args, "no_images", False),
-    }
-    info.update(tok.info())
-    info["grid_size"] = [h, w]
-    info["image_size_hw"] = [h * tok.patch_size[0], w * tok.patch_size[1]]
-    if tok.kind == "diffusers":
-        info["tokenizer_config"] = str(Path(_arg(args, "tokenizer_config", "")).resolve())
-    return info
 
 
 # ----------------------------------------------------------------------------- images
@@ -458,8 +208,6 @@ def list_labelled_images(image_dir, labels_csv=None):
 
 def load_image(path, resolution: int):
     """Picture -> (3, R, R) float tensor in [-1, 1]: shorter side resized to R (bicubic), center crop."""
-    import torch
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -516,8 +264,6 @@ def _write_sources(data_dir: Path, plan, image_dir) -> None:
 
 
 def generate_images(args, writer, device, model) -> dict:
-    import torch
-    from tqdm import tqdm
 
     resolution = int(_arg(args, "resolution", 0)) or model_resolution(model)
     grid = _check_grid(model, resolution, "--resolution: ")
@@ -572,15 +318,11 @@ def generate_images(args, writer, device, model) -> dict:
 def generate_real(args, writer, device, model=None) -> dict:
     """Run ``args.source`` (cin_transformer | images); returns the dataset_info dict.
 
-    writer: a :class:`cortex.data.DatasetWriter` (the caller closes it with the returned info), or a
+    writer: a :class:`cortex.data.formats.DatasetWriter` (the caller closes it with the returned info), or a
     dataset folder: then the writer is built here with ``args.layout`` (default ``files``) and closed
     with the info. model: from :func:`load_vq_for_dataset` (loaded here when None). Resumable: files in
     ``writer.done(split)`` are skipped.
     """
-    import torch
-
-    from .data import DatasetWriter
-
     device = torch.device(device)
     source = getattr(args, "source", None)
     if source not in SOURCES:
@@ -606,7 +348,6 @@ def generate_real(args, writer, device, model=None) -> dict:
 
 def build_real_dataset(args, data_dir, layout: str, device) -> dict:
     """load_vq_for_dataset + DatasetWriter + generate_real + close; returns the info dict."""
-    from .data import DatasetWriter
 
     model, codebook = load_vq_for_dataset(args, device)
     writer = DatasetWriter(data_dir, codebook, layout)
@@ -620,8 +361,6 @@ def encode_neutral_set(args, out_csv, model, device, image_dir=None) -> Path:
     (filename relative to the folder, indices a quoted list of 256 ids): the DALL-E-mini neutral-prompt set
     ``datasets/doctor_original/information/results_none.csv``. image_dir: default --neutral_image_dir,
     else --image_dir. Resolution and batch size from --resolution / --batch_size."""
-    import torch
-    from tqdm import tqdm
 
     folder = image_dir or _arg(args, "neutral_image_dir") or _arg(args, "image_dir")
     if not folder or not Path(folder).is_dir():

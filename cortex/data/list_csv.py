@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CSV_HEADER, codebook_size, n_positions, read_split, split_csv
-from .utils import CortexError, generator_command
+from .formats import CSV_HEADER, codebook_size, n_positions, read_split, split_csv
+from ..utils import CortexError, generator_command
 
 FAST_CSV_MIN_BYTES = 1 << 16  # below ~12 TIS rows the row reader's lower fixed cost wins
 

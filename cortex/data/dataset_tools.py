@@ -17,11 +17,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from .data import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
-                   load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir,
-                   write_token_indices)
-from .utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
+from cortex.data.formats import (CSV_HEADER, EMB_DIM, GRID, N_POS, SPLITS, _natural_key, dataset_info, image_path,
+                                 load_codebook, load_embedding_file, read_split, split_csv, split_npy_dir,
+                                 write_token_indices)
+from cortex.data.real_common import codebook_of
+from cortex.data.taming_compat import load_taming_model
+from cortex.utils import CortexError, atomic_save_npy, atomic_write, format_list, parse_int_list
 
 
 # ----------------------------------------------------------------------------- files -> compact
@@ -44,8 +47,6 @@ def codebook_from_files(data_dir, n_codes: int | None = None, reference: np.ndar
     Returns ``(codebook (n_codes, 256) float32, seen (n_codes,) bool, largest |file - codebook|)``; codes no
     image uses are ``reference``'s rows when given, else zeros (no CSV row refers to them).
     """
-    from tqdm import tqdm
-
     data_dir = Path(data_dir)
     work = [(split, r) for split in SPLITS if split_csv(data_dir, split).exists()
             for r in read_split(data_dir, split)]
@@ -112,9 +113,6 @@ def run_compact(args, data_dir) -> Path:
     if args.vqgan_ckpt or args.vqgan_config:
         if not (args.vqgan_ckpt and args.vqgan_config):
             raise CortexError("--vqgan_config and --vqgan_ckpt go together (the taming VQGAN that made the data)")
-        from .real_data import codebook_of
-        from .taming_compat import load_taming_model
-
         reference = codebook_of(load_taming_model(args.vqgan_config, args.vqgan_ckpt, "cpu"))
     cb, seen, max_dev = codebook_from_files(data_dir, args.n_codes, reference, args.tolerance,
                                             progress=not args.no_progress)
@@ -167,8 +165,6 @@ def merge_datasets(inputs, out_dir, copy: bool = False, progress: bool = True) -
     interruption finishes the job; every file is written atomically, the CSVs last.
     Returns the merged info.
     """
-    from tqdm import tqdm
-
     inputs = [Path(d) for d in inputs]
     out_dir = Path(out_dir)
     if len(inputs) < 2:

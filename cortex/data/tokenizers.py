@@ -8,7 +8,7 @@ A VQ tokenizer turns an image into an ``h x w`` grid of token ids, each an index
   :class:`TamingTokenizer`, loaded from ``(config.yaml, last.ckpt)`` by :func:`load_tokenizer`;
 * diffusers ``VQModel`` (aMUSEd, Kandinsky; codebook ``quantize.embedding.weight``): :class:`DiffusersTokenizer`,
   loaded from a folder written by ``VQModel.save_pretrained`` (never downloaded);
-* the embedded synthetic world (:class:`cortex.synthetic.SyntheticVQ`): :class:`SyntheticTokenizer`;
+* the embedded synthetic world (:class:`cortex.data.synthetic.SyntheticVQ`): :class:`SyntheticTokenizer`;
 * anything else in a few lines: :class:`CallableTokenizer`.
 
 Conventions (all adapters): images are ``(B, 3, H, W)`` floats in ``[-1, 1]``; ids are ``(B, h, w)`` int64,
@@ -19,7 +19,7 @@ exactly the given ids. Everything runs under ``torch.no_grad``.
 Wrapping another model, e.g. a LlamaGen / Janus VQ-16 tokenizer (24x24 grid of 8-d L2-normalised codes)::
 
     import torch.nn.functional as F
-    from cortex.tokenizers import CallableTokenizer
+    from cortex.data.tokenizers import CallableTokenizer
 
     vq = VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8)      # LlamaGen's own code
     vq.load_state_dict(torch.load("vq_ds16_c2i.pt")["model"]); vq.eval()
@@ -36,16 +36,25 @@ Wrapping another model, e.g. a LlamaGen / Janus VQ-16 tokenizer (24x24 grid of 8
 
 :func:`as_tokenizer` turns any supported model object into its adapter (a tokenizer passes through), so
 functions that used to take a taming model accept any of them.
+
+The registry (:data:`TOKENIZERS`) holds one :class:`TokenizerEntry` per ``--tokenizer`` kind: its adapter, how
+to load it from files and which model objects it wraps. ``--tokenizer`` choices, :func:`load_tokenizer`,
+:func:`as_tokenizer`, :func:`tokenizer_for_dataset`, ``generate_dataset.py --source images``, the token
+gallery and the codebook-level evaluation all go through it, so a new tokenizer is one adapter plus one
+:func:`register_tokenizer` call.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .utils import CortexError
-
-KINDS = ("synthetic", "taming", "diffusers")
+from cortex.data.formats import GRID, dataset_info
+from cortex.data.synthetic import SyntheticVQ, load_vq
+from cortex.data.taming_compat import load_taming_model
+from cortex.utils import CortexError
 
 
 def _pair(v) -> tuple[int, int]:
@@ -185,13 +194,11 @@ class CallableTokenizer(VQTokenizer):
 
 
 class SyntheticTokenizer(VQTokenizer):
-    """The embedded synthetic world's :class:`~cortex.synthetic.SyntheticVQ` (16x16 grid, 256-d codes)."""
+    """The embedded synthetic world's :class:`~cortex.data.synthetic.SyntheticVQ` (16x16 grid, 256-d codes)."""
 
     kind = "synthetic"
 
     def __init__(self, vq, name: str = "synthetic"):
-        from .data import GRID
-
         super().__init__(vq.codebook, GRID, vq.image_size, name)
         self.model = vq
 
@@ -270,24 +277,53 @@ class DiffusersTokenizer(VQTokenizer):
         return self.model.decode(z, force_not_quantize=True).sample
 
 
-# ----------------------------------------------------------------------------- construction
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    """One ``--tokenizer`` kind.
+
+    ``load(config, ckpt, device) -> VQTokenizer``: the tokenizer from its files (what ``config`` and ``ckpt``
+    are is the kind's own: a YAML + checkpoint for taming, a folder for diffusers, ``synthetic_vq.pt``);
+    ``wraps(model) -> bool``: whether ``adapter(model)`` wraps this model object (:func:`as_tokenizer`);
+    ``encodes_images``: offered by ``generate_dataset.py --source images --tokenizer``.
+    """
+    kind: str
+    adapter: type
+    load: Callable
+    wraps: Callable = lambda model: False
+    encodes_images: bool = True
+
+
+TOKENIZERS: dict[str, TokenizerEntry] = {}
+
+
+def register_tokenizer(entry: TokenizerEntry) -> TokenizerEntry:
+    """Add ``entry`` (replacing one of the same kind); returns it."""
+    TOKENIZERS[entry.kind] = entry
+    return entry
+
+
+def unregister_tokenizer(kind: str) -> None:
+    """Remove a kind added by :func:`register_tokenizer` (tests)."""
+    del TOKENIZERS[kind]
+
+
+def tokenizer_kinds(images_only: bool = False) -> tuple[str, ...]:
+    """The registered ``--tokenizer`` kinds (``images_only``: those that encode image folders)."""
+    return tuple(k for k, e in TOKENIZERS.items() if e.encodes_images or not images_only)
+
 
 def as_tokenizer(obj) -> VQTokenizer:
-    """A tokenizer for ``obj``: a VQTokenizer (returned as is), a SyntheticVQ, a taming VQModel /
-    Net2NetTransformer or a diffusers VQModel."""
+    """A tokenizer for ``obj``: a VQTokenizer (returned as is), or a model some registered adapter wraps (a
+    SyntheticVQ, a taming VQModel / Net2NetTransformer, a diffusers VQModel)."""
     if isinstance(obj, VQTokenizer):
         return obj
-    from .synthetic import SyntheticVQ
-
-    if isinstance(obj, SyntheticVQ):
-        return SyntheticTokenizer(obj)
-    if type(obj).__module__.startswith("diffusers"):
-        return DiffusersTokenizer(obj)
-    vq = getattr(obj, "first_stage_model", obj)
-    if hasattr(vq, "quantize") and hasattr(vq, "encoder") and hasattr(getattr(vq, "encoder"), "num_resolutions"):
-        return TamingTokenizer(obj)
+    for entry in TOKENIZERS.values():
+        if entry.wraps(obj):
+            return entry.adapter(obj)
     raise CortexError(f"no tokenizer adapter for {type(obj).__module__}.{type(obj).__name__}; wrap it with "
-                      f"cortex.tokenizers.CallableTokenizer(codebook, encode_fn, decode_fn, grid, image_size)")
+                      f"cortex.data.tokenizers.CallableTokenizer(codebook, encode_fn, decode_fn, grid, image_size)")
 
 
 def load_diffusers_vq(folder, device="cpu"):
@@ -312,33 +348,53 @@ def load_diffusers_vq(folder, device="cpu"):
     return model
 
 
+def _load_taming(config, ckpt, device) -> VQTokenizer:
+    if not config or not ckpt:
+        raise CortexError("--tokenizer taming needs the VQGAN YAML (--tokenizer_config or --vqgan_config) and "
+                          "its checkpoint (--vqgan_ckpt)")
+    return TamingTokenizer(load_taming_model(config, ckpt, device))
+
+
+def _load_diffusers(config, ckpt, device) -> VQTokenizer:
+    if not config:
+        raise CortexError("--tokenizer diffusers needs --tokenizer_config <folder written by VQModel.save_pretrained>")
+    return DiffusersTokenizer(load_diffusers_vq(config, device), name=Path(config).name or "diffusers")
+
+
+def _load_synthetic(config, ckpt, device) -> VQTokenizer:
+    path = Path(config) if config else None
+    if path is not None and path.is_dir():
+        path = path / "synthetic_vq.pt"
+    if path is None:
+        raise CortexError("--tokenizer synthetic needs the world's synthetic_vq.pt (or its dataset folder)")
+    return SyntheticTokenizer(load_vq(path, device))
+
+
+def _is_synthetic(model) -> bool:
+    return isinstance(model, SyntheticVQ)
+
+
+def _is_taming(model) -> bool:
+    vq = getattr(model, "first_stage_model", model)
+    return hasattr(vq, "quantize") and hasattr(vq, "encoder") and hasattr(getattr(vq, "encoder"), "num_resolutions")
+
+
+# as_tokenizer tries the entries in this order
+register_tokenizer(TokenizerEntry("synthetic", SyntheticTokenizer, _load_synthetic, _is_synthetic, encodes_images=False))
+register_tokenizer(TokenizerEntry("taming", TamingTokenizer, _load_taming, _is_taming))
+register_tokenizer(TokenizerEntry("diffusers", DiffusersTokenizer, _load_diffusers,
+                                  lambda model: type(model).__module__.startswith("diffusers")))
+
+
 def load_tokenizer(kind: str, config=None, ckpt=None, device="cpu") -> VQTokenizer:
-    """Load a tokenizer from files.
+    """Load a tokenizer of a registered ``kind`` from files.
 
     kind ``taming``: config = taming YAML, ckpt = its checkpoint; ``diffusers``: config = a
     ``save_pretrained`` folder; ``synthetic``: config = ``synthetic_vq.pt`` (or the dataset folder holding it).
     """
-    if kind == "taming":
-        if not config or not ckpt:
-            raise CortexError("--tokenizer taming needs the VQGAN YAML (--tokenizer_config or --vqgan_config) and "
-                              "its checkpoint (--vqgan_ckpt)")
-        from .taming_compat import load_taming_model
-
-        return TamingTokenizer(load_taming_model(config, ckpt, device))
-    if kind == "diffusers":
-        if not config:
-            raise CortexError("--tokenizer diffusers needs --tokenizer_config <folder written by VQModel.save_pretrained>")
-        return DiffusersTokenizer(load_diffusers_vq(config, device), name=Path(config).name or "diffusers")
-    if kind == "synthetic":
-        from .synthetic import load_vq
-
-        path = Path(config) if config else None
-        if path is not None and path.is_dir():
-            path = path / "synthetic_vq.pt"
-        if path is None:
-            raise CortexError("--tokenizer synthetic needs the world's synthetic_vq.pt (or its dataset folder)")
-        return SyntheticTokenizer(load_vq(path, device))
-    raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(KINDS)}")
+    if kind not in TOKENIZERS:
+        raise CortexError(f"--tokenizer {kind!r}: use one of {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[kind].load(config, ckpt, device)
 
 
 def tokenizer_for_dataset(data_dir, kind: str | None = None, config=None, ckpt=None, device="cpu") -> VQTokenizer:
@@ -348,8 +404,6 @@ def tokenizer_for_dataset(data_dir, kind: str | None = None, config=None, ckpt=N
     ``synthetic_vq.pt``, or the ``tokenizer`` + ``tokenizer_config`` (+ ``vqgan_ckpt``) recorded by
     ``generate_dataset.py --source images``.
     """
-    from .data import dataset_info
-
     data_dir = Path(data_dir)
     if kind not in (None, "auto"):
         if kind == "synthetic" and not config:
@@ -361,7 +415,7 @@ def tokenizer_for_dataset(data_dir, kind: str | None = None, config=None, ckpt=N
     recorded = info.get("tokenizer")
     cfg = config or info.get("tokenizer_config") or info.get("vqgan_config")
     ck = ckpt or info.get("vqgan_ckpt")
-    if recorded in ("taming", "diffusers") and cfg:
+    if recorded in TOKENIZERS and cfg:
         return load_tokenizer(recorded, cfg, ck, device)
     raise CortexError(f"{data_dir}/dataset_info.json does not say which tokenizer made this dataset; pass "
                       f"--tokenizer taming|diffusers with --tokenizer_config (and --vqgan_ckpt for taming)")
