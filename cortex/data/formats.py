@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cortex.utils import CortexError, atomic_write, generator_command, parse_int_list
+from cortex.utils import CortexError, atomic_write, file_sha256, generator_command, parse_int_list
 
 GRID = 16
 N_POS = GRID * GRID  # 256 token positions per image, row-major p = row*16 + col
@@ -412,8 +412,6 @@ def token_indices_path(data_dir, split: str) -> Path:
 def write_token_indices(data_dir, split: str, cache: dict) -> Path:
     """Write ``{split}_token_indices.pkl`` (the authors' format) and, beside it, ``.pkl.source.json``: the
     sha256 of the pickle and of the CSV it was built from (:func:`load_token_indices` trusts only those)."""
-    from .utils import file_sha256
-
     path = token_indices_path(data_dir, split)
     with atomic_write(path, "wb") as f:
         pickle.dump(cache, f)
@@ -429,8 +427,6 @@ def load_token_indices(data_dir, split: str = "train") -> dict[str, list[int]]:
     the sha256 of the pickle and of the CSV it was built from, and both must equal the files' now (an edited
     pickle, an edited, regenerated or merged CSV, or a pickle with no record -- the authors' download -- is
     rebuilt; kept in memory only when the folder is read-only)."""
-    from .utils import file_sha256
-
     split = canonical_split(split)
     path = token_indices_path(data_dir, split)
     csv_path = split_csv(data_dir, split)
