@@ -57,7 +57,7 @@ def readme_region(text: str, where: str = "README.md") -> tuple[int, int]:
 
 def report_region(report: str) -> str:
     """The report's machine line and tables as the README holds them: ``##`` sections demoted to ``###``,
-    the title, intro, seed 0's evaluation in detail (``cortex.demo.DETAIL_HEADING``) and figures left out."""
+    the title, intro, seed 0's evaluation in detail (``cortex.report.demo_report.DETAIL_HEADING``) and figures left out."""
     lines = report.splitlines()
     machine = [l for l in lines if l.startswith("Machine:")]
     first = next((i for i, l in enumerate(lines) if l.startswith("## ")), None)
