@@ -53,19 +53,21 @@ STRATA = {"occurrence": np.minimum(np.arange(N_POS + 1), 1),  # condition on occ
 
 @dataclass
 class ContrastTests:
-    """Label-contrast tests of one (label, n): arrays over the tested tokens occurring in the label's images, ``(T,)``."""
+    """Label-contrast tests of one (label, n): arrays ``(T,)`` over the tested tokens that the label's images hold
+    among their top n (``top_images > 0``; every other tested token has p = 1); ``tested`` counts all the tested
+    tokens occurring in the label's images (the hypotheses of BH)."""
 
     label: int
     top_n: int
+    tested: int  # hypotheses: tested tokens occurring in the label's images (those with top_images = 0 included)
     tokens: np.ndarray  # int64 token ids (ascending)
     images: np.ndarray  # int64 the label's images that contain the token
     top_images: np.ndarray  # int64 ... of which hold it among their top-n positions
     expected: np.ndarray  # float64 top_images expected from the rate over all labels' images, per stratum
     p_value: np.ndarray  # float64 max(p_occurrence, p_attention): both halves must hold (intersection-union)
-    q_value: np.ndarray  # float64 Benjamini-Hochberg over the T tokens
+    q_value: np.ndarray  # float64 Benjamini-Hochberg over the ``tested`` tokens
     occurrence_ratio: np.ndarray  # float64 images / the images expected from t's rate over all labels' images
-    p_occurrence: np.ndarray  # float64 exact P(images >= observed) under label permutation (hypergeometric);
-    #                           NaN where top_images == 0 (not computed: p_value is 1 there)
+    p_occurrence: np.ndarray  # float64 exact P(images >= observed) under label permutation (hypergeometric)
     p_attention: np.ndarray  # float64 exact P(top_images >= observed | occurrence) under within-stratum permutation
 
     @property
@@ -177,11 +179,9 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     lt_keys = lt_of[lt_start]  # (label, token) keys, label-major
     img_all = np.add.reduceat(m_all, lt_start) if lt_keys.size else np.zeros(0, np.int64)
     tok_all, lab_all = lt_keys % T, lt_keys // T
-    h = np.zeros(p_tok.size, bool)
-    h[top_pair[:, :max_n]] = True
-    hot = lt_of[np.bincount(g_of_pair, weights=h, minlength=lts_all.size) > 0]  # sorted
-    hot_lt = np.searchsorted(lt_keys, hot[_run_starts(hot)])
-    p_occ_all = np.full(lt_keys.size, np.nan)  # NaN: not computed (t never in the label's top n)
+    hot = np.unique(g_of_pair[top_pair[:, :max_n]])  # groups with t in some image's top max_n (sorted)
+    hot_lt = np.searchsorted(lt_keys, lt_of[hot][_run_starts(lt_of[hot])])
+    p_occ_all = np.ones(lt_keys.size)  # only keys in some top n are tested (the others have p = 1)
     p_occ_all[hot_lt] = (hypergeom_sf(img_all[hot_lt], N, K_tok[tok_all[hot_lt]], N_lab[lab_all[hot_lt]])
                          if occurrence else 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -190,38 +190,52 @@ def contrast_tests(parsed: dict, top_ns, min_top_images: int = MIN_TOP_IMAGES, r
     grp_tok, grp_ts = lt_of % T, lts_all % (T * S)  # token and (token, stratum) of each group
     one_stratum = lt_keys.size == lts_all.size
     out = {k: {} for k in labels}
+    fast = one_stratum and rivals == 0
     for n in tqdm(top_ns, desc="label-contrast tests", unit="n", disable=not progress):
         n_eff = min(int(n), n_pos)
-        h = np.zeros(p_tok.size, bool)  # (P,) the image holds the token in its top n
-        h[top_pair[:, :n_eff]] = True
-        a_ts = np.bincount(ts, weights=h, minlength=T * S)
-        tested = np.bincount(p_tok, weights=h, minlength=T) >= min_top_images  # (T,) label-blind filter
-        o_all = np.bincount(g_of_pair, weights=h, minlength=lts_all.size).astype(np.int64)
-        g = tested[grp_tok]
-        lts, m, o = lts_all[g], m_all[g], o_all[g]  # o = of the label's images, those with t in the top n
-        ts_ = grp_ts[g]
-        tot_n, tot_a = n_ts[ts_], a_ts[ts_].astype(np.int64)
-        at_lt = np.flatnonzero(tested[lt_tok])  # this n's tested (label, token) keys among all
-        if one_stratum:  # one row per (label, token): nothing to group
-            start = np.arange(at_lt.size)
-            obs, img, expct = o, m, m * tot_a / tot_n
-        else:  # group the strata of each (label, token)
-            start = _run_starts(lts // S)  # sorted
-            obs = np.add.reduceat(o, start)
-            img = np.add.reduceat(m, start)
-            expct = np.add.reduceat(m * tot_a / tot_n, start)
-        end = np.append(start[1:], lts.size)
-        p = grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled; 1 where obs = 0
+        tp = np.sort(top_pair[:, :n_eff], axis=1)  # (N, n) the pairs of each image's top n ...
+        tp = tp[np.concatenate([np.ones((N, 1), bool), tp[:, 1:] != tp[:, :-1]], axis=1)]  # ... each pair once
+        a_ts = np.bincount(ts[tp], minlength=T * S)  # images holding t in the top n, per (token, stratum)
+        tested = np.bincount(p_tok[tp], minlength=T) >= min_top_images  # (T,) label-blind filter
+        n_tested = np.bincount(lt_lab[tested[lt_tok]], minlength=len(labels))  # BH's hypotheses per label
+        if fast:  # one row per (label, token), no rivals: only the groups with t in a top n can have p < 1
+            hg, obs = np.unique(g_of_pair[tp], return_counts=True)  # (H,) groups = (label, token) keys, obs > 0
+            keep = tested[lt_tok[hg]]
+            hg, obs = hg[keep], obs[keep]
+            img = m_all[hg]
+            tot_n, tot_a = n_ts[grp_ts[hg]], a_ts[grp_ts[hg]]
+            expct = img * tot_a / tot_n
+            p = hypergeom_sf(obs, tot_n, tot_a, img)  # L against the other labels pooled
+            at_lt = hg
+        else:
+            o_all = np.bincount(g_of_pair[tp], minlength=lts_all.size)
+            g = tested[grp_tok]
+            lts, m, o = lts_all[g], m_all[g], o_all[g]  # o = of the label's images, those with t in the top n
+            tot_n, tot_a = n_ts[grp_ts[g]], a_ts[grp_ts[g]]
+            at_lt = np.flatnonzero(tested[lt_tok])  # this n's tested (label, token) keys among all
+            if one_stratum:
+                start = np.arange(at_lt.size)
+                obs, img, expct = o, m, m * tot_a / tot_n
+            else:  # group the strata of each (label, token)
+                start = _run_starts(lts // S)  # sorted
+                obs = np.add.reduceat(o, start)
+                img = np.add.reduceat(m, start)
+                expct = np.add.reduceat(m * tot_a / tot_n, start)
+            end = np.append(start[1:], lts.size)
+            p = grouped_sf(obs, start, end, tot_n, tot_a, m)  # L against the other labels pooled; 1 where obs = 0
+            if rivals > 0:
+                p = _against_rivals(p, obs, img, lt_tok[at_lt], lt_lab[at_lt], start, end, lts, m, o, T, S, rivals)
+            hot = obs > 0
+            at_lt, obs, img, expct, p = at_lt[hot], obs[hot], img[hot], expct[hot], p[hot]
         lab, tok = lt_lab[at_lt], lt_tok[at_lt]
-        if rivals > 0:
-            p = _against_rivals(p, obs, img, tok, lab, start, end, lts, m, o, T, S, rivals)
         p_occ, occ_ratio = p_occ_all[at_lt], occ_ratio_all[at_lt]
-        p_both = np.fmax(p, p_occ)  # p_occ is NaN only where obs = 0, and p = 1 there
+        p_both = np.maximum(p, p_occ)
         bounds = np.searchsorted(lab, np.arange(len(labels) + 1))
         for li, k in enumerate(labels):
             s, e = bounds[li], bounds[li + 1]
-            out[k][int(n)] = ContrastTests(k, int(n), tokens[tok[s:e]], img[s:e], obs[s:e], expct[s:e], p_both[s:e],
-                                           benjamini_hochberg(p_both[s:e]), occ_ratio[s:e], p_occ[s:e], p[s:e])
+            out[k][int(n)] = ContrastTests(k, int(n), int(n_tested[li]), tokens[tok[s:e]], img[s:e], obs[s:e],
+                                           expct[s:e], p_both[s:e], benjamini_hochberg(p_both[s:e], int(n_tested[li])),
+                                           occ_ratio[s:e], p_occ[s:e], p[s:e])
     return out
 
 

@@ -57,14 +57,16 @@ def sum_tail(pmfs, mults, threshold: int) -> float:
     return float(acc[1])
 
 
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """BH-adjusted q-values of ``p`` (any shape; monotone, capped at 1)."""
+def benjamini_hochberg(p: np.ndarray, m: int | None = None) -> np.ndarray:
+    """BH-adjusted q-values of ``p`` (any shape; monotone, capped at 1). ``m``: the number of hypotheses when
+    more were tested than ``p`` holds (the others have p = 1, which changes no q below 1 but counts in m)."""
     p = np.asarray(p, dtype=np.float64)
     if p.size == 0:
         return p.copy()
     flat = p.ravel()
+    m = flat.size if m is None else max(int(m), flat.size)
     order = np.argsort(flat, kind="stable")
-    q = flat[order] * (flat.size / np.arange(1, flat.size + 1))  # p_(i) m / i
+    q = flat[order] * (m / np.arange(1, flat.size + 1))  # p_(i) m / i
     q = np.minimum.accumulate(q[::-1])[::-1]  # monotone: the smallest over ranks >= i
     out = np.empty_like(flat)
     out[order] = np.minimum(q, 1.0)
