@@ -81,6 +81,20 @@ def test_bh_matches_definition():
     raw = p[order] * p.size / np.arange(1, p.size + 1)
     expect = np.minimum.accumulate(raw[::-1])[::-1]
     assert np.allclose(q[order], np.minimum(expect, 1))
+    # m hypotheses of which only these 5 have p < 1: the same q as the 5 padded with p = 1
+    padded = G.benjamini_hochberg(np.concatenate([p, np.ones(7)]))[:5]
+    assert np.array_equal(G.benjamini_hochberg(p, m=12), padded)
+
+
+def test_contrast_arrays_hold_the_tokens_in_a_top_n_and_count_every_hypothesis():
+    """ContrastTests lists the tokens with top_images > 0; ``tested`` counts every tested token of the label's
+    images, and the q-values are BH over all of them (the others have p = 1)."""
+    parsed, _, _ = _toy_world(1, n_img=20)
+    for per in G.contrast_tests(parsed, (5, 20)).values():
+        for t in per.values():
+            assert t.tokens.size and np.all(t.top_images > 0) and t.tested >= t.tokens.size
+            padded = G.benjamini_hochberg(np.concatenate([t.p_value, np.ones(t.tested - t.tokens.size)]))
+            assert np.array_equal(t.q_value, padded[:t.tokens.size])
 
 
 # ----------------------------------------------------------------------------- the label-contrast test
