@@ -13,7 +13,7 @@ from cortex.cli import (bias_parser, data_parser, make_parser, model_parser, pat
                         runtime_parser)
 from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
-from cortex.provenance import write_output_record
+from cortex.provenance import verify, write_output_record
 from cortex.iem.testing import test_iem, write_csv_row
 from cortex.utils import save_run_args
 
@@ -33,8 +33,8 @@ def main(args):
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     out = paths.testing_results(args.model)
     save_run_args(args, out.parent, "test_args.json")
-    used = {}
-    acc = test_iem(args, paths, EXPERIMENT, ks=(1,), used=used)[1]
+    used = verify(paths, args.model, split="test")  # the checkpoint was trained on this dataset (refused if not)
+    acc = test_iem(args, paths, EXPERIMENT, ks=(1,))[1]
     write_csv_row(out, ["Accuracy"], [acc])  # full precision, as the authors
     write_output_record(out, used)  # the checkpoint and dataset tested (cortex.provenance)
     print(f"{args.bias_type} ClassificationNet{args.model}: accuracy {acc:.2f}%")

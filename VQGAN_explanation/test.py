@@ -10,7 +10,7 @@ import argparse
 from cortex.cli import data_parser, make_parser, model_parser, paths_parser, positive_int, run_main, runtime_parser
 from cortex.iem.registry import model_choices
 from cortex.paths import ExperimentPaths
-from cortex.provenance import write_output_record
+from cortex.provenance import verify, write_output_record
 from cortex.iem.testing import test_iem, topk_line, write_csv_row
 from cortex.utils import save_run_args
 
@@ -30,8 +30,8 @@ def main(args):
     paths = ExperimentPaths.from_args(args, EXPERIMENT)
     out = paths.testing_results(args.model)
     save_run_args(args, out.parent, "test_args.json")
-    used = {}
-    acc = test_iem(args, paths, EXPERIMENT, KS, used)
+    used = verify(paths, args.model, split="test")  # the checkpoint was trained on this dataset (refused if not)
+    acc = test_iem(args, paths, EXPERIMENT, KS)
     write_csv_row(out, [f"Top-{k} Accuracy" for k in KS], [acc[k] for k in KS])  # full precision, as the authors
     write_output_record(out, used)  # the checkpoint and dataset tested (cortex.provenance)
     print(topk_line(acc, KS))  # the CSV keeps the authors' four columns (k above the classes: 100%)

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from .attribution.store import TIS_CONFIG, file_sha1, fingerprint, short_list
-from .data.formats import SPLITS, require_split, split_csv
+from .data.formats import dataset_files, dataset_hashes, require_split, split_csv  # noqa: F401 (re-exported)
 from .paths import PAPER_ATTRIBUTION, label_files
 from .utils import CortexError, atomic_write, file_sha256
 
@@ -41,15 +41,6 @@ def record_id(record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the dataset
-
-def dataset_files() -> tuple[str, ...]:
-    return tuple(v[0] for v in SPLITS.values()) + (CODEBOOK,)
-
-
-def dataset_hashes(data_dir) -> dict[str, str | None]:
-    """``{file: sha256 or None}`` of the split CSVs and ``codebook.npy`` of a dataset (what defines its tensors)."""
-    return {name: file_sha256(Path(data_dir) / name) for name in dataset_files()}
-
 
 def dataset_changes(recorded: dict, data_dir) -> list[str]:
     """Files of ``recorded`` (``{file: sha256}``) whose content differs now. ``codebook.npy`` counts only when

@@ -43,6 +43,17 @@ SPLITS = {
 SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 
 
+def dataset_files() -> tuple[str, ...]:
+    """The files that define a dataset's tensors: the split CSVs and ``codebook.npy``."""
+    return tuple(v[0] for v in SPLITS.values()) + ("codebook.npy",)
+
+
+def dataset_hashes(data_dir) -> dict[str, str | None]:
+    """``{file: sha256 or None}`` of the split CSVs and ``codebook.npy`` of a dataset (what defines its tensors;
+    the IEM's ``config.json`` records them, ``cortex.provenance`` compares them)."""
+    return {name: file_sha256(Path(data_dir) / name) for name in dataset_files()}
+
+
 def canonical_split(split: str) -> str:
     split = SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:

@@ -43,12 +43,9 @@ def write_csv_row(path, header: list[str], row: list) -> None:
         w.writerow(row)
 
 
-def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10), used: dict | None = None) -> dict:
-    """Top-k accuracies (percent) of best_model.pth on the test split, after checking that the checkpoint was
-    trained on this dataset (``cortex.provenance.verify``); ``used`` is filled with the ids of the inputs."""
-    from cortex.provenance import verify  # provenance reads checkpoints and TIS: a layer above, imported on use
-
-    (used if used is not None else {}).update(verify(paths, args.model, split="test"))
+def test_iem(args, paths, experiment: str, ks=(1, 3, 5, 10)) -> dict:
+    """Top-k accuracies (percent) of best_model.pth on the test split (``test.py`` checks first that the
+    checkpoint was trained on this dataset: ``cortex.provenance.verify``)."""
     device = get_device(args.device, args.gpu)
     model = load_iem(paths.best_ckpt(args.model), experiment, args.model, num_classes=args.num_classes,
                      width=args.width, depth=args.depth)

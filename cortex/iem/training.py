@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cortex.cli import make_parser, nonneg_float, positive_float, positive_int
-from cortex.data.formats import EmbeddingDataset, resolve_num_classes
+from cortex.data.formats import EmbeddingDataset, dataset_hashes, resolve_num_classes
 from cortex.iem.checkpoints import UNFINISHED_MARKER, save_iem
 from cortex.iem.registry import DEFAULT_NUM_CLASSES, build_model
 from cortex.iem.run_files import (capped_batch_size, check_resume_settings, claim_new_file, make_atomic_checkpoint_io,
@@ -257,7 +257,6 @@ def train_iem(args, paths, experiment: str) -> dict:
     Returns ``{'best', 'last', 'log', 'curves', 'metrics'}`` paths. A fresh run refuses to replace a trained IEM
     without ``--overwrite``; a resumed one refuses other training settings (``check_resume_settings``).
     """
-    from cortex.provenance import dataset_hashes  # see test_iem
 
     pl = _lightning()
     if args.resume and getattr(args, "overwrite", False):
@@ -274,7 +273,7 @@ def train_iem(args, paths, experiment: str) -> dict:
                         code_dim=train_set.code_dim, grid=train_set.grid)  # the dataset's (D, h, w) embeddings
     meta = dict(experiment=experiment, model_id=args.model, num_classes=num_classes, width=width, depth=args.depth,
                 code_dim=train_set.code_dim, grid=list(train_set.grid),  # recorded only when not 256 / 16x16
-                dataset=dataset_hashes(paths.data_dir))  # the data it is trained on (cortex.provenance)
+                dataset=dataset_hashes(paths.data_dir))  # the data it is trained on (checked by cortex.provenance)
 
     model_dir = paths.model_dir(args.model)
     model_dir.mkdir(parents=True, exist_ok=True)
