@@ -211,11 +211,15 @@ def _check_dataset(data_dir: Path, tok, pics):
             from cortex.data.real_data import load_image
 
             ids = tok.encode(load_image(src[r.filename], 32)[None])[0]
-            assert np.array_equal(ids.reshape(-1).numpy(), r.ids)
+            # encoded alone here, in a batch there: another float rounding may pick the other of two near-tied
+            # codes at a position (seen with capped SIMD kernels, make test-other-cpu); never more than a few
+            same = ids.reshape(-1).numpy() == r.ids
+            assert same.mean() >= 0.98, f"{r.filename}: {int((~same).sum())} of 256 ids differ"
             emb = np.load(data_dir / ("train" if split == "train" else "test") / r.filename)
             np.testing.assert_array_equal(emb, cb[r.ids].T.reshape(256, 16, 16))
             png = np.asarray(Image.open(image_path(data_dir, r.filename))).astype(int)
-            dec = ((tok.decode(ids[None])[0].clamp(-1, 1).permute(1, 2, 0) + 1) * 127.5).round().numpy()
+            stored = torch.as_tensor(r.ids).reshape(1, *ids.shape)  # the image was decoded from the stored ids
+            dec = ((tok.decode(stored)[0].clamp(-1, 1).permute(1, 2, 0) + 1) * 127.5).round().numpy()
             assert np.abs(png - dec).max() <= 1
             n += 1
     assert n == 6
