@@ -272,6 +272,15 @@ class ViTBNLayer(nn.Module):
         return x                                               # (B, L, D)
 
 
+def _init_sequence_model(model: nn.Module, num_classes: int, width: int, depth: int, code_dim: int, grid) -> None:
+    """What both transformer IEMs set first: the checked sizes and ``cls_token`` (1, 1, width), registered
+    before anything else (the authors' state-dict order)."""
+    model.num_classes, model.width = _check_num_classes(num_classes), _check_width(width)
+    model.depth = _check_depth(depth)
+    model.code_dim, model.grid = _check_geometry(code_dim, grid)
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+
+
 class ViTBN(nn.Module):
     """ViT with BatchNorm (VQGAN Net4).
 
@@ -286,10 +295,7 @@ class ViTBN(nn.Module):
     def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 12, dropout: float = 0.2,
                  code_dim: int = EMBED_DIM, grid=(GRID, GRID)):
         super().__init__()
-        self.num_classes, self.width = _check_num_classes(num_classes), _check_width(width)
-        self.depth = _check_depth(depth)
-        self.code_dim, self.grid = _check_geometry(code_dim, grid)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        _init_sequence_model(self, num_classes, width, depth, code_dim, grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, width))
         self.proj = nn.Sequential(nn.Linear(self.code_dim, width), nn.LayerNorm(width), nn.GELU())
         self.embed_dropout = nn.Dropout(0.2)
@@ -359,10 +365,7 @@ class PostLNTransformer(nn.Module):
     def __init__(self, num_classes: int, width: int = PAPER_WIDTH, depth: int = 6, dropout: float = 0.1,
                  code_dim: int = EMBED_DIM, grid=(GRID, GRID)):
         super().__init__()
-        self.num_classes, self.width = _check_num_classes(num_classes), _check_width(width)
-        self.depth = _check_depth(depth)
-        self.code_dim, self.grid = _check_geometry(code_dim, grid)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        _init_sequence_model(self, num_classes, width, depth, code_dim, grid)
         self.proj = nn.Linear(self.code_dim, width)
         n_pos = self.grid[0] * self.grid[1]
         self.register_buffer("positions", sinusoidal_positions(n_pos + 1, width)[None], persistent=False)
