@@ -17,9 +17,9 @@ columns, row labels) must always agree. Then:
   compared. A README cell ``m [lo, hi]`` of the "Across seeds" table (mean and min–max over the seeds; other
   tables' brackets are confidence intervals of one run) passes when the report's mean lies in ``[lo, hi]``
   widened on each side by the range's own width ``hi - lo`` and half a unit of the last printed digit (with
-  three seeds, an unchanged pipeline on another CPU passes a cell ~99.8% of the time, a table of ~15 such
-  cells ~97%; a change that moves a number by more than the seeds' spread fails); a verdict cell (``yes (3/3)``, ``no (0/3)``,
-  ``robust (6/6)``, ``not robust (2/3)``) passes when its word is the same, and a README ``not robust``
+  the demo's five seeds, an unchanged pipeline on another CPU passes a cell ~99.5% of the time, a table of ~15
+  such cells ~93%; a change that moves a number by more than the seeds' spread fails); a verdict cell (``yes (5/5)``,
+  ``no (0/5)``, ``robust (10/10)``, ``not robust (3/5)``) passes when its word is the same, and a README ``not robust``
   accepts any verdict. The other cells (one seed's run, per-seed lists) are not compared;
   their count is printed.
 """

@@ -51,6 +51,12 @@ def test_bias_robustness_marks_disagreement():
     assert all(r["verdict"] == "not robust" for r in rows) and rows[0]["runs_same_sign"] == 2
     weak = {"s0": [_row(0, 0.6, 0.5, 0.7)], "s1": [_row(0, 0.1, -0.05, 0.2)]}  # same sign, CI covers 0
     assert rp.bias_robustness(weak)[0]["verdict"] == "not robust"
+    # the count shown beside the verdict ("not robust (k/n)") is of the runs with the sign AND a CI excluding 0
+    (w,) = rp.bias_robustness(weak)
+    assert (w["runs_same_sign"], w["runs_ci_excludes_0"], w["runs_agree"], w["runs"]) == (2, 1, 1, 2)
+    odd = {"s0": [_row(0, 0.6, 0.5, 0.7)], "s1": [_row(0, 0.1, -0.05, 0.2)], "s2": [_row(0, -0.3, -0.4, -0.2)]}
+    (o,) = rp.bias_robustness(odd)  # same sign 2/3, CI excluding 0 2/3, both only 1/3
+    assert (o["runs_same_sign"], o["runs_ci_excludes_0"], o["runs_agree"]) == (2, 2, 1)
     assert rp.bias_robustness({"s0": [_row(0, 0.6, 0.5, 0.7)]})[0]["verdict"] == "one run only"
 
 
@@ -85,6 +91,7 @@ def test_seed_folders_and_bias_robustness_file(tmp_path):
     with open(out, newline="") as f:
         got = list(csv.DictReader(f))
     assert [r["verdict"] for r in got] == ["not robust", "not robust"] and got[0]["runs"] == "4"
+    assert list(got[0]) == rp.BIAS_ROBUSTNESS_HEADER  # runs_agree stays in memory: the CSV keeps SPEC's columns
     assert "seed 3, smoothgrad: -0.400" in got[0]["per_run"]
 
 

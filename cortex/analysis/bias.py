@@ -388,7 +388,7 @@ def plot_bias(paths, top_n: int, token_num: int, rows: list[BiasRow] | None = No
             xl.append(f"label {r['label']} ({names.get(r['label'], '?')})\n" + "\n".join(lines))
             rb = (robustness or {}).get(r["label"])
             if rb and rb["verdict"] == "not robust":
-                ax.text(x, -1.05 if d >= 0 else 1.05, f"not robust: {rb['runs_same_sign']}/{rb['runs']} runs agree",
+                ax.text(x, -1.05 if d >= 0 else 1.05, f"not robust: {rb['runs_agree']}/{rb['runs']} runs agree",
                         ha="center", va="bottom" if d >= 0 else "top", fontsize=7, color="#b00020", fontweight="bold")
             x += 1.0
         x += 0.6

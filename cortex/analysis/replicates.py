@@ -14,7 +14,7 @@ i.e. seed ``s`` passes ``--seed s --checkpoint_dir ... --results_dir ...`` (:fun
 dataset is shared. The summaries below read those folders:
 
 * :func:`summarize`: mean and **min–max** over the replicates of one number (the interval the demo report and
-  the README show: with 3 seeds a Student-t interval would be ±2.5 standard deviations wide and says little);
+  the README show: a Student-t interval would assume normal outcomes, which a two-valued δ is not);
 * :func:`verdict`: a conclusion (``CORTEX beats the baseline``, ``planted direction found``) that holds on every
   replicate is ``yes (n/n)``, on none ``no (0/n)``, else ``not robust (k/n)``;
 * :func:`token_stability`: mean pairwise Jaccard overlap of each label's top-k concept tokens across runs (IEM
@@ -160,9 +160,9 @@ def bias_robustness(runs: dict) -> list[dict]:
 
     runs: ``{run name: [rows of a bias CSV]}`` (``cortex.analysis.bias_files.read_bias_csv`` rows: ``label``, ``cliff_delta``,
     optionally ``cliff_delta_ci_low/high``); a run is e.g. ``seed 1, smoothgrad_x_input``. Per label: the
-    direction of the runs' mean δ, how many runs share its sign and how many have a 95% CI excluding 0. The
-    verdict is ``robust`` when every run has that sign and a CI excluding 0 (runs without a CI count by sign),
-    else ``not robust``; a single run is ``one run only``.
+    direction of the runs' mean δ, how many runs share its sign, how many have a 95% CI excluding 0 and how many
+    do both (``runs_agree``, not a column of the CSV). The verdict is ``robust`` when every run has that sign and
+    a CI excluding 0 (runs without a CI count by sign), else ``not robust``; a single run is ``one run only``.
     """
     by_label: dict = {}
     for name, rows in runs.items():
@@ -182,12 +182,14 @@ def bias_robustness(runs: dict) -> list[dict]:
             return float(lo) > 0 or float(hi) < 0
 
         excl = sum(1 for _, r in items if excludes_0(r))
-        robust = sign != 0 and same == len(items) and excl == len(items)
+        agree = sum(1 for _, r in items if sign and float(r["cliff_delta"]) * sign > 0 and excludes_0(r))
+        robust = sign != 0 and agree == len(items)
         out.append({"label": label, "direction": "+" if sign > 0 else "-" if sign < 0 else "0", "runs": len(items),
                     "runs_same_sign": same, "runs_ci_excludes_0": excl, "delta_mean": s["mean"], "delta_min": s["lo"],
                     "delta_max": s["hi"],
                     "verdict": "one run only" if len(items) == 1 else "robust" if robust else "not robust",
-                    "per_run": "; ".join(f"{name}: {float(r['cliff_delta']):+.3f}" for name, r in items)})
+                    "per_run": "; ".join(f"{name}: {float(r['cliff_delta']):+.3f}" for name, r in items),
+                    "runs_agree": agree})
     return out
 
 
@@ -221,7 +223,7 @@ def write_bias_robustness(root, bias_type: str, top_n: int = 5, token_num: int =
     out = bias_robustness_file(root, bias_type, top_n, token_num, exclude_shared)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:
-        w = csv.DictWriter(f, fieldnames=BIAS_ROBUSTNESS_HEADER)
+        w = csv.DictWriter(f, fieldnames=BIAS_ROBUSTNESS_HEADER, extrasaction="ignore")  # runs_agree: in memory only
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..analysis.bias_files import bias_csv_name, parse_tokens_cell, read_bias_csv
-from ..analysis.replicates import (bias_robustness_file, fmt_interval, read_run_tokens, seed_paths, summarize,
-                                   token_stability, verdict)
+from ..analysis.replicates import (bias_robustness, bias_robustness_file, bias_runs, fmt_interval, read_run_tokens,
+                                   seed_paths, summarize, token_stability, verdict)
 from ..evaluation.concept_level import read_paired_stats
 
 DALLE_ATTRIBUTIONS = ("smoothgrad", "smoothgrad_x_input")
@@ -241,9 +241,10 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
     for bt in ("doctor_gender", "doctor_color"):
         gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
         want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
-        rob = bias_robustness_file(roots.dalle, bt, 5, 10)
-        rob = {r["label"]: f"{r['verdict']} ({r['runs_same_sign']}/{r['runs']})" for r in _rows(rob)} \
-            if rob.exists() else {}
+        # the verdict of the robustness CSV; k/n counts the runs with its sign and a 95% CI excluding 0
+        rob = {str(r["label"]): f"{r['verdict']} ({r['runs_agree']}/{r['runs']})"
+               for r in bias_robustness(bias_runs(roots.dalle, bt, 5, 10))} \
+            if bias_robustness_file(roots.dalle, bt, 5, 10).exists() else {}
         for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
                         for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
             label, delta = r["label"], float(r["cliff_delta"])
