@@ -34,7 +34,6 @@ KNOWN_UPWARD: dict = {}
 MAX_LINES = 500
 LARGE = {
     "cortex.attribution.attributions": 642,
-    "cortex.attribution.store": 712,  # the one owner of the TIS folder format (its docstring is the spec)
 }
 
 
