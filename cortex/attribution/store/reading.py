@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ...data.list_csv import fast_list_csv
+from ...data.list_csv import fast_list_csv, float_lists
 from ...paths import LABEL_RE, label_files
 from ...utils import CortexError, parse_float_list
 from .layout import N_POS, TIS_CONFIG, TIS_HEADER, file_sha1, short_list
@@ -69,30 +68,28 @@ def read_tis_file(path) -> tuple[list[str], list[int], np.ndarray]:
 
 def _parse_rows(rows: list[str], path, n_pos: int = N_POS, lines: list[int] | None = None,
                 names: list[str] | None = None) -> np.ndarray:
-    """All contribution literals of a file in one numpy call: ``(N, n_pos)`` (n_pos = 256 for 16x16).
-    lines / names: each row's line number and image, for the message naming a bad row."""
+    """All contribution literals of a file in one C parse (``cortex.data.list_csv.float_lists``): ``(N, n_pos)``
+    (n_pos = 256 for 16x16). lines / names: each row's line number and image, for the message naming a bad row."""
     if not rows:
         return np.zeros((0, n_pos))
-    body = ",".join(r.strip()[1:-1] for r in rows)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            flat = np.fromstring(body, dtype=np.float64, sep=",")  # text mode: one C parse per file
-    except ValueError:
-        flat = None
-    if flat is None or flat.size != len(rows) * n_pos or not all(r.strip()[:1] == "[" for r in rows):
-        # find the culprit for a precise message: a row whose length differs from most rows' (the first row
-        # may be the odd one, and must then be named, not the next one)
-        sizes = [r.count(",") + 1 for r in rows]
-        common = max(set(sizes), key=sizes.count) if len(rows) > 2 else n_pos
-        for i, r in enumerate(rows):
-            where = f"{path}:{lines[i] if lines else i + 2}" + (f" (image {names[i]})" if names else "")
-            v = parse_float_list(r, where=where)
-            if v.shape != (common,):
-                raise CortexError(f"{where}: {v.size} scores, expected {common} (as the file's other rows: one per "
-                                  f"token position)")
+    flat = float_lists(rows, n_pos)  # None: a malformed row, or a NaN/Inf score (check_tis_rows names it)
+    if flat is not None:
+        return flat
+    # row by row, for a precise message: a row whose length differs from most rows' (the first row may be the
+    # odd one, and must then be named, not the next one)
+    sizes = [r.count(",") + 1 for r in rows]
+    common = max(set(sizes), key=sizes.count) if len(rows) > 2 else n_pos
+    parsed = []
+    for i, r in enumerate(rows):
+        where = f"{path}:{lines[i] if lines else i + 2}" + (f" (image {names[i]})" if names else "")
+        v = parse_float_list(r, where=where)
+        if v.shape != (common,):
+            raise CortexError(f"{where}: {v.size} scores, expected {common} (as the file's other rows: one per "
+                              f"token position)")
+        parsed.append(v)
+    if common != n_pos:
         raise CortexError(f"{path}: malformed contribution lists")
-    return flat.reshape(len(rows), n_pos)
+    return np.stack(parsed)  # (N, n_pos), with the non-finite scores check_tis_rows reports
 
 
 def check_tis_rows(path, names: list[str], scores: np.ndarray) -> None:
