@@ -164,6 +164,31 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
     return steps
 
 
+def bias_world_steps(bt: str, tag: str, paths: ExperimentPaths, b: list, seed: list, s: Sizes) -> list[Step]:
+    """Bias type ``bt``'s IEM trained and tested, then TIS, statistics and bias detection with each attribution.
+
+    tag: the steps' name suffix; paths: the run's folders; b: the scripts' ``--bias_type``/``--root`` (and a
+    replicate's folder) flags; seed: ``["--seed", s]`` of a replicate, else ``[]``."""
+    steps = [
+        Step(f"train IEM ({tag})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", *seed, *b],
+             [paths.best_ckpt(1)], TRAIN_FORCE),
+        Step(f"test IEM ({tag})", DA, ["test.py", "--model", "1", *b], [paths.testing_results(1)]),
+    ]
+    for attr in DALLE_ATTRIBUTIONS:
+        a = ["--attribution", attr]
+        steps += [
+            Step(f"TIS ({tag}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
+                                              "--nsamples", s.nsamples, "--resume", *seed, *a, *b],
+                 [paths.tis_file(1, "train", 1, attr)], TIS_FORCE),
+            Step(f"TIS analysis ({tag}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
+                 [paths.stats_dir(1, attr) / "global_top_tokens_statistics.csv"]),
+            Step(f"bias detection ({tag}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
+                                                         "--token_num", "10", *a, *b],
+                 [paths.bias_dir() / bias_file(attr)]),
+        ]
+    return steps
+
+
 def dalle_steps(root: Path, s: Sizes) -> list[Step]:
     r = _root_flag(root, DA)
     steps = [Step("generate the bias worlds", DA,
@@ -172,24 +197,7 @@ def dalle_steps(root: Path, s: Sizes) -> list[Step]:
                   [ExperimentPaths("dalle", root).neutral_csv(),
                    root / "datasets/doctor_color/embeddings/test_embeddings.csv"], GEN_FORCE)]
     for bt in ("doctor_gender", "doctor_color"):
-        b, paths = ["--bias_type", bt, *r], ExperimentPaths("dalle", root, bt)
-        steps += [
-            Step(f"train IEM ({bt})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", *b],
-                 [paths.best_ckpt(1)], TRAIN_FORCE),
-            Step(f"test IEM ({bt})", DA, ["test.py", "--model", "1", *b], [paths.testing_results(1)]),
-        ]
-        for attr in DALLE_ATTRIBUTIONS:
-            a = ["--attribution", attr]
-            steps += [
-                Step(f"TIS ({bt}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
-                                                 "--nsamples", s.nsamples, "--resume", *a, *b],
-                     [paths.tis_file(1, "train", 1, attr)], TIS_FORCE),
-                Step(f"TIS analysis ({bt}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
-                     [paths.stats_dir(1, attr) / "global_top_tokens_statistics.csv"]),
-                Step(f"bias detection ({bt}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
-                                                            "--token_num", "10", *a, *b],
-                     [paths.bias_dir() / bias_file(attr)]),
-            ]
+        steps += bias_world_steps(bt, bt, ExperimentPaths("dalle", root, bt), ["--bias_type", bt, *r], [], s)
     return steps
 
 
@@ -246,25 +254,8 @@ def dalle_replicate_steps(root: Path, s: Sizes, seed: int) -> list[Step]:
     """Seed ``seed``'s replicate of both bias worlds: train and test the IEM, TIS, statistics, bias detection."""
     r, steps = _root_flag(root, DA), []
     for bt in ("doctor_gender", "doctor_color"):
-        b = ["--bias_type", bt, *r, *_seed_flags(root, seed, DA, bt)]
-        paths, tag = seed_paths("dalle", root, seed, bt), f"{bt}, seed {seed}"
-        steps += [
-            Step(f"train IEM ({tag})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", "--seed",
-                                            str(seed), *b], [paths.best_ckpt(1)], TRAIN_FORCE),
-            Step(f"test IEM ({tag})", DA, ["test.py", "--model", "1", *b], [paths.testing_results(1)]),
-        ]
-        for attr in DALLE_ATTRIBUTIONS:
-            a = ["--attribution", attr]
-            steps += [
-                Step(f"TIS ({tag}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
-                                                  "--nsamples", s.nsamples, "--resume", "--seed", str(seed), *a, *b],
-                     [paths.tis_file(1, "train", 1, attr)], TIS_FORCE),
-                Step(f"TIS analysis ({tag}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
-                     [paths.stats_dir(1, attr) / "global_top_tokens_statistics.csv"]),
-                Step(f"bias detection ({tag}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
-                                                             "--token_num", "10", *a, *b],
-                     [paths.bias_dir() / bias_file(attr)]),
-            ]
+        steps += bias_world_steps(bt, f"{bt}, seed {seed}", seed_paths("dalle", root, seed, bt),
+                                  ["--bias_type", bt, *r, *_seed_flags(root, seed, DA, bt)], ["--seed", str(seed)], s)
     return steps
 
 
