@@ -62,7 +62,10 @@ class BiasWorldConfig:
     zipf: float = 0.3
     doctor_size: tuple = (4, 6)  # side of the doctor square, in tokens
     attribute_size: tuple = (3, 4)  # side of each attribute square
-    attribute_dropout: float = 0.2  # labelled images whose attribute is not visible (both labels alike)
+    # labelled images whose attribute is not visible (both labels alike); test accuracy <= 1 - dropout / 2. At 0.2 the
+    # tiny IEMs memorise the coin-flip images and the best-validation epoch, the accuracy (81-91 %) and the bias
+    # verdicts vary with the seed and the CPU; at 0.05 they agree (96-97 %; docs/bias_detection.md)
+    attribute_dropout: float = 0.05
     group_cosine: float = 0.5  # cosine between two codes of one group (doctor, male, ...): alike codes lie close
     patch_size: int = 4
     seed: int = 0
