@@ -98,7 +98,7 @@ def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
     (``attribution.accumulate_draws``: the float64 sums in draw order, on a stand-in gradient) and
     ``noise_s`` (``attribution.standard_noise`` with per-image seeds: a per-batch cost of ``compute_tis``).
     """
-    from cortex.attribution.attributions import accumulate_draws, draw_pieces, fill_copies
+    from cortex.attribution.performance import accumulate_draws, draw_pieces, fill_copies
 
     S, B = z.shape[:2]
     n = S * B
@@ -125,8 +125,8 @@ def overhead_breakdown(x, z, sd, copies, device, repeats=1) -> dict:
 
 def bench_lower_bound(args):
     """SmoothGrad / (forward+backward of the same copies) and --fast, for each net of --nets."""
-    from cortex.attribution.attributions import memory_per_copy, prepare_fast, top_overlap, available_memory_bytes, \
-        copies_for_budget
+    from cortex.attribution.performance import (available_memory_bytes, copies_for_budget, memory_per_copy,
+                                                prepare_fast, top_overlap)
     from cortex.iem.registry import build_model
 
     device = torch.device(args.device)

@@ -112,38 +112,36 @@ def _root_flag(root: Path, cwd: Path) -> list[str]:
 
 def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
     """The VQGAN pipeline on one synthetic world whose experiment folder is ``root``."""
-    r = _root_flag(root, VQ)
-    tis_root = lambda attr: ExperimentPaths(root=root).tis_root(attr) / "Net1"
+    r, paths = _root_flag(root, VQ), ExperimentPaths(root=root)
     tis = lambda split, attr: Step(
         f"TIS {split} ({attr}, {layout} world)", VQ,
         ["TIS_computation.py", "--model", "1", "--data_type", split, "--batch_size", "25", "--attribution", attr,
          "--nsamples", s.nsamples, "--resume", *r],
-        [tis_root(attr) / f"TIS_value_{split}" / "label_0.csv"], TIS_FORCE)
+        [paths.tis_file(1, split, 0, attr)], TIS_FORCE)
     steps = [
         Step(f"generate the {layout} world", VQ,
              ["generate_dataset.py", "--source", "synthetic", "--concept_layout", layout, "--layout", "compact",
               *s.world, *r], [root / "datasets/generation_args.json"], GEN_FORCE),
         Step(f"train IEM ({layout} world)", VQ, ["train.py", "--model", "1", *s.train, "--resume", "auto", *r],
-             [root / "checkpoints/ClassificationNet1/best_model.pth"], TRAIN_FORCE),
-        Step(f"test IEM ({layout} world)", VQ, ["test.py", "--model", "1", *r],
-             [root / "results/Classification/ClassificationNet1/testing_results.csv"]),
+             [paths.best_ckpt(1)], TRAIN_FORCE),
+        Step(f"test IEM ({layout} world)", VQ, ["test.py", "--model", "1", *r], [paths.testing_results(1)]),
     ]
     for attr in ("smoothgrad", "smoothgrad_x_input"):
         steps.append(tis("train", attr))
         steps.append(Step(f"TIS analysis ({attr}, {layout} world)", VQ,
                           ["TIS_analysis.py", "--model", "1", "--attribution", attr, "--enrichment", *r],
-                          [tis_root(attr) / "TIS_statistics_train" / "global_top_tokens_statistics.csv"]))
+                          [paths.stats_dir(1, attr) / "global_top_tokens_statistics.csv"]))
     steps += [
         Step(f"frequency baseline ({layout} world)", VQ, ["generate_freq_based_tokens.py", *r],
-             [root / "results/TIS/frequency_baseline/label_0.csv"]),
+             [paths.frequency_file(0)]),
         Step(f"concept recovery ({layout} world)", VQ / "explanation_evaluation",
              ["concept_recovery.py", *_root_flag(root, VQ / "explanation_evaluation")],
-             [root / "results/Explanation/concept_recovery.csv"]),
+             [paths.results_dir / "Explanation/concept_recovery.csv"]),
     ]
     if full:
         steps.insert(3, tis("test", "smoothgrad"))
         e = _root_flag(root, VQ / "eval")
-        out = root / "results/Explanation/model_1"
+        out = paths.explanation_dir(1)
         steps += [
             Step("train the synthetic evaluators", VQ, ["train_evaluators.py", "--epochs", s.evaluators_epochs, *r],
                  [root / "checkpoints/evaluators/evaluators.csv"]),
@@ -167,35 +165,40 @@ def vqgan_steps(root: Path, layout: str, s: Sizes, full: bool) -> list[Step]:
     return steps
 
 
+def bias_world_steps(bt: str, tag: str, paths: ExperimentPaths, b: list, seed: list, s: Sizes) -> list[Step]:
+    """Bias type ``bt``'s IEM trained and tested, then TIS, statistics and bias detection with each attribution.
+
+    tag: the steps' name suffix; paths: the run's folders; b: the scripts' ``--bias_type``/``--root`` (and a
+    replicate's folder) flags; seed: ``["--seed", s]`` of a replicate, else ``[]``."""
+    steps = [
+        Step(f"train IEM ({tag})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", *seed, *b],
+             [paths.best_ckpt(1)], TRAIN_FORCE),
+        Step(f"test IEM ({tag})", DA, ["test.py", "--model", "1", *b], [paths.testing_results(1)]),
+    ]
+    for attr in DALLE_ATTRIBUTIONS:
+        a = ["--attribution", attr]
+        steps += [
+            Step(f"TIS ({tag}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
+                                              "--nsamples", s.nsamples, "--resume", *seed, *a, *b],
+                 [paths.tis_file(1, "train", 1, attr)], TIS_FORCE),
+            Step(f"TIS analysis ({tag}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
+                 [paths.stats_dir(1, attr) / "global_top_tokens_statistics.csv"]),
+            Step(f"bias detection ({tag}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
+                                                         "--token_num", "10", *a, *b],
+                 [paths.bias_dir() / bias_file(attr)]),
+        ]
+    return steps
+
+
 def dalle_steps(root: Path, s: Sizes) -> list[Step]:
     r = _root_flag(root, DA)
     steps = [Step("generate the bias worlds", DA,
                   ["generate_dataset.py", "--source", "synthetic", "--bias_type", "all", "--layout", "compact",
                    *s.bias_world, *r],
-                  [root / "datasets/doctor_original/information/results_none.csv",
+                  [ExperimentPaths("dalle", root).neutral_csv(),
                    root / "datasets/doctor_color/embeddings/test_embeddings.csv"], GEN_FORCE)]
     for bt in ("doctor_gender", "doctor_color"):
-        b = ["--bias_type", bt, *r]
-        res = root / "results" / bt
-        steps += [
-            Step(f"train IEM ({bt})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", *b],
-                 [root / f"checkpoints/{bt}/ClassificationNet1/best_model.pth"], TRAIN_FORCE),
-            Step(f"test IEM ({bt})", DA, ["test.py", "--model", "1", *b],
-                 [res / "Classification/ClassificationNet1/testing_results.csv"]),
-        ]
-        for attr in DALLE_ATTRIBUTIONS:
-            tis = ExperimentPaths("dalle", root, bt).tis_root(attr) / "Net1"
-            a = ["--attribution", attr]
-            steps += [
-                Step(f"TIS ({bt}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
-                                                 "--nsamples", s.nsamples, "--resume", *a, *b],
-                     [tis / "TIS_value_train/label_1.csv"], TIS_FORCE),
-                Step(f"TIS analysis ({bt}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
-                     [tis / "TIS_statistics_train/global_top_tokens_statistics.csv"]),
-                Step(f"bias detection ({bt}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
-                                                            "--token_num", "10", *a, *b],
-                     [res / "Bias_detection" / bias_file(attr)]),
-            ]
+        steps += bias_world_steps(bt, bt, ExperimentPaths("dalle", root, bt), ["--bias_type", bt, *r], [], s)
     return steps
 
 
@@ -252,25 +255,8 @@ def dalle_replicate_steps(root: Path, s: Sizes, seed: int) -> list[Step]:
     """Seed ``seed``'s replicate of both bias worlds: train and test the IEM, TIS, statistics, bias detection."""
     r, steps = _root_flag(root, DA), []
     for bt in ("doctor_gender", "doctor_color"):
-        b = ["--bias_type", bt, *r, *_seed_flags(root, seed, DA, bt)]
-        paths, tag = seed_paths("dalle", root, seed, bt), f"{bt}, seed {seed}"
-        steps += [
-            Step(f"train IEM ({tag})", DA, ["train.py", "--model", "1", *s.bias_train, "--resume", "auto", "--seed",
-                                            str(seed), *b], [paths.best_ckpt(1)], TRAIN_FORCE),
-            Step(f"test IEM ({tag})", DA, ["test.py", "--model", "1", *b], [paths.testing_results(1)]),
-        ]
-        for attr in DALLE_ATTRIBUTIONS:
-            a = ["--attribution", attr]
-            steps += [
-                Step(f"TIS ({tag}, {attr})", DA, ["TIS_computation.py", "--model", "1", "--batch_size", "25",
-                                                  "--nsamples", s.nsamples, "--resume", "--seed", str(seed), *a, *b],
-                     [paths.tis_file(1, "train", 1, attr)], TIS_FORCE),
-                Step(f"TIS analysis ({tag}, {attr})", DA, ["TIS_analysis.py", "--model", "1", *a, *b],
-                     [paths.stats_dir(1, attr) / "global_top_tokens_statistics.csv"]),
-                Step(f"bias detection ({tag}, {attr})", DA, ["bias_detection.py", "--model", "1", "--top_n", "5",
-                                                             "--token_num", "10", *a, *b],
-                     [paths.bias_dir() / bias_file(attr)]),
-            ]
+        steps += bias_world_steps(bt, f"{bt}, seed {seed}", seed_paths("dalle", root, seed, bt),
+                                  ["--bias_type", bt, *r, *_seed_flags(root, seed, DA, bt)], ["--seed", str(seed)], s)
     return steps
 
 

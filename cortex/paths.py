@@ -114,6 +114,12 @@ class ExperimentPaths:
     def tis_file(self, m: int, split: str, label: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
         return self.tis_dir(m, split, attribution) / f"label_{label}.csv"
 
+    def tis_models(self, attribution: str = PAPER_ATTRIBUTION) -> list[int]:
+        """The ``m`` of every ``Net{m}`` folder under :meth:`tis_root` (sorted; none when it does not exist)."""
+        root = self.tis_root(attribution)
+        found = root.glob("Net*") if root.is_dir() else ()
+        return sorted(int(d.name[3:]) for d in found if d.name[3:].isdigit() and d.name == f"Net{int(d.name[3:])}")
+
     def stats_dir(self, m: int, attribution: str = PAPER_ATTRIBUTION) -> Path:
         return self.tis_root(attribution) / f"Net{m}" / "TIS_statistics_train"
 

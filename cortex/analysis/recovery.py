@@ -50,14 +50,8 @@ def find_attributions(paths, model: int) -> list[str]:
 
 
 def find_models(paths) -> list[int]:
-    ms = set()
-    for a in ATTRIBUTIONS:
-        root = paths.tis_root(a)
-        if root.is_dir():
-            for d in root.glob("Net*"):
-                if d.name[3:].isdigit() and label_files(d / "TIS_statistics_train"):
-                    ms.add(int(d.name[3:]))
-    return sorted(ms)
+    """The models with TIS statistics for any attribution."""
+    return sorted({m for a in ATTRIBUTIONS for m in paths.tis_models(a) if label_files(paths.stats_dir(m, a))})
 
 
 def concept_recovery(paths, models=None, k: int | None = None, top_ns=TOP_NS,

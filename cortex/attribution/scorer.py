@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..utils import CortexError
-from .attributions import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, available_memory_bytes, copies_for_budget,
-                           get_attribution, image_seed, memory_per_copy, reduce_channels, smoothgrad_from_noise,
-                           standard_noise, token_scores)
+from .attributions import (ATTRIBUTIONS, NOISE_SCOPES, authors_noise, get_attribution, image_seed, reduce_channels,
+                           smoothgrad_from_noise, standard_noise, token_scores)
+from .performance import available_memory_bytes, copies_for_budget, memory_per_copy
 
 
 @dataclass

@@ -35,7 +35,8 @@ from ..iem.checkpoints import load_iem
 from ..paths import ExperimentPaths
 from ..provenance import check_checkpoint
 from ..utils import CortexError, file_sha256, get_device, require_file, save_run_args, seed_everything
-from .attributions import ATTRIBUTIONS, NOISE_SCOPES, prepare_fast, top_overlap
+from .attributions import ATTRIBUTIONS, NOISE_SCOPES
+from .performance import prepare_fast, top_overlap
 from .scorer import TISConfig, TISScorer, resolve_copies
 from .store import FORMAT_VERSION, LabelWriter, open_run, run_id_of, tis_file
 

@@ -71,17 +71,31 @@ def _parse_int_rows(rows: list[bytes], n_values: int | None):
     return values
 
 
-def int_lists(texts, n_values: int | None = None):
-    """``(N, L)`` int64 from N list literals ``"[a, b, ...]"`` (str) in one C parse, or ``None`` when one is
-    not a bracketed list of non-negative integers or the lengths differ (callers then parse row by row,
-    which names the bad row or keeps ragged rows)."""
+def _list_bodies(texts) -> list[bytes] | None:
+    """The bodies ``b"a, b, ..."`` of N list literals ``"[a, b, ...]"`` (str); ``None`` when one is not bracketed."""
     bodies = []
     for t in texts:
         t = t.strip()
         if len(t) < 2 or t[0] != "[" or t[-1] != "]":
             return None
         bodies.append(t[1:-1].encode())
+    return bodies
+
+
+def int_lists(texts, n_values: int | None = None):
+    """``(N, L)`` int64 from N list literals ``"[a, b, ...]"`` (str) in one C parse, or ``None`` when one is
+    not a bracketed list of non-negative integers or the lengths differ (callers then parse row by row,
+    which names the bad row or keeps ragged rows)."""
+    bodies = _list_bodies(texts)
     return _parse_int_rows(bodies, n_values) if bodies else None
+
+
+def float_lists(texts, n_values: int):
+    """``(N, n_values)`` float64 from N list literals ``"[s, ...]"`` (str; TIS scores) in one C parse
+    (:func:`_parse_float_rows`, rounding as ``float()``), or ``None`` when one is not a bracketed list of
+    ``n_values`` finite numbers (callers then parse row by row, which names the bad row)."""
+    bodies = _list_bodies(texts)
+    return _parse_float_rows(bodies, n_values, np.float64) if bodies else None
 
 
 def _frame_list_csv(path: Path, list_column: str, prefix_columns: int | None = None):

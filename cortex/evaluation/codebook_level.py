@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import trange
 
 from ..data.formats import GRID, embedding_to_ids, ids_to_embedding, square_grid
+from ..data import real_common
 from ..data.tokenizers import SyntheticTokenizer, TamingTokenizer, as_tokenizer
 from ..utils import CortexError
 from .evaluators import class_logit_prob, evaluator_logits
@@ -235,12 +236,14 @@ def decoded_to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_ids(vq, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Token ids (B, h*w) (256 for 16x16) -> uint8 images (B, 3, H, W) through the VQ decoder (taming, synthetic, or any other
-    tokenizer adapter of :mod:`cortex.data.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``)."""
+    tokenizer adapter of :mod:`cortex.data.tokenizers`, e.g. a diffusers VQModel, through its own ``decode``:
+    :func:`cortex.data.real_common.decode_ids`), ``batch_size`` images at a time, converted as the authors
+    (:func:`decoded_to_uint8`)."""
     tok = as_tokenizer(vq)
     if not isinstance(tok, (TamingTokenizer, SyntheticTokenizer)):  # diffusers VQModel / custom tokenizer
         # the tokenizer's own grid, else (a dataset encoded at another --resolution) the square grid of the ids
         grid = tok.grid if tok.grid[0] * tok.grid[1] == ids.shape[1] else square_grid(ids.shape[1])
-        return torch.cat([decoded_to_uint8(tok.decode(ids[s:s + batch_size].reshape(-1, *grid)))
+        return torch.cat([decoded_to_uint8(real_common.decode_ids(tok, ids[s:s + batch_size], grid))
                           for s in range(0, ids.shape[0], batch_size)])
     cb = vq.quantize.embedding.weight
     outs = []

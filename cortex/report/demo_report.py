@@ -16,6 +16,7 @@ from ..analysis.bias_files import bias_csv_name, parse_tokens_cell, read_bias_cs
 from ..analysis.replicates import (bias_robustness, bias_robustness_file, bias_runs, fmt_interval, read_run_tokens,
                                    seed_paths, summarize, token_stability, verdict)
 from ..evaluation.concept_level import read_paired_stats
+from ..paths import ExperimentPaths
 
 DALLE_ATTRIBUTIONS = ("smoothgrad", "smoothgrad_x_input")
 # the report's sections from this heading on are not copied into the README (scripts/check_readme_demo.py)
@@ -78,7 +79,7 @@ def _significance_section(roots: Roots, out: Path) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     enrichment, figures = [], []
     for world, root in (("object", roots.vqgan), ("scattered", roots.scattered)):
-        ex = root / "results/Explanation"
+        ex = ExperimentPaths(root=root).results_dir / "Explanation"
         for name, into in (("concept_recovery_significance.csv", lines), ("concept_recovery_enrichment.csv", enrichment)):
             for r in (_rows(ex / name) if (ex / name).exists() else []):
                 if r["label"] == "mean" and r["top_n"] in ("5", "20"):
@@ -214,19 +215,20 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
     # 1. IEM accuracy
     lines += ["## IEM accuracy (test split)", "", "| experiment | IEM | top-1 | top-3 | chance |", "|---|---|---|---|---|"]
     for name, root in (("VQGAN, object world", roots.vqgan), ("VQGAN, scattered world", roots.scattered)):
-        r = _rows(root / "results/Classification/ClassificationNet1/testing_results.csv")[0]
-        k = json.loads((root / "datasets/dataset_info.json").read_text())["num_classes"]
+        paths = ExperimentPaths(root=root)
+        r = _rows(paths.testing_results(1))[0]
+        k = json.loads((paths.data_dir / "dataset_info.json").read_text())["num_classes"]
         lines.append(f"| {name} | Net1 | {float(r['Top-1 Accuracy']):.1f}% | {float(r['Top-3 Accuracy']):.1f}% | "
                      f"{100 / k:.1f}% |")
     for bt in ("doctor_gender", "doctor_color"):
-        r = _rows(roots.dalle / f"results/{bt}/Classification/ClassificationNet1/testing_results.csv")[0]
+        r = _rows(ExperimentPaths("dalle", roots.dalle, bt).testing_results(1))[0]
         lines.append(f"| DALL-E-mini, {bt} | Net1 | {float(r['Accuracy']):.1f}% | | 50.0% |")
     # 2. concept recovery
     lines += ["", "## Concept recovery: precision@k of the planted concept tokens (k = planted tokens per label)", "",
               "| method | object world | scattered world |", "|---|---|---|"]
     table = {}
     for world, root in (("object", roots.vqgan), ("scattered", roots.scattered)):
-        for r in _rows(root / "results/Explanation/concept_recovery.csv"):
+        for r in _rows(ExperimentPaths(root=root).results_dir / "Explanation/concept_recovery.csv"):
             if r["label"] == "mean":
                 key = r["method"] + (f" (top {r['top_n']})" if r["top_n"] not in ("", "-") else "")
                 table.setdefault(key, {})[world] = float(r["precision"])
@@ -239,14 +241,15 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
               "| Cliff's δ [95% CI] | p | seed's δ/2 | planted direction found | direction across seeds and TIS |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for bt in ("doctor_gender", "doctor_color"):
-        gt = json.loads((roots.dalle / f"datasets/{bt}/embeddings/ground_truth.json").read_text())
+        paths = ExperimentPaths("dalle", roots.dalle, bt)
+        gt = json.loads((paths.data_dir / "ground_truth.json").read_text())
         want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
         # the verdict of the robustness CSV; k/n counts the runs with its sign and a 95% CI excluding 0
         rob = {str(r["label"]): f"{r['verdict']} ({r['runs_agree']}/{r['runs']})"
                for r in bias_robustness(bias_runs(roots.dalle, bt, 5, 10))} \
             if bias_robustness_file(roots.dalle, bt, 5, 10).exists() else {}
         for attr, r in [(a, r) for a in DALLE_ATTRIBUTIONS
-                        for r in _rows(roots.dalle / f"results/{bt}/Bias_detection" / bias_file(a))]:
+                        for r in _rows(paths.bias_dir() / bias_file(a))]:
             label, delta = r["label"], float(r["cliff_delta"])
             tokens = parse_tokens_cell(r["tokens"])
             planted = sum(t in set(gt["concept_tokens"][label]) for t in tokens)
@@ -261,7 +264,7 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
     lines += ["", DETAIL_HEADING, "", "Masking and optimisation with the synthetic evaluators, seed 0's run; "
               "the concept level over all seeds is in the first table."]
     # 3. evaluation with the synthetic evaluators
-    ex = roots.vqgan / "results/Explanation/model_1"
+    ex = ExperimentPaths(root=roots.vqgan).explanation_dir(1)
     rows = _rows(ex / "sample_image_level_results.csv")
     ns = sorted({int(r["Num_Masked_Tokens"]) for r in rows if r["Method"] != "original"})
     show = [n for n in (10, 20, 30) if n in ns] or ns[:3]

@@ -97,7 +97,7 @@ def build_gallery(data_dir, tokenizer, stats_file, label: int, top_n: int = 20, 
     none (CortexError). context: tokens of margin around each patch (the token is boxed in the figure).
     """
     from ..data.formats import image_path, read_split
-    from ..data.synthetic import to_uint8
+    from ..data.writer import to_uint8
     from ..data.tokenizers import as_tokenizer
 
     if context < 0 or n_patches < 0:
