@@ -64,7 +64,7 @@ class BiasWorldConfig:
     attribute_size: tuple = (3, 4)  # side of each attribute square
     # labelled images whose attribute is not visible (both labels alike); test accuracy <= 1 - dropout / 2. At 0.2 the
     # tiny IEMs memorise the coin-flip images and the best-validation epoch, the accuracy (81-91 %) and the bias
-    # verdicts vary with the seed and the CPU; at 0.05 they agree (96-97 %; docs/bias_detection.md)
+    # verdicts vary with the seed and the CPU; at 0.05 both CPUs give 94-99 % (docs/bias_detection.md)
     attribute_dropout: float = 0.05
     group_cosine: float = 0.5  # cosine between two codes of one group (doctor, male, ...): alike codes lie close
     patch_size: int = 4
