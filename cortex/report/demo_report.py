@@ -244,7 +244,8 @@ def report(roots: Roots, out: Path, seeds=None) -> str:
         paths = ExperimentPaths("dalle", roots.dalle, bt)
         gt = json.loads((paths.data_dir / "ground_truth.json").read_text())
         want = gt["expected_direction"]["sign_of_cliff_delta_label_0"]
-        # the verdict of the robustness CSV; k/n counts the runs with its sign and a 95% CI excluding 0
+        # the robustness CSV's verdict, recomputed from the runs' bias tables: k/n counts the runs with its sign
+        # and a 95% CI excluding 0 (runs_agree, which the CSV does not store); no CSV: fewer than two runs
         rob = {str(r["label"]): f"{r['verdict']} ({r['runs_agree']}/{r['runs']})"
                for r in bias_robustness(bias_runs(roots.dalle, bt, 5, 10))} \
             if bias_robustness_file(roots.dalle, bt, 5, 10).exists() else {}
